@@ -1,0 +1,125 @@
+"""Command line: exporter-toolkit style flags over an optional YAML config file.
+
+Any configuration problem ends the process with one line naming the flag or file and key, and
+exit status 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from exporter import __version__
+from exporter.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    Config,
+    ConfigError,
+    load_file,
+    validate_listen_address,
+    validate_telemetry_path,
+)
+
+PROG = "qemu-iohang-exporter"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints usage plus a message; operators want one line that names the flag.
+        self.exit(2, f"{PROG}: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Prometheus exporter for QEMU disk IO hangs, over QMP.")
+    p.add_argument("--config.file", dest="config_file", metavar="PATH", help="YAML configuration file")
+    p.add_argument(
+        "--web.listen-address",
+        dest="listen_address",
+        metavar="ADDR",
+        help="address to listen on for HTTP (default :9738)",
+    )
+    p.add_argument(
+        "--web.telemetry-path",
+        dest="telemetry_path",
+        metavar="PATH",
+        help="path under which to expose metrics (default /metrics)",
+    )
+    p.add_argument(
+        "--qmp.socket",
+        dest="sockets",
+        action="append",
+        metavar="PATH",
+        help="QMP unix socket to watch (repeatable)",
+    )
+    p.add_argument(
+        "--qmp.glob",
+        dest="globs",
+        action="append",
+        metavar="PATTERN",
+        help="glob of QMP sockets to watch (repeatable; default /run/qemu-iohang-exporter/*.qmp)",
+    )
+    p.add_argument(
+        "--hang.state-file",
+        dest="state_file",
+        metavar="PATH",
+        help="where open hangs are persisted across restarts",
+    )
+    p.add_argument("--log.level", dest="log_level", choices=LOG_LEVELS, help="log level (default info)")
+    p.add_argument("--log.format", dest="log_format", choices=LOG_FORMATS, help="log format (default logfmt)")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    """The file's settings, then each flag that was given on top."""
+    cfg = load_file(args.config_file) if args.config_file else Config()
+    if args.listen_address is not None:
+        validate_listen_address("flag", "--web.listen-address", args.listen_address)
+        cfg = dataclasses.replace(cfg, listen_address=args.listen_address)
+    if args.telemetry_path is not None:
+        validate_telemetry_path("flag", "--web.telemetry-path", args.telemetry_path)
+        cfg = dataclasses.replace(cfg, telemetry_path=args.telemetry_path)
+    if args.sockets or args.globs:
+        qmp = dataclasses.replace(
+            cfg.qmp,
+            sockets=tuple(args.sockets or cfg.qmp.sockets),
+            globs=tuple(args.globs or cfg.qmp.globs),
+        )
+        cfg = dataclasses.replace(cfg, qmp=qmp)
+    if args.state_file is not None:
+        cfg = dataclasses.replace(cfg, hang=dataclasses.replace(cfg.hang, state_file=args.state_file))
+    if args.log_level is not None:
+        cfg = dataclasses.replace(cfg, log_level=args.log_level)
+    if args.log_format is not None:
+        cfg = dataclasses.replace(cfg, log_format=args.log_format)
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve(args)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+
+    from exporter import logsetup
+    from exporter.app import Exporter
+
+    logsetup.setup(config.log_level, config.log_format)
+    try:
+        asyncio.run(Exporter(config).run_until_signal())
+    except OSError as exc:  # e.g. the listen address is in use
+        print(f"{PROG}: {config.listen_address}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

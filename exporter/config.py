@@ -1,0 +1,305 @@
+"""Configuration: command-line flags merged over an optional YAML file.
+
+Every problem is reported as a `ConfigError` that names the file (or flag) and the key, so the
+CLI can print one line and exit 2 instead of a traceback.  Flags win over the file, like the
+Prometheus exporters do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PORT = 9738
+DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
+DEFAULT_SOCKET_GLOB = "/run/qemu-iohang-exporter/*.qmp"
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("logfmt", "json")
+POLICY_OPERATIONS = ("werror", "rerror")
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the operator (`source: key: problem`)."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key}: {problem}")
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """What a compliant disk looks like (see `exporter.policy`)."""
+
+    required: tuple[str, ...] = POLICY_OPERATIONS
+    max_timeout_seconds: float | None = None
+    require_nonzero_timeout: bool = False
+
+
+@dataclass(frozen=True)
+class QMPConfig:
+    sockets: tuple[str, ...] = ()
+    globs: tuple[str, ...] = ()
+    # Static labels per socket path or glob pattern, added to every series of matching VMs.
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    discovery_interval_seconds: float = 1.0
+    command_timeout_seconds: float = 5.0
+    connect_timeout_seconds: float = 5.0
+    poll_interval_seconds: float = 5.0
+    refresh_interval_seconds: float = 60.0
+    backoff_initial_seconds: float = 0.25
+    backoff_max_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class HangConfig:
+    state_file: str | None = None
+    # Extra silence, beyond the expected spacing of retries, before a hang counts as recovered.
+    recovery_margin_seconds: float = 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_address: str = DEFAULT_LISTEN_ADDRESS
+    telemetry_path: str = "/metrics"
+    log_level: str = "info"
+    log_format: str = "logfmt"
+    qmp: QMPConfig = field(default_factory=QMPConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    hang: HangConfig = field(default_factory=HangConfig)
+    source: str = "defaults"
+
+    def socket_patterns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Explicit sockets and globs; the default glob applies only when neither is set."""
+        if not self.qmp.sockets and not self.qmp.globs:
+            return (), (DEFAULT_SOCKET_GLOB,)
+        return self.qmp.sockets, self.qmp.globs
+
+
+# --- validation helpers -------------------------------------------------------------------
+
+
+class _Reader:
+    """Reads typed values out of a YAML mapping, raising ConfigError with the dotted key."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, key, problem)
+
+    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key or "(top level)", f"expected a mapping, got {_kind(value)}")
+        for k in value:
+            if not isinstance(k, str):
+                raise self.fail(_join(key, str(k)), "keys must be strings")
+            if k not in allowed:
+                raise self.fail(_join(key, k), f"unknown key (expected one of {sorted(allowed)})")
+        return value
+
+    def string(self, value: Any, key: str, choices: tuple[str, ...] | None = None) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, f"expected a non-empty string, got {_kind(value)}")
+        if choices is not None and value not in choices:
+            raise self.fail(key, f"{value!r} is not one of {list(choices)}")
+        return value
+
+    def strings(self, value: Any, key: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.fail(key, f"expected a list of strings, got {_kind(value)}")
+        return tuple(self.string(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+    def seconds(self, value: Any, key: str, *, minimum: float = 0.0, strict: bool = True) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise self.fail(key, f"expected a number of seconds, got {_kind(value)}")
+        if value < minimum or (strict and value == minimum):
+            op = ">" if strict else ">="
+            raise self.fail(key, f"must be {op} {minimum:g}, got {value:g}")
+        return float(value)
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {_kind(value)}")
+        return value
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def validate_listen_address(source: str, key: str, value: str) -> tuple[str, int]:
+    """Split ``host:port`` (``:port`` = all interfaces, ``[::1]:port`` for IPv6)."""
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ConfigError(source, key, f"{value!r} is not host:port (e.g. ':{DEFAULT_PORT}')")
+    host = host.strip("[]")
+    return host, int(port_s)
+
+
+def validate_telemetry_path(source: str, key: str, value: str) -> str:
+    if not value.startswith("/") or value == "/":
+        raise ConfigError(source, key, f"{value!r} must be an absolute path other than '/'")
+    return value
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def load_file(path: str) -> Config:
+    """Parse and validate a YAML config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, "(file)", exc.strerror or str(exc)) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(syntax)"
+        raise ConfigError(path, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    return parse(doc, source=path)
+
+
+def parse(doc: Any, source: str) -> Config:
+    r = _Reader(source)
+    top = r.mapping(doc, "", {"web", "qmp", "policy", "hang", "log"})
+    cfg = Config(source=source)
+
+    web = r.mapping(top.get("web"), "web", {"listen_address", "telemetry_path"})
+    if "listen_address" in web:
+        addr = r.string(web["listen_address"], "web.listen_address")
+        validate_listen_address(source, "web.listen_address", addr)
+        cfg = dataclasses.replace(cfg, listen_address=addr)
+    if "telemetry_path" in web:
+        tp = r.string(web["telemetry_path"], "web.telemetry_path")
+        cfg = dataclasses.replace(
+            cfg, telemetry_path=validate_telemetry_path(source, "web.telemetry_path", tp)
+        )
+
+    log = r.mapping(top.get("log"), "log", {"level", "format"})
+    if "level" in log:
+        cfg = dataclasses.replace(cfg, log_level=r.string(log["level"], "log.level", LOG_LEVELS))
+    if "format" in log:
+        fmt = r.string(log["format"], "log.format", LOG_FORMATS)
+        cfg = dataclasses.replace(cfg, log_format=fmt)
+
+    cfg = dataclasses.replace(cfg, qmp=_parse_qmp(r, top.get("qmp")))
+    cfg = dataclasses.replace(cfg, policy=_parse_policy(r, top.get("policy")))
+
+    hang = r.mapping(top.get("hang"), "hang", {"state_file", "recovery_margin_seconds"})
+    hc = HangConfig()
+    if "state_file" in hang:
+        hc = dataclasses.replace(hc, state_file=r.string(hang["state_file"], "hang.state_file"))
+    if "recovery_margin_seconds" in hang:
+        margin = r.seconds(hang["recovery_margin_seconds"], "hang.recovery_margin_seconds")
+        hc = dataclasses.replace(hc, recovery_margin_seconds=margin)
+    return dataclasses.replace(cfg, hang=hc)
+
+
+_QMP_SECONDS = (
+    "discovery_interval_seconds",
+    "command_timeout_seconds",
+    "connect_timeout_seconds",
+    "poll_interval_seconds",
+    "refresh_interval_seconds",
+    "backoff_initial_seconds",
+    "backoff_max_seconds",
+)
+
+
+def _parse_qmp(r: _Reader, value: Any) -> QMPConfig:
+    q = r.mapping(value, "qmp", {"sockets", "globs", "labels", *_QMP_SECONDS})
+    labels: dict[str, dict[str, str]] = {}
+    for pattern, lbls in r.mapping(q.get("labels"), "qmp.labels", set(q.get("labels") or {})).items():
+        key = f"qmp.labels.{pattern}"
+        m = r.mapping(lbls, key, set(lbls or {}))
+        labels[pattern] = {}
+        for name, v in m.items():
+            check_label_name(r.source, f"{key}.{name}", name)
+            labels[pattern][name] = r.string(str(v) if isinstance(v, int | float) else v, f"{key}.{name}")
+    kwargs: dict[str, Any] = {
+        "sockets": r.strings(q.get("sockets"), "qmp.sockets"),
+        "globs": r.strings(q.get("globs"), "qmp.globs"),
+        "labels": labels,
+    }
+    for name in _QMP_SECONDS:
+        if name in q:
+            kwargs[name] = r.seconds(q[name], f"qmp.{name}")
+    qc = QMPConfig(**kwargs)
+    if qc.backoff_max_seconds < qc.backoff_initial_seconds:
+        raise r.fail("qmp.backoff_max_seconds", "must be >= qmp.backoff_initial_seconds")
+    return qc
+
+
+def _parse_policy(r: _Reader, value: Any) -> PolicyConfig:
+    p = r.mapping(value, "policy", {"required", "max_timeout_seconds", "require_nonzero_timeout"})
+    pc = PolicyConfig()
+    if "required" in p:
+        req = r.strings(p["required"], "policy.required")
+        for i, op in enumerate(req):
+            if op not in POLICY_OPERATIONS:
+                raise r.fail(f"policy.required[{i}]", f"{op!r} is not one of {list(POLICY_OPERATIONS)}")
+        pc = dataclasses.replace(pc, required=tuple(dict.fromkeys(req)))
+    if p.get("max_timeout_seconds") is not None:
+        mx = r.seconds(p["max_timeout_seconds"], "policy.max_timeout_seconds")
+        pc = dataclasses.replace(pc, max_timeout_seconds=mx)
+    if "require_nonzero_timeout" in p:
+        nz = r.boolean(p["require_nonzero_timeout"], "policy.require_nonzero_timeout")
+        pc = dataclasses.replace(pc, require_nonzero_timeout=nz)
+    return pc
+
+
+RESERVED_LABELS = frozenset(
+    {
+        "vm",
+        "device",
+        "drive",
+        "node_name",
+        "qdev_type",
+        "werror",
+        "rerror",
+        "rule",
+        "operation",
+        "action",
+        "outcome",
+        "status",
+        "uuid",
+        "qemu_version",
+        "socket",
+        "reason",
+        "command",
+        "event",
+        "le",
+        "instance",
+        "job",
+    }
+)
+
+
+def check_label_name(source: str, key: str, name: str) -> None:
+    valid = name and (name[0].isalpha() or name[0] == "_") and all(c.isalnum() or c == "_" for c in name)
+    if not valid or not name.isascii() or name.startswith("__"):
+        raise ConfigError(source, key, f"{name!r} is not a valid Prometheus label name")
+    if name in RESERVED_LABELS:
+        raise ConfigError(source, key, f"{name!r} is a label the exporter sets itself")

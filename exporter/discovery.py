@@ -1,0 +1,126 @@
+"""Socket discovery: which QMP sockets exist right now, and one watcher for each.
+
+Polling the file system once a second is simpler and more robust than inotify on /run (no
+watch limits, works on any file system, survives the directory being re-created) and is cheap:
+one ``glob`` and one ``stat`` per socket.
+
+* A socket found by a glob that disappears takes its VM's series with it.
+* An explicitly configured socket is always watched: while it is missing the VM shows
+  ``qemu_qmp_up 0``, because an operator said it should exist.
+* A socket file that is re-created (new inode: QEMU restarted) wakes its watcher at once
+  instead of letting it finish its backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import glob
+import logging
+import os
+import stat
+from collections.abc import Callable
+
+from exporter.config import Config
+from exporter.qmp_watch import EventSink, VMWatcher
+from exporter.state import VMState
+
+log = logging.getLogger("exporter.discovery")
+
+
+def socket_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a unix socket at ``path``, None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def static_labels_for(path: str, config: Config) -> dict[str, str]:
+    """Labels configured for ``path``: exact path entries win over glob patterns."""
+    labels: dict[str, str] = {}
+    exact = config.qmp.labels.get(path)
+    for pattern, lbls in config.qmp.labels.items():
+        if pattern != path and fnmatch.fnmatchcase(path, pattern):
+            labels.update(lbls)
+    if exact:
+        labels.update(exact)
+    return labels
+
+
+class Discovery:
+    """Keeps one `VMWatcher` per discovered socket."""
+
+    def __init__(self, config: Config, sink: EventSink, clock: Callable[[], float]) -> None:
+        self.config = config
+        self.sink = sink
+        self.clock = clock
+        self.watchers: dict[str, VMWatcher] = {}
+        self._identity: dict[str, tuple[int, int] | None] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.static_label_names: tuple[str, ...] = tuple(
+            sorted({k for lbls in config.qmp.labels.values() for k in lbls})
+        )
+
+    @property
+    def vms(self) -> list[VMState]:
+        return [w.vm for w in self.watchers.values()]
+
+    def scan(self) -> dict[str, tuple[int, int] | None]:
+        """Sockets that should be watched now, with their identity (None: missing)."""
+        explicit, globs = self.config.socket_patterns()
+        found: dict[str, tuple[int, int] | None] = {}
+        for pattern in globs:
+            for path in glob.glob(pattern):
+                ident = socket_identity(path)
+                if ident is not None:
+                    found[os.path.abspath(path)] = ident
+        for path in explicit:
+            ap = os.path.abspath(path)
+            found[ap] = socket_identity(ap)
+        return found
+
+    async def sync(self) -> None:
+        found = self.scan()
+        for path in list(self.watchers):
+            if path not in found:
+                watcher = self.watchers.pop(path)
+                self._identity.pop(path, None)
+                log.info("QMP socket gone", extra={"vm": watcher.vm.vm, "socket": path})
+                await watcher.stop()
+        for path, ident in found.items():
+            existing = self.watchers.get(path)
+            if existing is None:
+                vm = VMState(socket=path, static_labels=static_labels_for(path, self.config))
+                watcher = VMWatcher(vm, self.config, sink=self.sink, clock=self.clock)
+                self.watchers[path] = watcher
+                self._identity[path] = ident
+                log.info("QMP socket found", extra={"socket": path})
+                watcher.start()
+            elif ident != self._identity.get(path):
+                self._identity[path] = ident
+                if ident is not None:
+                    existing.poke()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.sync()
+            except Exception:  # a broken glob or fs error must not end discovery
+                log.exception("socket discovery failed")
+            await asyncio.sleep(self.config.qmp.discovery_interval_seconds)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="discovery")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.gather(*(w.stop() for w in self.watchers.values()))
+        self.watchers.clear()

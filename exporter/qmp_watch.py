@@ -1,0 +1,464 @@
+"""One QMP session per QEMU socket: connect, identify, read disks and policies, follow events.
+
+A `VMWatcher` owns one socket for as long as discovery sees it.  Its loop is an explicit
+sequence of states (CONNECTING → IDENTIFYING → WATCHING → BACKOFF), modelled on ``qemu.qmp``'s
+own runstates; every QMP command has a timeout, and a session that stops answering is dropped
+and retried with capped exponential backoff and jitter, so one bad socket never stalls the
+others.  Only read-only commands can be sent (`exporter.qmp_readonly`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, Runstate
+from qemu.qmp.protocol import StateError
+
+from exporter.config import Config
+from exporter.policy import DiskPolicy, verify
+from exporter.qmp_readonly import ReadOnlyQMPClient
+from exporter.state import (
+    IO_ACTIONS,
+    IO_OPERATIONS,
+    KNOWN_EVENTS,
+    BlockStats,
+    Disk,
+    VMState,
+    bounded,
+)
+
+log = logging.getLogger("exporter.qmp")
+
+#: Disk types that never hold guest data worth protecting (removable media).
+_SKIPPED_TYPES = ("ide-cd", "scsi-cd", "floppy", "usb-storage")
+
+#: Events after which the run state and disk list are re-read.
+_STATUS_EVENTS = frozenset({"STOP", "RESUME", "SHUTDOWN", "RESET", "SUSPEND", "WAKEUP"})
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    IDENTIFYING = "identifying"
+    WATCHING = "watching"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"
+
+
+class SessionLost(Exception):
+    """The QMP session is unusable (timeout or disconnect); reconnect."""
+
+
+class EventSink:
+    """Hook for components that follow a VM's events (the hang tracker).  Default: nothing."""
+
+    def on_event(self, vm: VMState, device: str | None, event: Mapping[str, Any]) -> None:
+        pass
+
+    def on_blockstats(self, vm: VMState, now: float) -> None:
+        pass
+
+    def on_session_end(self, vm: VMState, now: float, vm_gone: bool) -> None:
+        pass
+
+
+def connect_error_reason(exc: BaseException) -> str:
+    """Map a failed connect to a bounded `reason` label."""
+    inner = exc.exc if isinstance(exc, ConnectError) else exc
+    if isinstance(inner, FileNotFoundError):
+        return "not_found"
+    if isinstance(inner, ConnectionRefusedError):
+        return "refused"
+    if isinstance(inner, PermissionError):
+        return "permission"
+    if isinstance(inner, TimeoutError):
+        return "timeout"
+    if isinstance(inner, EOFError | ConnectionResetError | BrokenPipeError):
+        return "protocol"
+    if isinstance(exc, ConnectError):  # greeting/negotiation errors wrap protocol problems
+        return "protocol"
+    return "other"
+
+
+def device_from_qdev(qdev: str) -> tuple[str, str]:
+    """(device id, QOM path) from query-block's ``qdev``.
+
+    virtio-blk shows ``/machine/peripheral/<id>/virtio-backend``, scsi-hd the bare ``<id>``
+    (domain.md §2); devices added without an id live under ``/machine/peripheral-anon``.
+    """
+    path = qdev
+    if path.endswith("/virtio-backend"):
+        path = path[: -len("/virtio-backend")]
+    if not path.startswith("/"):
+        return path, f"/machine/peripheral/{path}"
+    if path.startswith("/machine/peripheral/"):
+        return path[len("/machine/peripheral/") :], path
+    return path.removeprefix("/machine/"), path
+
+
+def qdev_kind(qom_type: str) -> str:
+    if qom_type.startswith("virtio-blk"):
+        return "virtio-blk"
+    return qom_type
+
+
+def parse_blockstats(stats: Mapping[str, Any]) -> BlockStats:
+    def i(key: str) -> int:
+        v = stats.get(key, 0)
+        return v if isinstance(v, int) else 0
+
+    idle = stats.get("idle_time_ns")
+    return BlockStats(
+        read_bytes=i("rd_bytes"),
+        written_bytes=i("wr_bytes"),
+        read_ops=i("rd_operations"),
+        write_ops=i("wr_operations"),
+        flush_ops=i("flush_operations"),
+        failed_read_ops=i("failed_rd_operations"),
+        failed_write_ops=i("failed_wr_operations"),
+        failed_flush_ops=i("failed_flush_operations"),
+        read_time_s=i("rd_total_time_ns") / 1e9,
+        write_time_s=i("wr_total_time_ns") / 1e9,
+        flush_time_s=i("flush_total_time_ns") / 1e9,
+        idle_s=idle / 1e9 if isinstance(idle, int) else None,
+    )
+
+
+class VMWatcher:
+    """Watches one QMP socket until stopped."""
+
+    def __init__(
+        self,
+        vm: VMState,
+        config: Config,
+        *,
+        sink: EventSink | None = None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.vm = vm
+        self.config = config
+        self.sink = sink or EventSink()
+        self.clock = clock
+        self.phase = Phase.IDLE
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # cuts a backoff short (socket re-created)
+        self._poll_now = asyncio.Event()  # asks the poller for an immediate refresh
+        self._refresh_disks_now = False
+        self._refresh_lock = asyncio.Lock()
+        self._last_error_reason: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"qmp-watch:{self.vm.socket}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.phase = Phase.STOPPED
+
+    def poke(self) -> None:
+        """The socket file was (re)created: try now instead of finishing the backoff."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        qc = self.config.qmp
+        backoff = qc.backoff_initial_seconds
+        while True:
+            established = await self._session()
+            if established:
+                backoff = qc.backoff_initial_seconds
+            self.phase = Phase.BACKOFF
+            delay = random.uniform(backoff / 2, backoff)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            backoff = min(backoff * 2, qc.backoff_max_seconds)
+
+    # -- one session -------------------------------------------------------------------
+
+    async def _session(self) -> bool:
+        """Run one QMP session to its end.  True when it got as far as watching."""
+        vm, qc = self.vm, self.config.qmp
+        client = ReadOnlyQMPClient(vm.stem)
+        listener = EventListener()
+        client.register_listener(listener)
+        self.phase = Phase.CONNECTING
+        vm.connect_attempts += 1
+        try:
+            await asyncio.wait_for(client.connect(vm.socket), qc.connect_timeout_seconds)
+        except asyncio.CancelledError:
+            await self._close(client)
+            raise
+        except Exception as exc:  # every failure is counted, logged once, and retried
+            reason = connect_error_reason(exc)
+            vm.connect_errors[reason] += 1
+            if reason != self._last_error_reason:
+                log.warning(
+                    "QMP connect failed",
+                    extra={"vm": vm.vm, "socket": vm.socket, "reason": reason, "err": str(exc)},
+                )
+                self._last_error_reason = reason
+            await self._close(client)
+            return False
+
+        established = False
+        events: asyncio.Task[None] | None = None
+        try:
+            self.phase = Phase.IDENTIFYING
+            await self._identify(client)
+            await self._refresh_disks(client)
+            await self._poll_stats(client)
+            vm.up = True
+            established = True
+            self.phase = Phase.WATCHING
+            if self._last_error_reason != "connected":
+                log.info(
+                    "QMP session established",
+                    extra={"vm": vm.vm, "socket": vm.socket, "disks": len(vm.disks)},
+                )
+            self._last_error_reason = "connected"
+            events = asyncio.create_task(self._consume_events(client, listener))
+            poller = asyncio.create_task(self._poll_loop(client))
+            closed = asyncio.create_task(self._until_disconnected(client))
+            done, _pending = await asyncio.wait({events, poller, closed}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (poller, closed):
+                t.cancel()
+            for t in (poller, closed):
+                with contextlib.suppress(asyncio.CancelledError, SessionLost):
+                    await t
+            if events in done:
+                events.result()  # a bug in event handling must be loud
+        except SessionLost as exc:
+            log.warning("QMP session lost", extra={"vm": vm.vm, "socket": vm.socket, "err": str(exc)})
+            self._last_error_reason = "lost"
+        finally:
+            if events is not None and not events.done():
+                events.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await events
+            # Events QEMU sent before the end still count: no event is lost.
+            for event in listener.clear():
+                self._handle_event(event)
+            if established:
+                vm.disconnects += 1
+                if self._last_error_reason == "connected":
+                    log.warning("QMP session ended", extra={"vm": vm.vm, "socket": vm.socket})
+                    self._last_error_reason = "ended"
+            gone = vm.status == "shutdown"
+            self.sink.on_session_end(vm, self.clock(), gone)
+            vm.end_session()
+            client.remove_listener(listener)
+            await self._close(client)
+        return established
+
+    @staticmethod
+    async def _close(client: ReadOnlyQMPClient) -> None:
+        # disconnect() re-raises whatever killed the session; it has been accounted for.
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+
+    async def _until_disconnected(self, client: ReadOnlyQMPClient) -> None:
+        while client.runstate == Runstate.RUNNING:
+            await client.runstate_changed()
+
+    async def _cmd(
+        self, client: ReadOnlyQMPClient, command: str, args: Mapping[str, object] | None = None
+    ) -> Any:
+        """Run one command with a timeout.  ExecuteError (QEMU said no) goes to the caller."""
+        try:
+            return await asyncio.wait_for(
+                client.execute(command, args), self.config.qmp.command_timeout_seconds
+            )
+        except ExecuteError:
+            self.vm.command_errors[(command, "error")] += 1
+            raise
+        except TimeoutError:
+            self.vm.command_errors[(command, "timeout")] += 1
+            raise SessionLost(f"{command} timed out") from None
+        except (ExecInterruptedError, StateError, EOFError, OSError) as exc:
+            self.vm.command_errors[(command, "disconnected")] += 1
+            raise SessionLost(f"{command}: {exc}") from None
+
+    # -- reading QEMU ------------------------------------------------------------------
+
+    async def _identify(self, client: ReadOnlyQMPClient) -> None:
+        vm = self.vm
+        name = await self._cmd(client, "query-name")
+        vm.name = name.get("name") if isinstance(name, dict) and name.get("name") else None
+        uuid = await self._cmd(client, "query-uuid")
+        vm.uuid = str(uuid.get("UUID", "")) if isinstance(uuid, dict) else ""
+        ver = await self._cmd(client, "query-version")
+        q = ver.get("qemu", {}) if isinstance(ver, dict) else {}
+        vm.qemu_version = f"{q.get('major', 0)}.{q.get('minor', 0)}.{q.get('micro', 0)}"
+        await self._read_status(client)
+        vm.retry_feature = await self._detect_retry_feature(client)
+
+    async def _read_status(self, client: ReadOnlyQMPClient) -> None:
+        st = await self._cmd(client, "query-status")
+        if isinstance(st, dict) and isinstance(st.get("status"), str):
+            self.vm.status = st["status"]
+
+    async def _detect_retry_feature(self, client: ReadOnlyQMPClient) -> bool:
+        """openEuler's retry adds ``retry_interval`` to the disk devices (domain.md §2)."""
+        for typename in ("virtio-blk-pci", "scsi-hd"):
+            try:
+                props = await self._cmd(client, "device-list-properties", {"typename": typename})
+            except ExecuteError:
+                continue
+            if isinstance(props, list):
+                return any(isinstance(p, dict) and p.get("name") == "retry_interval" for p in props)
+        return False
+
+    async def _refresh_disks(self, client: ReadOnlyQMPClient) -> None:
+        """Re-read query-block; read policies only of disks not seen before (qdev properties
+        cannot change after a device is realized, so known disks need no new qom-get)."""
+        async with self._refresh_lock:
+            self._refresh_disks_now = False
+            blocks = await self._cmd(client, "query-block")
+            disks: dict[str, Disk] = {}
+            for entry in blocks if isinstance(blocks, list) else []:
+                if not isinstance(entry, dict):
+                    continue
+                qdev = entry.get("qdev")
+                inserted = entry.get("inserted")
+                if not isinstance(qdev, str) or not qdev or not isinstance(inserted, dict):
+                    continue
+                device, qom_path = device_from_qdev(qdev)
+                drive = entry.get("device") if isinstance(entry.get("device"), str) else ""
+                node = inserted.get("node-name") if isinstance(inserted.get("node-name"), str) else ""
+                known = self.vm.disks.get(device)
+                if known and known.qdev == qdev and known.node_name == node and known.drive == drive:
+                    disks[device] = known
+                    continue
+                disk = await self._read_disk(client, device, qom_path, qdev, str(drive), str(node))
+                if disk is not None:
+                    disks[device] = disk
+            self.vm.set_disks(disks)
+
+    async def _read_disk(
+        self,
+        client: ReadOnlyQMPClient,
+        device: str,
+        qom_path: str,
+        qdev: str,
+        drive: str,
+        node: str,
+    ) -> Disk | None:
+        async def prop(name: str) -> object:
+            try:
+                return await self._cmd(client, "qom-get", {"path": qom_path, "property": name})
+            except ExecuteError:
+                return None
+
+        qom_type = await prop("type")
+        if isinstance(qom_type, str) and qom_type.startswith(_SKIPPED_TYPES):
+            return None
+        werror, rerror = await prop("werror"), await prop("rerror")
+        interval = timeout = None
+        if self.vm.retry_feature:
+            i, t = await prop("retry_interval"), await prop("retry_timeout")
+            interval = i if isinstance(i, int) else None
+            timeout = t if isinstance(t, int) else None
+        policy = DiskPolicy(
+            werror=werror if isinstance(werror, str) else "unknown",
+            rerror=rerror if isinstance(rerror, str) else "unknown",
+            retry_interval_ms=interval,
+            retry_timeout_ms=timeout,
+            retry_feature=bool(self.vm.retry_feature),
+        )
+        return Disk(
+            device=device,
+            drive=drive,
+            node_name=node,
+            qdev=qdev,
+            qom_path=qom_path,
+            qdev_type=qdev_kind(qom_type) if isinstance(qom_type, str) else "unknown",
+            policy=policy,
+            verdict=verify(policy, self.config.policy),
+        )
+
+    async def _poll_stats(self, client: ReadOnlyQMPClient) -> None:
+        stats = await self._cmd(client, "query-blockstats")
+        by_qdev = {d.qdev: d.device for d in self.vm.disks.values()}
+        by_node = {d.node_name: d.device for d in self.vm.disks.values() if d.node_name}
+        for entry in stats if isinstance(stats, list) else []:
+            if not isinstance(entry, dict) or not isinstance(entry.get("stats"), dict):
+                continue
+            device = by_qdev.get(entry.get("qdev", "")) or by_node.get(entry.get("node-name", ""))
+            if device is not None:
+                self.vm.blockstats[device] = parse_blockstats(entry["stats"])
+        self.sink.on_blockstats(self.vm, self.clock())
+
+    async def _poll_loop(self, client: ReadOnlyQMPClient) -> None:
+        """Periodic reads; also the session's heartbeat: a QEMU that stops answering is dropped."""
+        qc = self.config.qmp
+        loop = asyncio.get_running_loop()
+        next_refresh = loop.time() + qc.refresh_interval_seconds
+        while True:
+            self._poll_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poll_now.wait(), qc.poll_interval_seconds)
+            await self._read_status(client)
+            if self._refresh_disks_now or loop.time() >= next_refresh:
+                await self._refresh_disks(client)
+                next_refresh = loop.time() + qc.refresh_interval_seconds
+            await self._poll_stats(client)
+
+    # -- events ------------------------------------------------------------------------
+
+    async def _consume_events(self, client: ReadOnlyQMPClient, listener: EventListener) -> None:
+        while True:
+            self._handle_event(await listener.get())
+
+    def _handle_event(self, event: Mapping[str, Any]) -> str | None:
+        """Apply one event to the state.  Synchronous: events are applied in order, and the
+        per-event work is O(1) whatever the fleet size."""
+        vm = self.vm
+        name = event.get("event")
+        vm.events[bounded(name, KNOWN_EVENTS)] += 1
+        data = event.get("data")
+        data = data if isinstance(data, dict) else {}
+        device: str | None = None
+        if name == "BLOCK_IO_ERROR":
+            device = vm.match_disk(data)
+            if device is None:
+                # Most likely a disk hot-plugged since the last refresh: re-read the list.
+                vm.unmatched_io_errors += 1
+                self._refresh_disks_now = True
+                self._poll_now.set()
+            else:
+                op = bounded(data.get("operation"), IO_OPERATIONS)
+                action = bounded(data.get("action"), IO_ACTIONS)
+                vm.io_errors[(device, op, action)] += 1
+                if action == "stop":
+                    vm.status = "io-error"  # QEMU enters io-error before it sends STOP
+        elif name in _STATUS_EVENTS:
+            vm.status = _status_after(name, vm.status)
+            self._poll_now.set()
+        elif name == "DEVICE_DELETED":
+            self._refresh_disks_now = True
+            self._poll_now.set()
+        self.sink.on_event(vm, device, event)
+        return device
+
+
+def _status_after(event: str, status: str) -> str:
+    """Best immediate guess of the run state; query-status confirms it right after."""
+    if event == "STOP":
+        return status if status == "io-error" else "paused"
+    if event == "RESUME":
+        return "running"
+    if event == "SHUTDOWN":
+        return "shutdown"
+    if event == "SUSPEND":
+        return "suspended"
+    return status

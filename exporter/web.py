@@ -1,0 +1,57 @@
+"""HTTP endpoints: ``/metrics`` (Prometheus text or OpenMetrics by ``Accept``; gzip when asked),
+``/healthz`` and a landing page.
+
+Rendering reads only memory, so it runs inline on the event loop: no executor hop, no lock.
+"""
+
+from __future__ import annotations
+
+import html
+
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import CollectorRegistry
+
+from exporter import __version__
+
+REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+TELEMETRY_PATH_KEY = web.AppKey("telemetry_path", str)
+
+_LANDING = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>QEMU IO hang exporter</title></head>
+<body>
+<h1>QEMU IO hang exporter</h1>
+<p>Version {version}. Watches QEMU QMP sockets for disk IO hangs and error policies.</p>
+<ul><li><a href="{path}">Metrics</a></li><li><a href="/healthz">Health</a></li></ul>
+</body></html>
+"""
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    registry = request.app[REGISTRY_KEY]
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(registry)
+    resp = web.Response(body=body, headers={"Content-Type": content_type})
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        resp.enable_compression(web.ContentCoding.gzip)
+    return resp
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    return web.Response(text="ok\n")
+
+
+async def landing(request: web.Request) -> web.StreamResponse:
+    path = html.escape(request.app[TELEMETRY_PATH_KEY])
+    return web.Response(text=_LANDING.format(version=__version__, path=path), content_type="text/html")
+
+
+def make_app(registry: CollectorRegistry, telemetry_path: str) -> web.Application:
+    # Scrapes and probes send tiny requests: refuse bodies instead of buffering them.
+    app = web.Application(client_max_size=4096)
+    app[REGISTRY_KEY] = registry
+    app[TELEMETRY_PATH_KEY] = telemetry_path
+    app.router.add_get(telemetry_path, metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/", landing)
+    return app
