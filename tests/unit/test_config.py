@@ -1,0 +1,125 @@
+"""Config parsing and the CLI's promise: one line naming file and key, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter.config import DEFAULT_SOCKET_GLOB, ConfigError, load_file, parse
+from tests.harness import REPO
+
+GOOD = """
+web: {listen_address: "127.0.0.1:9999", telemetry_path: /m}
+log: {level: debug, format: json}
+qmp:
+  sockets: [/run/a.qmp]
+  globs: ["/run/vms/*.qmp"]
+  labels:
+    "/run/vms/*.qmp": {tenant: blue}
+  poll_interval_seconds: 2
+policy: {required: [werror], max_timeout_seconds: 60, require_nonzero_timeout: true}
+hang: {state_file: /var/lib/x/state.json}
+"""
+
+
+def test_full_config(tmp_path: Path) -> None:
+    p = tmp_path / "c.yml"
+    p.write_text(GOOD)
+    cfg = load_file(str(p))
+    assert cfg.listen_address == "127.0.0.1:9999"
+    assert cfg.telemetry_path == "/m"
+    assert (cfg.log_level, cfg.log_format) == ("debug", "json")
+    assert cfg.qmp.sockets == ("/run/a.qmp",)
+    assert cfg.qmp.labels == {"/run/vms/*.qmp": {"tenant": "blue"}}
+    assert cfg.qmp.poll_interval_seconds == 2.0
+    assert cfg.policy.required == ("werror",)
+    assert cfg.policy.max_timeout_seconds == 60.0
+    assert cfg.policy.require_nonzero_timeout is True
+    assert cfg.hang.state_file == "/var/lib/x/state.json"
+
+
+def test_default_glob_only_without_explicit_sockets() -> None:
+    assert parse(None, "x").socket_patterns() == ((), (DEFAULT_SOCKET_GLOB,))
+    assert parse({"qmp": {"sockets": ["/a"]}}, "x").socket_patterns() == (("/a",), ())
+
+
+@pytest.mark.parametrize(
+    ("doc", "key"),
+    [
+        ("[1, 2]", "(top level)"),
+        ("webb: {}", "webb"),
+        ("web: {listen_address: 9738}", "web.listen_address"),
+        ("web: {listen_address: 'localhost'}", "web.listen_address"),
+        ("web: {telemetry_path: metrics}", "web.telemetry_path"),
+        ("log: {level: verbose}", "log.level"),
+        ("log: {format: xml}", "log.format"),
+        ("qmp: {sockets: /run/a.qmp}", "qmp.sockets"),
+        ("qmp: {globs: [1]}", "qmp.globs[0]"),
+        ("qmp: {poll_interval_seconds: 0}", "qmp.poll_interval_seconds"),
+        ("qmp: {command_timeout_seconds: fast}", "qmp.command_timeout_seconds"),
+        ("qmp: {labels: {'/a': {'bad-name': x}}}", "qmp.labels./a.bad-name"),
+        ("qmp: {labels: {'/a': {vm: x}}}", "qmp.labels./a.vm"),
+        ("qmp: {backoff_initial_seconds: 5, backoff_max_seconds: 1}", "qmp.backoff_max_seconds"),
+        ("policy: {required: [werror, flush]}", "policy.required[1]"),
+        ("policy: {max_timeout_seconds: -1}", "policy.max_timeout_seconds"),
+        ("policy: {require_nonzero_timeout: 'yes please'}", "policy.require_nonzero_timeout"),
+        ("hang: {state_file: ''}", "hang.state_file"),
+        ("web: {listen_address: [}", "line 1"),
+    ],
+)
+def test_bad_config_names_file_and_key(tmp_path: Path, doc: str, key: str) -> None:
+    p = tmp_path / "bad.yml"
+    p.write_text(doc)
+    with pytest.raises(ConfigError) as exc:
+        load_file(str(p))
+    assert exc.value.source == str(p)
+    assert exc.value.key == key
+    assert str(exc.value).startswith(f"{p}: {key}: ")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
+
+
+def test_cli_bad_config_file_one_line_exit_2(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yml"
+    p.write_text("policy: {required: [werror, nope]}\n")
+    r = run_cli(f"--config.file={p}")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert str(p) in r.stderr and "policy.required[1]" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_missing_config_file(tmp_path: Path) -> None:
+    r = run_cli(f"--config.file={tmp_path}/nope.yml")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"qemu-iohang-exporter: {tmp_path}/nope.yml: (file): No such file or directory"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--log.level=loud"], "--log.level"),
+        (["--web.listen-address=nowhere"], "--web.listen-address"),
+        (["--web.telemetry-path=metrics"], "--web.telemetry-path"),
+        (["--no-such-flag"], "--no-such-flag"),
+    ],
+)
+def test_cli_bad_flag_one_line_exit_2(args: list[str], needle: str) -> None:
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_version() -> None:
+    from exporter import __version__
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"qemu-iohang-exporter {__version__}"

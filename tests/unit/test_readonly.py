@@ -1,0 +1,78 @@
+"""The exporter can only ever send read-only QMP commands."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from qemu.qmp import ExecInterruptedError
+
+from exporter.qmp_readonly import ALLOWED_COMMANDS, ForbiddenCommand, ReadOnlyQMPClient, check_allowed
+from tests.harness import REPO
+from tests.qemu import run_qemu
+
+FORBIDDEN = ["cont", "stop", "quit", "system_reset", "system_powerdown", "device_del", "device_add",
+             "block-job-cancel", "drive-mirror", "blockdev-del", "human-monitor-command", "migrate",
+             "block_resize", "qom-set", "x-blockdev-change", "", "QUERY-STATUS"]
+
+
+@pytest.mark.parametrize("command", sorted(ALLOWED_COMMANDS))
+def test_allowed(command: str) -> None:
+    check_allowed({"execute": command})
+
+
+@pytest.mark.parametrize("command", FORBIDDEN)
+def test_forbidden(command: str) -> None:
+    with pytest.raises(ForbiddenCommand):
+        check_allowed({"execute": command})
+
+
+def test_oob_and_malformed_messages_are_forbidden() -> None:
+    for msg in ({"exec-oob": "query-status"}, {"execute": "query-status", "exec-oob": "cont"}, {}, {"execute": 1}):
+        with pytest.raises(ForbiddenCommand):
+            check_allowed(msg)
+
+
+def test_allowlist_is_query_only() -> None:
+    for c in ALLOWED_COMMANDS:
+        assert c == "qmp_capabilities" or c.startswith(("query-", "qom-get", "qom-list", "device-list-properties"))
+
+
+def test_every_command_the_exporter_sends_is_allowlisted() -> None:
+    """Static check: every literal command name passed to the watcher's _cmd() is allowed."""
+    src = (REPO / "exporter" / "qmp_watch.py").read_text()
+    found = set()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "_cmd":
+            arg = node.args[1]
+            assert isinstance(arg, ast.Constant), f"non-literal command at line {node.lineno}"
+            found.add(arg.value)
+    assert found and found <= ALLOWED_COMMANDS, found - ALLOWED_COMMANDS
+
+
+async def test_forbidden_commands_never_reach_a_real_qemu(short_tmp: Path) -> None:
+    sock = short_tmp / "vm.qmp"
+    with run_qemu(short_tmp, sock, []) as proc:
+        client = ReadOnlyQMPClient("t")
+        await client.connect(str(sock))
+        try:
+            assert (await client.execute("query-status"))["status"] == "running"  # type: ignore[index]
+            with pytest.raises(ForbiddenCommand):
+                await client.execute("stop")
+            with pytest.raises(ForbiddenCommand):
+                await client.execute("quit")
+            assert (await client.execute("query-status"))["status"] == "running"  # type: ignore[index]
+            # Bypassing execute() still cannot send it: the outbound hook drops the session.
+            with pytest.raises((ForbiddenCommand, ExecInterruptedError)):
+                await client._raw({"execute": "stop"})  # noqa: SLF001
+        finally:
+            try:
+                await client.disconnect()
+            except Exception:
+                pass
+        assert proc.poll() is None  # QEMU still alive: "quit" never arrived
+        client2 = ReadOnlyQMPClient("t2")
+        await client2.connect(str(sock))
+        assert (await client2.execute("query-status"))["status"] == "running"  # type: ignore[index]
+        await client2.disconnect()
