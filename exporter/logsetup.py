@@ -68,6 +68,7 @@ def setup(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
-    # qemu.qmp logs every failed connect attempt as an error with a traceback; our watcher
-    # already logs one line per state change, so keep the library quiet unless debugging.
-    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
+    # qemu.qmp logs every failed connect attempt as an error, with a traceback at debug level;
+    # the watcher already logs one line per state change with a bounded reason, so the library
+    # stays quiet (otherwise a dead socket would print a traceback every backoff period).
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)

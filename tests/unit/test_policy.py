@@ -12,7 +12,9 @@ from exporter.policy import DiskPolicy, Rule, verify
 ACTIONS = ("retry", "stop", "report", "ignore", "enospc", "auto")
 
 
-def disk(werror: str = "retry", rerror: str = "retry", timeout: int | None = 10000, feature: bool = True) -> DiskPolicy:
+def disk(
+    werror: str = "retry", rerror: str = "retry", timeout: int | None = 10000, feature: bool = True
+) -> DiskPolicy:
     return DiskPolicy(werror, rerror, 1000 if feature else None, timeout if feature else None, feature)
 
 
@@ -58,7 +60,9 @@ def test_required_set_is_configurable() -> None:
         (10000, True, None, ()),
     ],
 )
-def test_timeout_rules(timeout_ms: int, nonzero: bool, maximum: float | None, expected: tuple[Rule, ...]) -> None:
+def test_timeout_rules(
+    timeout_ms: int, nonzero: bool, maximum: float | None, expected: tuple[Rule, ...]
+) -> None:
     cfg = PolicyConfig(require_nonzero_timeout=nonzero, max_timeout_seconds=maximum)
     assert verify(disk(timeout=timeout_ms), cfg).violations == expected
 

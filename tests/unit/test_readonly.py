@@ -12,9 +12,25 @@ from exporter.qmp_readonly import ALLOWED_COMMANDS, ForbiddenCommand, ReadOnlyQM
 from tests.harness import REPO
 from tests.qemu import run_qemu
 
-FORBIDDEN = ["cont", "stop", "quit", "system_reset", "system_powerdown", "device_del", "device_add",
-             "block-job-cancel", "drive-mirror", "blockdev-del", "human-monitor-command", "migrate",
-             "block_resize", "qom-set", "x-blockdev-change", "", "QUERY-STATUS"]
+FORBIDDEN = [
+    "cont",
+    "stop",
+    "quit",
+    "system_reset",
+    "system_powerdown",
+    "device_del",
+    "device_add",
+    "block-job-cancel",
+    "drive-mirror",
+    "blockdev-del",
+    "human-monitor-command",
+    "migrate",
+    "block_resize",
+    "qom-set",
+    "x-blockdev-change",
+    "",
+    "QUERY-STATUS",
+]
 
 
 @pytest.mark.parametrize("command", sorted(ALLOWED_COMMANDS))
@@ -29,14 +45,21 @@ def test_forbidden(command: str) -> None:
 
 
 def test_oob_and_malformed_messages_are_forbidden() -> None:
-    for msg in ({"exec-oob": "query-status"}, {"execute": "query-status", "exec-oob": "cont"}, {}, {"execute": 1}):
+    for msg in (
+        {"exec-oob": "query-status"},
+        {"execute": "query-status", "exec-oob": "cont"},
+        {},
+        {"execute": 1},
+    ):
         with pytest.raises(ForbiddenCommand):
             check_allowed(msg)
 
 
 def test_allowlist_is_query_only() -> None:
     for c in ALLOWED_COMMANDS:
-        assert c == "qmp_capabilities" or c.startswith(("query-", "qom-get", "qom-list", "device-list-properties"))
+        assert c == "qmp_capabilities" or c.startswith(
+            ("query-", "qom-get", "qom-list", "device-list-properties")
+        )
 
 
 def test_every_command_the_exporter_sends_is_allowlisted() -> None:
