@@ -1,0 +1,321 @@
+"""The exporter subprocess against simulated QEMUs over real unix sockets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qmpsim import DiskSpec, SimVM
+from tests.harness import ExporterProcess, Metrics
+
+FAST: dict[str, Any] = {
+    "discovery_interval_seconds": 0.2,
+    "poll_interval_seconds": 0.5,
+    "refresh_interval_seconds": 2.0,
+    "connect_timeout_seconds": 2.0,
+    "command_timeout_seconds": 2.0,
+    "backoff_initial_seconds": 0.1,
+    "backoff_max_seconds": 0.5,
+}
+
+
+def retry_disk(id: str, type: str = "virtio-blk", **kw: Any) -> DiskSpec:
+    args: dict[str, Any] = {
+        "werror": "retry",
+        "rerror": "retry",
+        "retry_interval_ms": 1000,
+        "retry_timeout_ms": 10000,
+    }
+    args.update(kw)
+    return DiskSpec(id=id, type=type, in_flight=0, **args)
+
+
+def fleet(d: Path) -> list[SimVM]:
+    return [
+        SimVM(
+            str(d / "good.qmp"),
+            name="good",
+            disks=[retry_disk("virtio-disk0"), retry_disk("scsi0-0-0-0", "scsi-hd")],
+        ),
+        SimVM(
+            str(d / "stopper.qmp"),
+            name="stopper",
+            disks=[
+                DiskSpec(id="virtio-disk0", werror="stop", rerror="stop", in_flight=0),
+                DiskSpec(id="scsi0-0-0-0", type="scsi-hd", werror="stop", rerror="report", in_flight=0),
+            ],
+        ),
+        SimVM(
+            str(d / "ondrive.qmp"),
+            name="ondrive",
+            disks=[
+                retry_disk("virtio-disk0", policy_on="drive"),
+                retry_disk("scsi0-0-0-0", "scsi-hd", policy_on="drive"),
+            ],
+        ),
+        SimVM(
+            str(d / "upstream.qmp"),
+            name="upstream",
+            retry_feature=False,
+            disks=[
+                DiskSpec(
+                    id="virtio-disk0",
+                    werror="stop",
+                    rerror="stop",
+                    in_flight=0,
+                    naming="blockdev",
+                    node_name="nbd0",
+                ),
+                DiskSpec(id="scsi0-0-0-0", type="scsi-hd", in_flight=0),
+            ],
+        ),
+    ]
+
+
+EXPECTED_VIOLATIONS = {
+    ("good", "virtio-disk0"): set(),
+    ("good", "scsi0-0-0-0"): set(),
+    ("stopper", "virtio-disk0"): {"werror_not_retry", "rerror_not_retry"},
+    ("stopper", "scsi0-0-0-0"): {"werror_not_retry", "rerror_not_retry"},
+    ("ondrive", "virtio-disk0"): {"policy_not_visible"},
+    ("ondrive", "scsi0-0-0-0"): {"policy_not_visible"},
+    ("upstream", "virtio-disk0"): {"werror_not_retry", "rerror_not_retry", "retry_unsupported"},
+    ("upstream", "scsi0-0-0-0"): {"policy_not_visible", "retry_unsupported"},
+}
+
+
+def all_disks_seen(m: Metrics) -> bool:
+    return len(m.find("qemu_block_retry_policy_ok")) == len(EXPECTED_VIOLATIONS)
+
+
+async def test_policy_verdicts_for_a_mixed_fleet(short_tmp: Path) -> None:
+    vms = fleet(short_tmp)
+    for vm in vms:
+        await vm.start()
+    try:
+        cfg = {
+            "qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST},
+            "policy": {"require_nonzero_timeout": True},
+        }
+        async with ExporterProcess(short_tmp, cfg) as exp:
+            m = await exp.wait_metrics(all_disks_seen, what="every disk")
+            for (vm, dev), rules in EXPECTED_VIOLATIONS.items():
+                assert m.value("qemu_block_retry_policy_ok", vm=vm, device=dev) == (0 if rules else 1), (
+                    vm,
+                    dev,
+                )
+                got = m.label_values("qemu_block_retry_policy_violation", "rule", vm=vm, device=dev)
+                assert got == rules, (vm, dev, got)
+            info = {(s.labels["vm"], s.labels["device"]): s.labels for s in m.find("qemu_block_device_info")}
+            assert info[("good", "virtio-disk0")]["qdev_type"] == "virtio-blk"
+            assert info[("good", "virtio-disk0")]["drive"] == "drive-virtio-disk0"
+            assert info[("good", "scsi0-0-0-0")]["qdev_type"] == "scsi-hd"
+            assert info[("ondrive", "virtio-disk0")]["werror"] == "auto"
+            assert info[("upstream", "virtio-disk0")]["drive"] == ""
+            assert info[("upstream", "virtio-disk0")]["node_name"] == "nbd0"
+            assert (
+                info[("stopper", "scsi0-0-0-0")]["werror"],
+                info[("stopper", "scsi0-0-0-0")]["rerror"],
+            ) == (
+                "stop",
+                "report",
+            )
+            assert m.value("qemu_block_retry_timeout_seconds", vm="good", device="virtio-disk0") == 10.0
+            assert m.value("qemu_block_retry_interval_seconds", vm="good", device="virtio-disk0") == 1.0
+            # -drive policy: the device shows its defaults (domain.md §2).
+            assert m.value("qemu_block_retry_interval_seconds", vm="ondrive", device="virtio-disk0") == 1.0
+            assert m.value("qemu_block_retry_timeout_seconds", vm="ondrive", device="virtio-disk0") == 0.0
+            assert m.find("qemu_block_retry_timeout_seconds", vm="upstream") == []
+            assert m.value("qemu_vm_retry_feature", vm="good") == 1
+            assert m.value("qemu_vm_retry_feature", vm="upstream") == 0
+            assert m.value("qemu_vm_status", vm="good", status="running") == 1
+            assert m.label_values("qemu_vm_info", "qemu_version", vm="upstream") == {"7.2.22"}
+            assert m.value("qemu_exporter_vms") == 4
+    finally:
+        for vm in vms:
+            await vm.kill()
+
+
+async def test_killed_vm_loses_its_series_and_gets_them_back(short_tmp: Path) -> None:
+    sock = str(short_tmp / "vm1.qmp")
+    vm = SimVM(sock, name="vm1", disks=[retry_disk("virtio-disk0")])
+    await vm.start()
+    cfg = {"qmp": {"sockets": [sock], "globs": [str(short_tmp / "*.qmp")], **FAST}}
+    async with ExporterProcess(short_tmp, cfg) as exp:
+        await exp.wait_metrics(
+            lambda m: m.value("qemu_qmp_up", vm="vm1") == 1 and m.find("qemu_block_device_info")
+        )
+        await vm.kill()
+        m = await exp.wait_metrics(
+            lambda m: m.value("qemu_qmp_up", vm="vm1") == 0, timeout=5, what="qmp_up 0"
+        )
+        stale = [
+            s
+            for s in m.samples
+            if s.labels.get("vm") == "vm1" and not s.name.startswith(("qemu_qmp_up", "qemu_exporter_"))
+        ]
+        assert stale == []
+        vm2 = SimVM(sock, name="vm1", disks=[retry_disk("virtio-disk0"), retry_disk("virtio-disk1")])
+        await vm2.start()
+        try:
+            m = await exp.wait_metrics(
+                lambda m: (
+                    m.value("qemu_qmp_up", vm="vm1") == 1
+                    and len(m.find("qemu_block_device_info", vm="vm1")) == 2
+                ),
+                timeout=5,
+                what="the restarted VM",
+            )
+            assert (m.value("qemu_exporter_qmp_disconnects_total", vm="vm1") or 0) >= 1
+        finally:
+            await vm2.kill()
+
+
+async def test_vanished_glob_socket_takes_all_series(short_tmp: Path) -> None:
+    a = SimVM(str(short_tmp / "a.qmp"), name="a", disks=[retry_disk("virtio-disk0")])
+    b = SimVM(str(short_tmp / "b.qmp"), name="b", disks=[retry_disk("virtio-disk0")])
+    await a.start()
+    await b.start()
+    try:
+        cfg = {"qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST}}
+        async with ExporterProcess(short_tmp, cfg) as exp:
+            await exp.wait_metrics(
+                lambda m: m.value("qemu_qmp_up", vm="a") == 1 and m.value("qemu_qmp_up", vm="b") == 1
+            )
+            await a.shutdown()
+            m = await exp.wait_metrics(
+                lambda m: not m.find("qemu_qmp_up", vm="a"), timeout=5, what="a to vanish"
+            )
+            assert not [s for s in m.samples if s.labels.get("vm") == "a"]
+            assert m.value("qemu_qmp_up", vm="b") == 1
+            assert m.value("qemu_exporter_vms") == 1
+    finally:
+        await a.kill()
+        await b.kill()
+
+
+async def test_io_error_events_are_counted_per_disk_operation_action(short_tmp: Path) -> None:
+    vm = SimVM(
+        str(short_tmp / "vm.qmp"),
+        name="vm",
+        disks=[
+            retry_disk("virtio-disk0", retry_interval_ms=100, retry_timeout_ms=500),
+            DiskSpec(id="scsi0-0-0-0", type="scsi-hd", werror="report", rerror="report", in_flight=0),
+        ],
+    )
+    await vm.start()
+    try:
+        async with ExporterProcess(short_tmp, {"qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST}}) as exp:
+            await exp.wait_metrics(lambda m: len(m.find("qemu_block_device_info")) == 2)
+            vm.link_down("virtio-disk0", in_flight=3, operations=("write", "read"))
+            vm.link_down("scsi0-0-0-0", in_flight=2, operations=("write",))
+            await exp.wait_metrics(
+                lambda m: (
+                    (
+                        m.value(
+                            "qemu_block_io_error_events_total",
+                            vm="vm",
+                            device="virtio-disk0",
+                            operation="write",
+                            action="report",
+                        )
+                        or 0
+                    )
+                    > 0
+                ),
+                what="the retry disk to time out",
+            )
+            vm.link_up("virtio-disk0")
+            vm.link_up("scsi0-0-0-0")
+
+            def settled(m: Metrics) -> bool:
+                return all(
+                    m.value(
+                        "qemu_block_io_error_events_total",
+                        vm="vm",
+                        device=c["device"],
+                        operation=c["operation"],
+                        action=c["action"],
+                    )
+                    == c["count"]
+                    for c in vm.event_counts()
+                    if c["event"] == "BLOCK_IO_ERROR"
+                )
+
+            m = await exp.wait_metrics(settled, what="exporter counts == simulator counts")
+            assert m.value(
+                "qemu_block_io_error_events_total",
+                vm="vm",
+                device="virtio-disk0",
+                operation="read",
+                action="retry",
+            )
+            assert m.value(
+                "qemu_block_io_error_events_total",
+                vm="vm",
+                device="scsi0-0-0-0",
+                operation="write",
+                action="report",
+            )
+            assert m.value("qemu_exporter_io_error_events_unmatched_total", vm="vm") == 0
+            total = sum(s.value for s in m.find("qemu_block_io_error_events_total"))
+            assert total == vm.event_count("BLOCK_IO_ERROR")
+            assert m.value("qemu_exporter_qmp_events_total", vm="vm", event="BLOCK_IO_ERROR") == total
+    finally:
+        await vm.kill()
+
+
+async def test_hot_plug_and_unplug(short_tmp: Path) -> None:
+    vm = SimVM(
+        str(short_tmp / "vm.qmp"),
+        name="vm",
+        disks=[retry_disk("virtio-disk0"), retry_disk("scsi0-0-0-0", "scsi-hd")],
+    )
+    await vm.start()
+    try:
+        async with ExporterProcess(short_tmp, {"qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST}}) as exp:
+            await exp.wait_metrics(lambda m: len(m.find("qemu_block_device_info")) == 2)
+            vm.hot_unplug("scsi0-0-0-0")
+            m = await exp.wait_metrics(
+                lambda m: len(m.find("qemu_block_device_info")) == 1, timeout=3, what="unplug"
+            )
+            assert m.find("qemu_block_retry_policy_ok", device="scsi0-0-0-0") == []
+            # Hot plug emits no event; a disk added without the policy is caught at the next refresh.
+            vm.hot_plug(DiskSpec(id="virtio-disk1", werror="report", rerror="report", in_flight=0))
+            m = await exp.wait_metrics(
+                lambda m: m.find("qemu_block_device_info", device="virtio-disk1"), timeout=5, what="plug"
+            )
+            assert m.value("qemu_block_retry_policy_ok", device="virtio-disk1") == 0
+    finally:
+        await vm.kill()
+
+
+async def test_static_labels_per_socket(short_tmp: Path) -> None:
+    a = SimVM(str(short_tmp / "a.qmp"), name="a", disks=[retry_disk("virtio-disk0")])
+    b = SimVM(str(short_tmp / "b.qmp"), name="b", disks=[retry_disk("virtio-disk0")])
+    await a.start()
+    await b.start()
+    try:
+        cfg = {
+            "qmp": {
+                "globs": [str(short_tmp / "*.qmp")],
+                "labels": {
+                    str(short_tmp / "*.qmp"): {"tenant": "blue"},
+                    str(short_tmp / "b.qmp"): {"tenant": "red", "az": "z1"},
+                },
+                **FAST,
+            }
+        }
+        async with ExporterProcess(short_tmp, cfg) as exp:
+            m = await exp.wait_metrics(lambda m: len(m.find("qemu_block_device_info")) == 2)
+            # Every per-VM series carries every configured label name (empty = not set).
+            assert m.find("qemu_block_retry_policy_ok", vm="a")[0].labels == {
+                "vm": "a",
+                "device": "virtio-disk0",
+                "tenant": "blue",
+                "az": "",
+            }
+            assert m.find("qemu_qmp_up", vm="b")[0].labels == {"vm": "b", "tenant": "red", "az": "z1"}
+    finally:
+        await a.kill()
+        await b.kill()
