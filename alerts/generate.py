@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""Generate the Prometheus rules of qemu-iohang-exporter.
+
+Writes
+  alerts/qemu-iohang.rules.yml           recording + alerting rules (plain Prometheus rule file)
+  deploy/kubernetes/prometheusrule.yml   the same groups as a prometheus-operator PrometheusRule
+
+Tune the rules by editing the constants in the "TUNABLES" block below (or pass --selector /
+--runbook-base-url for a one-off build), then run ``python3 alerts/generate.py`` and commit the
+output.  ``tests/artefacts`` fails when the committed files differ from this script's output.
+Needs only Python 3.11 and PyYAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES_FILE = ROOT / "alerts" / "qemu-iohang.rules.yml"
+PROMETHEUS_RULE_FILE = ROOT / "deploy" / "kubernetes" / "prometheusrule.yml"
+
+# --- TUNABLES -------------------------------------------------------------------------------
+# Label matchers selecting the exporter's series (the scrape job).  Every expression uses it.
+SELECTOR = 'job="qemu-iohang"'
+# Where the runbook lives; each alert links to "<base>#<alertname lower-cased>".
+RUNBOOK_BASE_URL = "https://github.com/qemu-iohang-exporter/qemu-iohang-exporter/blob/main/docs/runbooks.md"
+# A hang on a disk with a non-zero retry_timeout: fraction of the timeout already spent.
+HANG_TIMEOUT_WARNING_RATIO = 0.5
+HANG_TIMEOUT_CRITICAL_RATIO = 0.8
+# A hang on a disk that never times out (retry_timeout=0, or no retry feature): seconds.
+HANG_NO_TIMEOUT_SECONDS = 300
+# Window in which a timed-out hang keeps the QemuIOHangTimedOut alert firing.
+TIMED_OUT_WINDOW = "15m"
+# A disk that does not satisfy the retry policy, for this long (avoids hotplug flaps).
+POLICY_VIOLATION_FOR = "15m"
+# A VM paused on an IO error (werror/rerror=stop), for this long (lets libvirt resume it).
+VM_IO_ERROR_FOR = "1m"
+# QMP session down for this long.
+QMP_DOWN_FOR = "5m"
+# Exporter scrape failing / no exporter target at all, for this long.
+EXPORTER_DOWN_FOR = "5m"
+EXPORTER_ABSENT_FOR = "15m"
+# Rate window of the recording rules.
+RATE_WINDOW = "5m"
+# ----------------------------------------------------------------------------------------------
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings (PromQL), stable key order."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    if "\n" in data:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+def dump(doc: Any) -> str:
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100, allow_unicode=True)
+
+
+def _human_seconds(seconds: int) -> str:
+    if seconds % 60 == 0:
+        return f"{seconds // 60} minutes"
+    return f"{seconds} seconds"
+
+
+def _pct(ratio: float) -> str:
+    return f"{ratio * 100:g}"
+
+
+def recording_rules(sel: str) -> list[dict[str, Any]]:
+    w = RATE_WINDOW
+    return [
+        {
+            "record": "instance:qemu_exporter_vms:sum",
+            "expr": f"sum by (job, instance) (qemu_exporter_vms{{{sel}}})",
+        },
+        {
+            "record": "instance:qemu_qmp_up:sum",
+            "expr": f"sum by (job, instance) (qemu_qmp_up{{{sel}}})",
+        },
+        {
+            "record": "instance:qemu_qmp_down:count",
+            "expr": f"count by (job, instance) (qemu_qmp_up{{{sel}}} == 0)",
+        },
+        {
+            "record": "instance:qemu_block_devices:count",
+            "expr": f"count by (job, instance) (qemu_block_device_info{{{sel}}})",
+        },
+        {
+            "record": "instance:qemu_block_io_hang:sum",
+            "expr": f"sum by (job, instance) (qemu_block_io_hang{{{sel}}})",
+        },
+        {
+            "record": "instance:qemu_block_io_failing:sum",
+            "expr": f"sum by (job, instance) (qemu_block_io_failing{{{sel}}})",
+        },
+        {
+            "record": "instance:qemu_vm_io_error:sum",
+            "expr": f'sum by (job, instance) (qemu_vm_status{{{sel},status="io-error"}})',
+        },
+        {
+            "record": "job:qemu_block_retry_policy_ok:sum",
+            "expr": f"sum by (job) (qemu_block_retry_policy_ok{{{sel}}})",
+        },
+        {
+            "record": "job:qemu_block_retry_policy_not_ok:count",
+            "expr": f"count by (job) (qemu_block_retry_policy_ok{{{sel}}} == 0)",
+        },
+        {
+            "record": "job_rule:qemu_block_retry_policy_violation:sum",
+            "expr": f"sum by (job, rule) (qemu_block_retry_policy_violation{{{sel}}})",
+        },
+        {
+            "record": f"job_outcome:qemu_block_io_hangs:rate{w}",
+            "expr": f"sum by (job, outcome) (rate(qemu_block_io_hangs_total{{{sel}}}[{w}]))",
+        },
+        {
+            "record": f"job_operation_action:qemu_block_io_error_events:rate{w}",
+            "expr": (
+                f"sum by (job, operation, action) (rate(qemu_block_io_error_events_total{{{sel}}}[{w}]))"
+            ),
+        },
+        {
+            "record": f"instance:qemu_block_io_hang_seconds:rate{w}",
+            "expr": f"sum by (job, instance) (rate(qemu_block_io_hang_seconds_total{{{sel}}}[{w}]))",
+        },
+    ]
+
+
+def _alert(
+    name: str,
+    expr: str,
+    for_: str,
+    severity: str,
+    summary: str,
+    description: str,
+    runbook_base: str,
+) -> dict[str, Any]:
+    rule: dict[str, Any] = {"alert": name, "expr": expr}
+    if for_ != "0m":
+        rule["for"] = for_
+    rule["labels"] = {"severity": severity}
+    rule["annotations"] = {
+        "summary": summary,
+        "description": description,
+        "runbook_url": f"{runbook_base}#{name.lower()}",
+    }
+    return rule
+
+
+def alerting_rules(sel: str, runbook_base: str) -> list[dict[str, Any]]:
+    where = "{{ $labels.vm }}/{{ $labels.device }} on {{ $labels.instance }}"
+    hang_share = (
+        f"qemu_block_io_hang_duration_seconds{{{sel}}}\n  / (qemu_block_retry_timeout_seconds{{{sel}}} > 0)\n"
+    )
+    hanging = f"and (qemu_block_io_hang{{{sel}}} == 1)"
+
+    def approaching(ratio: float) -> str:
+        return f"(\n  {hang_share.replace(chr(10) + '  ', chr(10) + '    ')}  >= {ratio:g}\n)\n{hanging}\n"
+
+    return [
+        _alert(
+            "QemuIOHangApproachingTimeout",
+            approaching(HANG_TIMEOUT_WARNING_RATIO),
+            "0m",
+            "warning",
+            f"Disk IO hang has used {_pct(HANG_TIMEOUT_WARNING_RATIO)}% of its retry_timeout",
+            f"IO on {where} has been hanging (QEMU retrying failed requests) for "
+            "{{ $value | humanizePercentage }} of the disk's retry_timeout. When the timeout "
+            "passes, the guest gets IO errors. Restore the storage now.",
+            runbook_base,
+        ),
+        _alert(
+            "QemuIOHangNearTimeout",
+            approaching(HANG_TIMEOUT_CRITICAL_RATIO),
+            "0m",
+            "critical",
+            f"Disk IO hang has used {_pct(HANG_TIMEOUT_CRITICAL_RATIO)}% of its retry_timeout",
+            f"IO on {where} has been hanging for {{{{ $value | humanizePercentage }}}} of the "
+            "disk's retry_timeout; the guest will see IO errors very soon.",
+            runbook_base,
+        ),
+        _alert(
+            "QemuIOHangWithoutTimeout",
+            f"(qemu_block_io_hang_duration_seconds{{{sel}}} > {HANG_NO_TIMEOUT_SECONDS})\n"
+            f"unless (qemu_block_retry_timeout_seconds{{{sel}}} > 0)\n",
+            "0m",
+            "critical",
+            f"Disk IO has been hanging for more than {_human_seconds(HANG_NO_TIMEOUT_SECONDS)} "
+            "on a disk that never times out",
+            f"IO on {where} has been hanging for {{{{ $value | humanizeDuration }}}}. The disk "
+            "has no retry_timeout (0 = retry forever) or the VM is paused on the error, so the "
+            "guest stays blocked until the storage returns or someone intervenes.",
+            runbook_base,
+        ),
+        _alert(
+            "QemuIOHangTimedOut",
+            f"(qemu_block_io_failing{{{sel}}} == 1)\n"
+            "or\n"
+            "(\n"
+            f"  sum without (outcome) (\n"
+            f'    increase(qemu_block_io_hangs_total{{{sel},outcome="timed_out"}}[{TIMED_OUT_WINDOW}])\n'
+            "  ) > 0\n"
+            ")\n",
+            "0m",
+            "critical",
+            "Disk IO hang timed out: the guest received IO errors",
+            f"A hang on {where} outlasted its retry_timeout (or IO is still failing after one): "
+            "QEMU reported the IO errors to the guest. Its filesystem may have gone read-only "
+            "or the application may have failed.",
+            runbook_base,
+        ),
+        _alert(
+            "QemuDiskRetryPolicyViolation",
+            f"qemu_block_retry_policy_violation{{{sel}}} == 1\n",
+            POLICY_VIOLATION_FOR,
+            "warning",
+            "Disk does not have the required IO retry policy ({{ $labels.rule }})",
+            f"{where} violates the retry policy rule {{{{ $labels.rule }}}}: a storage outage "
+            "will pass IO errors to the guest (or hang it forever) instead of being retried.",
+            runbook_base,
+        ),
+        _alert(
+            "QemuVMPausedOnIOError",
+            f'qemu_vm_status{{{sel},status="io-error"}} == 1\n',
+            VM_IO_ERROR_FOR,
+            "critical",
+            "VM is paused on a disk IO error",
+            "VM {{ $labels.vm }} on {{ $labels.instance }} is paused (run state io-error) "
+            "because a disk with werror/rerror=stop failed. It stays paused until someone sends "
+            "'cont' (virsh resume).",
+            runbook_base,
+        ),
+        _alert(
+            "QemuQMPDown",
+            f"qemu_qmp_up{{{sel}}} == 0\n",
+            QMP_DOWN_FOR,
+            "warning",
+            "Exporter cannot talk to a VM's QMP socket",
+            "The QMP socket of VM {{ $labels.vm }} on {{ $labels.instance }} has not answered "
+            f"for {QMP_DOWN_FOR}: its disks are not watched (no hang, policy or error data).",
+            runbook_base,
+        ),
+        _alert(
+            "QemuIOHangExporterDown",
+            f"up{{{sel}}} == 0\n",
+            EXPORTER_DOWN_FOR,
+            "warning",
+            "qemu-iohang-exporter cannot be scraped",
+            f"Prometheus has failed to scrape {{{{ $labels.instance }}}} for {EXPORTER_DOWN_FOR}: "
+            "IO hangs and disk policies of the VMs on that host are not monitored.",
+            runbook_base,
+        ),
+        _alert(
+            "QemuIOHangExporterAbsent",
+            f"absent(up{{{sel}}})\n",
+            EXPORTER_ABSENT_FOR,
+            "warning",
+            "No qemu-iohang-exporter target is known to Prometheus",
+            f"Prometheus has had no target matching {{{sel}}} for {EXPORTER_ABSENT_FOR}: "
+            "the scrape configuration or service discovery lost the exporters, and no IO hang "
+            "alert can fire.",
+            runbook_base,
+        ),
+    ]
+
+
+def rule_groups(selector: str = SELECTOR, runbook_base: str = RUNBOOK_BASE_URL) -> dict[str, Any]:
+    return {
+        "groups": [
+            {"name": "qemu-iohang.recording", "rules": recording_rules(selector)},
+            {"name": "qemu-iohang.alerts", "rules": alerting_rules(selector, runbook_base)},
+        ]
+    }
+
+
+HEADER = "# GENERATED by alerts/generate.py -- do not edit by hand; edit the TUNABLES there and rerun.\n"
+
+
+def render_rules(selector: str = SELECTOR, runbook_base: str = RUNBOOK_BASE_URL) -> str:
+    return HEADER + dump(rule_groups(selector, runbook_base))
+
+
+def render_prometheus_rule(selector: str = SELECTOR, runbook_base: str = RUNBOOK_BASE_URL) -> str:
+    doc = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "qemu-iohang-exporter",
+            "namespace": "monitoring",
+            "labels": {
+                "app.kubernetes.io/name": "qemu-iohang-exporter",
+                "app.kubernetes.io/component": "alerting-rules",
+            },
+        },
+        "spec": rule_groups(selector, runbook_base),
+    }
+    return HEADER + dump(doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--selector", default=SELECTOR, help=f"label matchers (default: {SELECTOR})")
+    ap.add_argument("--runbook-base-url", default=RUNBOOK_BASE_URL)
+    ap.add_argument("--rules-out", type=Path, default=RULES_FILE)
+    ap.add_argument("--prometheus-rule-out", type=Path, default=PROMETHEUS_RULE_FILE)
+    ap.add_argument("--check", action="store_true", help="exit 1 if the files on disk differ from the output")
+    args = ap.parse_args(argv)
+    outputs = {
+        args.rules_out: render_rules(args.selector, args.runbook_base_url),
+        args.prometheus_rule_out: render_prometheus_rule(args.selector, args.runbook_base_url),
+    }
+    stale = False
+    for path, text in outputs.items():
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                print(f"{path} is out of date: run alerts/generate.py", file=sys.stderr)
+                stale = True
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Prometheus rules: generated file up to date, promtool check + unit tests, runbooks, coverage."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.artefacts.artefacts import (
+    ALERT_TESTS_DIR,
+    ROOT,
+    RULES_FILE,
+    alert_rules,
+    load_module,
+    runbook_anchors,
+)
+from tests.conftest import require_binary
+
+GENERATOR = ROOT / "alerts" / "generate.py"
+PROMETHEUS_RULE = ROOT / "deploy" / "kubernetes" / "prometheusrule.yml"
+
+EXPECTED_ALERTS = {
+    "QemuIOHangApproachingTimeout",
+    "QemuIOHangNearTimeout",
+    "QemuIOHangWithoutTimeout",
+    "QemuIOHangTimedOut",
+    "QemuDiskRetryPolicyViolation",
+    "QemuVMPausedOnIOError",
+    "QemuQMPDown",
+    "QemuIOHangExporterDown",
+    "QemuIOHangExporterAbsent",
+}
+
+
+def test_committed_rules_match_generator() -> None:
+    gen = load_module(GENERATOR)
+    assert RULES_FILE.read_text() == gen.render_rules(), "run: python3 alerts/generate.py"
+
+
+def test_prometheus_rule_matches_rules_file() -> None:
+    gen = load_module(GENERATOR)
+    assert PROMETHEUS_RULE.read_text() == gen.render_prometheus_rule(), "run: python3 alerts/generate.py"
+    cr = yaml.safe_load(PROMETHEUS_RULE.read_text())
+    assert cr["apiVersion"] == "monitoring.coreos.com/v1"
+    assert cr["kind"] == "PrometheusRule"
+    assert cr["spec"] == yaml.safe_load(RULES_FILE.read_text())
+
+
+def test_generator_selector_is_applied(tmp_path: Path) -> None:
+    gen = load_module(GENERATOR)
+    text = gen.render_rules(selector='job="kvm-hosts"')
+    assert 'job="qemu-iohang"' not in text
+    doc = yaml.safe_load(text)
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            assert 'job="kvm-hosts"' in rule["expr"], rule
+
+
+def test_expected_alerts_present() -> None:
+    assert {r["alert"] for r in alert_rules()} == EXPECTED_ALERTS
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
+def test_alert_metadata(rule: dict) -> None:
+    assert rule["labels"]["severity"] in {"warning", "critical"}
+    ann = rule["annotations"]
+    assert ann["summary"] and ann["description"]
+    url = ann["runbook_url"]
+    assert url.split("#")[0].endswith("docs/runbooks.md")
+    anchor = url.split("#", 1)[1]
+    assert anchor in runbook_anchors(), f"docs/runbooks.md has no section for #{anchor}"
+
+
+def test_unit_tests_cover_firing_and_not_firing() -> None:
+    fired: set[str] = set()
+    quiet: set[str] = set()
+    for path in ALERT_TESTS_DIR.glob("*.yml"):
+        doc = yaml.safe_load(path.read_text())
+        for case in doc["tests"]:
+            for check in case.get("alert_rule_test", []):
+                (fired if check.get("exp_alerts") else quiet).add(check["alertname"])
+    names = {r["alert"] for r in alert_rules()}
+    assert names - fired == set(), "alerts never tested firing"
+    assert names - quiet == set(), "alerts never tested not firing"
+
+
+@pytest.mark.promtool
+def test_promtool_check_rules() -> None:
+    promtool = require_binary("promtool")
+    for path in (RULES_FILE,):
+        r = subprocess.run(
+            [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "SUCCESS" in r.stdout
+
+
+@pytest.mark.promtool
+def test_promtool_unit_tests() -> None:
+    promtool = require_binary("promtool")
+    files = sorted(str(p) for p in ALERT_TESTS_DIR.glob("*.yml"))
+    assert files
+    r = subprocess.run([promtool, "test", "rules", *files], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.promtool
+def test_promtool_unit_tests_can_fail(tmp_path: Path) -> None:
+    """Loosen the warning threshold: the unit tests must notice."""
+    promtool = require_binary("promtool")
+    gen = load_module(GENERATOR)
+    gen.HANG_TIMEOUT_WARNING_RATIO = 0.3
+    (tmp_path / "tests").mkdir()
+    (tmp_path / RULES_FILE.name).write_text(gen.render_rules())
+    for p in ALERT_TESTS_DIR.glob("*.yml"):
+        (tmp_path / "tests" / p.name).write_text(p.read_text())
+    r = subprocess.run(
+        [promtool, "test", "rules", *map(str, (tmp_path / "tests").glob("*.yml"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    assert "QemuIOHangApproachingTimeout" in r.stdout + r.stderr
