@@ -1,0 +1,622 @@
+"""Per-disk IO hang state machine: pure, no I/O, no clock of its own.
+
+Why a state machine at all
+==========================
+QEMU's retry policy (``werror=retry``/``rerror=retry``) holds a failing request and retries it
+every ``retry_interval``; only after ``retry_timeout`` does the guest see the error.  QMP shows
+the *start* of such a hang (``BLOCK_IO_ERROR`` with ``action: "retry"``, one event per failed
+attempt of every failing request, unthrottled) and its *timeout* (``action: "report"``), but
+**recovery emits nothing**: the next attempt simply succeeds.  The only traces are the end of
+the ``retry`` events and rising successful-operation counters in ``query-blockstats``.  So the
+end of a recovered hang must be inferred, and that is what this module does.
+
+Every method takes the timestamps it needs (float Unix seconds): QEMU event timestamps come from
+the host real-time clock, and ``now`` passed by the caller must come from the same clock.  The
+module never reads a clock itself, which keeps it deterministic and testable.  All per-event
+work is O(1) (hosts see thousands of error events per second in an event storm).
+
+States of one disk (:class:`DiskHangTracker`)::
+
+                 retry / stop-action error
+       +------+ --------------------------> +---------+  report          +---------+
+       | IDLE |                             | HANGING | ---------------> | FAILING |
+       +------+ <-------------------------- +---------+  (timed_out)     +---------+
+          ^  ^    silence > expected spacing  |  ^  |                     |   |
+          |  |    or ok-ops rising            |  |  | SHUTDOWN/RESET/     |   | retry/stop error
+          |  |    (recovered)                 |  |  | exit/lost           |   | (QEMU's clock was
+          |  +--------------------------------+  |  | (vm_gone)           |   |  reset by a
+          |     (vm_gone)                        |  v                     |   |  success: new hang)
+          |                                    IDLE                       |   +----> HANGING
+          +---------------------------------------------------------------+
+             no report for longer than the expected spacing, ok-ops rising, or VM gone
+
+    IDLE --report--> FAILING        (report policy, or a timeout we did not see start: the
+                                     guest gets errors, but no hang is counted)
+
+HANGING has a paused sub-state for the ``stop`` policy (and for a VM paused by the user during a
+retry hang): a ``BLOCK_IO_ERROR`` with ``action: "stop"`` starts (or continues) the hang and QEMU
+then pauses the VM (``STOP``, run state ``io-error``).  Nothing can be inferred from silence while
+the VM is paused.  After ``RESUME`` QEMU retries the request at once; if no further error comes
+within the expected spacing the hang ends ``recovered`` with end time = the RESUME timestamp.
+
+Expected spacing
+================
+``base spacing = max(retry_interval, observed spacing)`` where the observed spacing is the largest
+gap seen between consecutive error events of the current hang (real attempts are spaced by the
+interval *plus* the time the failing IO takes, which on a dead iSCSI/NBD link can be seconds;
+with many requests in flight events come in bursts, and the largest gap is the gap between
+bursts).  ``expected spacing = base spacing + margin``: a hang is declared over when no error has
+come for longer than that.  The margin absorbs event delivery lag and jitter; it delays
+detection, not the accuracy of the end time.
+
+End time of a recovered hang
+============================
+The last failed attempt was at ``last_error``; the next attempt came about one base spacing
+later and, since no error followed, it succeeded.  So the estimate is::
+
+    end = last_error + base_spacing
+
+bounded to ``[max(hang start, last moment the hang was known to persist), detection time]``
+(never before the start, never in the future).  When ``query-blockstats`` confirms recovery
+sooner (successful operations rose between two samples taken after the hang started, the later
+sample being after the last error), the end is additionally bounded above by that sample's time:
+the success happened no later than the sample.  After a ``RESUME`` with no further error the end
+is the RESUME time for a hang paused by the ``stop`` policy (the request is retried at ``cont``),
+and ``max(RESUME, last_error + base spacing)`` for a retry hang during which the VM was paused.
+The acceptance case "link down 7 s, interval 1 s" gives errors at 0..6 s and an estimated end of
+7 s; the true end (first successful attempt) is within one interval of that.
+
+Counters and invariants
+=======================
+* every hang ends with exactly one :class:`HangOutcome`; ``hangs_total`` never decreases;
+* no hang ends before it starts or after the latest time fed to the tracker;
+* ``hang_seconds_total`` counts completed hangs plus the running hang *up to the last moment it
+  is known to have lasted* (last failed attempt, RESUME, or the latest time fed while the VM is
+  paused).  Counting up to ``now`` instead would make the counter go back when the hang is then
+  ended at its (earlier) estimated end, and Prometheus reads any decrease as a counter reset;
+* events older than the end of the previous hang are stale (QEMU delivers events in order; such
+  timestamps only come from a caller merging streams) and are ignored rather than opening a
+  phantom hang.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any, Final
+
+__all__ = [
+    "DEFAULT_MARGIN_S",
+    "CompletedHang",
+    "DiskHangTracker",
+    "HangOutcome",
+]
+
+#: Extra silence, beyond one expected attempt spacing, before a hang is declared over.  Two
+#: seconds covers event delivery lag and scrape-time skew without making the hang gauge linger.
+DEFAULT_MARGIN_S: Final[float] = 2.0
+
+#: Completed hangs kept for :meth:`DiskHangTracker.drain_completed` when the caller never drains
+#: (bounds memory in an event storm with flapping storage; the counters stay exact).
+MAX_PENDING_COMPLETED: Final[int] = 4096
+
+SNAPSHOT_VERSION: Final[int] = 1
+
+_NEG_INF: Final[float] = -math.inf
+
+
+class HangOutcome(StrEnum):
+    """How a hang ended (the ``outcome`` label of ``qemu_block_io_hangs_total``)."""
+
+    #: Attempts stopped failing (inferred: QEMU emits nothing on recovery).
+    RECOVERED = "recovered"
+    #: A ``report`` event: ``retry_timeout`` passed and the guest has seen the error.
+    TIMED_OUT = "timed_out"
+    #: QEMU exited, shut down, was reset, or the QMP connection was lost for good.
+    VM_GONE = "vm_gone"
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedHang:
+    """A finished hang, for the completed-duration histogram."""
+
+    start: float
+    end: float
+    outcome: HangOutcome
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+def _finite(name: str, value: float) -> float:
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
+
+
+def _non_negative(name: str, value: float) -> float:
+    v = _finite(name, value)
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return v
+
+
+class DiskHangTracker:
+    """Hang state of one disk, fed with QMP events, blockstats samples and the current time.
+
+    ``retry_interval_s`` and ``retry_timeout_s`` are the device's ``retry_interval`` and
+    ``retry_timeout`` in seconds (QMP gives milliseconds; 0 timeout = never times out).  For a
+    disk whose policy is not visible (``auto``) use QEMU's device defaults, 1 s and 0, which is
+    what QEMU then actually applies.
+    """
+
+    __slots__ = (
+        "_anchor",
+        "_blind",
+        "_clock",
+        "_completed",
+        "_completed_s",
+        "_counts",
+        "_failing",
+        "_failing_since",
+        "_gap_ref",
+        "_interval",
+        "_known",
+        "_last_end",
+        "_last_err",
+        "_last_report",
+        "_margin",
+        "_ops",
+        "_ops_ts",
+        "_paused",
+        "_resume_ts",
+        "_spacing",
+        "_start",
+        "_stop_pause",
+        "_timeout",
+    )
+
+    def __init__(
+        self,
+        retry_interval_s: float = 1.0,
+        retry_timeout_s: float = 0.0,
+        margin_s: float = DEFAULT_MARGIN_S,
+    ) -> None:
+        self._interval = _non_negative("retry_interval_s", retry_interval_s)
+        self._timeout = _non_negative("retry_timeout_s", retry_timeout_s)
+        self._margin = _non_negative("margin_s", margin_s)
+        # Latest time fed (event, sample or advance); never decreases.
+        self._clock = _NEG_INF
+        # Current hang (meaningful only while _start is not None).
+        self._start: float | None = None
+        self._last_err = 0.0  # latest failed attempt
+        self._known = 0.0  # latest moment the hang is known to have persisted
+        self._spacing = 0.0  # largest gap between consecutive errors of the hang
+        self._gap_ref: float | None = None  # previous error for gap measurement
+        self._resume_ts: float | None = None  # RESUME with no error since
+        self._stop_pause = False  # the hang paused the VM (stop policy)
+        # Silence is counted from here at the earliest (restore, reconnect, RESUME).
+        self._anchor = _NEG_INF
+        # VM / session.
+        self._paused = False
+        self._blind = False
+        # Errors reaching the guest.
+        self._failing = False
+        self._failing_since = 0.0
+        self._last_report = 0.0
+        # Blockstats baseline.
+        self._ops: int | None = None
+        self._ops_ts = _NEG_INF
+        # Results.
+        self._counts: dict[HangOutcome, int] = dict.fromkeys(HangOutcome, 0)
+        self._completed_s = 0.0
+        self._last_end = _NEG_INF
+        self._completed: deque[CompletedHang] = deque(maxlen=MAX_PENDING_COMPLETED)
+
+    # ------------------------------------------------------------------ policy
+
+    def set_policy(self, retry_interval_s: float, retry_timeout_s: float) -> None:
+        """Apply a (re-read) policy.  Takes effect at once, also for a running hang: QEMU checks
+        the timeout against the hang's start when an attempt fails, so the deadline moves with
+        it, and the interval changes the spacing of the next attempts."""
+        self._interval = _non_negative("retry_interval_s", retry_interval_s)
+        self._timeout = _non_negative("retry_timeout_s", retry_timeout_s)
+
+    @property
+    def retry_interval_s(self) -> float:
+        return self._interval
+
+    @property
+    def retry_timeout_s(self) -> float:
+        return self._timeout
+
+    @property
+    def margin_s(self) -> float:
+        return self._margin
+
+    # ------------------------------------------------------------------ inputs
+
+    def on_io_error(self, ts: float, action: str) -> None:
+        """A ``BLOCK_IO_ERROR`` for this disk at QEMU time ``ts`` with its ``action``.
+
+        * ``retry``: QEMU holds the request; the first one starts a hang (its start is this
+          timestamp), later ones are further failed attempts.  On a FAILING disk it means QEMU's
+          timeout clock was reset, which only a successful IO does: failing ends, a new hang
+          starts.
+        * ``stop``: QEMU pauses the VM on the error (upstream ``stop`` policy): a hang from this
+          event until a RESUME not followed by another error.
+        * ``report``: the error reaches the guest.  On a hanging disk that is the timeout
+          (``timed_out``, end = this timestamp); the disk is then FAILING.
+        * ``ignore`` (the guest sees success) and unknown actions change nothing.
+        """
+        t = _finite("ts", ts)
+        self._tick(t)
+        if action in ("retry", "stop"):
+            self._on_failed_attempt(t, stop=action == "stop")
+        elif action == "report":
+            self._on_report(t)
+
+    def on_stop(self, ts: float) -> None:
+        """``STOP``: the VM is paused.  While paused no attempt runs (the disk is drained), so
+        silence proves nothing and the hang is known to persist for as long as the pause."""
+        t = _finite("ts", ts)
+        self._tick(t)
+        self._paused = True
+        self._gap_ref = None  # a gap spanning a pause is not an attempt spacing
+        if self._start is not None:
+            self._known = max(self._known, t)
+
+    def on_resume(self, ts: float) -> None:
+        """``RESUME``: the VM runs again and QEMU retries the held request at once.  If no
+        error follows within the expected spacing, the hang recovered (at this time for a
+        ``stop`` hang)."""
+        t = _finite("ts", ts)
+        self._tick(t)
+        self._paused = False
+        self._anchor = max(self._anchor, t)
+        if self._start is not None and t >= self._last_err:
+            self._known = max(self._known, t)
+            self._resume_ts = t
+
+    def on_vm_gone(self, ts: float) -> None:
+        """QEMU exited, ``SHUTDOWN``, ``RESET``, or the QMP connection was lost and the VM did not
+        come back: a running hang ends ``vm_gone`` at ``ts``; failing ends (no guest is left to
+        see errors); the blockstats baseline is dropped (a new QEMU restarts its counters)."""
+        t = _finite("ts", ts)
+        self._tick(t)
+        if self._start is not None:
+            self._end(HangOutcome.VM_GONE, t)
+        self._failing = False
+        self._paused = False
+        self._blind = False
+        self._ops = None
+        self._ops_ts = _NEG_INF
+        self._anchor = max(self._anchor, t)
+
+    def on_disconnect(self, ts: float) -> None:
+        """The QMP session dropped (the VM may still run): events may be missed, so nothing is
+        inferred from silence until :meth:`on_reconnect` (or :meth:`on_vm_gone`)."""
+        t = _finite("ts", ts)
+        self._tick(t)
+        self._blind = True
+        self._gap_ref = None
+
+    def on_reconnect(self, ts: float) -> None:
+        """The QMP session is back: silence is counted again, from ``ts``."""
+        t = _finite("ts", ts)
+        self._blind = False
+        self._anchor = max(self._anchor, t)
+        self._gap_ref = None
+        self._tick(t)
+
+    def on_blockstats(self, ts: float, ok_ops: int) -> None:
+        """A ``query-blockstats`` sample taken at ``ts``: ``ok_ops`` is the sum of successful
+        ``rd_operations + wr_operations + flush_operations`` (QEMU counts failures separately).
+
+        A rise means some IO succeeded between the previous sample and this one.  QEMU resets
+        its per-disk timeout clock on any successful IO, so this ends a hang (``recovered``)
+        or a failing period - provided the previous sample was taken after the hang (failing)
+        began, so the success cannot predate it, and this one after the last error.  A fall
+        (new counters) only re-baselines.
+        """
+        t = _finite("ts", ts)
+        if isinstance(ok_ops, bool) or not isinstance(ok_ops, int) or ok_ops < 0:
+            raise ValueError(f"ok_ops must be a non-negative int, got {ok_ops!r}")
+        self._tick(t)
+        prev, prev_ts = self._ops, self._ops_ts
+        if prev is not None and t < prev_ts:
+            return  # stale sample
+        self._ops, self._ops_ts = ok_ops, t
+        if prev is None or ok_ops <= prev:
+            return
+        if (
+            self._start is not None
+            and not self._paused
+            and not self._blind
+            and prev_ts >= self._start
+            and t > self._known
+        ):
+            self._end(HangOutcome.RECOVERED, min(self._recovery_estimate(), t))
+        if self._failing and prev_ts >= self._failing_since and t > self._last_report:
+            self._failing = False
+
+    def advance(self, now: float) -> None:
+        """Move time to ``now`` (host real-time clock): ends a hang, or a failing period, whose
+        disk has been silent for longer than the expected spacing.  Call before reading."""
+        self._tick(_finite("now", now))
+
+    # ------------------------------------------------------------------ outputs
+
+    @property
+    def hanging(self) -> bool:
+        return self._start is not None
+
+    @property
+    def failing(self) -> bool:
+        """Errors are reaching the guest (after a timeout, or with the ``report`` policy)."""
+        return self._failing
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def hang_start(self) -> float | None:
+        return self._start
+
+    @property
+    def last_error(self) -> float | None:
+        """Latest failed attempt of the running hang."""
+        return self._last_err if self._start is not None else None
+
+    @property
+    def deadline(self) -> float | None:
+        """When the running hang times out (start + retry_timeout); None without a hang or with
+        timeout 0 (QEMU then retries forever)."""
+        if self._start is None or self._timeout <= 0:
+            return None
+        return self._start + self._timeout
+
+    @property
+    def observed_spacing(self) -> float:
+        """Largest gap between consecutive errors of the current (or last) hang."""
+        return self._spacing
+
+    @property
+    def expected_spacing(self) -> float:
+        """Silence after which attempts are taken to have stopped failing."""
+        return self._base_spacing() + self._margin
+
+    def duration(self, now: float) -> float:
+        """Age of the running hang at ``now`` (0 without one); never negative."""
+        if self._start is None:
+            return 0.0
+        return max(0.0, max(_finite("now", now), self._clock) - self._start)
+
+    @property
+    def hangs_total(self) -> Mapping[HangOutcome, int]:
+        """Completed hangs per outcome (all three present)."""
+        return MappingProxyType(self._counts)
+
+    def hang_seconds_total(self, now: float) -> float:
+        """Seconds spent hanging: completed hangs plus the running one up to the last moment it
+        is known to have lasted (see the module docstring: counting up to ``now`` would make the
+        counter decrease when the hang is ended at its estimated end).  Non-decreasing across
+        calls; ``now`` is validated but does not extend the running part - call
+        :meth:`advance` first."""
+        _finite("now", now)
+        running = 0.0 if self._start is None else max(0.0, self._known - self._start)
+        return self._completed_s + running
+
+    def drain_completed(self) -> list[CompletedHang]:
+        """Hangs completed since the last call, oldest first (for the duration histogram)."""
+        out = list(self._completed)
+        self._completed.clear()
+        return out
+
+    # ------------------------------------------------------------------ persistence
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-serialisable state, to survive an exporter restart (undrained completed hangs
+        are not included: the histogram they feed does not survive a restart either)."""
+        hanging = self._start is not None
+        return {
+            "version": SNAPSHOT_VERSION,
+            "retry_interval_s": self._interval,
+            "retry_timeout_s": self._timeout,
+            "margin_s": self._margin,
+            "hang_start": self._start,
+            "last_error": self._last_err if hanging else None,
+            "known_until": self._known if hanging else None,
+            "observed_spacing": self._spacing,
+            "paused": self._paused,
+            "stop_pause": self._stop_pause if hanging else False,
+            "resume_ts": self._resume_ts if hanging else None,
+            "failing": self._failing,
+            "failing_since": self._failing_since if self._failing else None,
+            "last_report": self._last_report if self._failing else None,
+            "hangs_total": {o.value: n for o, n in self._counts.items()},
+            "hang_seconds_completed": self._completed_s,
+            "last_end": None if self._last_end == _NEG_INF else self._last_end,
+            "clock": None if self._clock == _NEG_INF else self._clock,
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        data: Mapping[str, Any],
+        now: float,
+        *,
+        retry_interval_s: float | None = None,
+        retry_timeout_s: float | None = None,
+        margin_s: float | None = None,
+    ) -> DiskHangTracker:
+        """Rebuild a tracker from :meth:`snapshot` at time ``now``.
+
+        A reloaded open hang keeps its start.  The exporter saw nothing while it was down, so
+        silence is counted from ``now``: if no error comes within the expected spacing, the hang
+        ends ``recovered`` at ``last_error + base spacing`` (bounded to ``[start, now]``).  The
+        paused flag is kept; reconcile it with ``query-status`` (:meth:`on_stop` /
+        :meth:`on_resume`).  Policy arguments override the saved policy (pass the freshly read
+        one).  Raises ValueError on malformed data.
+        """
+        if not isinstance(data, Mapping) or data.get("version") != SNAPSHOT_VERSION:
+            raise ValueError("unsupported hang snapshot")
+        t = _finite("now", now)
+        try:
+            tr = cls(
+                _num(data, "retry_interval_s") if retry_interval_s is None else retry_interval_s,
+                _num(data, "retry_timeout_s") if retry_timeout_s is None else retry_timeout_s,
+                _num(data, "margin_s") if margin_s is None else margin_s,
+            )
+            counts = data["hangs_total"]
+            if not isinstance(counts, Mapping):
+                raise ValueError("hangs_total")
+            for o in HangOutcome:
+                n = counts.get(o.value, 0)
+                if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                    raise ValueError(f"hangs_total[{o.value}]")
+                tr._counts[o] = n
+            tr._completed_s = _non_negative("hang_seconds_completed", _num(data, "hang_seconds_completed"))
+            last_end = _opt_num(data, "last_end")
+            tr._last_end = _NEG_INF if last_end is None else last_end
+            clock = _opt_num(data, "clock")
+            tr._clock = t if clock is None else max(t, clock)
+            tr._spacing = _non_negative("observed_spacing", _num(data, "observed_spacing"))
+            tr._paused = bool(data.get("paused", False))
+            start = _opt_num(data, "hang_start")
+            if start is not None:
+                last_err = _opt_num(data, "last_error")
+                last_err = start if last_err is None else max(start, last_err)
+                known = _opt_num(data, "known_until")
+                tr._start = start
+                tr._last_err = last_err
+                tr._known = min(tr._clock, last_err if known is None else max(known, last_err))
+                tr._stop_pause = bool(data.get("stop_pause", False))
+                resume = _opt_num(data, "resume_ts")
+                tr._resume_ts = resume if resume is not None and resume >= last_err else None
+            if data.get("failing"):
+                tr._failing = True
+                since = _opt_num(data, "failing_since")
+                last_report = _opt_num(data, "last_report")
+                tr._last_report = t if last_report is None else last_report
+                tr._failing_since = tr._last_report if since is None else since
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed hang snapshot: {e}") from e
+        tr._anchor = t
+        tr._tick(t)
+        return tr
+
+    # ------------------------------------------------------------------ internals
+
+    def _base_spacing(self) -> float:
+        return max(self._interval, self._spacing)
+
+    def _tick(self, t: float) -> None:
+        """Time has reached ``t``: infer what silence up to ``t`` proves."""
+        if t <= self._clock:
+            return
+        self._clock = t
+        if self._blind:
+            return
+        if self._start is not None:
+            if self._paused:
+                self._known = max(self._known, t)
+            else:
+                ref = max(self._last_err, self._anchor)
+                if self._resume_ts is not None:
+                    ref = max(ref, self._resume_ts)
+                if t > ref + self.expected_spacing:
+                    self._end(HangOutcome.RECOVERED, self._recovery_estimate())
+        if self._failing and t > max(self._last_report, self._anchor) + self.expected_spacing:
+            self._failing = False
+
+    def _recovery_estimate(self) -> float:
+        """Unbounded estimate of when the first successful attempt happened (module doc)."""
+        guess = self._last_err + self._base_spacing()
+        if self._resume_ts is not None:
+            return self._resume_ts if self._stop_pause else max(self._resume_ts, guess)
+        return guess
+
+    def _on_failed_attempt(self, t: float, *, stop: bool) -> None:
+        if self._start is None:
+            if t < self._last_end or (self._failing and t <= self._last_report):
+                return  # stale: belongs to the previous hang / failing period
+            self._failing = False
+            self._start = t
+            self._last_err = t
+            self._known = t
+            self._spacing = 0.0
+            self._gap_ref = t
+            self._resume_ts = None
+            self._stop_pause = False
+        elif t < self._start:
+            # Out of order: an earlier attempt of this hang.  Move the start back (never before
+            # the previous hang's end); the counters only grow from that.
+            if t >= self._last_end:
+                self._start = t
+        else:
+            if self._gap_ref is not None and t > self._gap_ref:
+                self._spacing = max(self._spacing, t - self._gap_ref)
+            if self._gap_ref is None or t > self._gap_ref:
+                self._gap_ref = t
+            if t > self._last_err:
+                self._last_err = t
+            self._known = max(self._known, t)
+            if self._resume_ts is not None and t >= self._resume_ts:
+                self._resume_ts = None
+        if stop:
+            # QEMU pauses the VM right after this event (STOP follows).
+            self._paused = True
+            self._stop_pause = True
+            self._gap_ref = None
+
+    def _on_report(self, t: float) -> None:
+        if self._start is not None:
+            if t < self._start:
+                return  # stale: precedes this hang
+            self._end(HangOutcome.TIMED_OUT, t)
+            self._failing = True
+            self._failing_since = t
+            self._last_report = t
+            return
+        if t < self._last_end:
+            return  # stale
+        if not self._failing:
+            self._failing = True
+            self._failing_since = t
+            self._last_report = t
+        else:
+            self._last_report = max(self._last_report, t)
+
+    def _end(self, outcome: HangOutcome, end: float) -> None:
+        start = self._start
+        assert start is not None
+        # Never after the latest time seen, never before the start or a moment the hang was
+        # known to persist (keeps hang_seconds_total non-decreasing).
+        end = max(min(end, self._clock), start, self._known)
+        self._counts[outcome] += 1
+        self._completed_s += end - start
+        self._completed.append(CompletedHang(start, end, outcome))
+        self._last_end = max(self._last_end, end)
+        self._start = None
+        self._resume_ts = None
+        self._stop_pause = False
+        self._gap_ref = None
+
+
+def _num(data: Mapping[str, Any], key: str) -> float:
+    v = data[key]
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"{key} must be a number")
+    return _finite(key, v)
+
+
+def _opt_num(data: Mapping[str, Any], key: str) -> float | None:
+    return None if data.get(key) is None else _num(data, key)
