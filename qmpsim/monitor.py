@@ -173,9 +173,9 @@ class Monitor:
                 writer.transport.abort()
             else:
                 writer.close()
-        for task in list(self._tasks):
-            if task is not asyncio.current_task():
-                task.cancel()
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
         self.conn = None
 
 
