@@ -17,21 +17,34 @@ work is O(1) (hosts see thousands of error events per second in an event storm).
 
 States of one disk (:class:`DiskHangTracker`)::
 
-                 retry / stop-action error
-       +------+ --------------------------> +---------+  report          +---------+
-       | IDLE |                             | HANGING | ---------------> | FAILING |
-       +------+ <-------------------------- +---------+  (timed_out)     +---------+
-          ^  ^    silence > expected spacing  |  ^  |                     |   |
-          |  |    or ok-ops rising            |  |  | SHUTDOWN/RESET/     |   | retry/stop error
-          |  |    (recovered)                 |  |  | exit/lost           |   | (QEMU's clock was
-          |  +--------------------------------+  |  | (vm_gone)           |   |  reset by a
-          |     (vm_gone)                        |  v                     |   |  success: new hang)
-          |                                    IDLE                       |   +----> HANGING
-          +---------------------------------------------------------------+
-             no report for longer than the expected spacing, ok-ops rising, or VM gone
+               retry / stop error             report (timed_out)
+      IDLE ----------------------> HANGING ---------------------> FAILING
+       ^ ^                           |  ^                           |  |
+       | +---------------------------+  +---------------------------+  |
+       |   silence (recovered),           retry / stop error:          |
+       |   ok-ops rising (recovered),     new hang                     |
+       |   VM gone (vm_gone)                                           |
+       +---------------------------------------------------------------+
+          silence, ok-ops rising, VM gone (no hang outcome: not a hang)
 
-    IDLE --report--> FAILING        (report policy, or a timeout we did not see start: the
-                                     guest gets errors, but no hang is counted)
+      IDLE --report--> FAILING   (report policy: errors reach the guest, no hang counted)
+
+==========  ==================  =====================================================
+state       event               next state, and why
+==========  ==================  =====================================================
+IDLE        ``retry`` error     HANGING, start = event time (first held request)
+IDLE        ``stop`` error      HANGING (paused), start = event time (``stop`` policy)
+IDLE        ``report`` error    FAILING (``report`` policy: the guest sees the error)
+HANGING     ``retry``/``stop``  HANGING (further failed attempt; learns the spacing)
+HANGING     ``report``          FAILING; hang ends ``timed_out`` at the report time
+HANGING     silence / ok-ops    IDLE; hang ends ``recovered`` at the estimated end
+HANGING     VM gone             IDLE; hang ends ``vm_gone`` at the event time
+FAILING     ``report``          FAILING (QEMU reports every failing IO at once)
+FAILING     ``retry``/``stop``  HANGING: QEMU's timeout clock was reset, which only a
+                                successful IO does, so this is a new hang
+FAILING     silence / ok-ops    IDLE (an IO succeeded, or the guest stopped failing)
+FAILING     VM gone             IDLE
+==========  ==================  =====================================================
 
 HANGING has a paused sub-state for the ``stop`` policy (and for a VM paused by the user during a
 retry hang): a ``BLOCK_IO_ERROR`` with ``action: "stop"`` starts (or continues) the hang and QEMU

@@ -1,0 +1,146 @@
+"""Property tests of exporter.hang invariants over random, partly out-of-order event streams."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exporter.hang import DiskHangTracker, HangOutcome
+
+T0 = 1_700_000_000.0
+
+KINDS = ("retry", "report", "stop", "ignore", "STOP", "RESUME", "gone", "stats", "advance",
+         "disconnect", "reconnect", "policy", "restore")  # fmt: skip
+
+op = st.tuples(
+    st.sampled_from(KINDS),
+    # Mostly forward steps, sometimes a step back (late delivery).
+    st.one_of(
+        st.floats(0.0, 3.0, allow_nan=False),
+        st.floats(-1.0, 0.0, allow_nan=False),
+        st.floats(0.0, 30.0, allow_nan=False),
+    ),
+    st.integers(0, 5),
+)
+
+policy = st.tuples(
+    st.sampled_from([0.1, 0.5, 1.0, 2.0]),
+    st.sampled_from([0.0, 1.0, 3.0, 10.0]),
+    st.sampled_from([0.0, 0.5, 2.0]),
+)
+
+
+@settings(max_examples=int(os.environ.get("HANG_EXAMPLES", "300")), deadline=None)
+@given(policy, st.lists(op, max_size=120))
+def test_invariants(pol: tuple[float, float, float], ops: list[tuple[str, float, int]]) -> None:
+    interval, timeout, margin = pol
+    tr = DiskHangTracker(interval, timeout, margin)
+    t = T0
+    high = T0  # latest time fed
+    ops_counter = 0
+    prev_counts = dict(tr.hangs_total)
+    prev_secs = 0.0
+    completed = []
+    blind = False
+    for kind, dt, arg in ops:
+        t += dt
+        high = max(high, t)
+        if kind in ("retry", "report", "stop", "ignore"):
+            tr.on_io_error(t, kind)
+        elif kind == "STOP":
+            tr.on_stop(t)
+        elif kind == "RESUME":
+            tr.on_resume(t)
+        elif kind == "gone":
+            tr.on_vm_gone(t)
+            blind = False
+        elif kind == "stats":
+            ops_counter += arg if arg < 5 else -ops_counter  # 5: counters restart
+            tr.on_blockstats(t, ops_counter)
+        elif kind == "disconnect":
+            tr.on_disconnect(t)
+            blind = True
+        elif kind == "reconnect":
+            tr.on_reconnect(t)
+            blind = False
+        elif kind == "policy":
+            tr.set_policy([0.5, 1.0, 3.0][arg % 3], [0.0, 2.0, 5.0][arg % 3])
+        elif kind == "restore":
+            snap = json.loads(json.dumps(tr.snapshot(), allow_nan=False))
+            before = (tr.hanging, tr.hang_start, tr.failing, dict(tr.hangs_total))
+            done_before = tr.drain_completed()
+            tr = DiskHangTracker.restore(snap, now=high)
+            assert (tr.hanging, tr.hang_start, tr.failing, dict(tr.hangs_total)) == before
+            completed += done_before
+            blind = False
+        else:
+            tr.advance(t)
+
+        counts = dict(tr.hangs_total)
+        assert set(counts) == set(HangOutcome)
+        assert all(counts[o] >= prev_counts[o] for o in HangOutcome)
+        prev_counts = counts
+        secs = tr.hang_seconds_total(high)
+        assert secs >= prev_secs - 1e-6
+        prev_secs = secs
+        assert not (tr.hanging and tr.failing)
+        assert tr.duration(high) >= 0.0
+        if tr.hanging:
+            start = tr.hang_start
+            assert start is not None and start <= high
+            if tr.retry_timeout_s > 0:
+                assert tr.deadline == start + tr.retry_timeout_s
+            else:
+                assert tr.deadline is None
+        else:
+            assert tr.hang_start is None and tr.deadline is None
+        for h in tr.drain_completed():
+            assert h.start <= h.end <= high  # never beyond the time observed
+            completed.append(h)
+
+    tr.advance(high + 1e6)  # everything not paused/blind ends eventually
+    completed += tr.drain_completed()
+    assert sum(tr.hangs_total.values()) == len(completed)
+    prev_end = -1.0
+    total = 0.0
+    for h in completed:
+        assert h.start <= h.end <= high + 1e6
+        assert h.start >= prev_end - 1e-9  # hangs never overlap
+        prev_end = h.end
+        total += h.duration
+    if tr.hanging:
+        # Only a paused VM or a lost session keeps a hang open through endless silence.
+        assert tr.paused or blind
+        assert tr.hang_seconds_total(high + 1e6) >= total - 1e-6
+    else:
+        assert abs(tr.hang_seconds_total(high + 1e6) - total) < 1e-6 * max(1.0, total)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.floats(0.2, 5.0),
+    st.floats(1.0, 60.0),
+    st.integers(1, 50),
+    st.floats(0.0, 2.0),
+)
+def test_steady_outage_recovers_once_near_truth(
+    interval: float, down: float, inflight: int, io_fail: float
+) -> None:
+    """A link down for `down` s with no timeout: exactly one hang, recovered, whose duration is
+    within one attempt spacing of the truth (the first attempt after the link returns)."""
+    tr = DiskHangTracker(interval, 0.0)
+    spacing = interval + io_fail
+    k = 0
+    while k * spacing < down:
+        for j in range(inflight):
+            tr.on_io_error(T0 + k * spacing + j * 1e-4, "retry")
+        k += 1
+        tr.advance(T0 + k * spacing - 1e-3)
+    true_end = k * spacing
+    tr.advance(T0 + true_end + 3 * spacing + 10.0)
+    done = tr.drain_completed()
+    assert len(done) == 1 and done[0].outcome is HangOutcome.RECOVERED
+    assert abs(done[0].duration - true_end) <= spacing + 1e-3
