@@ -225,6 +225,10 @@ class ExporterCollector(Collector):
             labels=base,
         )
 
+        internal = CounterMetricFamily(
+            "qemu_exporter_internal_errors", "Unexpected errors in a QMP watcher (each logged).", labels=base
+        )
+
         for vm in vms:
             b = self._base(vm)
             up.add_metric(b, 1 if vm.up else 0)
@@ -237,6 +241,7 @@ class ExporterCollector(Collector):
             for event, n in sorted(vm.events.items()):
                 events.add_metric([*b, event], n)
             unmatched.add_metric(b, vm.unmatched_io_errors)
+            internal.add_metric(b, vm.internal_errors)
             if not vm.up:
                 continue  # no stale series for a VM whose QEMU is gone
             info.add_metric([*b, vm.uuid, vm.qemu_version, vm.socket], 1)
@@ -266,7 +271,7 @@ class ExporterCollector(Collector):
         yield from stats.values()
         yield idle
         yield from self._hangs.collect([v for v in vms if v.up], base, self._clock())
-        yield from (attempts, conn_err, disc, cmd_err, events, unmatched)
+        yield from (attempts, conn_err, disc, cmd_err, events, unmatched, internal)
 
 
 def _add_blockstats(

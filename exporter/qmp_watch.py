@@ -173,7 +173,12 @@ class VMWatcher:
         qc = self.config.qmp
         backoff = qc.backoff_initial_seconds
         while True:
-            established = await self._session()
+            try:
+                established = await self._session()
+            except Exception:  # a bug must not end the watch of this VM: log, back off, retry
+                log.exception("QMP watcher error", extra={"vm": self.vm.vm, "socket": self.vm.socket})
+                self.vm.internal_errors += 1
+                established = False
             if established:
                 backoff = qc.backoff_initial_seconds
             self.phase = Phase.BACKOFF
@@ -211,7 +216,7 @@ class VMWatcher:
             return False
 
         established = False
-        events: asyncio.Task[None] | None = None
+        tasks: list[asyncio.Task[None]] = []
         try:
             self.phase = Phase.IDENTIFYING
             await self._identify(client)
@@ -226,25 +231,23 @@ class VMWatcher:
                     extra={"vm": vm.vm, "socket": vm.socket, "disks": len(vm.disks)},
                 )
             self._last_error_reason = "connected"
-            events = asyncio.create_task(self._consume_events(client, listener))
-            poller = asyncio.create_task(self._poll_loop(client))
-            closed = asyncio.create_task(self._until_disconnected(client))
-            done, _pending = await asyncio.wait({events, poller, closed}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (poller, closed):
-                t.cancel()
-            for t in (poller, closed):
-                with contextlib.suppress(asyncio.CancelledError, SessionLost):
-                    await t
-            if events in done:
-                events.result()  # a bug in event handling must be loud
+            tasks = [
+                asyncio.create_task(self._consume_events(listener)),
+                asyncio.create_task(self._poll_loop(client)),
+                asyncio.create_task(self._until_disconnected(client)),
+            ]
+            done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()  # SessionLost from the poller; a bug in event handling stays loud
         except SessionLost as exc:
             log.warning("QMP session lost", extra={"vm": vm.vm, "socket": vm.socket, "err": str(exc)})
             self._last_error_reason = "lost"
         finally:
-            if events is not None and not events.done():
-                events.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await events
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, SessionLost):
+                    await t
             # Events QEMU sent before the end still count: no event is lost.
             for event in listener.clear():
                 self._handle_event(event)
@@ -415,7 +418,7 @@ class VMWatcher:
 
     # -- events ------------------------------------------------------------------------
 
-    async def _consume_events(self, client: ReadOnlyQMPClient, listener: EventListener) -> None:
+    async def _consume_events(self, listener: EventListener) -> None:
         while True:
             self._handle_event(await listener.get())
 

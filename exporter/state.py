@@ -109,6 +109,7 @@ class VMState:
     command_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
     events: Counter[str] = field(default_factory=Counter)
     unmatched_io_errors: int = 0
+    internal_errors: int = 0  # bugs caught by the watcher (each also logged with a traceback)
 
     # Lookups from what BLOCK_IO_ERROR carries to the qdev id (rebuilt with the disk list).
     _by_node: dict[str, str] = field(default_factory=dict, repr=False)
