@@ -1,0 +1,150 @@
+"""Grafana dashboards: generated JSON up to date, structure, PromQL parses, metrics in contract."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.artefacts.artefacts import (
+    DASHBOARD_DIR,
+    ROOT,
+    all_exprs,
+    contract_metrics,
+    contract_series_names,
+    dashboard_exprs,
+    dashboard_files,
+    grafana_to_promql,
+    load_module,
+    metric_names_in,
+    parse_promql,
+    recording_rule_names,
+    used_metric_names,
+)
+
+GENERATOR = ROOT / "dashboards" / "generate.py"
+EXPRS = all_exprs()
+
+
+def test_committed_json_matches_generator() -> None:
+    gen = load_module(GENERATOR)
+    names = {p.name for p in dashboard_files()}
+    assert names == set(gen.DASHBOARDS), "stale or stray JSON in dashboards/grafana/"
+    for name in gen.DASHBOARDS:
+        assert (DASHBOARD_DIR / name).read_text() == gen.render(name), (
+            f"{name} is stale: run python3 dashboards/generate.py"
+        )
+
+
+def test_generator_check_mode_detects_stale(tmp_path: Path) -> None:
+    gen = load_module(GENERATOR)
+    assert gen.main(["--out-dir", str(tmp_path)]) == 0
+    assert gen.main(["--check", "--out-dir", str(tmp_path)]) == 0
+    (tmp_path / "qemu-iohang-vm.json").write_text("{}\n")
+    assert gen.main(["--check", "--out-dir", str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize("path", dashboard_files(), ids=lambda p: p.name)
+def test_dashboard_structure(path: Path) -> None:
+    dash = json.loads(path.read_text())
+    assert dash["schemaVersion"] >= 39  # Grafana 11
+    assert dash["uid"] and len(dash["uid"]) <= 40
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert {"job", "instance"} <= set(variables)
+    ids = []
+    for panel in dash["panels"]:
+        ids.append(panel["id"])
+        gp = panel["gridPos"]
+        assert gp["x"] >= 0 and gp["x"] + gp["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["targets"], panel["title"]
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)), panel["title"]
+        for t in panel["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}"
+            # Every query is scoped by the job and instance variables.
+            assert 'job=~"$job"' in t["expr"] and 'instance=~"$instance"' in t["expr"], t["expr"]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+
+
+def test_vm_dashboard_variables_and_scoping() -> None:
+    dash = json.loads((DASHBOARD_DIR / "qemu-iohang-vm.json").read_text())
+    names = [v["name"] for v in dash["templating"]["list"]]
+    assert names == ["datasource", "job", "instance", "vm", "device"]
+    for where, expr in dashboard_exprs(DASHBOARD_DIR / "qemu-iohang-vm.json"):
+        if "panel" in where:
+            assert 'vm=~"$vm"' in expr, where
+
+
+def test_overview_has_the_required_views() -> None:
+    dash = json.loads((DASHBOARD_DIR / "qemu-iohang-overview.json").read_text())
+    text = json.dumps(dash)
+    for metric in (
+        "qemu_exporter_vms",
+        "qemu_qmp_up",
+        "qemu_block_retry_policy_ok",
+        "qemu_block_retry_policy_violation",
+        "qemu_block_io_hang_deadline_timestamp_seconds",
+        "qemu_block_io_hangs_total",
+        "qemu_block_io_error_events_total",
+    ):
+        assert metric in text, metric
+
+
+@pytest.mark.parametrize("where_expr", EXPRS, ids=[w for w, _ in EXPRS])
+def test_promql_parses(where_expr: tuple[str, str]) -> None:
+    where, expr = where_expr
+    try:
+        parse_promql(expr)
+    except ValueError as e:
+        pytest.fail(f"{where}: {e}\n{expr}")
+
+
+def test_promql_parser_rejects_garbage() -> None:
+    with pytest.raises(ValueError):
+        parse_promql('sum(rate(qemu_block_read_bytes_total{job="x"}[5m])')
+    assert grafana_to_promql('rate(x[$__rate_interval]) and y{vm=~"$vm"}') == ('rate(x[5m]) and y{vm=~"x"}')
+
+
+def test_metric_names_in_contract() -> None:
+    assert "qemu_block_io_hang" in contract_metrics()
+    assert contract_metrics()["qemu_block_io_hang_completed_duration_seconds"] == "histogram"
+    allowed = contract_series_names() | recording_rule_names() | {"up"}
+    unknown: dict[str, set[str]] = {}
+    for where, expr in EXPRS:
+        bad = metric_names_in(expr) - allowed
+        if bad:
+            unknown[where] = bad
+    assert unknown == {}, "metrics not in docs/metrics.md"
+
+
+def test_used_metric_names() -> None:
+    used = used_metric_names()
+    assert "qemu_block_io_hang" in used
+    assert "qemu_block_retry_policy_violation" in used
+    assert "up" not in used
+    assert not (used & recording_rule_names())
+    assert metric_names_in('a{x="1"} / on() {__name__="b"}') == {"a", "b"}
+
+
+def test_recording_rules_follow_naming_convention() -> None:
+    for name in recording_rule_names():
+        assert re.fullmatch(r"[a-z_]+:[a-z_]+:[a-z0-9_]+", name), name
+
+
+def test_provisioning_files() -> None:
+    prov = DASHBOARD_DIR / "provisioning"
+    dashboards = yaml.safe_load((prov / "dashboards" / "qemu-iohang.yml").read_text())
+    assert dashboards["apiVersion"] == 1
+    (provider,) = dashboards["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
+    datasources = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())
+    assert datasources["apiVersion"] == 1
+    assert [d["type"] for d in datasources["datasources"]] == ["prometheus"]
