@@ -1,0 +1,88 @@
+"""``werror=stop,rerror=stop`` on a real QEMU: the VM pauses in ``io-error`` when the storage
+fails, and runs again when the management layer sends ``cont`` after the storage came back.
+
+The test plays the management layer with a plain QMP client (the exporter's client is
+read-only and could never send ``cont``).  It runs in two layouts:
+
+* ``exporter-on-qmp``: the exporter watches ``-qmp``; management uses the second monitor.
+* ``libvirt``: management holds ``-qmp`` the way libvirt does, and the exporter watches the
+  extra ``-mon`` socket that ``<qemu:commandline>`` adds (docs/libvirt.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from qemu.qmp import QMPClient
+
+from tests.e2e.lab import Lab, io_error_counts, nbd_disk_args, plain_qmp, wait_guest
+from tests.harness import Metrics
+
+pytestmark = pytest.mark.qemu
+
+VM = "stopvm"
+DEVICE = "virtio-disk0"
+
+
+def _stop_events(m: Metrics) -> int:
+    return sum(n for (_op, action), n in io_error_counts(m, VM, DEVICE).items() if action == "stop")
+
+
+@pytest.mark.parametrize("layout", ["exporter-on-qmp", "libvirt"])
+async def test_stop_policy_pauses_and_cont_resumes(lab: Lab, layout: str) -> None:
+    storage = lab.storage()
+    vm = lab.vm(nbd_disk_args(storage, DEVICE, "werror=stop,rerror=stop"), name=VM)
+    assert vm.mon2 is not None
+    mgmt_sock, watched = (vm.mon2, vm.qmp) if layout == "exporter-on-qmp" else (vm.qmp, vm.mon2)
+
+    async with plain_qmp(mgmt_sock, "mgmt") as mgmt:
+        if layout == "libvirt":
+            # A QMP server accepts one client: with "libvirt" connected, a second client on the
+            # same socket never even gets the greeting.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(QMPClient("intruder").connect(str(vm.qmp)), 1.0)
+        exp = await lab.exporter(watched)
+        m = await exp.wait_metrics(
+            lambda m: (
+                m.value("qemu_qmp_up", vm=VM) == 1 and bool(m.find("qemu_block_device_info", device=DEVICE))
+            ),
+            timeout=15,
+            what="exporter watching the disk",
+        )
+        (info,) = m.find("qemu_vm_info", vm=VM)
+        assert info.labels["socket"] == str(watched)
+        (dev,) = m.find("qemu_block_device_info", vm=VM, device=DEVICE)
+        assert (dev.labels["werror"], dev.labels["rerror"], dev.labels["node_name"]) == (
+            "stop",
+            "stop",
+            "nbd0",
+        )
+        await wait_guest(vm, lambda s: "WRWR" in s, what="guest doing IO")
+
+        storage.fail()
+        m = await exp.wait_metrics(
+            lambda m: m.value("qemu_vm_status", vm=VM, status="io-error") == 1 and _stop_events(m) >= 1,
+            timeout=15,
+            what="VM paused on the IO error",
+        )
+        assert m.value("qemu_vm_status", vm=VM, status="running") in (None, 0)
+        assert (await mgmt.execute("query-status"))["status"] == "io-error"  # type: ignore[index]
+        # One request in flight, one stop: exactly one event until the VM runs again.
+        assert _stop_events(m) == 1, io_error_counts(m, VM, DEVICE)
+        assert all(action == "stop" for _op, action in io_error_counts(m, VM, DEVICE))
+        stalled_at = len(vm.debug_output())
+
+        storage.recover()
+        await mgmt.execute("cont")
+        m = await exp.wait_metrics(
+            lambda m: m.value("qemu_vm_status", vm=VM, status="running") == 1,
+            timeout=15,
+            what="VM running again after cont",
+        )
+        assert m.value("qemu_vm_status", vm=VM, status="io-error") in (None, 0)
+        # The guest's held request was retried and IO goes on.
+        await wait_guest(vm, lambda _s: "WRWR" in vm.debug_output()[stalled_at:], what="guest IO after cont")
+        m = await exp.scrape()
+        assert _stop_events(m) == 1, io_error_counts(m, VM, DEVICE)
+        assert m.value("qemu_qmp_up", vm=VM) == 1

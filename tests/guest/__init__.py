@@ -1,0 +1,1 @@
+"""Tiny guests for real-QEMU tests, built from Python without an assembler."""
