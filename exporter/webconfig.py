@@ -297,7 +297,7 @@ def _parse_headers(r: _Reader, value: Any) -> tuple[tuple[str, str], ...]:
         if "\r" in text or "\n" in text:
             raise r.fail(key, "must not contain line breaks")
         allowed = EXTRA_HEADERS[name]
-        if allowed is not None and text not in allowed:
+        if allowed is not None and text and text not in allowed:
             raise r.fail(key, f"{text!r} is not one of {list(allowed)}")
         if text:  # blank means unset
             out.append((name, text))
@@ -316,7 +316,11 @@ def _parse_users(r: _Reader, value: Any) -> dict[str, bytes]:
             raise r.fail(key, f"not a bcrypt hash ($2a$, $2b$ or $2y$); {_HTPASSWD_HINT}")
         if not 4 <= int(match.group(1)) <= 31:
             raise r.fail(key, "bcrypt cost must be between 04 and 31")
-        users[user] = hashed.encode("ascii")
+        raw = hashed.encode("ascii")
+        # Let bcrypt itself check salt and digest, at the cheapest cost so startup stays fast.
+        if _checkpw_or_invalid(b"", raw[:4] + b"04" + raw[6:]) is None:
+            raise r.fail(key, "not a valid bcrypt hash (bad salt or digest)")
+        users[user] = raw
     return users
 
 
@@ -423,11 +427,16 @@ def parse_basic_authorization(header: str | None) -> tuple[bytes, bytes] | None:
     return user, password
 
 
-def _checkpw(password: bytes, hashed: bytes) -> bool:
+def _checkpw_or_invalid(password: bytes, hashed: bytes) -> bool | None:
+    """bcrypt's verdict, or None when it refuses the input (a malformed hash, or over 72 bytes)."""
     try:
         return bcrypt.checkpw(password, hashed)
-    except ValueError:  # over 72 bytes, or a hash bcrypt refuses
-        return False
+    except ValueError:
+        return None
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    return _checkpw_or_invalid(password, hashed) is True
 
 
 class BasicAuth:
