@@ -1,0 +1,296 @@
+"""Deployment files: systemd unit, sysusers/tmpfiles, example config, container, Kubernetes,
+Prometheus and Alertmanager examples."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.artefacts.artefacts import ROOT, RULES_FILE
+from tests.conftest import require_binary
+
+DEPLOY = ROOT / "deploy"
+UNIT = DEPLOY / "systemd" / "qemu-iohang-exporter.service"
+SYSUSERS = DEPLOY / "systemd" / "qemu-iohang-exporter.sysusers"
+TMPFILES = DEPLOY / "systemd" / "qemu-iohang-exporter.tmpfiles"
+CONFIG = DEPLOY / "config.example.yml"
+CONTAINERFILE = DEPLOY / "container" / "Containerfile"
+K8S = DEPLOY / "kubernetes"
+PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
+EXEC_START = "/usr/local/bin/qemu-iohang-exporter --config.file=/etc/qemu-iohang-exporter/config.yml"
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """systemd unit -> section -> key -> values (keys may repeat)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    section = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        m = re.fullmatch(r"\[([A-Za-z]+)\]", line)
+        if m:
+            section = m.group(1)
+            out.setdefault(section, {})
+            continue
+        assert section is not None, f"key outside a section: {line}"
+        key, sep, value = line.partition("=")
+        assert sep, f"not a key=value line: {line}"
+        out[section].setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+# --- systemd ----------------------------------------------------------------------------------
+
+REQUIRED_SERVICE = {
+    "User": "qemu-iohang-exporter",
+    "ExecStart": EXEC_START,
+    "ProtectSystem": "strict",
+    "NoNewPrivileges": "yes",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+    "CapabilityBoundingSet": "",
+    "ReadWritePaths": "/var/lib/qemu-iohang-exporter",
+    "StateDirectory": "qemu-iohang-exporter",
+    "SupplementaryGroups": "qemu-iohang",
+    "PrivateDevices": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectControlGroups": "yes",
+    "RestrictNamespaces": "yes",
+    "RestrictSUIDSGID": "yes",
+    "LockPersonality": "yes",
+    "SystemCallArchitectures": "native",
+}
+
+
+def test_unit_hardening_keys() -> None:
+    unit = parse_unit(UNIT.read_text())
+    assert set(unit) == {"Unit", "Service", "Install"}
+    svc = unit["Service"]
+    for key, value in REQUIRED_SERVICE.items():
+        assert svc.get(key, [None])[-1] == value, f"{key}={svc.get(key)} (want {value!r})"
+    assert "@system-service" in svc["SystemCallFilter"]
+    assert svc["User"] != ["root"]
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+    # The same unit through configparser (no duplicate sections, no stray syntax).
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read_string(UNIT.read_text())
+    assert cp["Service"]["ProtectSystem"] == "strict"
+
+
+def test_parse_unit_rejects_garbage() -> None:
+    with pytest.raises(AssertionError):
+        parse_unit("[Service]\nProtectSystem strict\n")
+
+
+def _verify_errors(unit: Path, analyze: str) -> list[str]:
+    r = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    # The exporter is not installed here: the only tolerated complaint is its missing binary.
+    return [ln for ln in lines if "/usr/local/bin/qemu-iohang-exporter is not executable" not in ln]
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (the unit was checked by parse_unit)")
+    assert _verify_errors(UNIT, analyze) == []
+    # And the check can fail: a misspelt hardening key is reported.
+    bad = tmp_path / UNIT.name
+    bad.write_text(UNIT.read_text().replace("ProtectHome=yes", "ProtectHom=yes"))
+    assert any("ProtectHom" in ln for ln in _verify_errors(bad, analyze))
+
+
+def test_systemd_analyze_security_exposure() -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    r = subprocess.run(
+        [analyze, "security", "--offline=yes", "--no-pager", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if "--offline" in r.stderr and "unrecognized" in r.stderr:
+        pytest.skip("systemd-analyze security --offline needs systemd >= 252")
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout + r.stderr)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= 2.0, r.stdout
+
+
+def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
+    sysusers = shutil.which("systemd-sysusers")
+    tmpfiles = shutil.which("systemd-tmpfiles")
+    if sysusers is None or tmpfiles is None:
+        pytest.skip("systemd-sysusers / systemd-tmpfiles not installed")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "run").mkdir()
+    for cmd, src in (
+        ([sysusers, f"--root={tmp_path}", "-"], SYSUSERS),
+        ([tmpfiles, f"--root={tmp_path}", "--create", "-"], TMPFILES),
+    ):
+        r = subprocess.run(cmd, input=src.read_text(), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    groups = {ln.split(":")[0]: ln.split(":") for ln in (tmp_path / "etc/group").read_text().splitlines()}
+    assert "qemu-iohang-exporter" in groups["qemu-iohang"][3].split(",")
+    passwd = {ln.split(":")[0]: ln.split(":") for ln in (tmp_path / "etc/passwd").read_text().splitlines()}
+    user = passwd["qemu-iohang-exporter"]
+    assert user[2] != "0" and user[6].endswith("nologin")
+    st = (tmp_path / "run" / "qemu-iohang-exporter").stat()
+    assert oct(st.st_mode & 0o7777) == "0o2770"
+    assert st.st_gid == int(groups["qemu-iohang"][2])
+
+
+# --- example config ---------------------------------------------------------------------------
+
+
+def test_example_config_shape() -> None:
+    cfg = yaml.safe_load(CONFIG.read_text())
+    assert set(cfg) == {"web", "qmp", "policy", "log"}
+    assert cfg["web"]["listen_address"] == ":9738"
+    assert cfg["qmp"]["globs"] == ["/run/qemu-iohang-exporter/*.qmp"]
+    assert all(isinstance(v, dict) for v in cfg["qmp"]["labels"].values())
+    assert cfg["policy"] == {
+        "required": ["werror", "rerror"],
+        "max_timeout_seconds": None,
+        "require_nonzero_timeout": False,
+    }
+    assert cfg["log"]["level"] == "info"
+
+
+@pytest.mark.parametrize("path", [CONFIG, K8S / "configmap.yml"], ids=["config.example.yml", "configmap"])
+def test_example_config_loads_in_exporter(path: Path, tmp_path: Path) -> None:
+    config = pytest.importorskip("exporter.config")
+    if path.name == "configmap.yml":
+        text = yaml.safe_load(path.read_text())["data"]["config.yml"]
+        path = tmp_path / "config.yml"
+        path.write_text(text)
+    cfg = config.load_file(str(path))
+    assert cfg.telemetry_path == "/metrics"
+    with pytest.raises(config.ConfigError):
+        bad = tmp_path / "bad.yml"
+        bad.write_text(path.read_text().replace("level: info", "level: loud"))
+        config.load_file(str(bad))
+
+
+# --- container ----------------------------------------------------------------------------------
+
+
+def test_containerfile() -> None:
+    lines = [
+        ln.strip()
+        for ln in CONTAINERFILE.read_text().splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
+    froms = [ln for ln in lines if ln.startswith("FROM ")]
+    assert froms and all(ln.split()[1] == "python:3.11-slim" for ln in froms)
+    assert any(re.match(r"RUN pip install .* \.$", ln) for ln in lines)
+    users = [ln for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1].split()[1].split(":")[0] not in {"0", "root"}
+    assert "EXPOSE 9738" in lines
+    # Every COPY source from the build context exists in the repository.
+    for ln in lines:
+        if ln.startswith("COPY ") and "--from=" not in ln:
+            for src in ln.split()[1:-1]:
+                assert (ROOT / src).exists(), f"COPY source {src} missing"
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+
+
+def _k8s_docs() -> dict[str, dict]:
+    docs = {}
+    for path in sorted(K8S.glob("*.yml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def test_kubernetes_kinds() -> None:
+    docs = _k8s_docs()
+    assert set(docs) == {
+        "Kustomization",
+        "ConfigMap",
+        "DaemonSet",
+        "Service",
+        "ServiceMonitor",
+        "PrometheusRule",
+    }
+    listed = set(docs["Kustomization"]["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yml")} - {"kustomization.yml"}
+
+
+def test_daemonset_hardening() -> None:
+    ds = _k8s_docs()["DaemonSet"]
+    assert ds["apiVersion"] == "apps/v1"
+    spec = ds["spec"]["template"]["spec"]
+    assert (
+        ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    )
+    psc = spec["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0
+    (c,) = spec["containers"]
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert c["ports"][0]["containerPort"] == 9738
+    host = {v["name"]: v for v in spec["volumes"] if "hostPath" in v}
+    assert [v["hostPath"]["path"] for v in host.values()] == ["/run/qemu-iohang-exporter"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts[next(iter(host))] == "/run/qemu-iohang-exporter"
+    assert "--config.file=/etc/qemu-iohang-exporter/config.yml" in c["args"]
+    cm_vol = next(v for v in spec["volumes"] if "configMap" in v)
+    assert mounts[cm_vol["name"]] == "/etc/qemu-iohang-exporter"
+
+
+def test_service_and_servicemonitor_match() -> None:
+    docs = _k8s_docs()
+    svc, sm, ds = docs["Service"], docs["ServiceMonitor"], docs["DaemonSet"]
+    pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    port_names = {p["name"] for p in svc["spec"]["ports"]}
+    assert {e["port"] for e in sm["spec"]["endpoints"]} <= port_names
+    # jobLabel makes job="qemu-iohang", which the alert rules select.
+    assert svc["metadata"]["labels"][sm["spec"]["jobLabel"]] == "qemu-iohang"
+    assert 'job="qemu-iohang"' in RULES_FILE.read_text()
+
+
+# --- Prometheus / Alertmanager ---------------------------------------------------------------
+
+
+@pytest.mark.promtool
+def test_promtool_check_config(tmp_path: Path) -> None:
+    promtool = require_binary("promtool")
+    shutil.copy(PROMETHEUS, tmp_path / "prometheus.yml")
+    shutil.copy(RULES_FILE, tmp_path / RULES_FILE.name)
+    r = subprocess.run(
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 rule files found" in r.stdout
+    cfg = yaml.safe_load(PROMETHEUS.read_text())
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    assert all(t.endswith(":9738") for t in jobs["qemu-iohang"]["static_configs"][0]["targets"])
+
+
+def test_amtool_check_config() -> None:
+    amtool = require_binary("amtool")
+    r = subprocess.run(
+        [amtool, "check-config", str(ALERTMANAGER)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
