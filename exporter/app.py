@@ -15,8 +15,8 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import __version__
 from exporter.config import Config, validate_listen_address
 from exporter.discovery import Discovery
-from exporter.metrics import ExporterCollector, HangView
-from exporter.qmp_watch import EventSink
+from exporter.hang_tracking import HangTracking
+from exporter.metrics import ExporterCollector
 from exporter.web import make_app
 
 log = logging.getLogger("exporter")
@@ -26,19 +26,19 @@ class Exporter:
     def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
-        self.sink = EventSink()
-        self.hang_view = HangView()
-        self.discovery = Discovery(config, self.sink, clock)
+        self.hangs = HangTracking(config.hang.recovery_margin_seconds, config.hang.state_file)
+        self.discovery = Discovery(config, self.hangs, clock)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(
             ExporterCollector(
                 lambda: self.discovery.vms,
                 self.discovery.static_label_names,
-                hangs=self.hang_view,
+                hangs=self.hangs,
                 clock=clock,
             )
         )
         self._runner: web.AppRunner | None = None
+        self._hang_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         host, port = validate_listen_address(
@@ -50,6 +50,7 @@ class Exporter:
         site = web.TCPSite(self._runner, host or None, port, reuse_address=True)
         await site.start()
         self.discovery.start()
+        self._hang_task = asyncio.create_task(self.hangs.run(self.clock), name="hang-tick")
         log.info(
             "listening",
             extra={
@@ -60,7 +61,12 @@ class Exporter:
         )
 
     async def stop(self) -> None:
+        if self._hang_task is not None:
+            self._hang_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._hang_task
         await self.discovery.stop()
+        self.hangs.save()  # open hangs survive the restart
         if self._runner is not None:
             await self._runner.cleanup()
 

@@ -61,7 +61,7 @@ class QMPConfig:
 class HangConfig:
     state_file: str | None = None
     # Extra silence, beyond the expected spacing of retries, before a hang counts as recovered.
-    recovery_margin_seconds: float = 0.5
+    recovery_margin_seconds: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ class Discovery:
                 self._identity.pop(path, None)
                 log.info("QMP socket gone", extra={"vm": watcher.vm.vm, "socket": path})
                 await watcher.stop()
+                self.sink.on_removed(watcher.vm, self.clock())
         for path, ident in found.items():
             existing = self.watchers.get(path)
             if existing is None:

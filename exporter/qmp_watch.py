@@ -56,16 +56,31 @@ class SessionLost(Exception):
 
 
 class EventSink:
-    """Hook for components that follow a VM's events (the hang tracker).  Default: nothing."""
+    """Hook for components that follow a VM's life (the hang tracker).  Default: nothing.
+
+    Called synchronously, in order, from the VM's watcher; ``now`` is the host real-time clock.
+    """
+
+    def on_disks(self, vm: VMState, now: float) -> None:
+        """The disk list was (re)read: ``vm.disks`` is current."""
 
     def on_event(self, vm: VMState, device: str | None, event: Mapping[str, Any]) -> None:
-        pass
+        """A QMP event; ``device`` is the disk a BLOCK_IO_ERROR matched, if any."""
 
     def on_blockstats(self, vm: VMState, now: float) -> None:
-        pass
+        """A query-blockstats sample was stored in ``vm.blockstats``."""
+
+    def on_session_start(self, vm: VMState, now: float) -> None:
+        """A session is established (after the first disk list and blockstats)."""
 
     def on_session_end(self, vm: VMState, now: float, vm_gone: bool) -> None:
-        pass
+        """The session ended; ``vm_gone`` when QEMU said it is shutting down."""
+
+    def on_connect_failed(self, vm: VMState, now: float, reason: str) -> None:
+        """A connection attempt failed with a bounded ``reason``."""
+
+    def on_removed(self, vm: VMState, now: float) -> None:
+        """The socket is no longer watched (vanished)."""
 
 
 def connect_error_reason(exc: BaseException) -> str:
@@ -206,6 +221,7 @@ class VMWatcher:
         except Exception as exc:  # every failure is counted, logged once, and retried
             reason = connect_error_reason(exc)
             vm.connect_errors[reason] += 1
+            self.sink.on_connect_failed(vm, self.clock(), reason)
             if reason != self._last_error_reason:
                 log.warning(
                     "QMP connect failed",
@@ -224,6 +240,7 @@ class VMWatcher:
             await self._poll_stats(client)
             vm.up = True
             established = True
+            self.sink.on_session_start(vm, self.clock())
             self.phase = Phase.WATCHING
             if self._last_error_reason != "connected":
                 log.info(
@@ -346,6 +363,7 @@ class VMWatcher:
                 if disk is not None:
                     disks[device] = disk
             self.vm.set_disks(disks)
+            self.sink.on_disks(self.vm, self.clock())
 
     async def _read_disk(
         self,

@@ -1,0 +1,322 @@
+"""Connects the pure hang state machine (`exporter.hang`) to QMP sessions, metrics and disk.
+
+* Feeds each disk's `DiskHangTracker` with the QMP events of its VM (timestamps from QEMU),
+  blockstats samples and session changes (`EventSink`).
+* Yields the hang metrics at scrape time (`HangView`).
+* Ticks twice a second: lets silence end hangs (QEMU announces no recovery), moves completed
+  hangs into the host-wide histogram, and persists open hangs so that an exporter restart keeps
+  a hang's start (atomic write: temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from exporter.hang import CompletedHang, DiskHangTracker, HangOutcome
+from exporter.metrics import HangView
+from exporter.qmp_watch import EventSink
+from exporter.state import Disk, VMState
+
+log = logging.getLogger("exporter.hang")
+
+#: Buckets of the completed-hang histogram, seconds: retry timeouts are typically 10 s to minutes.
+HANG_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+
+STATE_VERSION = 1
+
+
+def event_time(event: Mapping[str, Any]) -> float | None:
+    """QEMU's event timestamp (host real-time clock) in Unix seconds."""
+    ts = event.get("timestamp")
+    if not isinstance(ts, Mapping):
+        return None
+    s, us = ts.get("seconds"), ts.get("microseconds")
+    if not isinstance(s, int) or not isinstance(us, int) or s < 0:
+        return None  # QEMU uses -1/-1 when it has no clock; treat as unknown
+    return s + us / 1e6
+
+
+def disk_policy_seconds(disk: Disk) -> tuple[float, float]:
+    """(interval, timeout) QEMU applies.  Without visible values, QEMU's device defaults
+    (1000 ms, 0) are what acts (domain.md §2)."""
+    p = disk.policy
+    interval = p.retry_interval_ms / 1000.0 if p.retry_interval_ms is not None else 1.0
+    timeout = p.retry_timeout_ms / 1000.0 if p.retry_timeout_ms is not None else 0.0
+    return interval, timeout
+
+
+class _Histogram:
+    def __init__(self) -> None:
+        self.buckets: dict[HangOutcome, list[int]] = {o: [0] * len(HANG_BUCKETS) for o in HangOutcome}
+        self.count: dict[HangOutcome, int] = dict.fromkeys(HangOutcome, 0)
+        self.sum: dict[HangOutcome, float] = dict.fromkeys(HangOutcome, 0.0)
+
+    def observe(self, hang: CompletedHang) -> None:
+        d = max(0.0, hang.duration)
+        o = hang.outcome
+        self.count[o] += 1
+        self.sum[o] += d
+        b = self.buckets[o]
+        for i, le in enumerate(HANG_BUCKETS):
+            if d <= le:
+                b[i] += 1
+
+    def family(self) -> HistogramMetricFamily:
+        h = HistogramMetricFamily(
+            "qemu_block_io_hang_completed_duration_seconds",
+            "Durations of completed IO hangs on this host, by outcome.",
+            labels=["outcome"],
+        )
+        for o in HangOutcome:
+            buckets = [(_le(le), float(n)) for le, n in zip(HANG_BUCKETS, self.buckets[o], strict=True)]
+            buckets.append(("+Inf", float(self.count[o])))
+            h.add_metric([o.value], buckets, self.sum[o])
+        return h
+
+
+def _le(v: float) -> str:
+    return str(float(v))
+
+
+class HangTracking(EventSink, HangView):
+    def __init__(self, margin_s: float, state_file: str | None = None) -> None:
+        self.margin_s = margin_s
+        self.state_file = state_file
+        # socket -> device -> tracker
+        self.trackers: dict[str, dict[str, DiskHangTracker]] = {}
+        self.histogram = _Histogram()
+        self._saved: dict[str, Any] = self._load()
+        self._last_written_key: object = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- persistence -------------------------------------------------------------------
+
+    def _load(self) -> dict[str, Any]:
+        if not self.state_file:
+            return {}
+        try:
+            with open(self.state_file, encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "ignoring unreadable hang state file", extra={"path": self.state_file, "err": str(exc)}
+            )
+            return {}
+        if (
+            not isinstance(doc, dict)
+            or doc.get("version") != STATE_VERSION
+            or not isinstance(doc.get("disks"), dict)
+        ):
+            log.warning("ignoring hang state file of another format", extra={"path": self.state_file})
+            return {}
+        disks: dict[str, Any] = doc["disks"]
+        return disks
+
+    def _state_key(self) -> object:
+        """What must be persisted changed?  Coarse on purpose: at most one write a second."""
+        return tuple(
+            (sock, dev, t.hang_start, t.failing, math.floor(t.last_error or 0), tuple(t.hangs_total.values()))
+            for sock, devs in sorted(self.trackers.items())
+            for dev, t in sorted(devs.items())
+        )
+
+    def save(self) -> None:
+        if not self.state_file:
+            return
+        key = self._state_key()
+        if key == self._last_written_key:
+            return
+        disks = dict(self._saved)  # keep entries of VMs not connected right now
+        for sock, devs in self.trackers.items():
+            disks[sock] = {dev: t.snapshot() for dev, t in devs.items()}
+        doc = {"version": STATE_VERSION, "disks": disks}
+        directory = os.path.dirname(os.path.abspath(self.state_file))
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".hangs-", dir=directory)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(doc, f, separators=(",", ":"))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.state_file)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            log.warning("cannot write hang state file", extra={"path": self.state_file, "err": str(exc)})
+            return
+        self._last_written_key = key
+
+    # -- EventSink ---------------------------------------------------------------------
+
+    def on_disks(self, vm: VMState, now: float) -> None:
+        devs = self.trackers.setdefault(vm.socket, {})
+        saved = self._saved.get(vm.socket, {})
+        for dev in list(devs):
+            if dev not in vm.disks:  # unplugged: whatever hang it had cannot go on
+                devs[dev].on_vm_gone(now)
+                self._drain(devs.pop(dev))
+        for dev, disk in vm.disks.items():
+            interval, timeout = disk_policy_seconds(disk)
+            tracker = devs.get(dev)
+            if tracker is not None:
+                tracker.set_policy(interval, timeout)
+                continue
+            snap = saved.pop(dev, None) if isinstance(saved, dict) else None
+            if snap is not None:
+                try:
+                    tracker = DiskHangTracker.restore(
+                        snap, now, retry_interval_s=interval, retry_timeout_s=timeout, margin_s=self.margin_s
+                    )
+                    if tracker.hanging:
+                        log.info(
+                            "resumed open hang from state file",
+                            extra={"vm": vm.vm, "device": dev, "start": tracker.hang_start},
+                        )
+                except ValueError as exc:
+                    log.warning(
+                        "ignoring saved hang state", extra={"vm": vm.vm, "device": dev, "err": str(exc)}
+                    )
+                    tracker = None
+            devs[dev] = tracker or DiskHangTracker(interval, timeout, self.margin_s)
+            if vm.status in ("paused", "io-error"):
+                devs[dev].on_stop(now)
+
+    def on_event(self, vm: VMState, device: str | None, event: Mapping[str, Any]) -> None:
+        devs = self.trackers.get(vm.socket)
+        if not devs:
+            return
+        ts = event_time(event)
+        if ts is None:
+            return
+        name = event.get("event")
+        if name == "BLOCK_IO_ERROR":
+            data = event.get("data")
+            tracker = devs.get(device) if device is not None else None
+            if tracker is not None and isinstance(data, Mapping):
+                tracker.on_io_error(ts, str(data.get("action")))
+        elif name == "STOP":
+            for t in devs.values():
+                t.on_stop(ts)
+        elif name == "RESUME":
+            for t in devs.values():
+                t.on_resume(ts)
+        elif name in ("SHUTDOWN", "RESET"):
+            for t in devs.values():
+                t.on_vm_gone(ts)
+
+    def on_blockstats(self, vm: VMState, now: float) -> None:
+        devs = self.trackers.get(vm.socket)
+        if not devs:
+            return
+        for dev, st in vm.blockstats.items():
+            t = devs.get(dev)
+            if t is not None:
+                t.on_blockstats(now, st.ok_ops)
+
+    def on_session_start(self, vm: VMState, now: float) -> None:
+        for t in self.trackers.get(vm.socket, {}).values():
+            t.on_reconnect(now)
+
+    def on_session_end(self, vm: VMState, now: float, vm_gone: bool) -> None:
+        for t in self.trackers.get(vm.socket, {}).values():
+            if vm_gone:
+                t.on_vm_gone(now)
+            else:
+                t.on_disconnect(now)
+
+    def on_connect_failed(self, vm: VMState, now: float, reason: str) -> None:
+        # Nothing listens on the socket: the QEMU process is gone, and with it any hang.
+        if reason in ("refused", "not_found"):
+            self.on_removed(vm, now)
+
+    def on_removed(self, vm: VMState, now: float) -> None:
+        devs = self.trackers.pop(vm.socket, {})
+        for t in devs.values():
+            t.on_vm_gone(now)
+            self._drain(t)
+        self._saved.pop(vm.socket, None)
+
+    # -- ticking -----------------------------------------------------------------------
+
+    def _drain(self, tracker: DiskHangTracker) -> None:
+        for hang in tracker.drain_completed():
+            self.histogram.observe(hang)
+
+    def tick(self, now: float) -> None:
+        for devs in self.trackers.values():
+            for t in devs.values():
+                t.advance(now)
+                self._drain(t)
+        self.save()
+
+    async def run(self, clock: Any, interval: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.tick(clock())
+            except Exception:
+                log.exception("hang tracking tick failed")
+
+    # -- HangView ----------------------------------------------------------------------
+
+    def collect(self, vms: Sequence[VMState], label_names: Sequence[str], now: float) -> Iterable[Metric]:
+        disk = [*label_names, "device"]
+        hang = GaugeMetricFamily("qemu_block_io_hang", "1 while IO on the disk is hanging.", labels=disk)
+        duration = GaugeMetricFamily(
+            "qemu_block_io_hang_duration_seconds", "Age of the current IO hang, 0 when none.", labels=disk
+        )
+        start = GaugeMetricFamily(
+            "qemu_block_io_hang_start_timestamp_seconds",
+            "Unix time the current IO hang started.",
+            labels=disk,
+        )
+        deadline = GaugeMetricFamily(
+            "qemu_block_io_hang_deadline_timestamp_seconds",
+            "Unix time the current IO hang reaches retry_timeout.",
+            labels=disk,
+        )
+        failing = GaugeMetricFamily(
+            "qemu_block_io_failing", "1 while IO errors reach the guest (after a timeout).", labels=disk
+        )
+        total = CounterMetricFamily(
+            "qemu_block_io_hangs", "Completed IO hangs by outcome.", labels=[*disk, "outcome"]
+        )
+        seconds = CounterMetricFamily(
+            "qemu_block_io_hang_seconds", "Seconds spent in IO hangs (completed and current).", labels=disk
+        )
+        for vm in vms:
+            devs = self.trackers.get(vm.socket, {})
+            base = [vm.vm, *(vm.static_labels.get(k, "") for k in label_names[1:])]
+            for dev in sorted(vm.disks):
+                t = devs.get(dev)
+                if t is None:
+                    continue
+                t.advance(now)
+                labels = [*base, dev]
+                hang.add_metric(labels, 1 if t.hanging else 0)
+                duration.add_metric(labels, t.duration(now))
+                if t.hang_start is not None:
+                    start.add_metric(labels, t.hang_start)
+                if t.deadline is not None:
+                    deadline.add_metric(labels, t.deadline)
+                failing.add_metric(labels, 1 if t.failing else 0)
+                for outcome, n in t.hangs_total.items():
+                    total.add_metric([*labels, outcome.value], n)
+                seconds.add_metric(labels, t.hang_seconds_total(now))
+        for t in (d for devs in self.trackers.values() for d in devs.values()):
+            self._drain(t)
+        return [hang, duration, start, deadline, failing, total, seconds, self.histogram.family()]
