@@ -93,13 +93,20 @@ def io_error_counts(m: Metrics, vm: str, device: str) -> Counter[tuple[str, str]
     return counts
 
 
-def nbd_disk_args(storage: FailingStorage, device_id: str, policy: str) -> list[str]:
-    """The nbd-backed boot disk on virtio-blk with ``policy`` (e.g. ``werror=stop,rerror=stop``)."""
+def nbd_disk_args(
+    storage: FailingStorage, device_id: str, policy: str, kind: str = "virtio-blk"
+) -> list[str]:
+    """The nbd-backed boot disk (node ``nbd0``, ``-blockdev``) on ``kind`` (virtio-blk or
+    scsi-hd) with ``policy`` given on the device (e.g. ``werror=stop,rerror=stop``)."""
+    args = ["-blockdev", storage.blockdev_arg("nbd0")]
+    if kind == "virtio-blk":
+        return [*args, "-device", f"virtio-blk-pci,drive=nbd0,id={device_id},{policy},bootindex=0"]
     return [
-        "-blockdev",
-        storage.blockdev_arg("nbd0"),
+        *args,
         "-device",
-        f"virtio-blk-pci,drive=nbd0,id={device_id},{policy},bootindex=0",
+        "virtio-scsi-pci,id=scsi0",
+        "-device",
+        f"scsi-hd,bus=scsi0.0,drive=nbd0,id={device_id},{policy},bootindex=0",
     ]
 
 

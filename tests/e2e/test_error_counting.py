@@ -1,6 +1,7 @@
 """``qemu_block_io_error_events_total`` counts exactly the BLOCK_IO_ERROR events QEMU sends.
 
-A guest loops writes and reads on its boot disk (virtio-blk, ``werror=report,rerror=report``)
+A guest loops writes and reads on its boot disk (virtio-blk or scsi-hd,
+``werror=report,rerror=report``)
 served by nbdkit.  The storage fails for a while, then comes back.  An independent plain QMP
 client on a second monitor counts the events QEMU emitted; once the guest does IO successfully
 again no more events can come, and the exporter's counters must equal that count exactly, per
@@ -19,17 +20,17 @@ from tests.harness import wait_for
 pytestmark = pytest.mark.qemu
 
 VM = "countvm"
-DEVICE = "virtio-disk0"
 
 
-async def test_error_events_counted_exactly(lab: Lab) -> None:
+@pytest.mark.parametrize(("kind", "device"), [("virtio-blk", "virtio-disk0"), ("scsi-hd", "scsi0-0-0-0")])
+async def test_error_events_counted_exactly(lab: Lab, kind: str, device: str) -> None:
     storage = lab.storage()
-    vm = lab.vm(nbd_disk_args(storage, DEVICE, "werror=report,rerror=report"), name=VM)
+    vm = lab.vm(nbd_disk_args(storage, device, "werror=report,rerror=report", kind), name=VM)
     assert vm.mon2 is not None
     exp = await lab.exporter(vm.qmp)
     await exp.wait_metrics(
         lambda m: (
-            m.value("qemu_qmp_up", vm=VM) == 1 and bool(m.find("qemu_block_device_info", device=DEVICE))
+            m.value("qemu_qmp_up", vm=VM) == 1 and bool(m.find("qemu_block_device_info", device=device))
         ),
         timeout=15,
         what="exporter watching the disk",
@@ -56,12 +57,21 @@ async def test_error_events_counted_exactly(lab: Lab) -> None:
     assert min(sent.values()) >= 20, sent
 
     async def settled() -> bool:
-        got = io_error_counts(await exp.scrape(), VM, DEVICE)
+        got = io_error_counts(await exp.scrape(), VM, device)
         assert got == sent, f"exporter {dict(got)} != QEMU {dict(sent)}"
         return True
 
     await wait_for(settled, timeout=10, what="exporter counts to settle")
     m = await exp.scrape()
-    assert io_error_counts(m, VM, DEVICE) == sent  # and they stay there
+    assert io_error_counts(m, VM, device) == sent  # and they stay there
     assert m.value("qemu_exporter_io_error_events_unmatched_total", vm=VM) in (None, 0)
     assert m.value("qemu_vm_status", vm=VM, status="running") == 1
+    # query-blockstats saw the failures too (polled, so wait for the next poll).
+    await exp.wait_metrics(
+        lambda m: (
+            (m.value("qemu_block_failed_write_operations_total", vm=VM, device=device) or 0) > 0
+            and (m.value("qemu_block_failed_read_operations_total", vm=VM, device=device) or 0) > 0
+        ),
+        timeout=10,
+        what="failed operations in blockstats",
+    )

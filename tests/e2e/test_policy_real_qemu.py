@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.lab import Lab
+from tests.e2e.lab import Lab, io_error_counts, wait_guest
 from tests.qemu import blank_image
 
 pytestmark = pytest.mark.qemu
@@ -117,3 +117,39 @@ async def test_policies_on_real_qemu(lab: Lab, style: str) -> None:
     # Node names are unique across disks (auto-generated ones included).
     nodes = [s.labels["node_name"] for s in m.find("qemu_block_device_info", vm=VM)]
     assert len(set(nodes)) == len(nodes) == 6
+
+
+async def test_policy_on_drive_is_invisible_until_the_first_error(lab: Lab) -> None:
+    """``-drive …,werror=stop``: QMP shows ``auto`` on the device, yet QEMU stops the VM on
+    the first error; the event (device = drive id, node-name auto-generated) still maps to the
+    disk."""
+    storage = lab.storage()
+    drive = f"file=nbd+unix:///?socket={storage.socket},format=raw,if=none,id=drive0,werror=stop,rerror=stop"
+    dev = "virtio-disk0"
+    vm = lab.vm(["-drive", drive, "-device", f"virtio-blk-pci,drive=drive0,id={dev},bootindex=0"], name=VM)
+    exp = await lab.exporter(vm.qmp)
+    m = await exp.wait_metrics(
+        lambda m: bool(m.find("qemu_block_device_info", vm=VM, device=dev)), timeout=15, what="the disk"
+    )
+    (info,) = m.find("qemu_block_device_info", vm=VM, device=dev)
+    assert info.labels["drive"] == "drive0"
+    assert info.labels["node_name"].startswith("#block"), info.labels
+    assert (info.labels["werror"], info.labels["rerror"]) == ("auto", "auto")
+    rules = {
+        s.labels["rule"] for s in m.find("qemu_block_retry_policy_violation", vm=VM, device=dev) if s.value
+    }
+    assert rules == {"retry_unsupported", "policy_not_visible"}
+
+    await wait_guest(vm, lambda s: "WRWR" in s, what="guest doing IO")
+    storage.fail()
+    m = await exp.wait_metrics(
+        lambda m: (
+            m.value("qemu_vm_status", vm=VM, status="io-error") == 1
+            and sum(io_error_counts(m, VM, dev).values()) >= 1
+        ),
+        timeout=15,
+        what="the hidden stop policy to act",
+    )
+    counts = io_error_counts(m, VM, dev)
+    assert {action for _op, action in counts} == {"stop"}, counts
+    assert m.value("qemu_exporter_io_error_events_unmatched_total", vm=VM) in (None, 0)
