@@ -18,13 +18,17 @@ from exporter.discovery import Discovery
 from exporter.hang_tracking import HangTracking
 from exporter.metrics import ExporterCollector
 from exporter.web import make_app
+from exporter.webconfig import WebConfig, auth_middleware
 
 log = logging.getLogger("exporter")
 
 
 class Exporter:
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: Config, clock: Callable[[], float] = time.time, web_config: WebConfig | None = None
+    ) -> None:
         self.config = config
+        self.web_config = web_config or WebConfig()
         self.clock = clock
         self.hangs = HangTracking(config.hang.recovery_margin_seconds, config.hang.state_file)
         self.discovery = Discovery(config, self.hangs, clock)
@@ -44,10 +48,13 @@ class Exporter:
         host, port = validate_listen_address(
             "--web.listen-address", "web.listen_address", self.config.listen_address
         )
-        app = make_app(self.registry, self.config.telemetry_path)
+        mw = auth_middleware(self.web_config)
+        app = make_app(self.registry, self.config.telemetry_path, [mw] if mw else [])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host or None, port, reuse_address=True)
+        site = web.TCPSite(
+            self._runner, host or None, port, reuse_address=True, ssl_context=self.web_config.ssl_context()
+        )
         await site.start()
         self.discovery.start()
         self._hang_task = asyncio.create_task(self.hangs.run(self.clock), name="hang-tick")
@@ -57,6 +64,8 @@ class Exporter:
                 "address": self.config.listen_address,
                 "telemetry_path": self.config.telemetry_path,
                 "version": __version__,
+                "tls": self.web_config.tls_enabled,
+                "basic_auth": self.web_config.basic_auth_enabled,
             },
         )
 

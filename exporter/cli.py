@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Prometheus exporter for QEMU disk IO hangs, over QMP.")
     p.add_argument("--config.file", dest="config_file", metavar="PATH", help="YAML configuration file")
     p.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="PATH",
+        help="exporter-toolkit web config file: TLS, basic auth, extra headers",
+    )
+    p.add_argument(
         "--web.listen-address",
         dest="listen_address",
         metavar="ADDR",
@@ -101,8 +107,11 @@ def resolve(args: argparse.Namespace) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from exporter.webconfig import load_web_config
+
     try:
         config = resolve(args)
+        web_config = load_web_config(args.web_config_file) if args.web_config_file else None
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
@@ -112,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logsetup.setup(config.log_level, config.log_format)
     try:
-        asyncio.run(Exporter(config).run_until_signal())
+        asyncio.run(Exporter(config, web_config=web_config).run_until_signal())
     except OSError as exc:  # e.g. the listen address is in use
         print(f"{PROG}: {config.listen_address}: {exc.strerror or exc}", file=sys.stderr)
         return 1

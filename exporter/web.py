@@ -7,8 +7,10 @@ Rendering reads only memory, so it runs inline on the event loop: no executor ho
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
@@ -46,9 +48,11 @@ async def landing(request: web.Request) -> web.StreamResponse:
     return web.Response(text=_LANDING.format(version=__version__, path=path), content_type="text/html")
 
 
-def make_app(registry: CollectorRegistry, telemetry_path: str) -> web.Application:
+def make_app(
+    registry: CollectorRegistry, telemetry_path: str, middlewares: Sequence[Middleware] = ()
+) -> web.Application:
     # Scrapes and probes send tiny requests: refuse bodies instead of buffering them.
-    app = web.Application(client_max_size=4096)
+    app = web.Application(client_max_size=4096, middlewares=middlewares)
     app[REGISTRY_KEY] = registry
     app[TELEMETRY_PATH_KEY] = telemetry_path
     app.router.add_get(telemetry_path, metrics)

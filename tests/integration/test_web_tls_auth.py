@@ -158,3 +158,60 @@ async def test_min_version_is_enforced(pki: Path) -> None:
                     pass
     finally:
         await runner.cleanup()
+
+
+async def test_exporter_process_serves_tls_and_basic_auth(pki: Path, short_tmp: Path) -> None:
+    """The real CLI with --web.config.file: HTTPS with basic auth, and a bad file exits 2."""
+    import signal
+    import sys
+
+    from tests.harness import REPO, ExporterProcess, wait_for
+
+    _write_config(pki)
+    exp = ExporterProcess(
+        short_tmp, {"qmp": {"sockets": [str(short_tmp / "x.qmp")]}}, [f"--web.config.file={pki / 'web.yml'}"]
+    )
+    exp.proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter", f"--config.file={exp.config_path}", *exp.extra_args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    exp._log = open(exp.log_path, "wb")  # noqa: SIM115 - closed by terminate()
+    url = f"https://127.0.0.1:{exp.port}/metrics"
+    try:
+        async with aiohttp.ClientSession() as s:
+
+            async def up() -> bool:
+                try:
+                    async with s.get(url, ssl=_trusting(pki)) as r:
+                        return r.status in (200, 401)
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_for(up, 15, "the TLS listener")
+            async with s.get(url, ssl=_trusting(pki)) as r:
+                assert r.status == 401
+            async with s.get(url, ssl=_trusting(pki), headers=_auth("prometheus", PASSWORD)) as r:
+                assert r.status == 200 and "qemu_exporter_build_info" in await r.text()
+            async with s.get(url, ssl=_trusting(pki), headers=_auth("prometheus", "wrong")) as r:
+                assert r.status == 401
+            with pytest.raises(aiohttp.ClientError):
+                async with s.get(url.replace("https", "http")) as r:
+                    await r.read()
+    finally:
+        assert exp.terminate(signal.SIGTERM) == 0
+
+    bad = pki / "bad-web.yml"
+    bad.write_text("basic_auth_users:\n  prometheus: not-a-hash\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "exporter", f"--web.config.file={bad}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "basic_auth_users.prometheus" in r.stderr, (
+        r.stderr
+    )
+    assert "not-a-hash" not in r.stderr
