@@ -5,7 +5,8 @@ A guest loops writes and reads on its boot disk (virtio-blk or scsi-hd,
 served by nbdkit.  The storage fails for a while, then comes back.  An independent plain QMP
 client on a second monitor counts the events QEMU emitted; once the guest does IO successfully
 again no more events can come, and the exporter's counters must equal that count exactly, per
-operation and action.
+operation and action.  With ``report`` the errors reach the guest: the disk is shown failing
+(``qemu_block_io_failing``) during the outage, never hanging.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ async def test_error_events_counted_exactly(lab: Lab, kind: str, device: str) ->
         observer.events.clear()
         storage.fail()
         await wait_guest(vm, lambda s: s.count("w") >= 20 and s.count("r") >= 20, what="guest IO failing")
+        # report policy: the errors reach the guest, so the disk is failing, not hanging.
+        m = await exp.wait_metrics(
+            lambda m: m.value("qemu_block_io_failing", vm=VM, device=device) == 1,
+            timeout=10,
+            what="disk shown failing",
+        )
+        assert m.value("qemu_block_io_hang", vm=VM, device=device) == 0
         storage.recover()
         await wait_guest(vm, ends_recovered, what="guest IO recovered")
 
@@ -75,3 +83,10 @@ async def test_error_events_counted_exactly(lab: Lab, kind: str, device: str) ->
         timeout=10,
         what="failed operations in blockstats",
     )
+    m = await exp.wait_metrics(
+        lambda m: m.value("qemu_block_io_failing", vm=VM, device=device) == 0,
+        timeout=10,
+        what="disk no longer failing once IO succeeds",
+    )
+    assert m.value("qemu_block_io_hang", vm=VM, device=device) == 0
+    assert sum(s.value for s in m.find("qemu_block_io_hangs_total", vm=VM, device=device)) == 0

@@ -7,11 +7,15 @@ read-only and could never send ``cont``).  It runs in two layouts:
 * ``exporter-on-qmp``: the exporter watches ``-qmp``; management uses the second monitor.
 * ``libvirt``: management holds ``-qmp`` the way libvirt does, and the exporter watches the
   extra ``-mon`` socket that ``<qemu:commandline>`` adds (docs/libvirt.md).
+
+While paused on the error the disk is shown hanging; after ``cont`` the hang ends
+``recovered`` with the duration of the outage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from qemu.qmp import QMPClient
@@ -23,6 +27,7 @@ pytestmark = pytest.mark.qemu
 
 VM = "stopvm"
 DEVICE = "virtio-disk0"
+OUTAGE = 1.5  # seconds the storage stays down once the VM is paused
 
 
 def _stop_events(m: Metrics) -> int:
@@ -60,12 +65,26 @@ async def test_stop_policy_pauses_and_cont_resumes(lab: Lab, layout: str) -> Non
         )
         await wait_guest(vm, lambda s: "WRWR" in s, what="guest doing IO")
 
+        mgmt.events.clear()
+        t_fail = time.time()
         storage.fail()
         m = await exp.wait_metrics(
             lambda m: m.value("qemu_vm_status", vm=VM, status="io-error") == 1 and _stop_events(m) >= 1,
             timeout=15,
             what="VM paused on the IO error",
         )
+        # The paused VM's disk is shown hanging; the outage lasts until its age passes OUTAGE.
+        m = await exp.wait_metrics(
+            lambda m: (
+                m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 1
+                and (m.value("qemu_block_io_hang_duration_seconds", vm=VM, device=DEVICE) or 0) >= OUTAGE
+            ),
+            timeout=15,
+            what="the hang shown during the outage",
+        )
+        start = m.value("qemu_block_io_hang_start_timestamp_seconds", vm=VM, device=DEVICE)
+        assert start is not None and t_fail - 0.1 <= start <= t_fail + 1.0, (start, t_fail)
+        assert not m.find("qemu_block_io_hang_deadline_timestamp_seconds", vm=VM, device=DEVICE)
         assert m.value("qemu_vm_status", vm=VM, status="running") in (None, 0)
         assert (await mgmt.execute("query-status"))["status"] == "io-error"  # type: ignore[index]
         # One request in flight, one stop: exactly one event until the VM runs again.
@@ -74,6 +93,7 @@ async def test_stop_policy_pauses_and_cont_resumes(lab: Lab, layout: str) -> Non
         stalled_at = len(vm.debug_output())
 
         storage.recover()
+        t_cont = time.time()
         await mgmt.execute("cont")
         m = await exp.wait_metrics(
             lambda m: m.value("qemu_vm_status", vm=VM, status="running") == 1,
@@ -83,6 +103,32 @@ async def test_stop_policy_pauses_and_cont_resumes(lab: Lab, layout: str) -> Non
         assert m.value("qemu_vm_status", vm=VM, status="io-error") in (None, 0)
         # The guest's held request was retried and IO goes on.
         await wait_guest(vm, lambda _s: "WRWR" in vm.debug_output()[stalled_at:], what="guest IO after cont")
-        m = await exp.scrape()
+        m = await exp.wait_metrics(
+            lambda m: (
+                m.value("qemu_block_io_hangs_total", vm=VM, device=DEVICE, outcome="recovered") == 1
+                and m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 0
+            ),
+            timeout=10,
+            what="the hang to end recovered",
+        )
         assert _stop_events(m) == 1, io_error_counts(m, VM, DEVICE)
         assert m.value("qemu_qmp_up", vm=VM) == 1
+        for outcome in ("timed_out", "vm_gone"):
+            assert m.value("qemu_block_io_hangs_total", vm=VM, device=DEVICE, outcome=outcome) == 0
+        assert m.value("qemu_block_io_failing", vm=VM, device=DEVICE) == 0
+
+        # QEMU's own timestamps of the outage, as the management layer saw them.
+        await mgmt.execute("query-status")  # every earlier event is in the listener now
+        stamps = {}
+        for event in mgmt.events.clear():
+            ts = event["timestamp"]
+            stamps.setdefault(event["event"], ts["seconds"] + ts["microseconds"] / 1e6)
+        qemu_outage = stamps["RESUME"] - stamps["BLOCK_IO_ERROR"]
+        outage = t_cont - t_fail
+
+        duration = m.value("qemu_block_io_hang_seconds_total", vm=VM, device=DEVICE)
+        completed = m.value("qemu_block_io_hang_completed_duration_seconds_sum", outcome="recovered")
+        assert m.value("qemu_block_io_hang_completed_duration_seconds_count", outcome="recovered") == 1
+        for d in (duration, completed):
+            assert d is not None and abs(d - outage) <= 1.0, (d, outage)
+            assert abs(d - qemu_outage) <= 0.05, (d, qemu_outage)  # from QEMU's event stamps
