@@ -166,19 +166,25 @@ def validate_telemetry_path(source: str, key: str, value: str) -> str:
 # --- loading ------------------------------------------------------------------------------
 
 
-def load_file(path: str) -> Config:
-    """Parse and validate a YAML config file."""
+def read_yaml(path: str) -> Any:
+    """Read a YAML document; a missing, unreadable or malformed file is a `ConfigError`."""
     try:
         text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(path, "(file)", "not a text file") from None
     except OSError as exc:
         raise ConfigError(path, "(file)", exc.strerror or str(exc)) from None
     try:
-        doc = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(syntax)"
         raise ConfigError(path, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse(doc, source=path)
+
+
+def load_file(path: str) -> Config:
+    """Parse and validate a YAML config file."""
+    return parse(read_yaml(path), source=path)
 
 
 def parse(doc: Any, source: str) -> Config:

@@ -38,11 +38,10 @@ from types import MappingProxyType
 from typing import Any
 
 import bcrypt
-import yaml
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from exporter.config import ConfigError, _Reader
+from exporter.config import ConfigError, _Reader, read_yaml
 
 REALM = "qemu-iohang-exporter"
 
@@ -156,16 +155,7 @@ class WebConfig:
 
 def load_web_config(path: str) -> WebConfig:
     """Read, validate and prepare a web config file; every problem is a `ConfigError`."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(path, "(file)", _os_problem(exc)) from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "(syntax)"
-        raise ConfigError(path, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    doc = read_yaml(path)
     return parse_web_config(doc, source=path, base_dir=Path(path).parent)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -84,56 +86,63 @@ EXPECTED_VIOLATIONS = {
 }
 
 
+@contextlib.asynccontextmanager
+async def running(vms: Iterable[SimVM]) -> AsyncIterator[list[SimVM]]:
+    """Start simulated VMs; kill them whatever happens."""
+    started = list(vms)
+    try:
+        for vm in started:
+            await vm.start()
+        yield started
+    finally:
+        for vm in started:
+            await vm.kill()
+
+
+def fleet_config(d: Path) -> dict[str, Any]:
+    """The exporter config used with `fleet`: every socket in ``d``, non-zero timeouts required."""
+    return {"qmp": {"globs": [str(d / "*.qmp")], **FAST}, "policy": {"require_nonzero_timeout": True}}
+
+
 def all_disks_seen(m: Metrics) -> bool:
     return len(m.find("qemu_block_retry_policy_ok")) == len(EXPECTED_VIOLATIONS)
 
 
 async def test_policy_verdicts_for_a_mixed_fleet(short_tmp: Path) -> None:
-    vms = fleet(short_tmp)
-    for vm in vms:
-        await vm.start()
-    try:
-        cfg = {
-            "qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST},
-            "policy": {"require_nonzero_timeout": True},
-        }
-        async with ExporterProcess(short_tmp, cfg) as exp:
-            m = await exp.wait_metrics(all_disks_seen, what="every disk")
-            for (vm, dev), rules in EXPECTED_VIOLATIONS.items():
-                assert m.value("qemu_block_retry_policy_ok", vm=vm, device=dev) == (0 if rules else 1), (
-                    vm,
-                    dev,
-                )
-                got = m.label_values("qemu_block_retry_policy_violation", "rule", vm=vm, device=dev)
-                assert got == rules, (vm, dev, got)
-            info = {(s.labels["vm"], s.labels["device"]): s.labels for s in m.find("qemu_block_device_info")}
-            assert info[("good", "virtio-disk0")]["qdev_type"] == "virtio-blk"
-            assert info[("good", "virtio-disk0")]["drive"] == "drive-virtio-disk0"
-            assert info[("good", "scsi0-0-0-0")]["qdev_type"] == "scsi-hd"
-            assert info[("ondrive", "virtio-disk0")]["werror"] == "auto"
-            assert info[("upstream", "virtio-disk0")]["drive"] == ""
-            assert info[("upstream", "virtio-disk0")]["node_name"] == "nbd0"
-            assert (
-                info[("stopper", "scsi0-0-0-0")]["werror"],
-                info[("stopper", "scsi0-0-0-0")]["rerror"],
-            ) == (
-                "stop",
-                "report",
+    async with running(fleet(short_tmp)), ExporterProcess(short_tmp, fleet_config(short_tmp)) as exp:
+        m = await exp.wait_metrics(all_disks_seen, what="every disk")
+        for (vm, dev), rules in EXPECTED_VIOLATIONS.items():
+            assert m.value("qemu_block_retry_policy_ok", vm=vm, device=dev) == (0 if rules else 1), (
+                vm,
+                dev,
             )
-            assert m.value("qemu_block_retry_timeout_seconds", vm="good", device="virtio-disk0") == 10.0
-            assert m.value("qemu_block_retry_interval_seconds", vm="good", device="virtio-disk0") == 1.0
-            # -drive policy: the device shows its defaults (domain.md §2).
-            assert m.value("qemu_block_retry_interval_seconds", vm="ondrive", device="virtio-disk0") == 1.0
-            assert m.value("qemu_block_retry_timeout_seconds", vm="ondrive", device="virtio-disk0") == 0.0
-            assert m.find("qemu_block_retry_timeout_seconds", vm="upstream") == []
-            assert m.value("qemu_vm_retry_feature", vm="good") == 1
-            assert m.value("qemu_vm_retry_feature", vm="upstream") == 0
-            assert m.value("qemu_vm_status", vm="good", status="running") == 1
-            assert m.label_values("qemu_vm_info", "qemu_version", vm="upstream") == {"7.2.22"}
-            assert m.value("qemu_exporter_vms") == 4
-    finally:
-        for vm in vms:
-            await vm.kill()
+            got = m.label_values("qemu_block_retry_policy_violation", "rule", vm=vm, device=dev)
+            assert got == rules, (vm, dev, got)
+        info = {(s.labels["vm"], s.labels["device"]): s.labels for s in m.find("qemu_block_device_info")}
+        assert info[("good", "virtio-disk0")]["qdev_type"] == "virtio-blk"
+        assert info[("good", "virtio-disk0")]["drive"] == "drive-virtio-disk0"
+        assert info[("good", "scsi0-0-0-0")]["qdev_type"] == "scsi-hd"
+        assert info[("ondrive", "virtio-disk0")]["werror"] == "auto"
+        assert info[("upstream", "virtio-disk0")]["drive"] == ""
+        assert info[("upstream", "virtio-disk0")]["node_name"] == "nbd0"
+        assert (
+            info[("stopper", "scsi0-0-0-0")]["werror"],
+            info[("stopper", "scsi0-0-0-0")]["rerror"],
+        ) == (
+            "stop",
+            "report",
+        )
+        assert m.value("qemu_block_retry_timeout_seconds", vm="good", device="virtio-disk0") == 10.0
+        assert m.value("qemu_block_retry_interval_seconds", vm="good", device="virtio-disk0") == 1.0
+        # -drive policy: the device shows its defaults (domain.md §2).
+        assert m.value("qemu_block_retry_interval_seconds", vm="ondrive", device="virtio-disk0") == 1.0
+        assert m.value("qemu_block_retry_timeout_seconds", vm="ondrive", device="virtio-disk0") == 0.0
+        assert m.find("qemu_block_retry_timeout_seconds", vm="upstream") == []
+        assert m.value("qemu_vm_retry_feature", vm="good") == 1
+        assert m.value("qemu_vm_retry_feature", vm="upstream") == 0
+        assert m.value("qemu_vm_status", vm="good", status="running") == 1
+        assert m.label_values("qemu_vm_info", "qemu_version", vm="upstream") == {"7.2.22"}
+        assert m.value("qemu_exporter_vms") == 4
 
 
 async def test_killed_vm_loses_its_series_and_gets_them_back(short_tmp: Path) -> None:

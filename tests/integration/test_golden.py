@@ -14,7 +14,13 @@ from pathlib import Path
 
 from tests.conftest import require_binary
 from tests.harness import REPO, ExporterProcess, Metrics
-from tests.integration.test_exporter_sim import EXPECTED_VIOLATIONS, FAST, all_disks_seen, fleet
+from tests.integration.test_exporter_sim import (
+    EXPECTED_VIOLATIONS,
+    all_disks_seen,
+    fleet,
+    fleet_config,
+    running,
+)
 
 GOLDEN = REPO / "tests" / "golden" / "metrics.prom"
 
@@ -36,26 +42,14 @@ def normalise(text: str) -> str:
 
 
 async def full_output(short_tmp: Path) -> str:
-    vms = fleet(short_tmp)
-    for vm in vms:
-        await vm.start()
-    try:
-        cfg = {
-            "qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST},
-            "policy": {"require_nonzero_timeout": True},
-        }
-        async with ExporterProcess(short_tmp, cfg) as exp:
-            m = await exp.wait_metrics(
-                lambda m: (
-                    all_disks_seen(m)
-                    and len(m.find("qemu_block_read_bytes_total")) == len(EXPECTED_VIOLATIONS)
-                ),
-                what="every disk with its blockstats",
-            )
-            return m.text
-    finally:
-        for vm in vms:
-            await vm.kill()
+    async with running(fleet(short_tmp)), ExporterProcess(short_tmp, fleet_config(short_tmp)) as exp:
+        m = await exp.wait_metrics(
+            lambda m: (
+                all_disks_seen(m) and len(m.find("qemu_block_read_bytes_total")) == len(EXPECTED_VIOLATIONS)
+            ),
+            what="every disk with its blockstats",
+        )
+        return m.text
 
 
 async def test_full_metrics_output_matches_golden_file(short_tmp: Path) -> None:
