@@ -1,6 +1,6 @@
 """Run the built-in demo: a simulated fleet whose storage fails and recovers, plus the exporter.
 
-    scripts/demo.sh [--port 9738] [--duration SECONDS]
+scripts/demo.sh [--port 9738] [--duration SECONDS]
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ def wait_http(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 2
     while True:
         for p in procs:
             if p.poll() is not None:
-                sys.exit(f"demo: {p.args[3] if isinstance(p.args, list) else p.args} exited with {p.returncode}")
+                sys.exit(
+                    f"demo: {p.args[3] if isinstance(p.args, list) else p.args} exited with {p.returncode}"
+                )
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status == 200:
