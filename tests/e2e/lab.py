@@ -54,6 +54,7 @@ class Lab:
         return self._stack.enter_context(run_vm(self.workdir, args, **kwargs))
 
     async def exporter(self, *sockets: Path, **qmp: Any) -> ExporterProcess:
+        """The exporter watching ``sockets`` (and/or ``globs=[...]``), with short intervals."""
         d = self.workdir / f"exporter{len(self.exporters)}"
         d.mkdir()
         exp = ExporterProcess(d, exporter_config(*sockets, **qmp))
