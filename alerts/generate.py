@@ -170,6 +170,18 @@ def alerting_rules(sel: str, runbook_base: str) -> list[dict[str, Any]]:
 
     return [
         _alert(
+            "QemuDiskIOHang",
+            f"qemu_block_io_hang{{{sel}}} == 1\n",
+            "0m",
+            "warning",
+            "Disk IO is hanging: QEMU is retrying failed requests",
+            f"IO on {where} is failing and QEMU is holding and retrying it (retry policy): the "
+            "guest's IO to this disk is blocked. The storage behind the disk is unreachable or "
+            "returning errors. The exporter pushes this alert to Alertmanager itself as soon as "
+            "the first attempt fails (alerting.alertmanager_urls).",
+            runbook_base,
+        ),
+        _alert(
             "QemuIOHangApproachingTimeout",
             approaching(HANG_TIMEOUT_WARNING_RATIO),
             "0m",

@@ -22,6 +22,7 @@ GENERATOR = ROOT / "alerts" / "generate.py"
 PROMETHEUS_RULE = ROOT / "deploy" / "kubernetes" / "prometheusrule.yml"
 
 EXPECTED_ALERTS = {
+    "QemuDiskIOHang",
     "QemuIOHangApproachingTimeout",
     "QemuIOHangNearTimeout",
     "QemuIOHangWithoutTimeout",

@@ -1,0 +1,546 @@
+"""Push path: the exporter posts its hang alerts straight to Alertmanager (opt-in).
+
+Why
+===
+A disk with ``retry_timeout=10s`` fails its guest 10 s after the first failed attempt.  The rules
+in ``alerts/qemu-iohang.rules.yml`` need a scrape and an evaluation (plus Prometheus' own send
+delay) before Alertmanager hears of the hang, which with typical intervals is after the guest has
+already seen the error.  So the exporter, which learns of the hang from QEMU's first
+``BLOCK_IO_ERROR`` event, posts the alerts itself to Alertmanager's v2 API
+(``POST /api/v2/alerts``):
+
+* ``QemuDiskIOHang`` (severity ``warning``) as soon as a hang starts;
+* ``QemuIOHangApproachingTimeout`` (``warning``) when the hang has used ``fractions.warning``
+  (default 0.5) of its ``retry_timeout``, and ``QemuIOHangNearTimeout`` (``critical``) at
+  ``fractions.critical`` (0.8) — only for disks with a non-zero timeout, like the rules;
+* each resolved (``endsAt`` = now) when the hang ends (any outcome).
+
+The pushed alerts carry **exactly the labels the rules' alerts carry** — ``alertname``,
+``severity``, the series labels (``vm``, ``device``, the configured static labels), the
+``instance`` and ``job`` Prometheus attaches to the scraped series (configured, since the exporter
+cannot know them), and Prometheus' ``external_labels`` if any — so Alertmanager sees one alert
+(same fingerprint) whichever of the two paths reported it first, and keeps the earliest
+``startsAt``.  If the push fails, the rule still fires.
+
+Design
+======
+:func:`desired_alerts` is a pure function of a snapshot of the open hangs and the time.  An
+:class:`AlertPusher` (its own asyncio task) receives snapshots through :meth:`AlertPusher.update`
+(synchronous, O(1), never blocks: call it from the hang tick), diffs what should fire against what
+was sent, and
+
+* queues new or changed alerts at once, firing ones again every ``resend_interval_seconds``
+  (Alertmanager resolves an alert whose ``endsAt`` passed; firing alerts are sent with
+  ``endsAt = now + 4 x resend interval``, like Prometheus does, so a dead exporter's alerts
+  resolve by themselves), and resolutions of alerts that are no longer wanted;
+* sleeps until the earliest of: a new snapshot, the next threshold crossing
+  (:func:`next_crossing`), the next resend — so a crossing is posted when it happens, not at
+  the next tick;
+* posts through one sender task per Alertmanager with a bounded, coalescing queue (one entry per
+  alert: a newer state replaces an unsent older one; beyond ``max_pending`` the oldest entries
+  are dropped and counted), aiohttp with a total timeout, retried with capped exponential backoff
+  and jitter while the Alertmanager is down.
+
+Self-metrics (registered only when alerting is configured; :meth:`AlertPusher.collect`):
+``qemu_exporter_alert_pushes_total{alertmanager,result}`` and
+``qemu_exporter_alert_push_dropped_total{alertmanager}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import random
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import aiohttp
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "ALERT_HANG",
+    "FRACTION_ALERTS",
+    "Alert",
+    "AlertPusher",
+    "AlertingConfig",
+    "OpenHang",
+    "desired_alerts",
+    "next_crossing",
+    "open_hangs",
+]
+
+log = logging.getLogger("exporter.alert_push")
+
+#: Alert names: must match alerts/generate.py.
+ALERT_HANG: Final[str] = "QemuDiskIOHang"
+#: severity (the key of ``alerting.fractions``) -> alert name of the rule with that threshold.
+FRACTION_ALERTS: Final[Mapping[str, str]] = {
+    "warning": "QemuIOHangApproachingTimeout",
+    "critical": "QemuIOHangNearTimeout",
+}
+DEFAULT_FRACTIONS: Final[Mapping[str, float]] = {"warning": 0.5, "critical": 0.8}
+RUNBOOK_BASE_URL: Final[str] = (
+    "https://github.com/qemu-iohang-exporter/qemu-iohang-exporter/blob/main/docs/runbooks.md"
+)
+API_PATH: Final[str] = "/api/v2/alerts"
+#: Labels the exporter sets itself; static/external labels may not override them.
+RESERVED_LABELS: Final[frozenset[str]] = frozenset(
+    {"alertname", "severity", "vm", "device", "instance", "job"}
+)
+#: A crossing is treated as reached this much early (timer wake-up granularity, clock skew
+#: between asyncio's monotonic clock and the wall clock of QEMU's timestamps).
+_CROSSING_SLACK_S: Final[float] = 0.002
+
+
+@dataclass(frozen=True)
+class AlertingConfig:
+    """``alerting:`` of the config file.  Disabled (nothing runs) without Alertmanager URLs."""
+
+    #: Alertmanager base URLs (``http://am:9093``, optionally with a path prefix and user:password).
+    alertmanager_urls: tuple[str, ...] = ()
+    #: The ``instance`` / ``job`` labels Prometheus puts on this exporter's series.
+    instance: str = ""
+    job: str = "qemu-iohang"
+    #: Prometheus' ``global.external_labels`` (added to every alert Prometheus sends).
+    external_labels: Mapping[str, str] = field(default_factory=dict)
+    #: severity -> share of retry_timeout; keys from FRACTION_ALERTS (omit one to not push it).
+    fractions: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
+    #: Push QemuDiskIOHang at the start of every hang.
+    hang_alert: bool = True
+    resend_interval_seconds: float = 30.0
+    timeout_seconds: float = 2.0
+    backoff_initial_seconds: float = 0.25
+    backoff_max_seconds: float = 10.0
+    max_pending: int = 10000
+    #: ``generatorURL`` of the pushed alerts; default ``http://<instance>/metrics``.
+    generator_url: str = ""
+    runbook_base_url: str = RUNBOOK_BASE_URL
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.alertmanager_urls)
+
+    def effective_generator_url(self) -> str:
+        if self.generator_url:
+            return self.generator_url
+        return f"http://{self.instance}/metrics" if self.instance else ""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenHang:
+    """One hanging disk, as the pusher needs it."""
+
+    vm: str
+    device: str
+    #: Static labels of the VM (only non-empty values: an empty label is no label in Prometheus).
+    labels: tuple[tuple[str, str], ...]
+    #: Unix time the hang started (QEMU's timestamp of the first failed attempt).
+    start: float
+    #: retry_timeout in seconds; 0 = never times out.
+    retry_timeout: float
+
+
+LabelSet = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """An alert that should be firing.  ``labels`` (sorted) identify it, like Alertmanager's
+    fingerprint; a change of ``annotations`` or ``starts_at`` is re-sent at once."""
+
+    labels: LabelSet
+    annotations: LabelSet
+    starts_at: float
+
+    def payload(self, now: float, ends_at: float, generator_url: str) -> dict[str, Any]:
+        p: dict[str, Any] = {
+            "labels": dict(self.labels),
+            "annotations": dict(self.annotations),
+            "startsAt": _rfc3339(min(self.starts_at, now)),
+            "endsAt": _rfc3339(ends_at),
+        }
+        if generator_url:
+            p["generatorURL"] = generator_url
+        return p
+
+
+def _rfc3339(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _pct(ratio: float) -> str:
+    return f"{ratio * 100:g}"
+
+
+def _labels(cfg: AlertingConfig, name: str, severity: str, hang: OpenHang) -> LabelSet:
+    labels: dict[str, str] = {k: v for k, v in cfg.external_labels.items() if v}
+    labels.update((k, v) for k, v in hang.labels if v and k not in RESERVED_LABELS)
+    labels.update(alertname=name, severity=severity, vm=hang.vm, device=hang.device, job=cfg.job)
+    if cfg.instance:
+        labels["instance"] = cfg.instance
+    return tuple(sorted(labels.items()))
+
+
+def _annotations(cfg: AlertingConfig, name: str, summary: str, description: str) -> LabelSet:
+    return (
+        ("description", description),
+        ("runbook_url", f"{cfg.runbook_base_url}#{name.lower()}"),
+        ("summary", summary),
+    )
+
+
+def _where(cfg: AlertingConfig, h: OpenHang) -> str:
+    return f"{h.vm}/{h.device} on {cfg.instance or 'this host'}"
+
+
+def _thresholds(hang: OpenHang, cfg: AlertingConfig) -> Iterator[tuple[str, float, float]]:
+    """(severity, fraction, crossing time) of every configured threshold of a hang."""
+    if hang.retry_timeout <= 0:
+        return
+    for severity, fraction in cfg.fractions.items():
+        if severity in FRACTION_ALERTS:
+            yield severity, fraction, hang.start + fraction * hang.retry_timeout
+
+
+def desired_alerts(hangs: Iterable[OpenHang], now: float, cfg: AlertingConfig) -> dict[LabelSet, Alert]:
+    """The alerts that should be firing at ``now`` for these open hangs (pure)."""
+    out: dict[LabelSet, Alert] = {}
+    for h in hangs:
+        where = _where(cfg, h)
+        deadline = (
+            f" It times out (the guest sees IO errors) at {_rfc3339(h.start + h.retry_timeout)}."
+            if h.retry_timeout > 0
+            else " The disk has no retry_timeout: the guest stays blocked until the storage returns."
+        )
+        if cfg.hang_alert:
+            a = Alert(
+                _labels(cfg, ALERT_HANG, "warning", h),
+                _annotations(
+                    cfg,
+                    ALERT_HANG,
+                    "Disk IO is hanging: QEMU is retrying failed requests",
+                    f"IO on {where} is failing since {_rfc3339(h.start)} and QEMU is holding and "
+                    f"retrying it: the guest's IO to this disk is blocked.{deadline}",
+                ),
+                h.start,
+            )
+            out[a.labels] = a
+        for severity, fraction, at in _thresholds(h, cfg):
+            if now + _CROSSING_SLACK_S < at:
+                continue
+            name = FRACTION_ALERTS[severity]
+            a = Alert(
+                _labels(cfg, name, severity, h),
+                _annotations(
+                    cfg,
+                    name,
+                    f"Disk IO hang has used {_pct(fraction)}% of its retry_timeout",
+                    f"IO on {where} has been hanging since {_rfc3339(h.start)}, "
+                    f"{_pct(fraction)}% of its retry_timeout of {h.retry_timeout:g}s are spent "
+                    f"(pushed by the exporter).{deadline}",
+                ),
+                at,
+            )
+            out[a.labels] = a
+    return out
+
+
+def next_crossing(hangs: Iterable[OpenHang], now: float, cfg: AlertingConfig) -> float | None:
+    """The earliest threshold crossing after ``now`` (None: none pending)."""
+    best: float | None = None
+    for h in hangs:
+        for _sev, _f, at in _thresholds(h, cfg):
+            if at > now + _CROSSING_SLACK_S and (best is None or at < best):
+                best = at
+    return best
+
+
+class _TrackerLike(Protocol):
+    @property
+    def hanging(self) -> bool: ...
+    @property
+    def hang_start(self) -> float | None: ...
+    @property
+    def retry_timeout_s(self) -> float: ...
+
+
+class _VMLike(Protocol):
+    @property
+    def socket(self) -> str: ...
+    @property
+    def vm(self) -> str: ...
+    @property
+    def static_labels(self) -> dict[str, str]: ...
+
+
+def open_hangs(
+    trackers: Mapping[str, Mapping[str, _TrackerLike]], vms: Iterable[_VMLike]
+) -> tuple[OpenHang, ...]:
+    """Snapshot of the open hangs: ``trackers`` is ``HangTracking.trackers`` (socket -> device ->
+    DiskHangTracker), ``vms`` the watched VMs (``Discovery.vms``) for the VM name and static labels.
+    Disks of sockets without a VM are left out (the metrics leave them out too)."""
+    out: list[OpenHang] = []
+    for vm in vms:
+        devs = trackers.get(vm.socket)
+        if not devs:
+            continue
+        static = tuple(sorted((k, v) for k, v in vm.static_labels.items() if v))
+        for dev, t in devs.items():
+            start = t.hang_start
+            if t.hanging and start is not None:
+                out.append(OpenHang(vm.vm, dev, static, start, t.retry_timeout_s))
+    out.sort(key=lambda h: (h.vm, h.device))
+    return tuple(out)
+
+
+@dataclass
+class _Sent:
+    alert: Alert
+    at: float
+
+
+def _display_url(url: str) -> str:
+    """The URL without user:password (for labels and logs)."""
+    u = urllib.parse.urlsplit(url)
+    netloc = u.hostname or ""
+    if u.port is not None:
+        netloc += f":{u.port}"
+    return urllib.parse.urlunsplit((u.scheme, netloc, u.path.rstrip("/"), "", ""))
+
+
+class _Target:
+    """One Alertmanager: a coalescing queue and the task that posts it."""
+
+    RESULTS: Final = ("success", "http_error", "timeout", "connect_error", "other_error")
+
+    def __init__(self, url: str, max_pending: int) -> None:
+        self.url = url.rstrip("/") + API_PATH
+        self.name = _display_url(url)
+        self.max_pending = max_pending
+        self.pending: dict[LabelSet, dict[str, Any]] = {}
+        self.ready = asyncio.Event()
+        self.idle = asyncio.Event()  # nothing queued, nothing in flight
+        self.idle.set()
+        self.results: dict[str, int] = dict.fromkeys(self.RESULTS, 0)
+        self.dropped = 0
+        self.failing = False
+        self.task: asyncio.Task[None] | None = None
+
+    def put(self, key: LabelSet, payload: dict[str, Any]) -> None:
+        self.pending.pop(key, None)  # newest last (dict order = age)
+        self.pending[key] = payload
+        self.idle.clear()
+        while len(self.pending) > self.max_pending:
+            del self.pending[next(iter(self.pending))]
+            self.dropped += 1
+        self.ready.set()
+
+
+class AlertPusher(Collector):
+    """Pushes hang alerts to Alertmanager; see the module docstring.
+
+    ``await start()`` / ``await stop()`` in the exporter's event loop; ``update(hangs)`` from
+    anywhere in that loop (the hang tick).  ``clock`` must be the clock of the hang timestamps.
+    """
+
+    def __init__(
+        self,
+        cfg: AlertingConfig,
+        clock: Callable[[], float] = time.time,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self._hangs: tuple[OpenHang, ...] = ()
+        self._sent: dict[LabelSet, _Sent] = {}
+        self._targets = [_Target(u, cfg.max_pending) for u in cfg.alertmanager_urls]
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._own_session = session is None
+        self._session = session
+
+    # -- caller side ---------------------------------------------------------------------
+
+    def update(self, hangs: Sequence[OpenHang]) -> None:
+        """The current open hangs.  Non-blocking; the pusher reacts in its own task."""
+        snap = tuple(hangs)
+        if snap == self._hangs:
+            return
+        self._hangs = snap
+        if self._wake is not None:
+            self._wake.set()
+
+    async def start(self) -> None:
+        if not self._targets:
+            return
+        self._wake = asyncio.Event()
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds),
+                headers={"User-Agent": "qemu-iohang-exporter"},
+            )
+        for t in self._targets:
+            t.task = asyncio.create_task(self._send_loop(t), name=f"alert-push {t.name}")
+        self._task = asyncio.create_task(self._plan_loop(), name="alert-push")
+
+    async def stop(self, flush_timeout: float | None = None) -> None:
+        """Stop.  Firing alerts are left to expire (their endsAt) or to the rules; pending posts
+        get up to ``flush_timeout`` (default: the request timeout) to go out."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        wait = self.cfg.timeout_seconds if flush_timeout is None else flush_timeout
+        if self._targets and wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(t.idle.wait() for t in self._targets)), wait)
+        for t in self._targets:
+            if t.task is not None:
+                t.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t.task
+                t.task = None
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- planning ------------------------------------------------------------------------
+
+    def plan(self, now: float) -> float | None:
+        """Diff desired vs. sent at ``now``, queue what must go out; return when to plan next."""
+        cfg = self.cfg
+        desired = desired_alerts(self._hangs, now, cfg)
+        gen = cfg.effective_generator_url()
+        valid_for = 4 * cfg.resend_interval_seconds
+        for key, alert in desired.items():
+            prev = self._sent.get(key)
+            if prev is None or prev.alert != alert or now - prev.at >= cfg.resend_interval_seconds:
+                if prev is None:
+                    log.info("pushing alert", extra=_log_fields(alert))
+                self._enqueue(key, alert.payload(now, now + valid_for, gen))
+                self._sent[key] = _Sent(alert, now)
+        for key in [k for k in self._sent if k not in desired]:
+            prev = self._sent.pop(key)
+            log.info("resolving pushed alert", extra=_log_fields(prev.alert))
+            self._enqueue(key, prev.alert.payload(now, now, gen))
+        wake: list[float] = [s.at + cfg.resend_interval_seconds for s in self._sent.values()]
+        crossing = next_crossing(self._hangs, now, cfg)
+        if crossing is not None:
+            wake.append(crossing)
+        return min(wake) if wake else None
+
+    def _enqueue(self, key: LabelSet, payload: dict[str, Any]) -> None:
+        for t in self._targets:
+            t.put(key, payload)
+
+    async def _plan_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            self._wake.clear()
+            try:
+                when = self.plan(self.clock())
+            except Exception:
+                log.exception("alert push planning failed")
+                when = self.clock() + 1.0
+            timeout = None if when is None else max(0.0, when - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def _send_loop(self, t: _Target) -> None:
+        backoff = self.cfg.backoff_initial_seconds
+        while True:
+            await t.ready.wait()
+            t.ready.clear()
+            if not t.pending:
+                continue
+            batch = t.pending
+            t.pending = {}
+            result = await self._post(t, list(batch.values()))
+            t.results[result] += 1
+            if result == "success":
+                if t.failing:
+                    log.info("alertmanager reachable again", extra={"alertmanager": t.name})
+                t.failing = False
+                backoff = self.cfg.backoff_initial_seconds
+                if not t.pending:
+                    t.idle.set()
+                continue
+            # Put the batch back unless a newer state of the same alert arrived meanwhile.
+            newer = t.pending
+            t.pending = {}
+            for k, p in batch.items():
+                if k not in newer:
+                    t.put(k, p)
+            for k, p in newer.items():
+                t.put(k, p)
+            if not t.failing:
+                log.warning(
+                    "cannot push alerts to alertmanager, retrying with backoff",
+                    extra={"alertmanager": t.name, "result": result},
+                )
+            t.failing = True
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # jitter
+            backoff = min(backoff * 2, self.cfg.backoff_max_seconds)
+            t.ready.set()
+
+    async def _post(self, t: _Target, alerts: list[dict[str, Any]]) -> str:
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                t.url, json=alerts, timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds)
+            ) as r:
+                body = await r.text()
+                if 200 <= r.status < 300:
+                    return "success"
+                log.warning(
+                    "alertmanager rejected alerts",
+                    extra={"alertmanager": t.name, "status": r.status, "body": body[:200]},
+                )
+                return "http_error"
+        except TimeoutError:
+            return "timeout"
+        except aiohttp.ClientConnectionError:
+            return "connect_error"
+        except (aiohttp.ClientError, OSError, ValueError):
+            return "other_error"
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        pushes = CounterMetricFamily(
+            "qemu_exporter_alert_pushes",
+            "POSTs of alerts to Alertmanager by result.",
+            labels=["alertmanager", "result"],
+        )
+        dropped = CounterMetricFamily(
+            "qemu_exporter_alert_push_dropped",
+            "Alert updates dropped because the queue for an unreachable Alertmanager was full.",
+            labels=["alertmanager"],
+        )
+        for t in self._targets:
+            for result, n in t.results.items():
+                pushes.add_metric([t.name, result], n)
+            dropped.add_metric([t.name], t.dropped)
+        yield pushes
+        yield dropped
+
+    # -- introspection (tests, debugging) ------------------------------------------------
+
+    @property
+    def firing(self) -> list[Alert]:
+        """Alerts currently considered firing (sent or queued)."""
+        return [s.alert for s in self._sent.values()]
+
+
+def _log_fields(alert: Alert) -> dict[str, str]:
+    labels = dict(alert.labels)
+    return {k: labels.get(k, "") for k in ("alertname", "vm", "device")}
