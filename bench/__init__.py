@@ -1,0 +1,1 @@
+"""Fleet-scale benchmark of the exporter (see docs/performance.md)."""

@@ -1,0 +1,676 @@
+"""Fleet-scale benchmark: N simulated VMs, the exporter as a subprocess, a table of results.
+
+    python -m bench.fleet --vms 100,500,1000 --disks 4
+
+Every fleet runs in ``--fleets`` separate ``qmpsim run --fleet`` processes (each with its HTTP
+control API), the exporter is started with ``python -m exporter`` and scraped over HTTP, CPU and
+memory are read from ``/proc/PID``.  Per fleet size it measures (docs/performance.md):
+
+* ``connect``: time from spawning the exporter until every VM shows ``qemu_qmp_up 1``;
+* ``scrape``: p50/p99 over ``--scrapes`` back-to-back scrapes, the size of the page, and the
+  floor: ``prometheus_client`` alone rendering the same series (Gauge objects, generate_latest);
+* ``rest``: exporter RSS and CPU while the fleet is healthy;
+* ``hang``: latency from a new hang's first BLOCK_IO_ERROR (QEMU timestamp) to
+  ``qemu_block_io_hang 1`` in a scrape (upper bound: the scrape's response time);
+* ``storm``: every disk failing with ``--in-flight`` requests each, retry interval 1 s and
+  100 ms: events/s emitted by the simulators and processed by the exporter, exporter CPU and
+  RSS, and the loss after the storm (simulator's BLOCK_IO_ERROR count minus the sum of
+  ``qemu_block_io_error_events_total``; must be 0);
+* ``hung``: scrape p99 with ``--hung-fraction`` of the sockets accepting but never answering,
+  as a ratio to the healthy run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (threads included) from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) in MiB."""
+    rss = hwm = 0.0
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) / 1024
+    return rss, hwm
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
+    """Poll ``check`` until true; return the time it took.  Raises TimeoutError."""
+    t0 = time.monotonic()
+    while True:
+        if check():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(step)
+
+
+def http_get(port: int, path: str, timeout: float = 30.0) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        body = r.read()
+        if r.status != 200:
+            raise RuntimeError(f"GET {path}: {r.status} {body[:200]!r}")
+        return body
+    finally:
+        conn.close()
+
+
+def http_post(port: int, path: str, body: dict[str, Any]) -> Any:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+        if r.status != 200:
+            raise RuntimeError(f"POST {path}: {r.status} {data[:200]!r}")
+        return json.loads(data)
+    finally:
+        conn.close()
+
+
+@dataclass
+class FleetProcess:
+    """One ``qmpsim run --fleet`` process with its control API."""
+
+    proc: subprocess.Popen[bytes]
+    port_file: Path
+    log_path: Path
+    port: int = 0
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"qmpsim exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+        if not self.port_file.exists():
+            return False
+        self.port = int(self.port_file.read_text().strip())
+        return True
+
+    def vms(self) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = json.loads(http_get(self.port, "/vms"))
+        return data
+
+    def block_io_errors(self) -> int:
+        return sum(int(v.get("block_io_errors", 0)) for v in self.vms() if not v.get("hung"))
+
+    def link_all(self, up: bool, in_flight: int | None = None) -> int:
+        body: dict[str, Any] = {"up": up}
+        if in_flight is not None:
+            body["in_flight"] = in_flight
+        return int(http_post(self.port, "/link", body)["disks"])
+
+    def link(self, vm: str, disk: str, up: bool, in_flight: int | None = None) -> None:
+        body: dict[str, Any] = {"up": up}
+        if in_flight is not None:
+            body["in_flight"] = in_flight
+        http_post(self.port, f"/vms/{vm}/disks/{disk}/link", body)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class FleetSpec:
+    vms: int
+    disks: int
+    interval_ms: int = 1000
+    timeout_ms: int = 600_000  # storms last seconds: stay in the retry phase throughout
+    hung_fraction: float = 0.0
+    fleets: int = 2
+
+    def names(self) -> list[str]:
+        return [f"vm{i:04d}" for i in range(self.vms)]
+
+    def hung_names(self) -> set[str]:
+        n = round(self.vms * self.hung_fraction)
+        if n == 0:
+            return set()
+        step = self.vms / n
+        return {f"vm{int(i * step):04d}" for i in range(n)}
+
+
+@contextlib.contextmanager
+def running_fleet(spec: FleetSpec, workdir: Path) -> Iterator[list[FleetProcess]]:
+    """Start the fleet split over ``spec.fleets`` qmpsim processes; stop them at the end."""
+    hung = spec.hung_names()
+    names = spec.names()
+    procs: list[FleetProcess] = []
+    try:
+        for k in range(spec.fleets):
+            part = names[k :: spec.fleets]
+            sdir = workdir / f"f{k}"
+            vms: list[dict[str, Any]] = []
+            for name in part:
+                if name in hung:
+                    vms.append({"name": name, "hung": True})
+                    continue
+                disks = [
+                    {
+                        "id": f"virtio-disk{j}",
+                        "werror": "retry",
+                        "rerror": "retry",
+                        "retry_interval_ms": spec.interval_ms,
+                        "retry_timeout_ms": spec.timeout_ms,
+                    }
+                    for j in range(spec.disks)
+                ]
+                vms.append({"name": name, "disks": disks})
+            if not vms:
+                continue
+            fleet_file = workdir / f"fleet{k}.yaml"
+            fleet_file.write_text(yaml.safe_dump({"socket_dir": str(sdir), "vms": vms}))
+            port_file = workdir / f"fleet{k}.port"
+            port_file.unlink(missing_ok=True)
+            log_path = workdir / f"fleet{k}.log"
+            with log_path.open("wb") as log:
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "qmpsim",
+                        "run",
+                        "--fleet",
+                        str(fleet_file),
+                        "--control-listen",
+                        "127.0.0.1:0",
+                        "--control-port-file",
+                        str(port_file),
+                    ],
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            procs.append(FleetProcess(proc, port_file, log_path))
+        for fp in procs:
+            wait_until(fp.ready, 120, "qmpsim fleet start")
+        yield procs
+    finally:
+        for fp in procs:
+            stop_process(fp.proc)
+
+
+class Exporter:
+    """The exporter CLI as a subprocess, watching ``<workdir>/f*/*.qmp``."""
+
+    def __init__(self, workdir: Path, extra_config: dict[str, Any] | None = None) -> None:
+        self.port = free_port()
+        cfg: dict[str, Any] = {
+            "web": {"listen_address": f"127.0.0.1:{self.port}"},
+            "log": {"level": "warn"},
+            "qmp": {"globs": [str(workdir / "f*" / "*.qmp")]},
+        }
+        for k, v in (extra_config or {}).items():
+            cfg.setdefault(k, {}).update(v)
+        self.config_path = workdir / "exporter.yml"
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.log_path = workdir / "exporter.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.spawned = 0.0
+
+    def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.spawned = time.monotonic()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "exporter", f"--config.file={self.config_path}"],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"exporter exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+        try:
+            return http_get(self.port, "/healthz", timeout=2) == b"ok\n"
+        except OSError:
+            return False
+
+    def scrape(self) -> str:
+        return http_get(self.port, "/metrics").decode()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+@contextlib.contextmanager
+def running_exporter(workdir: Path) -> Iterator[Exporter]:
+    exp = Exporter(workdir)
+    exp.start()
+    try:
+        wait_until(exp.healthy, 30, "exporter /healthz")
+        yield exp
+    finally:
+        exp.stop()
+
+
+# --- reading /metrics --------------------------------------------------------------------
+
+
+def samples(text: str, prefix: str) -> list[tuple[str, float]]:
+    """(series, value) of every sample line starting with ``prefix``."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            series, _, value = line.rpartition(" ")
+            out.append((series, float(value)))
+    return out
+
+
+def count_up(text: str) -> int:
+    return sum(1 for _s, v in samples(text, "qemu_qmp_up{") if v == 1)
+
+
+def io_error_total(text: str) -> int:
+    return int(sum(v for _s, v in samples(text, "qemu_block_io_error_events_total{")))
+
+
+def series_count(text: str) -> int:
+    return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def sample_value(text: str, name: str, vm: str, device: str) -> float | None:
+    prefix, want = name + "{", {f'vm="{vm}"', f'device="{device}"'}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            series, _, value = line.rpartition(" ")
+            if set(series[len(prefix) : -1].split(",")) == want:
+                return float(value)
+    return None
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = max(0, min(len(s) - 1, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+# --- the floor: prometheus_client alone --------------------------------------------------
+
+
+def client_floor(text: str, runs: int = 10) -> float:
+    """Median seconds ``prometheus_client.generate_latest`` takes for the same series as
+    ``text``, held in plain Gauge objects of a fresh CollectorRegistry."""
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    gauges: dict[str, tuple[Gauge, list[str]]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name, brace, rest = series.partition("{")
+        labels: list[tuple[str, str]] = []
+        if brace:
+            body = rest[:-1]
+            while body:
+                k, _, body = body.partition('="')
+                end = 0
+                while True:  # find the closing quote, skipping escaped ones
+                    end = body.index('"', end)
+                    if body[end - 1] != "\\":
+                        break
+                    end += 1
+                labels.append((k, body[:end]))
+                body = body[end + 1 :].lstrip(",")
+        if name not in gauges:
+            names = [k for k, _ in labels]
+            gauges[name] = (Gauge(name, "floor", names, registry=registry), names)
+        g, names = gauges[name]
+        child = g.labels(*[v for _, v in labels]) if names else g
+        child.set(float(value))
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        generate_latest(registry)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# --- scenarios ---------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    vms: int
+    disks: int
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def timed_scrapes(exp: Exporter, n: int) -> tuple[list[float], str]:
+    conn = http.client.HTTPConnection("127.0.0.1", exp.port, timeout=30)
+    times: list[float] = []
+    body = b""
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            conn.request("GET", "/metrics")
+            r = conn.getresponse()
+            body = r.read()
+            times.append(time.perf_counter() - t0)
+    finally:
+        conn.close()
+    return times, body.decode()
+
+
+def cpu_window(pid: int, seconds: float) -> float:
+    """Cores used by ``pid`` over the next ``seconds``."""
+    c0, t0 = proc_cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (proc_cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+
+
+def wait_connected(exp: Exporter, n: int, timeout: float) -> float:
+    """Seconds from spawning the exporter until ``n`` VMs show qemu_qmp_up 1."""
+    wait_until(lambda: count_up(exp.scrape()) >= n, timeout, f"{n} VMs connected", step=0.02)
+    return time.monotonic() - exp.spawned
+
+
+def wait_blockstats(exp: Exporter, n_disks: int, timeout: float = 60) -> None:
+    wait_until(
+        lambda: len(samples(exp.scrape(), "qemu_block_read_bytes_total{")) >= n_disks,
+        timeout,
+        "blockstats of every disk",
+        step=0.2,
+    )
+
+
+def run_healthy(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> None:
+    spec = FleetSpec(n, args.disks, interval_ms=1000, fleets=args.fleets)
+    with running_fleet(spec, workdir) as fleets, running_exporter(workdir) as exp:
+        res.values["connect_s"] = wait_connected(exp, n, args.connect_timeout)
+        wait_blockstats(exp, n * args.disks)
+        time.sleep(1.0)
+        res.values["rest_cpu"] = cpu_window(exp.pid, args.rest_seconds)
+        res.values["rest_rss_mb"] = proc_rss_mb(exp.pid)[0]
+        times, text = timed_scrapes(exp, args.scrapes)
+        res.values["scrape_p50_ms"] = percentile(times, 50) * 1000
+        res.values["scrape_p99_ms"] = percentile(times, 99) * 1000
+        res.values["series"] = series_count(text)
+        res.values["page_mb"] = len(text.encode()) / 1e6
+        res.values["floor_ms"] = client_floor(text, runs=args.floor_runs) * 1000
+        res.values["hang_visible_ms"] = hang_latency(args, exp, fleets, n)
+        storm(args, exp, fleets, res, "1s", args.in_flight)
+
+
+def hang_latency(args: argparse.Namespace, exp: Exporter, fleets: list[FleetProcess], n: int) -> float:
+    """Worst latency, over ``--hangs`` new hangs, from the first event's QEMU timestamp to a
+    scrape (response received) that shows ``qemu_block_io_hang 1`` for the disk."""
+    worst = 0.0
+    for k in range(args.hangs):
+        i = (k * 7919) % n
+        vm, disk = f"vm{i:04d}", "virtio-disk0"
+        fp = fleets[i % len(fleets)]
+        fp.link(vm, disk, up=False, in_flight=1)
+        seen = 0.0
+        deadline = time.time() + 10
+        text = ""
+        while time.time() < deadline:
+            text = exp.scrape()
+            seen = time.time()
+            if sample_value(text, "qemu_block_io_hang", vm, disk) == 1:
+                break
+        else:
+            raise TimeoutError(f"hang of {vm}/{disk} not visible within 10 s")
+        start = sample_value(text, "qemu_block_io_hang_start_timestamp_seconds", vm, disk)
+        assert start is not None
+        worst = max(worst, seen - start)
+        fp.link(vm, disk, up=True)
+    return worst * 1000
+
+
+def storm(
+    args: argparse.Namespace,
+    exp: Exporter,
+    fleets: list[FleetProcess],
+    res: Result,
+    label: str,
+    in_flight: int,
+) -> None:
+    """Every disk fails with ``in_flight`` requests for ``--storm-seconds``; then all recover
+    and the exporter's count must equal the simulators'."""
+    before_sim = sum(fp.block_io_errors() for fp in fleets)
+    before_exp = io_error_total(exp.scrape())
+    disconnects0 = sum(v for _s, v in samples(exp.scrape(), "qemu_exporter_qmp_disconnects_total{"))
+    for fp in fleets:
+        fp.link_all(up=False, in_flight=in_flight)
+    time.sleep(1.0)  # ramp: the first attempts all come at once
+    t0 = time.monotonic()
+    c0 = proc_cpu_seconds(exp.pid)
+    e0 = io_error_total(exp.scrape())
+    s0 = sum(fp.block_io_errors() for fp in fleets)
+    scrape_times: list[float] = []
+    while time.monotonic() - t0 < args.storm_seconds:
+        ts, _ = timed_scrapes(exp, 1)
+        scrape_times += ts
+        time.sleep(0.2)
+    s1 = sum(fp.block_io_errors() for fp in fleets)
+    e1 = io_error_total(exp.scrape())
+    t1 = time.monotonic()
+    c1 = proc_cpu_seconds(exp.pid)
+    rss = proc_rss_mb(exp.pid)[0]
+    for fp in fleets:
+        fp.link_all(up=True)
+    # The next attempt of every held request succeeds; then no more events.
+    time.sleep(args.interval_settle)
+    after_sim = sum(fp.block_io_errors() for fp in fleets)
+    delivered = after_sim - before_sim
+    lag = float("nan")
+    got = 0
+    with contextlib.suppress(TimeoutError):
+        t_end = time.monotonic()
+        wait_until(
+            lambda: io_error_total(exp.scrape()) - before_exp >= delivered, 30, "exporter catch-up", step=0.1
+        )
+        lag = time.monotonic() - t_end
+    got = io_error_total(exp.scrape()) - before_exp
+    disconnects = sum(v for _s, v in samples(exp.scrape(), "qemu_exporter_qmp_disconnects_total{"))
+    dt = t1 - t0
+    res.values[f"storm{label}_offered_eps"] = (s1 - s0) / dt
+    res.values[f"storm{label}_processed_eps"] = (e1 - e0) / dt
+    res.values[f"storm{label}_cpu"] = (c1 - c0) / dt
+    res.values[f"storm{label}_rss_mb"] = rss
+    res.values[f"storm{label}_scrape_p99_ms"] = percentile(scrape_times, 99) * 1000
+    res.values[f"storm{label}_events"] = delivered
+    res.values[f"storm{label}_lost"] = delivered - got
+    res.values[f"storm{label}_catchup_s"] = lag
+    res.values[f"storm{label}_disconnects"] = int(disconnects - disconnects0)
+
+
+def run_fast_storm(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> None:
+    spec = FleetSpec(n, args.disks, interval_ms=100, fleets=args.fleets)
+    with running_fleet(spec, workdir) as fleets, running_exporter(workdir) as exp:
+        wait_connected(exp, n, args.connect_timeout)
+        wait_blockstats(exp, n * args.disks)
+        storm(args, exp, fleets, res, "100ms", args.fast_in_flight)
+
+
+def run_hung(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> None:
+    spec = FleetSpec(n, args.disks, hung_fraction=args.hung_fraction, fleets=args.fleets)
+    healthy = n - len(spec.hung_names())
+    with running_fleet(spec, workdir), running_exporter(workdir) as exp:
+        wait_connected(exp, healthy, args.connect_timeout)
+        wait_blockstats(exp, healthy * args.disks)
+        times, _ = timed_scrapes(exp, args.scrapes)
+        res.values["hung_scrape_p99_ms"] = percentile(times, 99) * 1000
+        res.values["hung_p99_ratio"] = res.values["hung_scrape_p99_ms"] / res.values["scrape_p99_ms"]
+
+
+# --- output ------------------------------------------------------------------------------
+
+COLUMNS: list[tuple[str, str, str]] = [
+    ("connect_s", "connect s", "{:.2f}"),
+    ("series", "series", "{:d}"),
+    ("page_mb", "page MB", "{:.1f}"),
+    ("scrape_p50_ms", "scrape p50 ms", "{:.1f}"),
+    ("scrape_p99_ms", "scrape p99 ms", "{:.1f}"),
+    ("floor_ms", "client floor ms", "{:.1f}"),
+    ("rest_rss_mb", "RSS rest MB", "{:.0f}"),
+    ("rest_cpu", "CPU rest", "{:.3f}"),
+    ("hang_visible_ms", "hang visible ms", "{:.0f}"),
+    ("storm1s_offered_eps", "1s storm ev/s", "{:.0f}"),
+    ("storm1s_processed_eps", "1s processed ev/s", "{:.0f}"),
+    ("storm1s_cpu", "1s CPU", "{:.2f}"),
+    ("storm1s_rss_mb", "1s RSS MB", "{:.0f}"),
+    ("storm1s_scrape_p99_ms", "1s scrape p99 ms", "{:.0f}"),
+    ("storm1s_lost", "1s lost", "{:d}"),
+    ("storm1s_disconnects", "1s disconn", "{:d}"),
+    ("storm100ms_offered_eps", "100ms storm ev/s", "{:.0f}"),
+    ("storm100ms_processed_eps", "100ms processed ev/s", "{:.0f}"),
+    ("storm100ms_cpu", "100ms CPU", "{:.2f}"),
+    ("storm100ms_rss_mb", "100ms RSS MB", "{:.0f}"),
+    ("storm100ms_lost", "100ms lost", "{:d}"),
+    ("storm100ms_disconnects", "100ms disconn", "{:d}"),
+    ("hung_scrape_p99_ms", "hung p99 ms", "{:.1f}"),
+    ("hung_p99_ratio", "hung/healthy p99", "{:.2f}"),
+]
+
+
+def fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    try:
+        return spec.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def table(results: list[Result]) -> str:
+    """Markdown table: one row per measurement, one column per fleet size."""
+    head = ["metric", *(f"{r.vms} VMs x {r.disks} disks" for r in results)]
+    rows = [head, ["---"] * len(head)]
+    for key, title, spec in COLUMNS:
+        if not any(key in r.values for r in results):
+            continue
+        rows.append([title, *(fmt(r.values.get(key), spec) for r in results)])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def machine() -> str:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) // 1024
+    return f"nproc {os.cpu_count()}, CPU {model}, RAM {mem} MiB, Python {sys.version.split()[0]}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.split("\n\n")[0])
+    p.add_argument("--vms", default="100,500,1000", help="comma-separated fleet sizes")
+    p.add_argument("--disks", type=int, default=4, help="disks per VM")
+    p.add_argument("--fleets", type=int, default=2, help="qmpsim processes the fleet is split over")
+    p.add_argument("--scrapes", type=int, default=200, help="scrapes per latency measurement")
+    p.add_argument("--rest-seconds", type=float, default=5.0, help="CPU window at rest")
+    p.add_argument("--storm-seconds", type=float, default=10.0, help="length of each storm")
+    p.add_argument("--in-flight", type=int, default=5, help="failing requests per disk, 1 s storm")
+    p.add_argument("--fast-in-flight", type=int, default=2, help="failing requests per disk, 100 ms storm")
+    p.add_argument("--interval-settle", type=float, default=2.5, help="wait after link up, seconds")
+    p.add_argument("--hangs", type=int, default=5, help="new hangs timed for hang latency")
+    p.add_argument("--hung-fraction", type=float, default=0.1, help="fraction of hung sockets")
+    p.add_argument("--floor-runs", type=int, default=5, help="generate_latest runs for the floor")
+    p.add_argument("--connect-timeout", type=float, default=120.0)
+    p.add_argument(
+        "--scenarios",
+        default="healthy,storm100ms,hung",
+        help="which of healthy (connect, scrapes, rest, hang, 1 s storm), storm100ms, hung",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the raw results here")
+    p.add_argument("--workdir", help="keep sockets, fleet files and logs here (default: temporary)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    sizes = [int(x) for x in args.vms.split(",") if x]
+    scenarios = set(args.scenarios.split(","))
+    print(f"machine: {machine()}", flush=True)
+    results: list[Result] = []
+    for n in sizes:
+        res = Result(n, args.disks)
+        results.append(res)
+        for name, fn in (("healthy", run_healthy), ("storm100ms", run_fast_storm), ("hung", run_hung)):
+            if name not in scenarios or (name == "hung" and "healthy" not in scenarios):
+                continue
+            tmp = Path(tempfile.mkdtemp(prefix="qib-", dir=args.workdir or "/tmp"))
+            try:
+                t0 = time.monotonic()
+                fn(args, n, tmp, res)
+                print(f"  {n} VMs: {name} done in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+            finally:
+                if not args.workdir:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    print(table(results), flush=True)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"machine": machine(), "results": [r.__dict__ for r in results]}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
