@@ -132,3 +132,55 @@ async def test_stop_policy_pauses_and_cont_resumes(lab: Lab, layout: str) -> Non
         for d in (duration, completed):
             assert d is not None and abs(d - outage) <= 1.0, (d, outage)
             assert abs(d - qemu_outage) <= 0.05, (d, qemu_outage)  # from QEMU's event stamps
+
+
+async def test_cont_before_the_storage_is_back_keeps_one_hang(lab: Lab) -> None:
+    """``cont`` while the storage is still down: QEMU retries, fails and stops again.  That is
+    the same outage: one hang, from the first error to the ``cont`` that worked."""
+    storage = lab.storage()
+    vm = lab.vm(nbd_disk_args(storage, DEVICE, "werror=stop,rerror=stop"), name=VM)
+    assert vm.mon2 is not None
+    async with plain_qmp(vm.mon2, "mgmt") as mgmt:
+        exp = await lab.exporter(vm.qmp)
+        await exp.wait_metrics(
+            lambda m: (
+                m.value("qemu_qmp_up", vm=VM) == 1 and bool(m.find("qemu_block_device_info", device=DEVICE))
+            ),
+            timeout=15,
+            what="exporter watching the disk",
+        )
+        await wait_guest(vm, lambda s: "WRWR" in s, what="guest doing IO")
+        mgmt.events.clear()
+        storage.fail()
+        for stops in (1, 2, 3):
+            m = await exp.wait_metrics(
+                lambda m, n=stops: (
+                    _stop_events(m) == n and m.value("qemu_vm_status", vm=VM, status="io-error") == 1
+                ),
+                timeout=15,
+                what=f"stop #{stops}",
+            )
+            assert m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 1
+            assert m.value("qemu_block_io_hangs_total", vm=VM, device=DEVICE, outcome="recovered") == 0
+            if stops < 3:
+                await mgmt.execute("cont")  # too early: the retried request fails again
+        storage.recover()
+        await mgmt.execute("cont")
+        m = await exp.wait_metrics(
+            lambda m: (
+                m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 0
+                and m.value("qemu_vm_status", vm=VM, status="running") == 1
+            ),
+            timeout=10,
+            what="the hang to end",
+        )
+        await mgmt.execute("query-status")  # every earlier event is in the listener now
+        events = mgmt.events.clear()
+
+    assert m.value("qemu_block_io_hangs_total", vm=VM, device=DEVICE, outcome="recovered") == 1
+    assert _stop_events(m) == 3
+    stamps = [(e["event"], e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6) for e in events]
+    first_error = next(t for name, t in stamps if name == "BLOCK_IO_ERROR")
+    last_resume = [t for name, t in stamps if name == "RESUME"][-1]
+    duration = m.value("qemu_block_io_hang_seconds_total", vm=VM, device=DEVICE)
+    assert duration is not None and abs(duration - (last_resume - first_error)) <= 0.05, (duration, stamps)
