@@ -71,6 +71,11 @@ class _Proc:
         if hasattr(self, "_log"):
             self._log.close()
 
+    async def get_text(self, path: str) -> str:
+        async with aiohttp.ClientSession() as s, s.get(self.url + path) as r:
+            assert r.status == 200, f"{path}: {r.status}"
+            return await r.text()
+
     async def get_json(self, path: str, **params: str) -> Any:
         async with aiohttp.ClientSession() as s, s.get(self.url + path, params=params) as r:
             assert r.status == 200, f"{path}: {r.status} {await r.text()}"
