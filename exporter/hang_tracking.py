@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from exporter.hang import CompletedHang, DiskHangTracker, HangOutcome
-from exporter.metrics import HangView
+from exporter.metrics import HangView, family_header, fmt_value, format_families, label_text
 from exporter.qmp_watch import EventSink
 from exporter.state import Disk, VMState
 
@@ -98,6 +99,11 @@ class HangTracking(EventSink, HangView):
         self._saved: dict[str, Any] = self._load()
         self._last_written_key: object = None
         self._task: asyncio.Task[None] | None = None
+        # Scrape-time text cache: per socket, a version changed by every EventSink call, and
+        # the VM's rendered lines (see `render`).
+        self._versions: dict[str, int] = {}
+        self._text: dict[str, _HangText] = {}
+        self._headers: list[str] = []
 
     # -- persistence -------------------------------------------------------------------
 
@@ -162,7 +168,11 @@ class HangTracking(EventSink, HangView):
 
     # -- EventSink ---------------------------------------------------------------------
 
+    def _changed(self, socket: str) -> None:
+        self._versions[socket] = next(_versions)
+
     def on_disks(self, vm: VMState, now: float) -> None:
+        self._changed(vm.socket)
         devs = self.trackers.setdefault(vm.socket, {})
         saved = self._saved.get(vm.socket, {})
         for dev in list(devs):
@@ -199,6 +209,7 @@ class HangTracking(EventSink, HangView):
         devs = self.trackers.get(vm.socket)
         if not devs:
             return
+        self._changed(vm.socket)
         ts = event_time(event)
         if ts is None:
             return
@@ -222,16 +233,19 @@ class HangTracking(EventSink, HangView):
         devs = self.trackers.get(vm.socket)
         if not devs:
             return
+        self._changed(vm.socket)
         for dev, st in vm.blockstats.items():
             t = devs.get(dev)
             if t is not None:
                 t.on_blockstats(now, st.ok_ops)
 
     def on_session_start(self, vm: VMState, now: float) -> None:
+        self._changed(vm.socket)
         for t in self.trackers.get(vm.socket, {}).values():
             t.on_reconnect(now)
 
     def on_session_end(self, vm: VMState, now: float, vm_gone: bool) -> None:
+        self._changed(vm.socket)
         for t in self.trackers.get(vm.socket, {}).values():
             if vm_gone:
                 t.on_vm_gone(now)
@@ -244,6 +258,7 @@ class HangTracking(EventSink, HangView):
             self.on_removed(vm, now)
 
     def on_removed(self, vm: VMState, now: float) -> None:
+        self._changed(vm.socket)
         devs = self.trackers.pop(vm.socket, {})
         for t in devs.values():
             t.on_vm_gone(now)
@@ -320,3 +335,76 @@ class HangTracking(EventSink, HangView):
         for t in (d for devs in self.trackers.values() for d in devs.values()):
             self._drain(t)
         return [hang, duration, start, deadline, failing, total, seconds, self.histogram.family()]
+
+    def render(self, vms: Sequence[VMState], label_names: Sequence[str], now: float) -> list[str]:
+        """The text of `collect`, reusing a VM's lines while neither the VM nor its trackers
+        changed and none of its disks is hanging or failing (only those depend on time)."""
+        if not self._headers:
+            self._headers = [
+                family_header(m.name, m.documentation, m.type)
+                for m in list(self.collect([], label_names, now))[:-1]
+            ]
+        cache: dict[str, _HangText] = {}
+        chunks: list[_HangText] = []
+        for vm in vms:
+            devs = self.trackers.get(vm.socket, {})
+            used = [(dev, devs[dev]) for dev in sorted(vm.disks) if dev in devs]
+            for _dev, t in used:
+                t.advance(now)
+            key = (vm.version, self._versions.get(vm.socket), tuple(label_names))
+            entry = self._text.get(vm.socket)
+            if entry is None or entry.vm is not vm or entry.key != key or entry.volatile:
+                entry = _HangText(vm, key, used, label_names, now)
+            cache[vm.socket] = entry
+            chunks.append(entry)
+        self._text = cache
+        for t in (d for devs in self.trackers.values() for d in devs.values()):
+            self._drain(t)
+        parts: list[str] = []
+        for i, header in enumerate(self._headers):
+            parts.append(header)
+            parts.extend(c.lines[i] for c in chunks)
+        parts.append(format_families([self.histogram.family()]))
+        return parts
+
+
+_versions = itertools.count(1)
+
+
+class _HangText:
+    """One VM's hang sample lines, per family of `HangTracking.collect` (histogram aside)."""
+
+    def __init__(
+        self,
+        vm: VMState,
+        key: object,
+        trackers: list[tuple[str, DiskHangTracker]],
+        label_names: Sequence[str],
+        now: float,
+    ) -> None:
+        self.vm = vm
+        self.key = key
+        self.volatile = any(t.hanging or t.failing for _dev, t in trackers)
+        out: list[list[str]] = [[] for _ in range(7)]
+        hang, duration, start, deadline, failing, total, seconds = out
+        disk_names = [*label_names, "device"]
+        outcome_names = [*disk_names, "outcome"]
+        base = [vm.vm, *(vm.static_labels.get(k, "") for k in label_names[1:])]
+        for dev, t in trackers:
+            labels = [*base, dev]
+            dl = label_text(disk_names, labels)
+            hang.append(f"qemu_block_io_hang{dl} {fmt_value(1 if t.hanging else 0)}\n")
+            duration.append(f"qemu_block_io_hang_duration_seconds{dl} {fmt_value(t.duration(now))}\n")
+            if t.hang_start is not None:
+                v = fmt_value(t.hang_start)
+                start.append(f"qemu_block_io_hang_start_timestamp_seconds{dl} {v}\n")
+            if t.deadline is not None:
+                v = fmt_value(t.deadline)
+                deadline.append(f"qemu_block_io_hang_deadline_timestamp_seconds{dl} {v}\n")
+            failing.append(f"qemu_block_io_failing{dl} {fmt_value(1 if t.failing else 0)}\n")
+            for outcome, n in t.hangs_total.items():
+                ol = label_text(outcome_names, [*labels, outcome.value])
+                total.append(f"qemu_block_io_hangs_total{ol} {fmt_value(n)}\n")
+            v = fmt_value(t.hang_seconds_total(now))
+            seconds.append(f"qemu_block_io_hang_seconds_total{dl} {v}\n")
+        self.lines = ["".join(lines) for lines in out]

@@ -221,6 +221,7 @@ class VMWatcher:
         except Exception as exc:  # every failure is counted, logged once, and retried
             reason = connect_error_reason(exc)
             vm.connect_errors[reason] += 1
+            vm.touch_counters()
             self.sink.on_connect_failed(vm, self.clock(), reason)
             if reason != self._last_error_reason:
                 log.warning(
@@ -300,12 +301,15 @@ class VMWatcher:
             )
         except ExecuteError:
             self.vm.command_errors[(command, "error")] += 1
+            self.vm.touch_counters()
             raise
         except TimeoutError:
             self.vm.command_errors[(command, "timeout")] += 1
+            self.vm.touch_counters()
             raise SessionLost(f"{command} timed out") from None
         except (ExecInterruptedError, StateError, EOFError, OSError) as exc:
             self.vm.command_errors[(command, "disconnected")] += 1
+            self.vm.touch_counters()
             raise SessionLost(f"{command}: {exc}") from None
 
     # -- reading QEMU ------------------------------------------------------------------
@@ -417,6 +421,7 @@ class VMWatcher:
             device = by_qdev.get(entry.get("qdev", "")) or by_node.get(entry.get("node-name", ""))
             if device is not None:
                 self.vm.blockstats[device] = parse_blockstats(entry["stats"])
+        self.vm.touch_stats()
         self.sink.on_blockstats(self.vm, self.clock())
 
     async def _poll_loop(self, client: ReadOnlyQMPClient) -> None:
@@ -446,6 +451,7 @@ class VMWatcher:
         vm = self.vm
         name = event.get("event")
         vm.events[bounded(name, KNOWN_EVENTS)] += 1
+        vm.touch_counters()
         data = event.get("data")
         data = data if isinstance(data, dict) else {}
         device: str | None = None

@@ -6,9 +6,11 @@ its watcher: consistent without locks, and never waiting on QEMU.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from exporter.policy import DiskPolicy, PolicyVerdict
 
@@ -38,6 +40,31 @@ KNOWN_EVENTS = frozenset(
 #: Only these operation/action values are used as labels; others (future QEMUs) become "other".
 IO_OPERATIONS = frozenset({"read", "write"})
 IO_ACTIONS = frozenset({"ignore", "report", "stop", "retry"})
+
+
+#: Versions of VMState parts (see `VMState.version`): one counter for all, so that a version
+#: never repeats, even across VMState objects.
+_versions = itertools.count(1)
+
+#: Fields whose assignment changes what a scrape shows about the VM's identity, run state and
+#: disks (`VMState.version`), its counters (`counters_version`) and its blockstats
+#: (`stats_version`).  In-place changes of the containers call `touch_counters`/`touch_stats`.
+_IDENTITY_FIELDS = frozenset(
+    {"socket", "static_labels", "up", "name", "uuid", "qemu_version", "status", "retry_feature", "disks"}
+)
+_COUNTER_FIELDS = frozenset(
+    {
+        "io_errors",
+        "connect_attempts",
+        "connect_errors",
+        "disconnects",
+        "command_errors",
+        "events",
+        "unmatched_io_errors",
+        "internal_errors",
+    }
+)
+_MISSING = object()
 
 
 def bounded(value: object, allowed: frozenset[str]) -> str:
@@ -87,6 +114,11 @@ class VMState:
 
     Session data (identity, disks, stats) is cleared when the session ends so that a VM whose
     QEMU is gone leaves no stale series; counters live as long as the socket is watched.
+
+    Scrapes render each VM's text only when it changed (`exporter.metrics`): ``version``,
+    ``counters_version`` and ``stats_version`` change whenever a field of that part is assigned
+    a different value (``__setattr__``); code that changes a container in place (a Counter,
+    ``blockstats``) calls `touch_counters` or `touch_stats`.
     """
 
     socket: str
@@ -116,6 +148,29 @@ class VMState:
     _by_drive: dict[str, str] = field(default_factory=dict, repr=False)
     _by_qom: dict[str, str] = field(default_factory=dict, repr=False)
 
+    # Change versions for the scrape-time text cache (never equal for two different states).
+    version: int = field(default=0, repr=False, compare=False)
+    counters_version: int = field(default=0, repr=False, compare=False)
+    stats_version: int = field(default=0, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _IDENTITY_FIELDS:
+            if getattr(self, name, _MISSING) != value:
+                object.__setattr__(self, "version", next(_versions))
+        elif name in _COUNTER_FIELDS:
+            object.__setattr__(self, "counters_version", next(_versions))
+        elif name == "blockstats":
+            object.__setattr__(self, "stats_version", next(_versions))
+        object.__setattr__(self, name, value)
+
+    def touch_counters(self) -> None:
+        """A counter container (io_errors, events, ...) was changed in place."""
+        object.__setattr__(self, "counters_version", next(_versions))
+
+    def touch_stats(self) -> None:
+        """``blockstats`` was changed in place."""
+        object.__setattr__(self, "stats_version", next(_versions))
+
     @property
     def stem(self) -> str:
         base = os.path.basename(self.socket)
@@ -138,6 +193,7 @@ class VMState:
         for dev in list(self.blockstats):
             if dev not in disks:
                 del self.blockstats[dev]
+                self.touch_stats()
 
     def match_disk(self, data: dict[str, object]) -> str | None:
         """Find the disk a BLOCK_IO_ERROR is about (node-name, then drive id, then qom-path)."""
@@ -161,3 +217,4 @@ class VMState:
         self.retry_feature = None
         self.set_disks({})
         self.blockstats.clear()
+        self.touch_stats()
