@@ -11,10 +11,11 @@ from collections.abc import Sequence
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
+from exporter.metrics import generate_text
 
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 TELEMETRY_PATH_KEY = web.AppKey("telemetry_path", str)
@@ -32,7 +33,8 @@ _LANDING = """<!DOCTYPE html>
 async def metrics(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY_KEY]
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    body = encoder(registry)
+    # The default text format: same bytes as generate_latest, from cached per-VM text.
+    body = generate_text(registry) if encoder is generate_latest else encoder(registry)
     resp = web.Response(body=body, headers={"Content-Type": content_type})
     if "gzip" in request.headers.get("Accept-Encoding", ""):
         resp.enable_compression(web.ContentCoding.gzip)
