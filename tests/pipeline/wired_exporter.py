@@ -1,6 +1,6 @@
 """The exporter CLI with the alert push path wired in, for the pipeline test, until the wiring
-lands in ``exporter/`` (then the test runs ``python -m exporter`` with ``alerting:`` instead and
-this module is unused; see docs/alerting.md "Wiring").
+lands in ``exporter/`` (``git apply tests/pipeline/wiring.patch``; then the test runs
+``python -m exporter`` with ``alerting:`` instead, and this module and the patch can be deleted).
 
     python -m tests.pipeline.wired_exporter ALERTING.json -- <exporter flags>
 
