@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
+from exporter.alert_push import AlertPusher, open_hangs
 from exporter.config import Config, validate_listen_address
 from exporter.discovery import Discovery
 from exporter.hang_tracking import HangTracking
@@ -41,6 +42,11 @@ class Exporter:
                 clock=clock,
             )
         )
+        self.alert_pusher: AlertPusher | None = None
+        if config.alerting.enabled:
+            pusher = self.alert_pusher = AlertPusher(config.alerting, clock)
+            self.registry.register(pusher)
+            self.hangs.on_change = lambda trackers: pusher.update(open_hangs(trackers, self.discovery.vms))
         self._runner: web.AppRunner | None = None
         self._hang_task: asyncio.Task[None] | None = None
 
@@ -56,6 +62,8 @@ class Exporter:
             self._runner, host or None, port, reuse_address=True, ssl_context=self.web_config.ssl_context()
         )
         await site.start()
+        if self.alert_pusher is not None:
+            await self.alert_pusher.start()
         self.discovery.start()
         self._hang_task = asyncio.create_task(self.hangs.run(self.clock), name="hang-tick")
         log.info(
@@ -76,6 +84,8 @@ class Exporter:
                 await self._hang_task
         await self.discovery.stop()
         self.hangs.save()  # open hangs survive the restart
+        if self.alert_pusher is not None:
+            await self.alert_pusher.stop()
         if self._runner is not None:
             await self._runner.cleanup()
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from exporter.alert_push import FRACTION_ALERTS, AlertingConfig
 
 DEFAULT_PORT = 9738
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
@@ -73,6 +76,7 @@ class Config:
     qmp: QMPConfig = field(default_factory=QMPConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     hang: HangConfig = field(default_factory=HangConfig)
+    alerting: AlertingConfig = field(default_factory=AlertingConfig)
     source: str = "defaults"
 
     def socket_patterns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -189,7 +193,7 @@ def load_file(path: str) -> Config:
 
 def parse(doc: Any, source: str) -> Config:
     r = _Reader(source)
-    top = r.mapping(doc, "", {"web", "qmp", "policy", "hang", "log"})
+    top = r.mapping(doc, "", {"web", "qmp", "policy", "hang", "log", "alerting"})
     cfg = Config(source=source)
 
     web = r.mapping(top.get("web"), "web", {"listen_address", "telemetry_path"})
@@ -220,7 +224,66 @@ def parse(doc: Any, source: str) -> Config:
     if "recovery_margin_seconds" in hang:
         margin = r.seconds(hang["recovery_margin_seconds"], "hang.recovery_margin_seconds")
         hc = dataclasses.replace(hc, recovery_margin_seconds=margin)
+    cfg = dataclasses.replace(cfg, alerting=_parse_alerting(r, top.get("alerting")))
     return dataclasses.replace(cfg, hang=hc)
+
+
+_ALERTING_KEYS = {
+    "alertmanager_urls",
+    "instance",
+    "job",
+    "external_labels",
+    "fractions",
+    "hang_alert",
+    "resend_interval_seconds",
+    "timeout_seconds",
+    "generator_url",
+}
+
+
+def _parse_alerting(r: _Reader, value: Any) -> AlertingConfig:
+    a = r.mapping(value, "alerting", _ALERTING_KEYS)
+    ac = AlertingConfig()
+    if "alertmanager_urls" in a:
+        urls = r.strings(a["alertmanager_urls"], "alerting.alertmanager_urls")
+        for i, url in enumerate(urls):
+            u = urllib.parse.urlsplit(url)
+            if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+                raise r.fail(f"alerting.alertmanager_urls[{i}]", f"{url!r} is not an http(s) base URL")
+        ac = dataclasses.replace(ac, alertmanager_urls=urls)
+    if "instance" in a:
+        ac = dataclasses.replace(ac, instance=r.string(a["instance"], "alerting.instance"))
+    if "job" in a:
+        ac = dataclasses.replace(ac, job=r.string(a["job"], "alerting.job"))
+    if "generator_url" in a:
+        ac = dataclasses.replace(ac, generator_url=r.string(a["generator_url"], "alerting.generator_url"))
+    if "external_labels" in a:
+        raw = a["external_labels"]
+        labels = r.mapping(raw, "alerting.external_labels", set(raw) if isinstance(raw, dict) else set())
+        for k, v in labels.items():
+            check_label_name(r.source, f"alerting.external_labels.{k}", k)
+            labels[k] = r.string(v, f"alerting.external_labels.{k}")
+        ac = dataclasses.replace(ac, external_labels=dict(labels))
+    if "fractions" in a:
+        fractions = r.mapping(a["fractions"], "alerting.fractions", set(FRACTION_ALERTS))
+        for sev, f in fractions.items():
+            if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f < 1:
+                raise r.fail(f"alerting.fractions.{sev}", f"expected a number in (0, 1), got {_kind(f)}")
+        ac = dataclasses.replace(ac, fractions={k: float(v) for k, v in fractions.items()})
+    if "hang_alert" in a:
+        ac = dataclasses.replace(ac, hang_alert=r.boolean(a["hang_alert"], "alerting.hang_alert"))
+    if "resend_interval_seconds" in a:
+        resend = r.seconds(a["resend_interval_seconds"], "alerting.resend_interval_seconds")
+        ac = dataclasses.replace(ac, resend_interval_seconds=resend)
+    if "timeout_seconds" in a:
+        timeout = r.seconds(a["timeout_seconds"], "alerting.timeout_seconds")
+        ac = dataclasses.replace(ac, timeout_seconds=timeout)
+    if ac.enabled and not ac.instance:
+        raise r.fail(
+            "alerting.instance",
+            "required with alertmanager_urls: the instance label Prometheus gives this exporter (e.g. 'host:9738')",
+        )
+    return ac
 
 
 _QMP_SECONDS = (

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -99,6 +99,8 @@ class HangTracking(EventSink, HangView):
         self._saved: dict[str, Any] = self._load()
         self._last_written_key: object = None
         self._task: asyncio.Task[None] | None = None
+        #: Called with ``trackers`` after every tick and at once when a hang starts (alert push).
+        self.on_change: Callable[[Mapping[str, Mapping[str, DiskHangTracker]]], None] | None = None
         # Scrape-time text cache: per socket, a version changed by every EventSink call, and
         # the VM's rendered lines (see `render`).
         self._versions: dict[str, int] = {}
@@ -218,7 +220,10 @@ class HangTracking(EventSink, HangView):
             data = event.get("data")
             tracker = devs.get(device) if device is not None else None
             if tracker is not None and isinstance(data, Mapping):
+                was_hanging = tracker.hanging
                 tracker.on_io_error(ts, str(data.get("action")))
+                if not was_hanging and tracker.hanging and self.on_change is not None:
+                    self.on_change(self.trackers)
         elif name == "STOP":
             for t in devs.values():
                 t.on_stop(ts)
@@ -277,6 +282,8 @@ class HangTracking(EventSink, HangView):
                 t.advance(now)
                 self._drain(t)
         self.save()
+        if self.on_change is not None:
+            self.on_change(self.trackers)
 
     async def run(self, clock: Any, interval: float = 0.5) -> None:
         while True:

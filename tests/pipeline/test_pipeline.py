@@ -16,12 +16,7 @@ metric the dashboards and alerts use is in the real /metrics.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +24,6 @@ from typing import Any
 import pytest
 import yaml
 
-from exporter.config import Config
 from qmpsim import DiskSpec, SimVM
 from tests.artefacts.artefacts import (
     RULES_FILE,
@@ -37,49 +31,18 @@ from tests.artefacts.artefacts import (
     dashboard_files,
     used_metric_names,
 )
-from tests.harness import REPO, ExporterProcess, wait_for
+from tests.harness import ExporterProcess, wait_for
 from tests.integration.test_exporter_sim import FAST
 from tests.pipeline.procs import Alertmanager, Prometheus, WebhookReceiver, alertmanager_config
 
 JOB = "qemu-iohang"  # the rules select job="qemu-iohang": no selector change needed
-#: True once exporter/config.py knows `alerting:` (the wiring of docs/alerting.md is applied).
-PUSH_WIRED = any(f.name == "alerting" for f in dataclasses.fields(Config))
 #: The issue's target: first failed attempt -> webhook.
 PUSH_LATENCY_TARGET_S = 1.0
 OUTAGE_S = 6.5
 
 
-class WiredExporterProcess(ExporterProcess):
-    """Until the wiring is applied in exporter/: the same CLI via tests.pipeline.wired_exporter."""
-
-    alerting_path: Path
-
-    async def start(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.pipeline.wired_exporter",
-                str(self.alerting_path),
-                "--",
-                f"--config.file={self.config_path}",
-            ],
-            cwd=REPO,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        await wait_for(self._ready, timeout=15, what="exporter /healthz")
-
-
 def _configure_push(exp: ExporterProcess, alerting: dict[str, Any]) -> None:
-    """Turn the push path on: ``alerting:`` in the config file (or the stand-in's JSON)."""
-    if isinstance(exp, WiredExporterProcess):
-        exp.alerting_path = exp.workdir / "alerting.json"
-        exp.alerting_path.write_text(json.dumps(alerting))
-        return
+    """Turn the push path on: ``alerting:`` in the config file."""
     cfg = yaml.safe_load(exp.config_path.read_text())
     cfg["alerting"] = alerting
     exp.config_path.write_text(yaml.safe_dump(cfg))
@@ -131,7 +94,7 @@ async def test_pipeline(short_tmp: Path) -> None:
             }
             exp_dir = short_tmp / "exp"
             exp_dir.mkdir()
-            exp = (ExporterProcess if PUSH_WIRED else WiredExporterProcess)(exp_dir, exp_cfg)
+            exp = ExporterProcess(exp_dir, exp_cfg)
             instance = f"127.0.0.1:{exp.port}"  # what Prometheus will call the target
             _configure_push(
                 exp,
