@@ -38,6 +38,9 @@ log = logging.getLogger("exporter.qmp")
 #: Disk types that never hold guest data worth protecting (removable media).
 _SKIPPED_TYPES = ("ide-cd", "scsi-cd", "floppy", "usb-storage")
 
+#: BLOCK_IO_ERRORs held per VM while its disk list is re-read; beyond this they count as unmatched.
+_UNMATCHED_BUFFER = 1024
+
 #: Events after which the run state and disk list are re-read.
 _STATUS_EVENTS = frozenset({"STOP", "RESUME", "SHUTDOWN", "RESET", "SUSPEND", "WAKEUP"})
 
@@ -167,6 +170,7 @@ class VMWatcher:
         self._refresh_disks_now = False
         self._refresh_lock = asyncio.Lock()
         self._last_error_reason: str | None = None
+        self._unmatched: list[Mapping[str, Any]] = []  # BLOCK_IO_ERRORs awaiting a disk refresh
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -269,6 +273,7 @@ class VMWatcher:
             # Events QEMU sent before the end still count: no event is lost.
             for event in listener.clear():
                 self._handle_event(event)
+            self._replay_unmatched()
             if established:
                 vm.disconnects += 1
                 if self._last_error_reason == "connected":
@@ -368,6 +373,7 @@ class VMWatcher:
                     disks[device] = disk
             self.vm.set_disks(disks)
             self.sink.on_disks(self.vm, self.clock())
+            self._replay_unmatched()
 
     async def _read_disk(
         self,
@@ -458,16 +464,17 @@ class VMWatcher:
         if name == "BLOCK_IO_ERROR":
             device = vm.match_disk(data)
             if device is None:
-                # Most likely a disk hot-plugged since the last refresh: re-read the list.
-                vm.unmatched_io_errors += 1
+                # Most likely a disk hot-plugged since the last refresh (QEMU announces no
+                # plug): hold the event, re-read the disk list, then attribute it.
+                if len(self._unmatched) < _UNMATCHED_BUFFER:
+                    self._unmatched.append(event)
+                else:
+                    vm.unmatched_io_errors += 1
                 self._refresh_disks_now = True
                 self._poll_now.set()
-            else:
-                op = bounded(data.get("operation"), IO_OPERATIONS)
-                action = bounded(data.get("action"), IO_ACTIONS)
-                vm.io_errors[(device, op, action)] += 1
-                if action == "stop":
-                    vm.status = "io-error"  # QEMU enters io-error before it sends STOP
+                return None
+            if self._count_io_error(device, data) == "stop":
+                vm.status = "io-error"  # QEMU enters io-error before it sends STOP
         elif name in _STATUS_EVENTS:
             vm.status = _status_after(name, vm.status)
             self._poll_now.set()
@@ -476,6 +483,28 @@ class VMWatcher:
             self._poll_now.set()
         self.sink.on_event(vm, device, event)
         return device
+
+    def _count_io_error(self, device: str, data: Mapping[str, Any]) -> str:
+        op = bounded(data.get("operation"), IO_OPERATIONS)
+        action = bounded(data.get("action"), IO_ACTIONS)
+        self.vm.io_errors[(device, op, action)] += 1
+        return action
+
+    def _replay_unmatched(self) -> None:
+        """Attribute the BLOCK_IO_ERRORs held for want of a disk, now that the list is fresh;
+        what still matches nothing is counted as unmatched.  (The run state is not touched:
+        query-status has been read since.)"""
+        pending, self._unmatched = self._unmatched, []
+        for event in pending:
+            data = event.get("data")
+            data = data if isinstance(data, dict) else {}
+            device = self.vm.match_disk(data)
+            if device is None:
+                self.vm.unmatched_io_errors += 1
+            else:
+                self._count_io_error(device, data)
+            self.vm.touch_counters()
+            self.sink.on_event(self.vm, device, event)
 
 
 def _status_after(event: str, status: str) -> str:

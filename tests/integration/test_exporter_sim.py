@@ -299,6 +299,29 @@ async def test_hot_plug_and_unplug(short_tmp: Path) -> None:
         await vm.kill()
 
 
+async def test_errors_of_a_disk_plugged_since_the_last_refresh_are_attributed(short_tmp: Path) -> None:
+    vm = SimVM(str(short_tmp / "vm.qmp"), name="vm", disks=[retry_disk("virtio-disk0")])
+    cfg = {"qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST, "refresh_interval_seconds": 60.0}}
+    async with running([vm]), ExporterProcess(short_tmp, cfg) as exp:
+        await exp.wait_metrics(lambda m: len(m.find("qemu_block_device_info")) == 1)
+        # A disk that fails right after being plugged, long before the periodic refresh
+        # (60 s here): its errors are held, the list re-read, and every event attributed.
+        vm.hot_plug(DiskSpec(id="scsi0-0-0-1", type="scsi-hd", werror="report", rerror="report", in_flight=0))
+        vm.link_down("scsi0-0-0-1", in_flight=1, operations=("write",))
+        await exp.wait_metrics(lambda m: m.find("qemu_block_device_info", device="scsi0-0-0-1"), timeout=5)
+        vm.link_up("scsi0-0-0-1")
+
+        def counted(m: Metrics) -> bool:
+            sent = vm.event_count("BLOCK_IO_ERROR", device="scsi0-0-0-1", socket=vm.socket_path)
+            got = m.value(
+                "qemu_block_io_error_events_total", device="scsi0-0-0-1", operation="write", action="report"
+            )
+            return sent > 0 and got == sent
+
+        m = await exp.wait_metrics(counted, timeout=5, what="every event of the new disk")
+        assert m.value("qemu_exporter_io_error_events_unmatched_total", vm="vm") == 0
+
+
 async def test_static_labels_per_socket(short_tmp: Path) -> None:
     a = SimVM(str(short_tmp / "a.qmp"), name="a", disks=[retry_disk("virtio-disk0")])
     b = SimVM(str(short_tmp / "b.qmp"), name="b", disks=[retry_disk("virtio-disk0")])
