@@ -9,7 +9,9 @@ hook of ``qemu.qmp``.  `ReadOnlyQMPClient.execute` checks first too, so a caller
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from qemu.qmp import QMPClient
 from qemu.qmp.message import Message
@@ -46,8 +48,39 @@ def check_allowed(msg: Mapping[str, object]) -> None:
         raise ForbiddenCommand(command)
 
 
+#: What marks a QMP event line; a line without it cannot be an event.
+_EVENT_KEY = b'"event"'
+
+
 class ReadOnlyQMPClient(QMPClient):
-    """A `QMPClient` that can only ever send `ALLOWED_COMMANDS`."""
+    """A `QMPClient` that can only ever send `ALLOWED_COMMANDS`.
+
+    With ``on_event``, every QMP event is passed to it as a plain dict, synchronously and in
+    order, from the reader task: no `Message` object, no `EventListener` queue and no task
+    switch per event (an event storm is tens of thousands of events a second); nor does the
+    library's default listener (``self.events``) see them, which would keep every event for the
+    life of the session.  Replies to commands take the library's usual path.
+    """
+
+    def __init__(
+        self, name: str | None = None, on_event: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
+        super().__init__(name)
+        self._on_event_cb = on_event
+
+    async def _bh_recv_message(self) -> None:
+        msg_bytes = await self._readline()
+        handler = self._on_event_cb
+        if handler is not None and _EVENT_KEY in msg_bytes:
+            try:
+                obj = json.loads(msg_bytes)
+            except ValueError:
+                obj = None  # not JSON: the library's path below reports it as it always did
+            if isinstance(obj, dict) and "event" in obj:  # how qemu.qmp routes events, too
+                handler(obj)
+                return
+        msg = self._cb_inbound(Message(msg_bytes, eager=True))
+        await self._on_message(msg)
 
     async def execute(
         self, cmd: str, arguments: Mapping[str, object] | None = None, oob: bool = False

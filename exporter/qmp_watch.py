@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, Runstate
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, Runstate
 from qemu.qmp.protocol import StateError
 
 from exporter.config import Config
@@ -170,6 +170,12 @@ class VMWatcher:
         self._refresh_disks_now = False
         self._refresh_lock = asyncio.Lock()
         self._last_error_reason: str | None = None
+        # Events of the current session: held until it is established (disks known), then
+        # applied as they arrive, from the client's reader (`_on_qmp_event`).
+        self._held_events: list[dict[str, Any]] = []
+        self._events_live = False
+        self._event_failure: BaseException | None = None
+        self._event_failed = asyncio.Event()
         self._unmatched: list[Mapping[str, Any]] = []  # BLOCK_IO_ERRORs awaiting a disk refresh
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -212,9 +218,11 @@ class VMWatcher:
     async def _session(self) -> bool:
         """Run one QMP session to its end.  True when it got as far as watching."""
         vm, qc = self.vm, self.config.qmp
-        client = ReadOnlyQMPClient(vm.stem)
-        listener = EventListener()
-        client.register_listener(listener)
+        self._held_events = []
+        self._events_live = False
+        self._event_failure = None
+        self._event_failed.clear()
+        client = ReadOnlyQMPClient(vm.stem, on_event=self._on_qmp_event)
         self.phase = Phase.CONNECTING
         vm.connect_attempts += 1
         try:
@@ -253,8 +261,9 @@ class VMWatcher:
                     extra={"vm": vm.vm, "socket": vm.socket, "disks": len(vm.disks)},
                 )
             self._last_error_reason = "connected"
+            self._release_events()
             tasks = [
-                asyncio.create_task(self._consume_events(listener)),
+                asyncio.create_task(self._event_errors()),
                 asyncio.create_task(self._poll_loop(client)),
                 asyncio.create_task(self._until_disconnected(client)),
             ]
@@ -271,7 +280,9 @@ class VMWatcher:
                 with contextlib.suppress(asyncio.CancelledError, SessionLost):
                     await t
             # Events QEMU sent before the end still count: no event is lost.
-            for event in listener.clear():
+            self._events_live = False
+            held, self._held_events = self._held_events, []
+            for event in held:
                 self._handle_event(event)
             self._replay_unmatched()
             if established:
@@ -282,7 +293,6 @@ class VMWatcher:
             gone = vm.status == "shutdown"
             self.sink.on_session_end(vm, self.clock(), gone)
             vm.end_session()
-            client.remove_listener(listener)
             await self._close(client)
         return established
 
@@ -447,9 +457,29 @@ class VMWatcher:
 
     # -- events ------------------------------------------------------------------------
 
-    async def _consume_events(self, listener: EventListener) -> None:
-        while True:
-            self._handle_event(await listener.get())
+    def _on_qmp_event(self, event: dict[str, Any]) -> None:
+        """Called by the client's reader for every event, in order."""
+        if not self._events_live:
+            self._held_events.append(event)
+            return
+        try:
+            self._handle_event(event)
+        except Exception as exc:  # a bug in event handling ends the session, loudly (_run)
+            self._events_live = False
+            self._event_failure = exc
+            self._event_failed.set()
+
+    def _release_events(self) -> None:
+        """The session is established: apply the events held so far, then each as it comes."""
+        held, self._held_events = self._held_events, []
+        for event in held:
+            self._handle_event(event)
+        self._events_live = True
+
+    async def _event_errors(self) -> None:
+        await self._event_failed.wait()
+        assert self._event_failure is not None
+        raise self._event_failure
 
     def _handle_event(self, event: Mapping[str, Any]) -> str | None:
         """Apply one event to the state.  Synchronous: events are applied in order, and the
