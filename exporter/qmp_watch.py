@@ -14,8 +14,8 @@ import contextlib
 import enum
 import logging
 import random
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, Runstate
 from qemu.qmp.protocol import StateError
@@ -34,6 +34,7 @@ from exporter.state import (
 )
 
 log = logging.getLogger("exporter.qmp")
+T = TypeVar("T")
 
 #: Disk types that never hold guest data worth protecting (removable media).
 _SKIPPED_TYPES = ("ide-cd", "scsi-cd", "floppy", "usb-storage")
@@ -364,6 +365,8 @@ class VMWatcher:
             self._refresh_disks_now = False
             blocks = await self._cmd(client, "query-block")
             disks: dict[str, Disk] = {}
+            order: list[tuple[str, Disk | None]] = []
+            reads: dict[int, Coroutine[Any, Any, Disk | None]] = {}
             for entry in blocks if isinstance(blocks, list) else []:
                 if not isinstance(entry, dict):
                     continue
@@ -376,11 +379,16 @@ class VMWatcher:
                 node = inserted.get("node-name") if isinstance(inserted.get("node-name"), str) else ""
                 known = self.vm.disks.get(device)
                 if known and known.qdev == qdev and known.node_name == node and known.drive == drive:
-                    disks[device] = known
+                    order.append((device, known))
                     continue
-                disk = await self._read_disk(client, device, qom_path, qdev, str(drive), str(node))
-                if disk is not None:
-                    disks[device] = disk
+                reads[len(order)] = self._read_disk(client, device, qom_path, qdev, str(drive), str(node))
+                order.append((device, None))
+            # New disks are read concurrently: QEMU answers in turn, but the round trips overlap.
+            for i, disk in zip(reads, await _gather(reads.values()), strict=True):
+                order[i] = (order[i][0], disk)
+            for device, maybe in order:
+                if maybe is not None:
+                    disks[device] = maybe
             self.vm.set_disks(disks)
             self.sink.on_disks(self.vm, self.clock())
             self._replay_unmatched()
@@ -403,10 +411,14 @@ class VMWatcher:
         qom_type = await prop("type")
         if isinstance(qom_type, str) and qom_type.startswith(_SKIPPED_TYPES):
             return None
-        werror, rerror = await prop("werror"), await prop("rerror")
+        names = ["werror", "rerror"]
+        if self.vm.retry_feature:
+            names += ["retry_interval", "retry_timeout"]
+        values = await _gather(prop(n) for n in names)
+        werror, rerror = values[0], values[1]
         interval = timeout = None
         if self.vm.retry_feature:
-            i, t = await prop("retry_interval"), await prop("retry_timeout")
+            i, t = values[2], values[3]
             interval = i if isinstance(i, int) else None
             timeout = t if isinstance(t, int) else None
         policy = DiskPolicy(
@@ -535,6 +547,19 @@ class VMWatcher:
                 self._count_io_error(device, data)
             self.vm.touch_counters()
             self.sink.on_event(self.vm, device, event)
+
+
+async def _gather(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``coros`` concurrently; results in order.  If one fails, the others are cancelled
+    and awaited before the error propagates (no task outlives its session)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _status_after(event: str, status: str) -> str:
