@@ -85,7 +85,7 @@ async def test_qemu_killed_mid_hang(short_tmp: Path) -> None:
         async with ExporterProcess(short_tmp, config(short_tmp, sock)) as exp:
             await wait_good_up(exp)
             await exp.wait_metrics(
-                lambda m: up(m, "victim") == 1 and m.find("qemu_block_io_hang", vm="victim")
+                lambda m: up(m, "victim") == 1 and bool(m.find("qemu_block_io_hang", vm="victim"))
             )
             async with Invariants(exp):
                 victim.link_down("virtio-disk0", in_flight=2, operations=("write",))

