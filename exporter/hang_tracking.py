@@ -238,7 +238,10 @@ class HangTracking(EventSink, HangView):
         devs = self.trackers.get(vm.socket)
         if not devs:
             return
-        self._changed(vm.socket)
+        # A sample changes what is shown only of a hanging or failing disk: every 5 s per VM,
+        # an idle VM keeps its rendered text.
+        if any(t.hanging or t.failing for t in devs.values()):
+            self._changed(vm.socket)
         for dev, st in vm.blockstats.items():
             t = devs.get(dev)
             if t is not None:
