@@ -420,7 +420,7 @@ async def test_sigterm_during_scrapes(short_tmp: Path) -> None:
     answered or cut (none left hanging), no traceback.
 
     No VM is watched here on purpose: this isolates the HTTP side.  With watchers, the
-    shutdown can hang (a bug: see test_bugs_found.py / docs/reliability.md)."""
+    shutdown can hang (a bug: see bugs_found.py / docs/reliability.md)."""
     (short_tmp / "none").mkdir()
     cfg = {"qmp": {"globs": [str(short_tmp / "none" / "*.qmp")], **FAULT_FAST}}
     exp = ExporterProcess(short_tmp, cfg)

@@ -14,13 +14,14 @@ confirm the cycles happened and nothing was an internal error.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from pathlib import Path
 from typing import Any
 
 from tests.faults.common import config, counter
-from tests.faults.servers import FakeConn, FakeQMP
+from tests.faults.servers import FakeConn, FakeQMP, io_error_event
 from tests.harness import ExporterProcess, wait_for
 
 WARMUP, CYCLES = 100, 1000
@@ -80,3 +81,34 @@ async def test_thousand_connect_disconnect_cycles_leak_nothing(short_tmp: Path) 
         assert disconnects >= CYCLES * 0.4, disconnects
         assert counter(m1, "qemu_exporter_internal_errors_total") == 0
         assert "Traceback" not in exp.log()
+
+
+class FloodNoDrop(FakeQMP):
+    """Once watched, 100,000 BLOCK_IO_ERROR events on one long session."""
+
+    async def after_established(self, conn: FakeConn) -> None:
+        line = (json.dumps(io_error_event(1_700_000_000)) + "\r\n").encode()
+        for _ in range(10):
+            await conn.send_raw(line * 10_000)
+
+
+async def test_long_session_memory_does_not_grow_with_events(short_tmp: Path) -> None:
+    """Memory does not grow with the events of one session.  (Found by the soak: qemu.qmp's
+    default EventListener kept every event for the session's life, +180 MB per 100,000
+    events; fixed in b4af0a2.)"""
+    sock = str(short_tmp / "chatty.qmp")
+    cfg = config(short_tmp, sock)
+    cfg["qmp"]["sockets"] = [sock]
+    cfg["log"] = {"level": "warn"}
+    async with FloodNoDrop(sock, "chatty"), ExporterProcess(short_tmp, cfg) as exp:
+        await exp.wait_metrics(lambda m: m.value("qemu_qmp_up", vm="chatty") == 1)
+        assert exp.proc is not None
+        rss0, _ = sample(exp.proc.pid)
+        m = await exp.wait_metrics(
+            lambda m: counter(m, "qemu_exporter_qmp_events_total", vm="chatty") == 100_000, timeout=30
+        )
+        rss1, _ = sample(exp.proc.pid)
+        print(f"100,000 events: RSS {rss0} -> {rss1} KiB")
+        assert rss1 - rss0 < 20 * 1024, f"RSS {rss0} -> {rss1} KiB after 100,000 events"
+        assert m.value("qemu_qmp_up", vm="chatty") == 1
+        assert counter(m, "qemu_exporter_qmp_disconnects_total", vm="chatty") == 0

@@ -10,7 +10,7 @@ which must count every one of them without an internal error.
 Integers are JSON integers as QEMU sends them, 64-bit (``int64``/``uint64``), and event names
 are strings.  Larger integers make ``event_time`` and ``parse_blockstats`` raise OverflowError
 (int→float), and a non-string event name raises TypeError: bugs reported with
-tests/faults/test_bugs_found.py, kept out of the commits so that main stays green.
+tests/faults/bugs_found.py, kept out of the commits so that main stays green.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ KNOWN_KEYS = st.sampled_from(
     ["node-name", "device", "qom-path", "operation", "action", "reason", "nospace", "path", "guest"]
 )
 # Event names are strings: a JSON array or object as "event" raises TypeError (unhashable) in
-# _handle_event, a bug reported with tests/faults/test_bugs_found.py.
+# _handle_event, a bug reported with tests/faults/bugs_found.py.
 NAMES = st.one_of(st.sampled_from(sorted(KNOWN_EVENTS)), st.just("BLOCK_IO_ERROR"), st.text(max_size=15))
 # Values that sometimes hit the real disk, so that matching paths are exercised too.
 HITS = st.sampled_from([DISK_NODE, "drive-virtio-disk0", "/machine/peripheral/virtio-disk0", DISK_QDEV])
