@@ -281,8 +281,8 @@ class Exporter:
         except OSError:
             return False
 
-    def scrape(self) -> str:
-        return http_get(self.port, "/metrics").decode()
+    def scrape(self, timeout: float = 30.0) -> str:
+        return http_get(self.port, "/metrics", timeout=timeout).decode()
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -533,12 +533,17 @@ def storm(
     got = 0
     with contextlib.suppress(TimeoutError):
         t_end = time.monotonic()
+        # An overloaded exporter answers scrapes late while it works through the backlog.
         wait_until(
-            lambda: io_error_total(exp.scrape()) - before_exp >= delivered, 60, "exporter catch-up", step=0.1
+            lambda: io_error_total(exp.scrape(timeout=120)) - before_exp >= delivered,
+            180,
+            "exporter catch-up",
+            step=0.1,
         )
         lag = time.monotonic() - t_end
-    got = io_error_total(exp.scrape()) - before_exp
-    disconnects = sum(v for _s, v in samples(exp.scrape(), "qemu_exporter_qmp_disconnects_total{"))
+    text = exp.scrape(timeout=120)
+    got = io_error_total(text) - before_exp
+    disconnects = sum(v for _s, v in samples(text, "qemu_exporter_qmp_disconnects_total{"))
     dt = t1 - t0
     res.values[f"storm{label}_offered_eps"] = (s1 - s0) / dt
     res.values[f"storm{label}_processed_eps"] = (e1 - e0) / dt
