@@ -29,15 +29,18 @@ from exporter.state import VMState
 log = logging.getLogger("exporter.discovery")
 
 
-def socket_identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of a unix socket at ``path``, None when there is none."""
+def socket_identity(path: str) -> tuple[int, int, int] | None:
+    """(device, inode, ctime) of a unix socket at ``path``, None when there is none.
+
+    The ctime matters: the kernel readily reuses the inode number of a socket QEMU re-creates.
+    """
     try:
         st = os.stat(path)
     except OSError:
         return None
     if not stat.S_ISSOCK(st.st_mode):
         return None
-    return (st.st_dev, st.st_ino)
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
 def static_labels_for(path: str, config: Config) -> dict[str, str]:
@@ -60,7 +63,7 @@ class Discovery:
         self.sink = sink
         self.clock = clock
         self.watchers: dict[str, VMWatcher] = {}
-        self._identity: dict[str, tuple[int, int] | None] = {}
+        self._identity: dict[str, tuple[int, int, int] | None] = {}
         self._task: asyncio.Task[None] | None = None
         self.static_label_names: tuple[str, ...] = tuple(
             sorted({k for lbls in config.qmp.labels.values() for k in lbls})
@@ -70,10 +73,10 @@ class Discovery:
     def vms(self) -> list[VMState]:
         return [w.vm for w in self.watchers.values()]
 
-    def scan(self) -> dict[str, tuple[int, int] | None]:
+    def scan(self) -> dict[str, tuple[int, int, int] | None]:
         """Sockets that should be watched now, with their identity (None: missing)."""
         explicit, globs = self.config.socket_patterns()
-        found: dict[str, tuple[int, int] | None] = {}
+        found: dict[str, tuple[int, int, int] | None] = {}
         for pattern in globs:
             for path in glob.glob(pattern):
                 ident = socket_identity(path)

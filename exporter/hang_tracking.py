@@ -42,8 +42,8 @@ def event_time(event: Mapping[str, Any]) -> float | None:
     if not isinstance(ts, Mapping):
         return None
     s, us = ts.get("seconds"), ts.get("microseconds")
-    if not isinstance(s, int) or not isinstance(us, int) or s < 0:
-        return None  # QEMU uses -1/-1 when it has no clock; treat as unknown
+    if not isinstance(s, int) or not isinstance(us, int) or not (0 <= s < 2**40 and 0 <= us < 10**6):
+        return None  # QEMU uses -1/-1 when it has no clock; absurd values are unknown too
     return s + us / 1e6
 
 

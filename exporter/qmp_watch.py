@@ -15,9 +15,10 @@ import enum
 import logging
 import random
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, Runstate
+from qemu.qmp.error import ProtocolError
 from qemu.qmp.protocol import StateError
 
 from exporter.config import Config
@@ -127,10 +128,19 @@ def qdev_kind(qom_type: str) -> str:
     return qom_type
 
 
+def _field(obj: object, key: str) -> object:
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
+def _is_uint(v: object) -> TypeGuard[int]:
+    """A JSON integer QEMU could send (uint64): JSON allows 10**400, a float cannot hold it."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64
+
+
 def parse_blockstats(stats: Mapping[str, Any]) -> BlockStats:
     def i(key: str) -> int:
         v = stats.get(key, 0)
-        return v if isinstance(v, int) else 0
+        return v if _is_uint(v) else 0
 
     idle = stats.get("idle_time_ns")
     return BlockStats(
@@ -145,7 +155,7 @@ def parse_blockstats(stats: Mapping[str, Any]) -> BlockStats:
         read_time_s=i("rd_total_time_ns") / 1e9,
         write_time_s=i("wr_total_time_ns") / 1e9,
         flush_time_s=i("flush_total_time_ns") / 1e9,
-        idle_s=idle / 1e9 if isinstance(idle, int) else None,
+        idle_s=idle / 1e9 if _is_uint(idle) else None,
     )
 
 
@@ -171,6 +181,7 @@ class VMWatcher:
         self._refresh_disks_now = False
         self._refresh_lock = asyncio.Lock()
         self._last_error_reason: str | None = None
+        self._stopping = False
         # Events of the current session: held until it is established (disks known), then
         # applied as they arrive, from the client's reader (`_on_qmp_event`).
         self._held_events: list[dict[str, Any]] = []
@@ -184,11 +195,18 @@ class VMWatcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"qmp-watch:{self.vm.socket}")
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
+        """Cancel the watcher and wait for it, at most ``grace`` seconds: a shutdown must
+        finish (and save hang state) even if a library swallowed the cancellation."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._wake.set()
+            await asyncio.wait({self._task}, timeout=grace)
+            if not self._task.done():
+                log.warning(
+                    "QMP watcher did not stop in time", extra={"vm": self.vm.vm, "socket": self.vm.socket}
+                )
         self.phase = Phase.STOPPED
 
     def poke(self) -> None:
@@ -198,7 +216,7 @@ class VMWatcher:
     async def _run(self) -> None:
         qc = self.config.qmp
         backoff = qc.backoff_initial_seconds
-        while True:
+        while not self._stopping:
             try:
                 established = await self._session()
             except Exception:  # a bug must not end the watch of this VM: log, back off, retry
@@ -210,8 +228,13 @@ class VMWatcher:
             self.phase = Phase.BACKOFF
             delay = random.uniform(backoff / 2, backoff)
             self._wake.clear()
+            if self._stopping:
+                break
+            # asyncio.timeout, never wait_for: on Python 3.11 wait_for can swallow a cancel
+            # (CPython gh-86296), and a watcher that ignores stop() hangs the shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             backoff = min(backoff * 2, qc.backoff_max_seconds)
 
     # -- one session -------------------------------------------------------------------
@@ -227,11 +250,17 @@ class VMWatcher:
         self.phase = Phase.CONNECTING
         vm.connect_attempts += 1
         try:
-            await asyncio.wait_for(client.connect(vm.socket), qc.connect_timeout_seconds)
+            async with asyncio.timeout(qc.connect_timeout_seconds):
+                await client.connect(vm.socket)
         except asyncio.CancelledError:
             await self._close(client)
             raise
         except Exception as exc:  # every failure is counted, logged once, and retried
+            task = asyncio.current_task()
+            if self._stopping or (task is not None and task.cancelling()):
+                # qemu.qmp turns a cancel that lands inside connect() into a ConnectError.
+                await self._close(client)
+                raise asyncio.CancelledError from exc
             reason = connect_error_reason(exc)
             vm.connect_errors[reason] += 1
             vm.touch_counters()
@@ -272,7 +301,8 @@ class VMWatcher:
             for t in done:
                 t.result()  # SessionLost from the poller; a bug in event handling stays loud
         except SessionLost as exc:
-            log.warning("QMP session lost", extra={"vm": vm.vm, "socket": vm.socket, "err": str(exc)})
+            if self._last_error_reason != "lost":
+                log.warning("QMP session lost", extra={"vm": vm.vm, "socket": vm.socket, "err": str(exc)})
             self._last_error_reason = "lost"
         finally:
             for t in tasks:
@@ -327,18 +357,24 @@ class VMWatcher:
             self.vm.command_errors[(command, "disconnected")] += 1
             self.vm.touch_counters()
             raise SessionLost(f"{command}: {exc}") from None
+        except ProtocolError as exc:  # e.g. a reply with neither "return" nor a proper "error"
+            self.vm.command_errors[(command, "protocol")] += 1
+            self.vm.touch_counters()
+            raise SessionLost(f"{command}: {exc}") from None
 
     # -- reading QEMU ------------------------------------------------------------------
 
     async def _identify(self, client: ReadOnlyQMPClient) -> None:
         vm = self.vm
-        name = await self._cmd(client, "query-name")
-        vm.name = name.get("name") if isinstance(name, dict) and name.get("name") else None
-        uuid = await self._cmd(client, "query-uuid")
-        vm.uuid = str(uuid.get("UUID", "")) if isinstance(uuid, dict) else ""
-        ver = await self._cmd(client, "query-version")
-        q = ver.get("qemu", {}) if isinstance(ver, dict) else {}
-        vm.qemu_version = f"{q.get('major', 0)}.{q.get('minor', 0)}.{q.get('micro', 0)}"
+        # Every value is type-checked: a label value that is not a string would break every
+        # scrape of the host, not just this VM.
+        name = _field(await self._cmd(client, "query-name"), "name")
+        vm.name = name if isinstance(name, str) and name else None
+        uuid = _field(await self._cmd(client, "query-uuid"), "UUID")
+        vm.uuid = uuid if isinstance(uuid, str) else ""
+        q = _field(await self._cmd(client, "query-version"), "qemu")
+        parts = [_field(q, k) for k in ("major", "minor", "micro")]
+        vm.qemu_version = ".".join(str(p) if _is_uint(p) else "0" for p in parts)
         await self._read_status(client)
         vm.retry_feature = await self._detect_retry_feature(client)
 
@@ -419,8 +455,8 @@ class VMWatcher:
         interval = timeout = None
         if self.vm.retry_feature:
             i, t = values[2], values[3]
-            interval = i if isinstance(i, int) else None
-            timeout = t if isinstance(t, int) else None
+            interval = i if _is_uint(i) else None
+            timeout = t if _is_uint(t) else None
         policy = DiskPolicy(
             werror=werror if isinstance(werror, str) else "unknown",
             rerror=rerror if isinstance(rerror, str) else "unknown",
@@ -460,7 +496,8 @@ class VMWatcher:
         while True:
             self._poll_now.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poll_now.wait(), qc.poll_interval_seconds)
+                async with asyncio.timeout(qc.poll_interval_seconds):
+                    await self._poll_now.wait()
             await self._read_status(client)
             if self._refresh_disks_now or loop.time() >= next_refresh:
                 await self._refresh_disks(client)
@@ -498,6 +535,8 @@ class VMWatcher:
         per-event work is O(1) whatever the fleet size."""
         vm = self.vm
         name = event.get("event")
+        if not isinstance(name, str):
+            name = None  # a malformed event is counted as "other" and otherwise ignored
         vm.events[bounded(name, KNOWN_EVENTS)] += 1
         vm.touch_counters()
         data = event.get("data")

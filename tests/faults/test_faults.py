@@ -122,10 +122,7 @@ async def test_qemu_killed_mid_hang(short_tmp: Path) -> None:
 
 async def test_socket_recreated_by_new_qemu(short_tmp: Path) -> None:
     """The socket is deleted and at once re-created by a new QEMU of the same name (mid-hang):
-    the session comes back with the new disk list, the old hang ends, counters carry on.
-
-    (With a long backoff the re-creation is not noticed when the inode number is reused:
-    see docs/reliability.md, "known bugs".)"""
+    the session comes back with the new disk list, the old hang ends, counters carry on."""
     sock = str(short_tmp / "phoenix.qmp")
     good, old = good_vm(short_tmp), SimVM(sock, name="phoenix", disks=[retry_disk()])
     await good.start()
@@ -419,8 +416,8 @@ async def test_sigterm_during_scrapes(short_tmp: Path) -> None:
     """SIGTERM while 20 clients scrape in a loop: exit 0 within seconds, every in-flight scrape
     answered or cut (none left hanging), no traceback.
 
-    No VM is watched here on purpose: this isolates the HTTP side.  With watchers, the
-    shutdown can hang (a bug: see bugs_found.py / docs/reliability.md)."""
+    No VM is watched here on purpose: this isolates the HTTP side (SIGTERM with many watchers:
+    tests/faults/test_regressions.py)."""
     (short_tmp / "none").mkdir()
     cfg = {"qmp": {"globs": [str(short_tmp / "none" / "*.qmp")], **FAULT_FAST}}
     exp = ExporterProcess(short_tmp, cfg)
