@@ -12,5 +12,15 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
   }
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e ".[test]"
+# Reinstall only when pyproject.toml changed; show pip's output only when it fails.
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -e "$stamp" ]; then
+  log=$(mktemp)
+  if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e ".[test]"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "setup: pip install failed (log above)" >&2
+    exit 1
+  fi
+  rm -f "$log" .venv/.installed-*
+  touch "$stamp"
+fi
