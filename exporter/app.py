@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import time
@@ -17,22 +16,13 @@ from exporter import __version__
 from exporter.alert_push import AlertPusher, open_hangs
 from exporter.config import Config, validate_listen_address
 from exporter.discovery import Discovery
+from exporter.gc_tuning import freeze_long_lived
 from exporter.hang_tracking import HangTracking
 from exporter.metrics import ExporterCollector
 from exporter.web import make_app
 from exporter.webconfig import WebConfig, auth_middleware
 
 log = logging.getLogger("exporter")
-
-#: How often the fleet's shape is checked for `Exporter._freeze_long_lived`.
-GC_SETTLE_TICK_SECONDS = 1.0
-#: Ticks of continuous change after which the full collection is done anyway (a flapping VM).
-GC_SETTLE_MAX_TICKS = 30
-#: Generation-1 collections between full ones while the fleet changes: never, in practice.
-GC_DEFERRED_GEN2_THRESHOLD = 1_000_000
-#: Objects promoted to the old generation in a tick above which the heap counts as changing
-#: (a 4-disk VM's session is ~130 objects).
-GC_SETTLE_PROMOTED = 5000
 
 
 class Exporter:
@@ -66,53 +56,6 @@ class Exporter:
         vms = self.discovery.vms
         return len(vms), sum(1 for vm in vms if vm.up)
 
-    async def _freeze_long_lived(
-        self, tick: float = GC_SETTLE_TICK_SECONDS, max_ticks: int = GC_SETTLE_MAX_TICKS
-    ) -> None:
-        """Keep the sessions' long-lived objects out of the cyclic GC's full collections.
-
-        At 1000 VMs the QMP sessions, watchers and caches are ~150,000 GC-tracked objects; a
-        full (generation 2) collection walks all of them: 170-340 ms with the event loop
-        stopped, every ~0.5 s while the fleet connects and every ~10-30 s after.  So while the
-        fleet changes (start-up, sockets found or lost, sessions coming up or going down, or
-        more than ``GC_SETTLE_PROMOTED`` objects promoted to the old generation in a tick)
-        full collections are put off (young ones go on) and what survived is frozen every
-        tick (`gc.freeze`: out of the collector's reach); once a tick passes without change
-        (or after ``max_ticks`` of change), one full collection over everything, unfrozen
-        first so that the cyclic garbage of dead sessions is freed, and a freeze again.  One
-        pause per fleet change instead of recurring ones; full collections of what is created
-        after the freeze (a small heap) run as usual.
-        """
-        gen0, gen1, gen2 = gc.get_threshold()
-        shape, changing = self._fleet_shape(), 1
-        gc.set_threshold(gen0, gen1, GC_DEFERRED_GEN2_THRESHOLD)
-        try:
-            while True:
-                await asyncio.sleep(tick)
-                now = self._fleet_shape()
-                if changing and changing < max_ticks:
-                    promoted = len(gc.get_objects(generation=2))  # since the last freeze
-                    gc.freeze()
-                    if now == shape and promoted < GC_SETTLE_PROMOTED:
-                        changing = 0
-                        gc.set_threshold(gen0, gen1, gen2)
-                        gc.unfreeze()
-                        gc.collect()
-                        gc.freeze()
-                    else:
-                        changing += 1
-                elif changing:  # changing for too long (a flapping VM): collect anyway
-                    changing = 1
-                    gc.unfreeze()
-                    gc.collect()
-                    gc.freeze()
-                elif now != shape:
-                    changing = 1
-                    gc.set_threshold(gen0, gen1, GC_DEFERRED_GEN2_THRESHOLD)
-                shape = now
-        finally:
-            gc.set_threshold(gen0, gen1, gen2)
-
     async def start(self) -> None:
         host, port = validate_listen_address(
             "--web.listen-address", "web.listen_address", self.config.listen_address
@@ -129,7 +72,7 @@ class Exporter:
             await self.alert_pusher.start()
         self.discovery.start()
         self._hang_task = asyncio.create_task(self.hangs.run(self.clock), name="hang-tick")
-        self._gc_task = asyncio.create_task(self._freeze_long_lived(), name="gc-freeze")
+        self._gc_task = asyncio.create_task(freeze_long_lived(self._fleet_shape), name="gc-freeze")
         log.info(
             "listening",
             extra={
