@@ -9,6 +9,7 @@ hook of ``qemu.qmp``.  `ReadOnlyQMPClient.execute` checks first too, so a caller
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -47,6 +48,9 @@ def check_allowed(msg: Mapping[str, object]) -> None:
     if command not in ALLOWED_COMMANDS or "exec-oob" in msg:
         raise ForbiddenCommand(command)
 
+
+#: How long a closed connection's buffered lines may take to be read before the reader is cut.
+_DRAIN_SECONDS = 5.0
 
 #: What marks a QMP event line; a line without it cannot be an event.
 _EVENT_KEY = b'"event"'
@@ -94,6 +98,15 @@ class ReadOnlyQMPClient(QMPClient):
         # fails the writer task, which drops the connection rather than send the command.
         check_allowed(msg)
         return msg
+
+    async def _bh_disconnect(self) -> None:
+        # When the writer failed because QEMU closed the connection, the reader may still hold
+        # QEMU's last lines (an event storm) in its buffer; the library would cancel it at once
+        # and lose them.  Let it drain to EOF first, for a bounded time.
+        reader, writer = self._reader_task, self._writer_task
+        if reader is not None and writer is not None and writer.done() and not reader.done():
+            await asyncio.wait({reader}, timeout=_DRAIN_SECONDS)
+        await super()._bh_disconnect()
 
     def _cb_inbound(self, msg: Message) -> Message:
         # The base hook formats every message for a debug log even when debug is off; with

@@ -182,6 +182,7 @@ class VMWatcher:
         self._refresh_lock = asyncio.Lock()
         self._last_error_reason: str | None = None
         self._stopping = False
+        self._rx_events = 0  # events received: proof of life while a reply is awaited
         # Events of the current session: held until it is established (disks known), then
         # applied as they arrive, from the client's reader (`_on_qmp_event`).
         self._held_events: list[dict[str, Any]] = []
@@ -340,11 +341,27 @@ class VMWatcher:
     async def _cmd(
         self, client: ReadOnlyQMPClient, command: str, args: Mapping[str, object] | None = None
     ) -> Any:
-        """Run one command with a timeout.  ExecuteError (QEMU said no) goes to the caller."""
+        """Run one command with a timeout.  ExecuteError (QEMU said no) goes to the caller.
+
+        The timeout means "QEMU said nothing at all for that long": while events keep
+        arriving (a storm queued ahead of the reply, or an exporter short of CPU), the session
+        is alive and the wait goes on.  Dropping a live session would lose the events QEMU
+        already sent and the exporter has not read yet."""
+        timeout = self.config.qmp.command_timeout_seconds
         try:
-            # asyncio.timeout, not wait_for: no extra task per command (thousands at connect)
-            async with asyncio.timeout(self.config.qmp.command_timeout_seconds):
-                return await client.execute(command, args)
+            reply = asyncio.ensure_future(client.execute(command, args))
+            try:
+                while True:
+                    seen = self._rx_events
+                    done, _ = await asyncio.wait({reply}, timeout=timeout)
+                    if done:
+                        return reply.result()
+                    if self._rx_events == seen:
+                        raise TimeoutError
+            finally:
+                if not reply.done():
+                    reply.cancel()
+                    reply.add_done_callback(_consume_result)
         except ExecuteError:
             self.vm.command_errors[(command, "error")] += 1
             self.vm.touch_counters()
@@ -508,6 +525,7 @@ class VMWatcher:
 
     def _on_qmp_event(self, event: dict[str, Any]) -> None:
         """Called by the client's reader for every event, in order."""
+        self._rx_events += 1
         if not self._events_live:
             self._held_events.append(event)
             return
@@ -599,6 +617,12 @@ async def _gather(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _consume_result(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a cancelled command's outcome so asyncio does not log it as never retrieved."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _status_after(event: str, status: str) -> str:
