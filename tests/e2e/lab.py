@@ -85,6 +85,17 @@ async def wait_guest(vm: QemuVM, check: Any, timeout: float = 20.0, what: str = 
     return await wait_for(probe, timeout, what)
 
 
+async def watching_disk(exp: ExporterProcess, vm: str, device: str) -> Metrics:
+    """Wait until the exporter's session with ``vm`` is up and it lists ``device``."""
+    return await exp.wait_metrics(
+        lambda m: (
+            m.value("qemu_qmp_up", vm=vm) == 1 and bool(m.find("qemu_block_device_info", device=device))
+        ),
+        timeout=15,
+        what="exporter watching the disk",
+    )
+
+
 def io_error_counts(m: Metrics, vm: str, device: str) -> Counter[tuple[str, str]]:
     """``qemu_block_io_error_events_total`` of one disk by (operation, action), zeros dropped."""
     counts: Counter[tuple[str, str]] = Counter()

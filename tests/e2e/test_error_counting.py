@@ -15,7 +15,15 @@ from collections import Counter
 
 import pytest
 
-from tests.e2e.lab import Lab, ends_recovered, io_error_counts, nbd_disk_args, plain_qmp, wait_guest
+from tests.e2e.lab import (
+    Lab,
+    ends_recovered,
+    io_error_counts,
+    nbd_disk_args,
+    plain_qmp,
+    wait_guest,
+    watching_disk,
+)
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.qemu
@@ -29,13 +37,7 @@ async def test_error_events_counted_exactly(lab: Lab, kind: str, device: str) ->
     vm = lab.vm(nbd_disk_args(storage, device, "werror=report,rerror=report", kind), name=VM)
     assert vm.mon2 is not None
     exp = await lab.exporter(vm.qmp)
-    await exp.wait_metrics(
-        lambda m: (
-            m.value("qemu_qmp_up", vm=VM) == 1 and bool(m.find("qemu_block_device_info", device=device))
-        ),
-        timeout=15,
-        what="exporter watching the disk",
-    )
+    await watching_disk(exp, VM, device)
     await wait_guest(vm, lambda s: "WRWR" in s, what="guest doing IO")
 
     async with plain_qmp(vm.mon2, "observer") as observer:

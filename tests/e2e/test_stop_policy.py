@@ -20,7 +20,7 @@ import time
 import pytest
 from qemu.qmp import QMPClient
 
-from tests.e2e.lab import Lab, io_error_counts, nbd_disk_args, plain_qmp, wait_guest
+from tests.e2e.lab import Lab, io_error_counts, nbd_disk_args, plain_qmp, wait_guest, watching_disk
 from tests.harness import Metrics
 
 pytestmark = pytest.mark.qemu
@@ -48,13 +48,7 @@ async def test_stop_policy_pauses_and_cont_resumes(lab: Lab, layout: str) -> Non
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(QMPClient("intruder").connect(str(vm.qmp)), 1.0)
         exp = await lab.exporter(watched)
-        m = await exp.wait_metrics(
-            lambda m: (
-                m.value("qemu_qmp_up", vm=VM) == 1 and bool(m.find("qemu_block_device_info", device=DEVICE))
-            ),
-            timeout=15,
-            what="exporter watching the disk",
-        )
+        m = await watching_disk(exp, VM, DEVICE)
         (info,) = m.find("qemu_vm_info", vm=VM)
         assert info.labels["socket"] == str(watched)
         (dev,) = m.find("qemu_block_device_info", vm=VM, device=DEVICE)
@@ -142,13 +136,7 @@ async def test_cont_before_the_storage_is_back_keeps_one_hang(lab: Lab) -> None:
     assert vm.mon2 is not None
     async with plain_qmp(vm.mon2, "mgmt") as mgmt:
         exp = await lab.exporter(vm.qmp)
-        await exp.wait_metrics(
-            lambda m: (
-                m.value("qemu_qmp_up", vm=VM) == 1 and bool(m.find("qemu_block_device_info", device=DEVICE))
-            ),
-            timeout=15,
-            what="exporter watching the disk",
-        )
+        await watching_disk(exp, VM, DEVICE)
         await wait_guest(vm, lambda s: "WRWR" in s, what="guest doing IO")
         mgmt.events.clear()
         storage.fail()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.lab import Lab, nbd_disk_args, plain_qmp, wait_guest
+from tests.e2e.lab import Lab, nbd_disk_args, plain_qmp, wait_guest, watching_disk
 from tests.harness import ExporterProcess, Metrics
 from tests.qemu import FailingStorage, QemuVM
 
@@ -27,13 +27,7 @@ def _vm_gone_hangs(m: Metrics) -> float:
 
 async def _hang(storage: FailingStorage, exp: ExporterProcess, vm: QemuVM) -> None:
     """Guest doing IO, then the storage fails: the VM pauses and the disk hangs."""
-    await exp.wait_metrics(
-        lambda m: (
-            m.value("qemu_qmp_up", vm=VM) == 1 and bool(m.find("qemu_block_device_info", device=DEVICE))
-        ),
-        timeout=15,
-        what="exporter watching the disk",
-    )
+    await watching_disk(exp, VM, DEVICE)
     await wait_guest(vm, lambda s: "WRWR" in s, what="guest doing IO")
     storage.fail()
     await exp.wait_metrics(
