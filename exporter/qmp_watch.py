@@ -494,12 +494,17 @@ class VMWatcher:
 
     async def _poll_stats(self, client: ReadOnlyQMPClient) -> None:
         stats = await self._cmd(client, "query-blockstats")
-        by_qdev = {d.qdev: d.device for d in self.vm.disks.values()}
-        by_node = {d.node_name: d.device for d in self.vm.disks.values() if d.node_name}
         for entry in stats if isinstance(stats, list) else []:
             if not isinstance(entry, dict) or not isinstance(entry.get("stats"), dict):
                 continue
-            device = by_qdev.get(entry.get("qdev", "")) or by_node.get(entry.get("node-name", ""))
+            # Same keys as query-block: the lookups kept for BLOCK_IO_ERROR serve here too.
+            device = self.vm.match_disk(
+                {
+                    "node-name": entry.get("node-name"),
+                    "device": entry.get("device"),
+                    "qom-path": entry.get("qdev"),
+                }
+            )
             if device is not None:
                 self.vm.blockstats[device] = parse_blockstats(entry["stats"])
         self.vm.touch_stats()
