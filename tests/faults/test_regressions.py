@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from exporter.config import Config, QMPConfig
 from exporter.qmp_watch import VMWatcher
 from exporter.state import VMState
@@ -117,13 +119,20 @@ async def test_recreated_socket_wakes_watcher_even_with_same_inode(short_tmp: Pa
             await exp.wait_metrics(lambda m: up(m, "phoenix") == 1)
             ino = os.stat(sock).st_ino
             await old.kill()
-            await new.start()
-            assert os.stat(sock).st_ino == ino  # the kernel reused the inode number
+            # ext4 usually hands the freed inode number to the next socket, but not always:
+            # re-create until it does (each try takes milliseconds; discovery looks once a second).
+            for _ in range(50):
+                await new.start()
+                if os.stat(sock).st_ino == ino:
+                    break
+                await new.kill()
+            else:
+                pytest.fail(f"the kernel never reused inode {ino} for {sock} in 50 tries")
             # backoff after a session is 2.5-5 s: only a wake-up brings it back within 2 s
             await exp.wait_metrics(
                 lambda m: (
                     up(m, "phoenix") == 1
-                    and counter(m, "qemu_exporter_qmp_disconnects_total", vm="phoenix") == 1
+                    and counter(m, "qemu_exporter_qmp_disconnects_total", vm="phoenix") >= 1
                 ),
                 timeout=2,
             )
