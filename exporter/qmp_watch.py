@@ -182,7 +182,6 @@ class VMWatcher:
         self._refresh_lock = asyncio.Lock()
         self._last_error_reason: str | None = None
         self._stopping = False
-        self._rx_events = 0  # events received: proof of life while a reply is awaited
         # Events of the current session: held until it is established (disks known), then
         # applied as they arrive, from the client's reader (`_on_qmp_event`).
         self._held_events: list[dict[str, Any]] = []
@@ -348,20 +347,28 @@ class VMWatcher:
         is alive and the wait goes on.  Dropping a live session would lose the events QEMU
         already sent and the exporter has not read yet."""
         timeout = self.config.qmp.command_timeout_seconds
+        loop = asyncio.get_running_loop()
         try:
-            reply = asyncio.ensure_future(client.execute(command, args))
+            reply = client.query(command, args)
+            seen = client.lines_received
+            timer: asyncio.TimerHandle | None = None
+
+            def check_alive() -> None:
+                nonlocal seen, timer
+                if reply.done():
+                    return
+                if client.lines_received == seen:
+                    reply.set_exception(TimeoutError())
+                else:
+                    seen = client.lines_received
+                    timer = loop.call_later(timeout, check_alive)
+
+            timer = loop.call_later(timeout, check_alive)
             try:
-                while True:
-                    seen = self._rx_events
-                    done, _ = await asyncio.wait({reply}, timeout=timeout)
-                    if done:
-                        return reply.result()
-                    if self._rx_events == seen:
-                        raise TimeoutError
+                return await reply
             finally:
-                if not reply.done():
-                    reply.cancel()
-                    reply.add_done_callback(_consume_result)
+                if timer is not None:
+                    timer.cancel()
         except ExecuteError:
             self.vm.command_errors[(command, "error")] += 1
             self.vm.touch_counters()
@@ -530,7 +537,6 @@ class VMWatcher:
 
     def _on_qmp_event(self, event: dict[str, Any]) -> None:
         """Called by the client's reader for every event, in order."""
-        self._rx_events += 1
         if not self._events_live:
             self._held_events.append(event)
             return
@@ -622,12 +628,6 @@ async def _gather(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-def _consume_result(fut: asyncio.Future[Any]) -> None:
-    """Retrieve a cancelled command's outcome so asyncio does not log it as never retrieved."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 def _status_after(event: str, status: str) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import ast
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import pytest
-from qemu.qmp import ExecInterruptedError
+from qemu.qmp import ExecInterruptedError, ExecuteError, Runstate
 
 from exporter.qmp_readonly import ALLOWED_COMMANDS, ForbiddenCommand, ReadOnlyQMPClient, check_allowed
+from tests.faults.servers import FakeConn, FakeQMP
 from tests.harness import REPO
 from tests.qemu import run_qemu
 
@@ -98,3 +100,54 @@ async def test_forbidden_commands_never_reach_a_real_qemu(short_tmp: Path) -> No
         await client2.connect(str(sock))
         assert (await client2.execute("query-status"))["status"] == "running"  # type: ignore[index]
         await client2.disconnect()
+
+
+async def test_query_path_checks_and_routes_on_a_real_qemu(short_tmp: Path) -> None:
+    """`query` (the watcher's path) refuses what `execute` refuses, before writing anything,
+    and routes replies and errors to the right caller, beside the library's own path."""
+    sock = short_tmp / "vm.qmp"
+    with run_qemu(short_tmp, sock, []) as proc:
+        client = ReadOnlyQMPClient("t")
+        await client.connect(str(sock))
+        try:
+            status, version = client.query("query-status"), client.query("query-version")
+            missing = client.query("qom-get", {"path": "/machine/peripheral/nope", "property": "type"})
+            for command in ("stop", "quit", "system_reset", "qom-set"):
+                with pytest.raises(ForbiddenCommand):
+                    client.query(command)
+            assert (await status)["status"] == "running"  # type: ignore[index]
+            assert (await version)["qemu"]["major"] >= 7  # type: ignore[index]
+            with pytest.raises(ExecuteError) as err:
+                await missing
+            assert err.value.error_class == "DeviceNotFound"
+            assert (await client.execute("query-status"))["status"] == "running"  # type: ignore[index]
+            assert client.lines_received == 4  # the reader task's: greeting and capabilities come before
+        finally:
+            await client.disconnect()
+        assert proc.poll() is None  # QEMU still alive: "quit" never arrived
+
+
+class _HangsUpOnQueryName(FakeQMP):
+    async def on_command(self, conn: FakeConn, msg: dict[str, Any]) -> None:
+        if msg.get("execute") == "query-name":
+            conn.close()
+        else:
+            await self.answer(conn, msg, str(msg.get("execute")))
+
+
+async def test_query_pending_when_qemu_hangs_up_fails_with_exec_interrupted(short_tmp: Path) -> None:
+    sock = str(short_tmp / "hangup.qmp")
+    async with _HangsUpOnQueryName(sock, "hangup"):
+        client = ReadOnlyQMPClient("t")
+        await client.connect(sock)
+        try:
+            status, name = client.query("query-status"), client.query("query-name")
+            assert (await status)["status"] == "running"  # type: ignore[index]
+            with pytest.raises(ExecInterruptedError):
+                await name
+            assert client.runstate == Runstate.DISCONNECTING  # the library tore the session down
+            with pytest.raises(ExecInterruptedError):
+                client.query("query-status")  # nothing is written to a dead session
+        finally:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
