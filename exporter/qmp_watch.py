@@ -169,8 +169,10 @@ class VMWatcher:
         *,
         sink: EventSink | None = None,
         clock: Callable[[], float],
+        setup_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.vm = vm
+        self._setup_slots = setup_slots
         self.config = config
         self.sink = sink or EventSink()
         self.clock = clock
@@ -278,9 +280,11 @@ class VMWatcher:
         tasks: list[asyncio.Task[None]] = []
         try:
             self.phase = Phase.IDENTIFYING
-            await self._identify(client)
-            await self._refresh_disks(client)
-            await self._poll_stats(client)
+            # Fleet-wide: only so many sessions are set up at once (discovery.SETUP_CONCURRENCY).
+            async with self._setup_slots or contextlib.nullcontext():
+                await self._identify(client)
+                await self._refresh_disks(client)
+                await self._poll_stats(client)
             vm.up = True
             established = True
             self.sink.on_session_start(vm, self.clock())
