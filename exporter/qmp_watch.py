@@ -350,29 +350,13 @@ class VMWatcher:
         arriving (a storm queued ahead of the reply, or an exporter short of CPU), the session
         is alive and the wait goes on.  Dropping a live session would lose the events QEMU
         already sent and the exporter has not read yet."""
-        timeout = self.config.qmp.command_timeout_seconds
-        loop = asyncio.get_running_loop()
         try:
             reply = client.query(command, args)
-            seen = client.lines_received
-            timer: asyncio.TimerHandle | None = None
-
-            def check_alive() -> None:
-                nonlocal seen, timer
-                if reply.done():
-                    return
-                if client.lines_received == seen:
-                    reply.set_exception(TimeoutError())
-                else:
-                    seen = client.lines_received
-                    timer = loop.call_later(timeout, check_alive)
-
-            timer = loop.call_later(timeout, check_alive)
+            watchdog = _SilenceWatchdog(client, reply, self.config.qmp.command_timeout_seconds)
             try:
                 return await reply
             finally:
-                if timer is not None:
-                    timer.cancel()
+                watchdog.cancel()
         except ExecuteError:
             self.vm.command_errors[(command, "error")] += 1
             self.vm.touch_counters()
@@ -619,6 +603,31 @@ class VMWatcher:
                 self._count_io_error(device, data)
             self.vm.touch_counters()
             self.sink.on_event(self.vm, device, event)
+
+
+class _SilenceWatchdog:
+    """Fails ``reply`` with TimeoutError once QEMU has sent no line at all for ``timeout``
+    seconds (see `VMWatcher._cmd`).  One timer per command; a plain object rather than a
+    closure, which would reference itself and leave cyclic garbage behind every command."""
+
+    __slots__ = ("_client", "_handle", "_reply", "_seen", "_timeout")
+
+    def __init__(self, client: ReadOnlyQMPClient, reply: asyncio.Future[object], timeout: float) -> None:
+        self._client, self._reply, self._timeout = client, reply, timeout
+        self._seen = client.lines_received
+        self._handle = asyncio.get_running_loop().call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        if self._reply.done():
+            return
+        if self._client.lines_received == self._seen:
+            self._reply.set_exception(TimeoutError())
+        else:
+            self._seen = self._client.lines_received
+            self._handle = asyncio.get_running_loop().call_later(self._timeout, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()  # also drops the handle's reference to us
 
 
 async def _gather(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
