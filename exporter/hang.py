@@ -376,6 +376,16 @@ class DiskHangTracker:
         return self._failing
 
     @property
+    def active(self) -> bool:
+        """Hanging or failing: the only states in which the passing time changes anything."""
+        return self._start is not None or self._failing
+
+    @property
+    def has_completed(self) -> bool:
+        """Hangs completed and not yet drained (`drain_completed`)."""
+        return bool(self._completed)
+
+    @property
     def paused(self) -> bool:
         return self._paused
 

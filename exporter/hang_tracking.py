@@ -276,13 +276,15 @@ class HangTracking(EventSink, HangView):
     # -- ticking -----------------------------------------------------------------------
 
     def _drain(self, tracker: DiskHangTracker) -> None:
-        for hang in tracker.drain_completed():
-            self.histogram.observe(hang)
+        if tracker.has_completed:
+            for hang in tracker.drain_completed():
+                self.histogram.observe(hang)
 
     def tick(self, now: float) -> None:
         for devs in self.trackers.values():
             for t in devs.values():
-                t.advance(now)
+                if t.active:  # an idle tracker has nothing to learn from the time
+                    t.advance(now)
                 self._drain(t)
         self.save()
         if self.on_change is not None:
@@ -356,20 +358,24 @@ class HangTracking(EventSink, HangView):
             ]
         cache: dict[str, _HangText] = {}
         chunks: list[_HangText] = []
+        names = tuple(label_names)
         for vm in vms:
-            devs = self.trackers.get(vm.socket, {})
-            used = [(dev, devs[dev]) for dev in sorted(vm.disks) if dev in devs]
-            for _dev, t in used:
-                t.advance(now)
-            key = (vm.version, self._versions.get(vm.socket), tuple(label_names))
+            key = (vm.version, self._versions.get(vm.socket), names)
             entry = self._text.get(vm.socket)
+            # Unchanged and idle: its trackers have nothing to say about the passing time
+            # (`DiskHangTracker.advance` only ends hangs and failing periods), so neither they
+            # nor their lines are touched.  Most VMs of a host are in that case at any scrape.
             if entry is None or entry.vm is not vm or entry.key != key or entry.volatile:
+                devs = self.trackers.get(vm.socket, {})
+                used = [(dev, devs[dev]) for dev in sorted(vm.disks) if dev in devs]
+                for _dev, t in used:
+                    if t.active:
+                        t.advance(now)
+                    self._drain(t)
                 entry = _HangText(vm, key, used, label_names, now)
             cache[vm.socket] = entry
             chunks.append(entry)
         self._text = cache
-        for t in (d for devs in self.trackers.values() for d in devs.values()):
-            self._drain(t)
         parts: list[str] = []
         for i, header in enumerate(self._headers):
             parts.append(header)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -87,6 +88,14 @@ def test_invariants(pol: tuple[float, float, float], ops: list[tuple[str, float,
         assert secs >= prev_secs - 1e-6
         prev_secs = secs
         assert not (tr.hanging and tr.failing)
+        assert tr.active == (tr.hanging or tr.failing)
+        if not tr.active:
+            # What HangTracking relies on to leave idle trackers alone: time changes nothing.
+            later = copy.deepcopy(tr)
+            later.advance(high + 1e6)
+            seen = (later.hanging, later.failing, later.has_completed, dict(later.hangs_total))
+            assert seen == (tr.hanging, tr.failing, tr.has_completed, dict(tr.hangs_total))
+            assert later.hang_seconds_total(high + 1e6) == tr.hang_seconds_total(high + 1e6)
         assert tr.duration(high) >= 0.0
         if tr.hanging:
             start = tr.hang_start
