@@ -22,6 +22,7 @@ from qemu.qmp.error import ProtocolError
 from qemu.qmp.protocol import StateError
 
 from exporter.config import Config
+from exporter.fairness import ScrapeFirst
 from exporter.policy import DiskPolicy, verify
 from exporter.qmp_readonly import ReadOnlyQMPClient
 from exporter.state import (
@@ -57,7 +58,14 @@ class Phase(enum.Enum):
 
 
 class SessionLost(Exception):
-    """The QMP session is unusable (timeout or disconnect); reconnect."""
+    """The QMP session is unusable (timeout or disconnect); reconnect.
+
+    ``closed``: QEMU closed the connection (the session ended) rather than the exporter giving
+    up on it (timeout, protocol error)."""
+
+    def __init__(self, message: str, *, closed: bool = False) -> None:
+        super().__init__(message)
+        self.closed = closed
 
 
 class EventSink:
@@ -170,9 +178,11 @@ class VMWatcher:
         sink: EventSink | None = None,
         clock: Callable[[], float],
         setup_slots: asyncio.Semaphore | None = None,
+        scrape_first: ScrapeFirst | None = None,
     ) -> None:
         self.vm = vm
         self._setup_slots = setup_slots
+        self._scrape_first = scrape_first
         self.config = config
         self.sink = sink or EventSink()
         self.clock = clock
@@ -248,7 +258,7 @@ class VMWatcher:
         self._events_live = False
         self._event_failure = None
         self._event_failed.clear()
-        client = ReadOnlyQMPClient(vm.stem, on_event=self._on_qmp_event)
+        client = ReadOnlyQMPClient(vm.stem, on_event=self._on_qmp_event, scrape_first=self._scrape_first)
         self.phase = Phase.CONNECTING
         vm.connect_attempts += 1
         try:
@@ -305,9 +315,12 @@ class VMWatcher:
             for t in done:
                 t.result()  # SessionLost from the poller; a bug in event handling stays loud
         except SessionLost as exc:
-            if self._last_error_reason != "lost":
-                log.warning("QMP session lost", extra={"vm": vm.vm, "socket": vm.socket, "err": str(exc)})
-            self._last_error_reason = "lost"
+            # A command cut short because QEMU closed the connection: the session ended (logged
+            # below), as when the disconnect is noticed first.
+            if not exc.closed:
+                if self._last_error_reason != "lost":
+                    log.warning("QMP session lost", extra={"vm": vm.vm, "socket": vm.socket, "err": str(exc)})
+                self._last_error_reason = "lost"
         finally:
             for t in tasks:
                 t.cancel()
@@ -368,7 +381,7 @@ class VMWatcher:
         except (ExecInterruptedError, StateError, EOFError, OSError) as exc:
             self.vm.command_errors[(command, "disconnected")] += 1
             self.vm.touch_counters()
-            raise SessionLost(f"{command}: {exc}") from None
+            raise SessionLost(f"{command}: {exc}", closed=True) from None
         except ProtocolError as exc:  # e.g. a reply with neither "return" nor a proper "error"
             self.vm.command_errors[(command, "protocol")] += 1
             self.vm.touch_counters()
