@@ -16,6 +16,7 @@ from exporter import __version__
 from exporter.alert_push import AlertPusher, open_hangs
 from exporter.config import Config, validate_listen_address
 from exporter.discovery import Discovery
+from exporter.fairness import ScrapeFirst
 from exporter.gc_tuning import freeze_long_lived
 from exporter.hang_tracking import HangTracking
 from exporter.metrics import ExporterCollector
@@ -33,7 +34,8 @@ class Exporter:
         self.web_config = web_config or WebConfig()
         self.clock = clock
         self.hangs = HangTracking(config.hang.recovery_margin_seconds, config.hang.state_file)
-        self.discovery = Discovery(config, self.hangs, clock)
+        self.scrape_first = ScrapeFirst()
+        self.discovery = Discovery(config, self.hangs, clock, self.scrape_first)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(
             ExporterCollector(
@@ -61,7 +63,7 @@ class Exporter:
             "--web.listen-address", "web.listen_address", self.config.listen_address
         )
         mw = auth_middleware(self.web_config)
-        app = make_app(self.registry, self.config.telemetry_path, [mw] if mw else [])
+        app = make_app(self.registry, self.config.telemetry_path, [mw] if mw else [], self.scrape_first)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(

@@ -23,6 +23,7 @@ import stat
 from collections.abc import Callable
 
 from exporter.config import Config
+from exporter.fairness import ScrapeFirst
 from exporter.qmp_watch import EventSink, VMWatcher
 from exporter.state import VMState
 
@@ -67,8 +68,15 @@ SETUP_CONCURRENCY = 32
 class Discovery:
     """Keeps one `VMWatcher` per discovered socket."""
 
-    def __init__(self, config: Config, sink: EventSink, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        sink: EventSink,
+        clock: Callable[[], float],
+        scrape_first: ScrapeFirst | None = None,
+    ) -> None:
         self.config = config
+        self.scrape_first = scrape_first
         self.sink = sink
         self.clock = clock
         self.watchers: dict[str, VMWatcher] = {}
@@ -111,7 +119,12 @@ class Discovery:
             if existing is None:
                 vm = VMState(socket=path, static_labels=static_labels_for(path, self.config))
                 watcher = VMWatcher(
-                    vm, self.config, sink=self.sink, clock=self.clock, setup_slots=self._setup_slots
+                    vm,
+                    self.config,
+                    sink=self.sink,
+                    clock=self.clock,
+                    setup_slots=self._setup_slots,
+                    scrape_first=self.scrape_first,
                 )
                 self.watchers[path] = watcher
                 self._identity[path] = ident

@@ -23,6 +23,8 @@ from qemu.qmp.message import Message
 from qemu.qmp.models import ErrorResponse
 from qemu.qmp.qmp_client import BadReplyError
 
+from exporter.fairness import ScrapeFirst
+
 #: Commands the exporter needs, all free of side effects.  Nothing else is ever sent.
 ALLOWED_COMMANDS: frozenset[str] = frozenset(
     {
@@ -58,6 +60,17 @@ def check_allowed(msg: Mapping[str, object]) -> None:
 #: How long a closed connection's buffered lines may take to be read before the reader is cut.
 _DRAIN_SECONDS = 5.0
 
+#: The longest line QEMU may send (the library's default is 10 MiB).  The read buffer of a
+#: connection fills up to twice this before reading pauses and the backlog waits in the socket,
+#: which is what an event storm the exporter cannot keep up with does to every connection at
+#: once.  The largest reply read here, query-block or query-blockstats of a VM with a hundred
+#: disks, is a few hundred KiB.
+READ_BUFFER_BYTES = 1024 * 1024
+
+#: Lines a reader handles before it lets the rest of the loop run: in a storm every one of
+#: 1000 readers has a full buffer, and a turn of the loop is ~1000 x this x ~13 us.
+_LINES_PER_TURN = 8
+
 #: Prefix of the ids `ReadOnlyQMPClient.query` gives its commands (the library uses ``__qmp#``).
 _QUERY_ID = "ro#"
 
@@ -81,14 +94,19 @@ class ReadOnlyQMPClient(QMPClient):
     """
 
     def __init__(
-        self, name: str | None = None, on_event: Callable[[dict[str, Any]], None] | None = None
+        self,
+        name: str | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        scrape_first: ScrapeFirst | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, readbuflen=READ_BUFFER_BYTES)
         self._on_event_cb = on_event
+        self._scrape_first = scrape_first
         self._queries: dict[str, tuple[dict[str, object], asyncio.Future[object]]] = {}
         self._query_seq = 0
         #: Lines received from QEMU so far: proof of life while a reply is awaited.
         self.lines_received = 0
+        self._unyielded = 0  # lines handled since the reader last gave the loop back
 
     def query(self, cmd: str, arguments: Mapping[str, object] | None = None) -> asyncio.Future[object]:
         """Send ``cmd`` now; the future resolves to its ``return`` value.
@@ -138,6 +156,14 @@ class ReadOnlyQMPClient(QMPClient):
         return True
 
     async def _bh_recv_message(self) -> None:
+        # A buffered line is read without suspending: without these yields one reader could
+        # hold the loop for its whole buffer (exporter.fairness).
+        self._unyielded += 1
+        if self._unyielded >= _LINES_PER_TURN or (
+            self._scrape_first is not None and self._scrape_first.active()
+        ):
+            self._unyielded = 0
+            await asyncio.sleep(0)
         msg_bytes = await self._readline()
         self.lines_received += 1
         try:

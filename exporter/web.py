@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -15,10 +16,12 @@ from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
+from exporter.fairness import ScrapeFirst
 from exporter.metrics import generate_text
 
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 TELEMETRY_PATH_KEY = web.AppKey("telemetry_path", str)
+SCRAPE_FIRST_KEY = web.AppKey("scrape_first", ScrapeFirst)
 
 _LANDING = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>QEMU IO hang exporter</title></head>
@@ -32,13 +35,36 @@ _LANDING = """<!DOCTYPE html>
 
 async def metrics(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY_KEY]
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    # The default text format: same bytes as generate_latest, from cached per-VM text.
-    body = generate_text(registry) if encoder is generate_latest else encoder(registry)
-    resp = web.Response(body=body, headers={"Content-Type": content_type})
+    scrape_first = request.app[SCRAPE_FIRST_KEY]
+    scrape_first.scrape_started()  # QMP readers let the response through (exporter.fairness)
+    try:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        # The default text format: same bytes as generate_latest, from cached per-VM text.
+        body = generate_text(registry) if encoder is generate_latest else encoder(registry)
+    except BaseException:
+        scrape_first.scrape_done()
+        raise
+    resp = _MetricsResponse(scrape_first, body=body, headers={"Content-Type": content_type})
     if "gzip" in request.headers.get("Accept-Encoding", ""):
         resp.enable_compression(web.ContentCoding.gzip)
     return resp
+
+
+class _MetricsResponse(web.Response):
+    """Tells `ScrapeFirst` when the page has been written (aiohttp writes it after the
+    handler and the middlewares have returned)."""
+
+    def __init__(self, scrape_first: ScrapeFirst, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._scrape_first: ScrapeFirst | None = scrape_first
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            await super().write_eof(data)
+        finally:
+            if self._scrape_first is not None:
+                self._scrape_first.scrape_done()
+                self._scrape_first = None
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -51,12 +77,16 @@ async def landing(request: web.Request) -> web.StreamResponse:
 
 
 def make_app(
-    registry: CollectorRegistry, telemetry_path: str, middlewares: Sequence[Middleware] = ()
+    registry: CollectorRegistry,
+    telemetry_path: str,
+    middlewares: Sequence[Middleware] = (),
+    scrape_first: ScrapeFirst | None = None,
 ) -> web.Application:
     # Scrapes and probes send tiny requests: refuse bodies instead of buffering them.
     app = web.Application(client_max_size=4096, middlewares=middlewares)
     app[REGISTRY_KEY] = registry
     app[TELEMETRY_PATH_KEY] = telemetry_path
+    app[SCRAPE_FIRST_KEY] = scrape_first or ScrapeFirst()
     app.router.add_get(telemetry_path, metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", landing)
