@@ -20,10 +20,20 @@ from exporter.fairness import ScrapeFirst
 from exporter.gc_tuning import freeze_long_lived
 from exporter.hang_tracking import HangTracking
 from exporter.metrics import ExporterCollector
+from exporter.qmp_watch import EventSink, SinkGroup
+from exporter.state import VMState
 from exporter.web import make_app
 from exporter.webconfig import WebConfig, auth_middleware
 
 log = logging.getLogger("exporter")
+
+
+class _PrerenderAfterPoll(EventSink):
+    def __init__(self, collector: ExporterCollector) -> None:
+        self.collector = collector
+
+    def on_blockstats(self, vm: VMState, now: float) -> None:
+        self.collector.prerender(vm)
 
 
 class Exporter:
@@ -35,16 +45,16 @@ class Exporter:
         self.clock = clock
         self.hangs = HangTracking(config.hang.recovery_margin_seconds, config.hang.state_file)
         self.scrape_first = ScrapeFirst()
-        self.discovery = Discovery(config, self.hangs, clock, self.scrape_first)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(
-            ExporterCollector(
-                lambda: self.discovery.vms,
-                self.discovery.static_label_names,
-                hangs=self.hangs,
-                clock=clock,
-            )
+        collector = ExporterCollector(
+            lambda: self.discovery.vms,
+            Discovery.static_label_names_of(config),
+            hangs=self.hangs,
+            clock=clock,
         )
+        sink = SinkGroup(self.hangs, _PrerenderAfterPoll(collector))
+        self.discovery = Discovery(config, sink, clock, self.scrape_first)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
         self.alert_pusher: AlertPusher | None = None
         if config.alerting.enabled:
             pusher = self.alert_pusher = AlertPusher(config.alerting, clock)

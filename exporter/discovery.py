@@ -83,9 +83,11 @@ class Discovery:
         self._identity: dict[str, tuple[int, int, int] | None] = {}
         self._task: asyncio.Task[None] | None = None
         self._setup_slots = asyncio.Semaphore(SETUP_CONCURRENCY)
-        self.static_label_names: tuple[str, ...] = tuple(
-            sorted({k for lbls in config.qmp.labels.values() for k in lbls})
-        )
+
+    @staticmethod
+    def static_label_names_of(config: Config) -> tuple[str, ...]:
+        """Names of the static labels ``config`` gives some sockets (every VM gets them all)."""
+        return tuple(sorted({k for lbls in config.qmp.labels.values() for k in lbls}))
 
     @property
     def vms(self) -> list[VMState]:

@@ -233,6 +233,18 @@ class ExporterCollector(Collector):
         build.add_metric(list(self._build), 1)
         return build
 
+    def prerender(self, vm: VMState) -> None:
+        """Render what changed of ``vm``'s lines now instead of at the next scrape.
+
+        Called after every poll: every VM is polled every few seconds, so by the time
+        Prometheus scrapes again (15-60 s) all 4000 disks' blockstats of 1000 VMs changed;
+        formatted in the scrape that was ~150 ms, formatted poll by poll it is spread over the
+        poll interval and the scrape only joins text."""
+        entry = self._cache.get(id(vm))
+        if entry is None or entry.vm is not vm:
+            entry = self._cache[id(vm)] = _VMText(vm)
+        entry.refresh(self)
+
     def _render(self) -> list[str]:
         """The text of `collect`'s families from per-VM chunks, re-rendered only for VMs that
         changed since the previous scrape."""

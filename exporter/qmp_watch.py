@@ -96,6 +96,41 @@ class EventSink:
         """The socket is no longer watched (vanished)."""
 
 
+class SinkGroup(EventSink):
+    """Several sinks, each told everything, in order."""
+
+    def __init__(self, *sinks: EventSink) -> None:
+        self.sinks = sinks
+
+    def on_disks(self, vm: VMState, now: float) -> None:
+        for s in self.sinks:
+            s.on_disks(vm, now)
+
+    def on_event(self, vm: VMState, device: str | None, event: Mapping[str, Any]) -> None:
+        for s in self.sinks:
+            s.on_event(vm, device, event)
+
+    def on_blockstats(self, vm: VMState, now: float) -> None:
+        for s in self.sinks:
+            s.on_blockstats(vm, now)
+
+    def on_session_start(self, vm: VMState, now: float) -> None:
+        for s in self.sinks:
+            s.on_session_start(vm, now)
+
+    def on_session_end(self, vm: VMState, now: float, vm_gone: bool) -> None:
+        for s in self.sinks:
+            s.on_session_end(vm, now, vm_gone)
+
+    def on_connect_failed(self, vm: VMState, now: float, reason: str) -> None:
+        for s in self.sinks:
+            s.on_connect_failed(vm, now, reason)
+
+    def on_removed(self, vm: VMState, now: float) -> None:
+        for s in self.sinks:
+            s.on_removed(vm, now)
+
+
 def connect_error_reason(exc: BaseException) -> str:
     """Map a failed connect to a bounded `reason` label."""
     inner = exc.exc if isinstance(exc, ConnectError) else exc
