@@ -1,12 +1,15 @@
 """HTTP endpoints: ``/metrics`` (Prometheus text or OpenMetrics by ``Accept``; gzip when asked),
 ``/healthz`` and a landing page.
 
-Rendering reads only memory, so it runs inline on the event loop: no executor hop, no lock.
+Rendering reads only memory, so it runs inline on the event loop: no executor hop, no lock;
+only gzip of a large page goes to a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +21,10 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import __version__
 from exporter.fairness import ScrapeFirst
 from exporter.metrics import generate_text
+
+#: gzip level of /metrics (see `_gzip`).
+GZIP_LEVEL = 1
+_GZIP_INLINE_BYTES = 64 * 1024
 
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 TELEMETRY_PATH_KEY = web.AppKey("telemetry_path", str)
@@ -41,13 +48,29 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         # The default text format: same bytes as generate_latest, from cached per-VM text.
         body = generate_text(registry) if encoder is generate_latest else encoder(registry)
+        headers = {"Content-Type": content_type}
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            body = await _gzip(body)
+            headers["Content-Encoding"] = "gzip"
+            headers["Vary"] = "Accept-Encoding"
     except BaseException:
         scrape_first.scrape_done()
         raise
-    resp = _MetricsResponse(scrape_first, body=body, headers={"Content-Type": content_type})
-    if "gzip" in request.headers.get("Accept-Encoding", ""):
-        resp.enable_compression(web.ContentCoding.gzip)
-    return resp
+    return _MetricsResponse(scrape_first, body=body, headers=headers)
+
+
+async def _gzip(data: bytes) -> bytes:
+    """Prometheus asks for gzip.  Level 1: on the 8 MB page of 1000 VMs it is ~3x faster than
+    zlib's default level and still ~10x smaller; off the event loop when large (zlib releases
+    the GIL), so QMP events keep flowing meanwhile."""
+    if len(data) < _GZIP_INLINE_BYTES:
+        return _gzip_now(data)
+    return await asyncio.to_thread(_gzip_now, data)
+
+
+def _gzip_now(data: bytes) -> bytes:
+    c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return c.compress(data) + c.flush()
 
 
 class _MetricsResponse(web.Response):
