@@ -584,7 +584,7 @@ def storm(
 
 
 def run_fast_storm(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> None:
-    spec = FleetSpec(n, args.disks, interval_ms=100, fleets=args.fleets)
+    spec = FleetSpec(n, args.disks, interval_ms=args.fast_interval_ms, fleets=args.fleets)
     with running_fleet(spec, workdir) as fleets, running_exporter(workdir) as exp:
         wait_connected(exp, n, args.connect_timeout)
         wait_blockstats(exp, n * args.disks)
@@ -597,9 +597,15 @@ def run_hung(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> No
     with running_fleet(spec, workdir), running_exporter(workdir) as exp:
         wait_connected(exp, healthy, args.connect_timeout)
         wait_blockstats(exp, healthy * args.disks)
+        # The same pause as the healthy run before its scrapes (1 s, then the CPU window):
+        # right after connect the exporter still settles (one full GC collection).
+        time.sleep(1.0)
+        res.values["hung_rest_cpu"] = cpu_window(exp.pid, args.rest_seconds)
         times, _ = timed_scrapes(exp, args.scrapes)
+        res.values["hung_scrape_p50_ms"] = percentile(times, 50) * 1000
         res.values["hung_scrape_p99_ms"] = percentile(times, 99) * 1000
-        res.values["hung_p99_ratio"] = res.values["hung_scrape_p99_ms"] / res.values["scrape_p99_ms"]
+        if "scrape_p99_ms" in res.values:
+            res.values["hung_p99_ratio"] = res.values["hung_scrape_p99_ms"] / res.values["scrape_p99_ms"]
 
 
 # --- output ------------------------------------------------------------------------------
@@ -632,6 +638,8 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("storm100ms_lost", "100ms lost", "{:d}"),
     ("storm100ms_catchup_s", "100ms catch-up s", "{:.1f}"),
     ("storm100ms_disconnects", "100ms disconn", "{:d}"),
+    ("hung_rest_cpu", "hung CPU rest", "{:.3f}"),
+    ("hung_scrape_p50_ms", "hung p50 ms", "{:.1f}"),
     ("hung_scrape_p99_ms", "hung p99 ms", "{:.1f}"),
     ("hung_p99_ratio", "hung/healthy p99", "{:.2f}"),
     ("healthy_error", "healthy: error", "{}"),
@@ -649,13 +657,15 @@ def fmt(value: Any, spec: str) -> str:
         return str(value)
 
 
-def table(results: list[Result]) -> str:
+def table(results: list[Result], fast_interval_ms: int = 100) -> str:
     """Markdown table: one row per measurement, one column per fleet size."""
     head = ["metric", *(f"{r.vms} VMs x {r.disks} disks" for r in results)]
     rows = [head, ["---"] * len(head)]
     for key, title, spec in COLUMNS:
         if not any(key in r.values for r in results):
             continue
+        if key.startswith("storm100ms"):  # the fast storm's rows carry its actual interval
+            title = title.replace("100ms", f"{fast_interval_ms}ms")
         rows.append([title, *(fmt(r.values.get(key), spec) for r in results)])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
@@ -684,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rest-seconds", type=float, default=5.0, help="CPU window at rest")
     p.add_argument("--storm-seconds", type=float, default=10.0, help="length of each storm")
     p.add_argument("--in-flight", type=int, default=5, help="failing requests per disk, 1 s storm")
+    p.add_argument("--fast-interval-ms", type=int, default=100, help="retry interval of the fast storm")
     p.add_argument("--fast-in-flight", type=int, default=2, help="failing requests per disk, 100 ms storm")
     p.add_argument(
         "--storm-scrape-interval", type=float, default=1.0, help="pause between scrapes in a storm, s"
@@ -728,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if not args.workdir:
                     shutil.rmtree(tmp, ignore_errors=True)
-    print(table(results), flush=True)
+    print(table(results, args.fast_interval_ms), flush=True)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"machine": machine(), "results": [r.__dict__ for r in results]}, indent=2)

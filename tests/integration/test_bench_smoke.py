@@ -117,7 +117,8 @@ def test_cached_text_exposition_equals_prometheus_client() -> None:
             hangs.on_disks(vm, now)
     clock = [now]
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ExporterCollector(lambda: vms, ("cluster",), hangs=hangs, clock=lambda: clock[0]))
+    collector = ExporterCollector(lambda: vms, ("cluster",), hangs=hangs, clock=lambda: clock[0])
+    registry.register(collector)
 
     def same() -> None:
         assert generate_text(registry).decode() == generate_latest(registry).decode()
@@ -135,6 +136,15 @@ def test_cached_text_exposition_equals_prometheus_client() -> None:
         same()
     vms[3].blockstats.clear()
     vms[3].touch_stats()
+    # What a poll does: new blockstats, rendered at once (ExporterCollector.prerender); a
+    # VM changed after its prerender must still show its latest state.
+    for vm in vms[10:20]:
+        vm.blockstats["virtio-disk0"] = BlockStats(write_ops=rnd.randint(0, 10**6))
+        vm.touch_stats()
+        collector.prerender(vm)
+    vms[11].blockstats["virtio-disk2"] = BlockStats(flush_ops=7)
+    vms[11].touch_stats()
+    collector.prerender(vms[1])  # nothing of it changed
     vms[4].status = "paused"
     vms[5].io_errors[("virtio-disk0", "read", "retry")] += 1
     vms[5].touch_counters()
