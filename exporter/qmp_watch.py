@@ -557,12 +557,17 @@ class VMWatcher:
         """Periodic reads; also the session's heartbeat: a QEMU that stops answering is dropped."""
         qc = self.config.qmp
         loop = asyncio.get_running_loop()
-        next_refresh = loop.time() + qc.refresh_interval_seconds
+        # A random phase per session, earlier than due, never later: the VMs of a host connect
+        # together, and polls and disk refreshes in step would come as bursts of 1000 replies
+        # that a scrape waits behind.
+        next_refresh = loop.time() + qc.refresh_interval_seconds * random.uniform(0.5, 1.0)
+        delay = qc.poll_interval_seconds * random.random()
         while True:
             self._poll_now.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(qc.poll_interval_seconds):
+                async with asyncio.timeout(delay):
                     await self._poll_now.wait()
+            delay = qc.poll_interval_seconds
             await self._read_status(client)
             if self._refresh_disks_now or loop.time() >= next_refresh:
                 await self._refresh_disks(client)
