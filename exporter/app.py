@@ -29,11 +29,16 @@ log = logging.getLogger("exporter")
 
 
 class _PrerenderAfterPoll(EventSink):
+    """Each periodic poll's changes are rendered right away (`ExporterCollector.prerender`)."""
+
     def __init__(self, collector: ExporterCollector) -> None:
         self.collector = collector
 
     def on_blockstats(self, vm: VMState, now: float) -> None:
-        self.collector.prerender(vm)
+        # Not the first sample of a session (vm.up is set after it): when a whole fleet
+        # connects, the next scrape renders everything once anyway.
+        if vm.up:
+            self.collector.prerender(vm)
 
 
 class Exporter:

@@ -557,11 +557,12 @@ class VMWatcher:
         """Periodic reads; also the session's heartbeat: a QEMU that stops answering is dropped."""
         qc = self.config.qmp
         loop = asyncio.get_running_loop()
-        # A random phase per session, earlier than due, never later: the VMs of a host connect
-        # together, and polls and disk refreshes in step would come as bursts of 1000 replies
-        # that a scrape waits behind.
+        # A random phase per session: the VMs of a host connect together, and polls and disk
+        # refreshes in step would come as bursts of 1000 replies that a scrape waits behind.
+        # The first poll comes one to two intervals after the session started (which read
+        # everything), so that no poll competes with VMs still connecting.
         next_refresh = loop.time() + qc.refresh_interval_seconds * random.uniform(0.5, 1.0)
-        delay = qc.poll_interval_seconds * random.random()
+        delay = qc.poll_interval_seconds * random.uniform(1.0, 2.0)
         while True:
             self._poll_now.clear()
             with contextlib.suppress(TimeoutError):
