@@ -97,38 +97,50 @@ class EventSink:
 
 
 class SinkGroup(EventSink):
-    """Several sinks, each told everything, in order."""
+    """Several sinks, each told everything, in order.  Sinks that leave a method as
+    `EventSink` has it are not called for it: ``on_event`` runs for every QMP event."""
 
     def __init__(self, *sinks: EventSink) -> None:
         self.sinks = sinks
 
+        def overriding(name: str) -> list[Any]:
+            return [getattr(s, name) for s in sinks if getattr(type(s), name) is not getattr(EventSink, name)]
+
+        self._on_disks = overriding("on_disks")
+        self._on_event = overriding("on_event")
+        self._on_blockstats = overriding("on_blockstats")
+        self._on_session_start = overriding("on_session_start")
+        self._on_session_end = overriding("on_session_end")
+        self._on_connect_failed = overriding("on_connect_failed")
+        self._on_removed = overriding("on_removed")
+
     def on_disks(self, vm: VMState, now: float) -> None:
-        for s in self.sinks:
-            s.on_disks(vm, now)
+        for f in self._on_disks:
+            f(vm, now)
 
     def on_event(self, vm: VMState, device: str | None, event: Mapping[str, Any]) -> None:
-        for s in self.sinks:
-            s.on_event(vm, device, event)
+        for f in self._on_event:
+            f(vm, device, event)
 
     def on_blockstats(self, vm: VMState, now: float) -> None:
-        for s in self.sinks:
-            s.on_blockstats(vm, now)
+        for f in self._on_blockstats:
+            f(vm, now)
 
     def on_session_start(self, vm: VMState, now: float) -> None:
-        for s in self.sinks:
-            s.on_session_start(vm, now)
+        for f in self._on_session_start:
+            f(vm, now)
 
     def on_session_end(self, vm: VMState, now: float, vm_gone: bool) -> None:
-        for s in self.sinks:
-            s.on_session_end(vm, now, vm_gone)
+        for f in self._on_session_end:
+            f(vm, now, vm_gone)
 
     def on_connect_failed(self, vm: VMState, now: float, reason: str) -> None:
-        for s in self.sinks:
-            s.on_connect_failed(vm, now, reason)
+        for f in self._on_connect_failed:
+            f(vm, now, reason)
 
     def on_removed(self, vm: VMState, now: float) -> None:
-        for s in self.sinks:
-            s.on_removed(vm, now)
+        for f in self._on_removed:
+            f(vm, now)
 
 
 def connect_error_reason(exc: BaseException) -> str:
