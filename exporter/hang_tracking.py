@@ -372,7 +372,11 @@ class HangTracking(EventSink, HangView):
                     if t.active:
                         t.advance(now)
                     self._drain(t)
-                entry = _HangText(vm, key, used, label_names, now)
+                # Label text depends on the VM's identity only: a hanging VM is re-rendered at
+                # every scrape, its labels need not be.
+                same_labels = entry is not None and entry.vm is vm and entry.key[0::2] == key[0::2]
+                labels = entry.labels if entry is not None and same_labels else {}
+                entry = _HangText(vm, key, used, label_names, now, labels)
             cache[vm.socket] = entry
             chunks.append(entry)
         self._text = cache
@@ -393,13 +397,17 @@ class _HangText:
     def __init__(
         self,
         vm: VMState,
-        key: object,
+        key: tuple[int, int | None, tuple[str, ...]],
         trackers: list[tuple[str, DiskHangTracker]],
         label_names: Sequence[str],
         now: float,
+        labels: dict[str, tuple[str, dict[HangOutcome, str]]],
     ) -> None:
         self.vm = vm
         self.key = key
+        #: Per device: its label text, and with each outcome (reused while the VM's identity
+        #: and the label names stay the same).
+        self.labels = labels
         self.volatile = any(t.hanging or t.failing for _dev, t in trackers)
         out: list[list[str]] = [[] for _ in range(7)]
         hang, duration, start, deadline, failing, total, seconds = out
@@ -407,8 +415,14 @@ class _HangText:
         outcome_names = [*disk_names, "outcome"]
         base = [vm.vm, *(vm.static_labels.get(k, "") for k in label_names[1:])]
         for dev, t in trackers:
-            labels = [*base, dev]
-            dl = label_text(disk_names, labels)
+            cached = labels.get(dev)
+            if cached is None:
+                values = [*base, dev]
+                cached = labels[dev] = (
+                    label_text(disk_names, values),
+                    {o: label_text(outcome_names, [*values, o.value]) for o in HangOutcome},
+                )
+            dl, outcome_labels = cached
             hang.append(f"qemu_block_io_hang{dl} {fmt_value(1 if t.hanging else 0)}\n")
             duration.append(f"qemu_block_io_hang_duration_seconds{dl} {fmt_value(t.duration(now))}\n")
             if t.hang_start is not None:
@@ -419,8 +433,7 @@ class _HangText:
                 deadline.append(f"qemu_block_io_hang_deadline_timestamp_seconds{dl} {v}\n")
             failing.append(f"qemu_block_io_failing{dl} {fmt_value(1 if t.failing else 0)}\n")
             for outcome, n in t.hangs_total.items():
-                ol = label_text(outcome_names, [*labels, outcome.value])
-                total.append(f"qemu_block_io_hangs_total{ol} {fmt_value(n)}\n")
+                total.append(f"qemu_block_io_hangs_total{outcome_labels[outcome]} {fmt_value(n)}\n")
             v = fmt_value(t.hang_seconds_total(now))
             seconds.append(f"qemu_block_io_hang_seconds_total{dl} {v}\n")
         self.lines = ["".join(lines) for lines in out]
