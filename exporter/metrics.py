@@ -240,10 +240,15 @@ class ExporterCollector(Collector):
         Prometheus scrapes again (15-60 s) all 4000 disks' blockstats of 1000 VMs changed;
         formatted in the scrape that was ~150 ms, formatted poll by poll it is spread over the
         poll interval and the scrape only joins text."""
+        self._cache[id(vm)] = self._refreshed(vm)
+
+    def _refreshed(self, vm: VMState) -> _VMText:
+        """``vm``'s cached text, brought up to date (created if it has none)."""
         entry = self._cache.get(id(vm))
-        if entry is None or entry.vm is not vm:
-            entry = self._cache[id(vm)] = _VMText(vm)
+        if entry is None or entry.vm is not vm:  # id() of a VM that is gone may be reused
+            entry = _VMText(vm)
         entry.refresh(self)
+        return entry
 
     def _render(self) -> list[str]:
         """The text of `collect`'s families from per-VM chunks, re-rendered only for VMs that
@@ -255,11 +260,7 @@ class ExporterCollector(Collector):
         cache: dict[int, _VMText] = {}
         chunks: list[_VMText] = []
         for vm in vms:
-            entry = self._cache.get(id(vm))
-            if entry is None or entry.vm is not vm:
-                entry = _VMText(vm)
-            entry.refresh(self)
-            cache[id(vm)] = entry
+            entry = cache[id(vm)] = self._refreshed(vm)
             chunks.append(entry)
         self._cache = cache
 
@@ -290,13 +291,7 @@ class ExporterCollector(Collector):
         base = ["vm", *self._static]
         disk = [*base, "device"]
 
-        build = GaugeMetricFamily(
-            "qemu_exporter_build_info",
-            "Build information of qemu-iohang-exporter.",
-            labels=["version", "python_version", "qemu_qmp_version"],
-        )
-        build.add_metric(list(self._build), 1)
-        yield build
+        yield self._build_family()
         yield GaugeMetricFamily("qemu_exporter_vms", "QMP sockets currently watched.", value=len(vms))
 
         up = GaugeMetricFamily(
