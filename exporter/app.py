@@ -15,7 +15,7 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import __version__
 from exporter.alert_push import AlertPusher, open_hangs
 from exporter.config import Config, validate_listen_address
-from exporter.discovery import Discovery
+from exporter.discovery import Discovery, static_label_names
 from exporter.fairness import ScrapeFirst
 from exporter.gc_tuning import freeze_long_lived
 from exporter.hang_tracking import HangTracking
@@ -52,7 +52,7 @@ class Exporter:
         self.scrape_first = ScrapeFirst()
         collector = ExporterCollector(
             lambda: self.discovery.vms,
-            Discovery.static_label_names_of(config),
+            static_label_names(config),
             hangs=self.hangs,
             clock=clock,
         )

@@ -56,6 +56,11 @@ def static_labels_for(path: str, config: Config) -> dict[str, str]:
     return labels
 
 
+def static_label_names(config: Config) -> tuple[str, ...]:
+    """Names of the static labels ``config`` gives some sockets (every VM gets them all)."""
+    return tuple(sorted({k for lbls in config.qmp.labels.values() for k in lbls}))
+
+
 #: Sessions being set up (identity, disks, policies: ~28 commands) at the same time.  When a
 #: whole fleet connects at once, every VM in flight holds its commands, replies and tasks; at
 #: 1000 VMs that peak left ~190 MB resident for ~50 MB of live data (freed small objects stay in
@@ -83,11 +88,6 @@ class Discovery:
         self._identity: dict[str, tuple[int, int, int] | None] = {}
         self._task: asyncio.Task[None] | None = None
         self._setup_slots = asyncio.Semaphore(SETUP_CONCURRENCY)
-
-    @staticmethod
-    def static_label_names_of(config: Config) -> tuple[str, ...]:
-        """Names of the static labels ``config`` gives some sockets (every VM gets them all)."""
-        return tuple(sorted({k for lbls in config.qmp.labels.values() for k in lbls}))
 
     @property
     def vms(self) -> list[VMState]:
