@@ -71,6 +71,9 @@ READ_BUFFER_BYTES = 1024 * 1024
 #: 1000 readers has a full buffer, and a turn of the loop is ~1000 x this x ~13 us.
 _LINES_PER_TURN = 8
 
+#: json.dumps with non-default separators builds an encoder per call; every command is encoded.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
 #: Prefix of the ids `ReadOnlyQMPClient.query` gives its commands (the library uses ``__qmp#``).
 _QUERY_ID = "ro#"
 
@@ -128,7 +131,7 @@ class ReadOnlyQMPClient(QMPClient):
         msg["id"] = qid
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._queries[qid] = (msg, fut)
-        writer.write(json.dumps(msg, separators=(",", ":")).encode())
+        writer.write(_encode(msg).encode())
         return fut
 
     def _resolve_query(self, obj: dict[str, Any]) -> bool:
