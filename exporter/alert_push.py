@@ -272,7 +272,7 @@ class _TrackerLike(Protocol):
 
 class _VMLike(Protocol):
     @property
-    def socket(self) -> str: ...
+    def key(self) -> str: ...
     @property
     def vm(self) -> str: ...
     @property
@@ -282,12 +282,12 @@ class _VMLike(Protocol):
 def open_hangs(
     trackers: Mapping[str, Mapping[str, _TrackerLike]], vms: Iterable[_VMLike]
 ) -> tuple[OpenHang, ...]:
-    """Snapshot of the open hangs: ``trackers`` is ``HangTracking.trackers`` (socket -> device ->
-    DiskHangTracker), ``vms`` the watched VMs (``Discovery.vms``) for the VM name and static labels.
-    Disks of sockets without a VM are left out (the metrics leave them out too)."""
+    """Snapshot of the open hangs: ``trackers`` is ``HangTracking.trackers`` (VM key -> device ->
+    DiskHangTracker), ``vms`` the watched VMs for the VM name and static labels.
+    Disks of VMs not watched any more are left out (the metrics leave them out too)."""
     out: list[OpenHang] = []
     for vm in vms:
-        devs = trackers.get(vm.socket)
+        devs = trackers.get(vm.key)
         if not devs:
             continue
         static = tuple(sorted((k, v) for k, v in vm.static_labels.items() if v))

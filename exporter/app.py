@@ -18,10 +18,10 @@ from exporter.config import Config, validate_listen_address
 from exporter.discovery import Discovery, static_label_names
 from exporter.fairness import ScrapeFirst
 from exporter.gc_tuning import freeze_long_lived
-from exporter.hang_tracking import HangTracking
+from exporter.hang.tracking import HangTracking
 from exporter.metrics import ExporterCollector
-from exporter.qmp_watch import EventSink, SinkGroup
-from exporter.state import VMState
+from exporter.model.sink import EventSink, SinkGroup
+from exporter.model.state import VMState
 from exporter.web import make_app
 from exporter.webconfig import WebConfig, auth_middleware
 

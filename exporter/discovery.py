@@ -24,8 +24,9 @@ from collections.abc import Callable
 
 from exporter.config import Config
 from exporter.fairness import ScrapeFirst
-from exporter.qmp_watch import EventSink, VMWatcher
-from exporter.state import VMState
+from exporter.model.sink import EventSink
+from exporter.model.state import VMState
+from exporter.qmp_watch import VMWatcher
 
 log = logging.getLogger("exporter.discovery")
 
@@ -119,7 +120,7 @@ class Discovery:
         for path, ident in found.items():
             existing = self.watchers.get(path)
             if existing is None:
-                vm = VMState(socket=path, static_labels=static_labels_for(path, self.config))
+                vm = VMState.qmp(path, static_labels_for(path, self.config))
                 watcher = VMWatcher(
                     vm,
                     self.config,

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
-from exporter.state import BlockStats, VMState
+from exporter.model.state import BlockStats, VMState
 
 # (suffix-less name, help, attribute of BlockStats, type)
 _BLOCKSTATS: tuple[tuple[str, str, str, str], ...] = (
@@ -253,7 +253,7 @@ class ExporterCollector(Collector):
     def _render(self) -> list[str]:
         """The text of `collect`'s families from per-VM chunks, re-rendered only for VMs that
         changed since the previous scrape."""
-        vms = sorted(self._vms(), key=lambda v: (v.vm, v.socket))
+        vms = sorted(self._vms(), key=lambda v: (v.vm, v.key))
         if not self._headers:
             self._headers = {name: family_header(name, doc, typ) for name, doc, typ in _vm_families()}
         h = self._headers
@@ -287,7 +287,7 @@ class ExporterCollector(Collector):
         if _PRERENDER.get():
             yield PrerenderedText(self._render())
             return
-        vms = sorted(self._vms(), key=lambda v: (v.vm, v.socket))
+        vms = sorted(self._vms(), key=lambda v: (v.vm, v.key))
         base = ["vm", *self._static]
         disk = [*base, "device"]
 

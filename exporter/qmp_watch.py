@@ -1,17 +1,17 @@
 """One QMP session per QEMU socket: connect, identify, read disks and policies, follow events.
 
-A `VMWatcher` owns one socket for as long as discovery sees it.  Its loop is an explicit
-sequence of states (CONNECTING → IDENTIFYING → WATCHING → BACKOFF), modelled on ``qemu.qmp``'s
-own runstates; every QMP command has a timeout, and a session that stops answering is dropped
+A `VMWatcher` owns one socket for as long as discovery sees it: it connects, identifies the
+VM and reads its disks, watches (events, periodic polls), and backs off before the next
+attempt when a session fails.  Every QMP command has a timeout, and a session that stops answering is dropped
 and retried with capped exponential backoff and jitter, so one bad socket never stalls the
-others.  Only read-only commands can be sent (`exporter.qmp_readonly`).
+others.  Only read-only commands can be sent (`exporter.qmp_readonly`).  What QEMU says is
+turned into the model's typed events (`exporter.model.events`) here and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import random
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -23,17 +23,11 @@ from qemu.qmp.protocol import StateError
 
 from exporter.config import Config
 from exporter.fairness import ScrapeFirst
-from exporter.policy import DiskPolicy, verify
+from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
+from exporter.model.policy import DiskPolicy, verify
+from exporter.model.sink import EventSink
+from exporter.model.state import BlockStats, Disk, VMState
 from exporter.qmp_readonly import ReadOnlyQMPClient
-from exporter.state import (
-    IO_ACTIONS,
-    IO_OPERATIONS,
-    KNOWN_EVENTS,
-    BlockStats,
-    Disk,
-    VMState,
-    bounded,
-)
 
 log = logging.getLogger("exporter.qmp")
 T = TypeVar("T")
@@ -43,18 +37,6 @@ _SKIPPED_TYPES = ("ide-cd", "scsi-cd", "floppy", "usb-storage")
 
 #: BLOCK_IO_ERRORs held per VM while its disk list is re-read; beyond this they count as unmatched.
 _UNMATCHED_BUFFER = 1024
-
-#: Events after which the run state and disk list are re-read.
-_STATUS_EVENTS = frozenset({"STOP", "RESUME", "SHUTDOWN", "RESET", "SUSPEND", "WAKEUP"})
-
-
-class Phase(enum.Enum):
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    IDENTIFYING = "identifying"
-    WATCHING = "watching"
-    BACKOFF = "backoff"
-    STOPPED = "stopped"
 
 
 class SessionLost(Exception):
@@ -66,81 +48,6 @@ class SessionLost(Exception):
     def __init__(self, message: str, *, closed: bool = False) -> None:
         super().__init__(message)
         self.closed = closed
-
-
-class EventSink:
-    """Hook for components that follow a VM's life (the hang tracker).  Default: nothing.
-
-    Called synchronously, in order, from the VM's watcher; ``now`` is the host real-time clock.
-    """
-
-    def on_disks(self, vm: VMState, now: float) -> None:
-        """The disk list was (re)read: ``vm.disks`` is current."""
-
-    def on_event(self, vm: VMState, device: str | None, event: Mapping[str, Any]) -> None:
-        """A QMP event; ``device`` is the disk a BLOCK_IO_ERROR matched, if any."""
-
-    def on_blockstats(self, vm: VMState, now: float) -> None:
-        """A query-blockstats sample was stored in ``vm.blockstats``."""
-
-    def on_session_start(self, vm: VMState, now: float) -> None:
-        """A session is established (after the first disk list and blockstats)."""
-
-    def on_session_end(self, vm: VMState, now: float, vm_gone: bool) -> None:
-        """The session ended; ``vm_gone`` when QEMU said it is shutting down."""
-
-    def on_connect_failed(self, vm: VMState, now: float, reason: str) -> None:
-        """A connection attempt failed with a bounded ``reason``."""
-
-    def on_removed(self, vm: VMState, now: float) -> None:
-        """The socket is no longer watched (vanished)."""
-
-
-class SinkGroup(EventSink):
-    """Several sinks, each told everything, in order.  Sinks that leave a method as
-    `EventSink` has it are not called for it: ``on_event`` runs for every QMP event."""
-
-    def __init__(self, *sinks: EventSink) -> None:
-        self.sinks = sinks
-
-        def overriding(name: str) -> list[Any]:
-            return [getattr(s, name) for s in sinks if getattr(type(s), name) is not getattr(EventSink, name)]
-
-        self._on_disks = overriding("on_disks")
-        self._on_event = overriding("on_event")
-        self._on_blockstats = overriding("on_blockstats")
-        self._on_session_start = overriding("on_session_start")
-        self._on_session_end = overriding("on_session_end")
-        self._on_connect_failed = overriding("on_connect_failed")
-        self._on_removed = overriding("on_removed")
-
-    def on_disks(self, vm: VMState, now: float) -> None:
-        for f in self._on_disks:
-            f(vm, now)
-
-    def on_event(self, vm: VMState, device: str | None, event: Mapping[str, Any]) -> None:
-        for f in self._on_event:
-            f(vm, device, event)
-
-    def on_blockstats(self, vm: VMState, now: float) -> None:
-        for f in self._on_blockstats:
-            f(vm, now)
-
-    def on_session_start(self, vm: VMState, now: float) -> None:
-        for f in self._on_session_start:
-            f(vm, now)
-
-    def on_session_end(self, vm: VMState, now: float, vm_gone: bool) -> None:
-        for f in self._on_session_end:
-            f(vm, now, vm_gone)
-
-    def on_connect_failed(self, vm: VMState, now: float, reason: str) -> None:
-        for f in self._on_connect_failed:
-            f(vm, now, reason)
-
-    def on_removed(self, vm: VMState, now: float) -> None:
-        for f in self._on_removed:
-            f(vm, now)
 
 
 def connect_error_reason(exc: BaseException) -> str:
@@ -233,7 +140,6 @@ class VMWatcher:
         self.config = config
         self.sink = sink or EventSink()
         self.clock = clock
-        self.phase = Phase.IDLE
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()  # cuts a backoff short (socket re-created)
         self._poll_now = asyncio.Event()  # asks the poller for an immediate refresh
@@ -266,7 +172,6 @@ class VMWatcher:
                 log.warning(
                     "QMP watcher did not stop in time", extra={"vm": self.vm.vm, "socket": self.vm.socket}
                 )
-        self.phase = Phase.STOPPED
 
     def poke(self) -> None:
         """The socket file was (re)created: try now instead of finishing the backoff."""
@@ -284,7 +189,6 @@ class VMWatcher:
                 established = False
             if established:
                 backoff = qc.backoff_initial_seconds
-            self.phase = Phase.BACKOFF
             delay = random.uniform(backoff / 2, backoff)
             self._wake.clear()
             if self._stopping:
@@ -306,7 +210,6 @@ class VMWatcher:
         self._event_failure = None
         self._event_failed.clear()
         client = ReadOnlyQMPClient(vm.stem, on_event=self._on_qmp_event, scrape_first=self._scrape_first)
-        self.phase = Phase.CONNECTING
         vm.connect_attempts += 1
         try:
             async with asyncio.timeout(qc.connect_timeout_seconds):
@@ -336,7 +239,6 @@ class VMWatcher:
         established = False
         tasks: list[asyncio.Task[None]] = []
         try:
-            self.phase = Phase.IDENTIFYING
             # Fleet-wide: only so many sessions are set up at once (discovery.SETUP_CONCURRENCY).
             async with self._setup_slots or contextlib.nullcontext():
                 await self._identify(client)
@@ -345,7 +247,6 @@ class VMWatcher:
             vm.up = True
             established = True
             self.sink.on_session_start(vm, self.clock())
-            self.phase = Phase.WATCHING
             if self._last_error_reason != "connected":
                 log.info(
                     "QMP session established",
@@ -614,61 +515,39 @@ class VMWatcher:
         raise self._event_failure
 
     def _handle_event(self, event: Mapping[str, Any]) -> str | None:
-        """Apply one event to the state.  Synchronous: events are applied in order, and the
-        per-event work is O(1) whatever the fleet size."""
-        vm = self.vm
-        name = event.get("event")
-        if not isinstance(name, str):
-            name = None  # a malformed event is counted as "other" and otherwise ignored
-        vm.events[bounded(name, KNOWN_EVENTS)] += 1
-        vm.touch_counters()
-        data = event.get("data")
-        data = data if isinstance(data, dict) else {}
-        device: str | None = None
-        if name == "BLOCK_IO_ERROR":
-            device = vm.match_disk(data)
-            if device is None:
-                # Most likely a disk hot-plugged since the last refresh (QEMU announces no
-                # plug): hold the event, re-read the disk list, then attribute it.
-                if len(self._unmatched) < _UNMATCHED_BUFFER:
-                    self._unmatched.append(event)
-                else:
-                    vm.unmatched_io_errors += 1
-                self._refresh_disks_now = True
-                self._poll_now.set()
-                return None
-            if self._count_io_error(device, data) == "stop":
-                vm.status = "io-error"  # QEMU enters io-error before it sends STOP
-        elif name in _STATUS_EVENTS:
-            vm.status = _status_after(name, vm.status)
-            self._poll_now.set()
-        elif name == "DEVICE_DELETED":
+        """Apply one QMP event.  Synchronous: events are applied in order, and the per-event
+        work is O(1) whatever the fleet size.  Returns the disk a BLOCK_IO_ERROR matched."""
+        typed = _decode(event, self.vm)
+        self.vm.received(typed)
+        if (
+            isinstance(typed, BlockIOError)
+            and typed.device is None
+            and len(self._unmatched) < _UNMATCHED_BUFFER
+        ):
+            # Most likely a disk hot-plugged since the last refresh (QEMU announces no plug):
+            # hold the event, re-read the disk list, then attribute it.
+            self._unmatched.append(event)
             self._refresh_disks_now = True
             self._poll_now.set()
-        self.sink.on_event(vm, device, event)
-        return device
+            return None
+        self._apply(typed)
+        if isinstance(typed, RunStateChange):
+            self._poll_now.set()
+        elif typed.name == "DEVICE_DELETED":
+            self._refresh_disks_now = True
+            self._poll_now.set()
+        return typed.device if isinstance(typed, BlockIOError) else None
 
-    def _count_io_error(self, device: str, data: Mapping[str, Any]) -> str:
-        op = bounded(data.get("operation"), IO_OPERATIONS)
-        action = bounded(data.get("action"), IO_ACTIONS)
-        self.vm.io_errors[(device, op, action)] += 1
-        return action
+    def _apply(self, event: VMEvent) -> None:
+        self.vm.apply(event)
+        self.sink.on_event(self.vm, event)
 
     def _replay_unmatched(self) -> None:
         """Attribute the BLOCK_IO_ERRORs held for want of a disk, now that the list is fresh;
-        what still matches nothing is counted as unmatched.  (The run state is not touched:
-        query-status has been read since.)"""
+        what still matches nothing is counted as unmatched."""
         pending, self._unmatched = self._unmatched, []
         for event in pending:
-            data = event.get("data")
-            data = data if isinstance(data, dict) else {}
-            device = self.vm.match_disk(data)
-            if device is None:
-                self.vm.unmatched_io_errors += 1
-            else:
-                self._count_io_error(device, data)
-            self.vm.touch_counters()
-            self.sink.on_event(self.vm, device, event)
+            self._apply(_decode(event, self.vm))
 
 
 class _SilenceWatchdog:
@@ -709,14 +588,8 @@ async def _gather(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
         raise
 
 
-def _status_after(event: str, status: str) -> str:
-    """Best immediate guess of the run state; query-status confirms it right after."""
-    if event == "STOP":
-        return status if status == "io-error" else "paused"
-    if event == "RESUME":
-        return "running"
-    if event == "SHUTDOWN":
-        return "shutdown"
-    if event == "SUSPEND":
-        return "suspended"
-    return status
+def _decode(event: Mapping[str, Any], vm: VMState) -> VMEvent:
+    """A QMP event message as the model's typed event."""
+    ts = event.get("timestamp")
+    time = event_time(ts.get("seconds"), ts.get("microseconds")) if isinstance(ts, dict) else None
+    return decode(event.get("event"), event.get("data"), time, vm.match_disk)

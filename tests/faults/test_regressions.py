@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from exporter.config import Config, QMPConfig
+from exporter.model.state import VMState
 from exporter.qmp_watch import VMWatcher
-from exporter.state import VMState
 from qmpsim import SimVM
 from tests.faults.common import Invariants, config, counter, good_vm, state_changes, wait_good_up
 from tests.faults.servers import FakeConn, FakeQMP, io_error_event
@@ -26,7 +26,7 @@ async def test_watcher_stop_always_returns() -> None:
     cfg = Config(qmp=QMPConfig(backoff_initial_seconds=0.001, backoff_max_seconds=0.001))
     stuck = 0
     for i in range(200):
-        w = VMWatcher(VMState(socket=f"/tmp/qih-nonexistent-{i}.qmp"), cfg, clock=time.time)
+        w = VMWatcher(VMState.qmp(f"/tmp/qih-nonexistent-{i}.qmp"), cfg, clock=time.time)
         w.start()
         await asyncio.sleep((i % 10) / 1000)
         try:
@@ -142,7 +142,7 @@ async def test_recreated_socket_wakes_watcher_even_with_same_inode(short_tmp: Pa
 
 
 # 5. An event timestamp too large for a float (valid JSON) raises OverflowError in
-#    hang_tracking.event_time: internal error, the session is torn down, and the exception
+#    the event time decoding: internal error, the session is torn down, and the exception
 #    re-raised in _session's finally skips end_session()/disconnect.
 class HugeTimestamp(FakeQMP):
     async def after_established(self, conn: FakeConn) -> None:
@@ -180,11 +180,11 @@ def test_non_string_event_name_in_process() -> None:
 
 # 7. Integers beyond float range (valid JSON; a hostile or broken peer) raise OverflowError.
 def test_huge_ints_in_blockstats_and_timestamps() -> None:
-    from exporter.hang_tracking import event_time
+    from exporter.model.events import event_time
     from exporter.qmp_watch import parse_blockstats
 
     assert parse_blockstats({"rd_total_time_ns": 10**400, "idle_time_ns": 10**400}) is not None
-    assert event_time({"timestamp": {"seconds": 10**400, "microseconds": 0}}) is None
+    assert event_time(10**400, 0) is None
 
 
 # 8. A VM whose query-name answers a non-string name breaks EVERY scrape (HTTP 500): the name

@@ -67,18 +67,17 @@ def test_cached_text_exposition_equals_prometheus_client() -> None:
     from prometheus_client.registry import CollectorRegistry
 
     from exporter.config import PolicyConfig
-    from exporter.hang_tracking import HangTracking
+    from exporter.hang.tracking import HangTracking
     from exporter.metrics import ExporterCollector, generate_text
-    from exporter.policy import DiskPolicy, verify
-    from exporter.state import BlockStats, Disk, VMState
+    from exporter.model.events import BlockIOError
+    from exporter.model.policy import DiskPolicy, verify
+    from exporter.model.state import BlockStats, Disk, VMState
 
     rnd = random.Random(7)
     policy_cfg = PolicyConfig(max_timeout_seconds=60, require_nonzero_timeout=True)
     vms: list[VMState] = []
     for i in range(30):
-        vm = VMState(
-            socket=f"/run/x/vm{i:02d}.qmp", static_labels={"cluster": 'a"b\\c\nd'} if i % 3 == 0 else {}
-        )
+        vm = VMState.qmp(f"/run/x/vm{i:02d}.qmp", {"cluster": 'a"b\\c\nd'} if i % 3 == 0 else {})
         vm.up = i % 7 != 0
         vm.name = f"vm{i:02d}" if i % 5 else None
         vm.uuid, vm.qemu_version, vm.status = "u", "8.2.0", "running" if i % 4 else ""
@@ -125,12 +124,8 @@ def test_cached_text_exposition_equals_prometheus_client() -> None:
 
     same()
     for k, vm in enumerate(vms[:12]):
-        event = {
-            "event": "BLOCK_IO_ERROR",
-            "timestamp": {"seconds": int(now) + 1, "microseconds": 5},
-            "data": {"action": "retry" if k % 3 else "report", "operation": "write"},
-        }
-        hangs.on_event(vm, "virtio-disk0", event)
+        event = BlockIOError(int(now) + 1 + 5e-6, "virtio-disk0", "write", "retry" if k % 3 else "report")
+        hangs.on_event(vm, event)
     for dt in (1.5, 2.5, 30.0):  # hanging, still hanging, recovered by silence
         clock[0] = now + dt
         same()

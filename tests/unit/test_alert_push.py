@@ -21,8 +21,8 @@ from exporter.alert_push import (
     next_crossing,
     open_hangs,
 )
-from exporter.hang import DiskHangTracker
-from exporter.state import VMState
+from exporter.hang.machine import DiskHangTracker
+from exporter.model.state import VMState
 from tests.artefacts.artefacts import alert_rules
 from tests.harness import free_port, wait_for
 from tests.pipeline.procs import Alertmanager, alertmanager_config
@@ -125,9 +125,9 @@ def test_open_hangs_from_real_trackers() -> None:
     t_hanging = DiskHangTracker(1.0, 10.0, 1.0)
     t_hanging.on_io_error(500.0, "retry")
     t_idle = DiskHangTracker(1.0, 10.0, 1.0)
-    vm = VMState(socket="/run/x/a.qmp", static_labels={"cluster": "prod-a", "rack": ""})
+    vm = VMState.qmp("/run/x/a.qmp", static_labels={"cluster": "prod-a", "rack": ""})
     vm.name = "web"
-    gone = VMState(socket="/run/x/gone.qmp")
+    gone = VMState.qmp("/run/x/gone.qmp")
     trackers = {vm.socket: {"virtio-disk0": t_hanging, "virtio-disk1": t_idle}, "/run/x/other.qmp": {}}
     assert open_hangs(trackers, [vm, gone]) == (
         OpenHang("web", "virtio-disk0", (("cluster", "prod-a"),), 500.0, 10.0),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from exporter.hang import (
+from exporter.hang.machine import (
     DEFAULT_MARGIN_S,
     CompletedHang,
     DiskHangTracker,

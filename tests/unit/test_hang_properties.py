@@ -9,7 +9,7 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.hang import DiskHangTracker, HangOutcome
+from exporter.hang.machine import DiskHangTracker, HangOutcome
 
 T0 = 1_700_000_000.0
 

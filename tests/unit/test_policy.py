@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from exporter.config import PolicyConfig
-from exporter.policy import DiskPolicy, Rule, verify
+from exporter.model.policy import DiskPolicy, Rule, verify
 
 ACTIONS = ("retry", "stop", "report", "ignore", "enospc", "auto")
 

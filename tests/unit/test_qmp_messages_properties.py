@@ -24,10 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.config import Config, PolicyConfig, QMPConfig
-from exporter.hang_tracking import HangTracking
-from exporter.policy import DiskPolicy, verify
+from exporter.hang.tracking import HangTracking
+from exporter.model.events import IO_ACTIONS, IO_OPERATIONS, KNOWN_EVENTS
+from exporter.model.policy import DiskPolicy, verify
+from exporter.model.state import BlockStats, Disk, VMState
 from exporter.qmp_watch import VMWatcher, device_from_qdev, parse_blockstats
-from exporter.state import IO_ACTIONS, IO_OPERATIONS, KNOWN_EVENTS, BlockStats, Disk, VMState
 from tests.faults.servers import DISK_NODE, DISK_QDEV, FakeConn, FakeQMP
 
 INT64 = st.one_of(st.integers(min_value=-(2**63), max_value=2**64 - 1), st.integers(min_value=10**300))
@@ -93,7 +94,7 @@ def disk() -> Disk:
 
 
 def watcher() -> tuple[VMWatcher, HangTracking]:
-    vm = VMState(socket="/run/x/vm.qmp")
+    vm = VMState.qmp("/run/x/vm.qmp")
     vm.set_disks({"virtio-disk0": disk()})
     vm.status = "running"
     hangs = HangTracking(1.0)
@@ -129,7 +130,7 @@ def test_handle_event_never_raises_and_labels_stay_bounded(evs: list[dict[str, A
 @settings(max_examples=300, deadline=None)
 @given(DATA)
 def test_match_disk_finds_a_known_disk_or_nothing(data: Any) -> None:
-    vm = VMState(socket="/run/x/vm.qmp")
+    vm = VMState.qmp("/run/x/vm.qmp")
     vm.set_disks({"virtio-disk0": disk()})
     got = vm.match_disk(data if isinstance(data, dict) else {})
     assert got in (None, "virtio-disk0")
@@ -186,7 +187,7 @@ async def _through_socket(evs: list[dict[str, Any]]) -> VMState:
             backoff_max_seconds=0.05,
         )
     )
-    vm = VMState(socket=path)
+    vm = VMState.qmp(path)
     w = VMWatcher(vm, cfg, sink=HangTracking(1.0), clock=time.time)
     async with srv:
         w.start()

@@ -13,9 +13,9 @@ import pytest
 from qemu.qmp import ExecInterruptedError, ExecuteError, Runstate
 
 from exporter.config import Config
+from exporter.model.state import VMState
 from exporter.qmp_readonly import ALLOWED_COMMANDS, ForbiddenCommand, ReadOnlyQMPClient, check_allowed
 from exporter.qmp_watch import VMWatcher
-from exporter.state import VMState
 from tests.faults.servers import FakeConn, FakeQMP
 from tests.harness import REPO
 from tests.qemu import run_qemu
@@ -163,7 +163,7 @@ async def test_commands_leave_no_cyclic_garbage(short_tmp: Path) -> None:
     ~90,000 objects for the cyclic GC to find when 1000 VMs connect (docs/performance.md)."""
     sock = str(short_tmp / "gc.qmp")
     async with FakeQMP(sock, "gc"):
-        watcher = VMWatcher(VMState(socket=sock), Config(), clock=time.time)
+        watcher = VMWatcher(VMState.qmp(sock), Config(), clock=time.time)
         client = ReadOnlyQMPClient("gc", on_event=watcher._on_qmp_event)
         await client.connect(sock)
         try:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-from exporter.qmp_watch import EventSink, SinkGroup
-from exporter.state import VMState
+from exporter.model.events import BlockIOError, RunStateChange, VMEvent
+from exporter.model.sink import EventSink, SinkGroup
+from exporter.model.state import VMState
 
 
 class Recorder(EventSink):
@@ -16,8 +14,9 @@ class Recorder(EventSink):
     def on_disks(self, vm: VMState, now: float) -> None:
         self.calls.append((self.name, "disks"))
 
-    def on_event(self, vm: VMState, device: str | None, event: Mapping[str, Any]) -> None:
-        self.calls.append((self.name, f"event {device} {event['event']}"))
+    def on_event(self, vm: VMState, event: VMEvent) -> None:
+        device = event.device if isinstance(event, BlockIOError) else None
+        self.calls.append((self.name, f"event {device} {event.name}"))
 
     def on_blockstats(self, vm: VMState, now: float) -> None:
         self.calls.append((self.name, "blockstats"))
@@ -46,15 +45,15 @@ class StatsOnly(EventSink):
 def test_every_sink_hears_what_it_listens_to_in_order() -> None:
     calls: list[tuple[str, str]] = []
     group = SinkGroup(Recorder("a", calls), StatsOnly(calls), Recorder("b", calls))
-    vm = VMState(socket="/run/x.qmp")
+    vm = VMState.qmp("/run/x.qmp")
     group.on_disks(vm, 1.0)
-    group.on_event(vm, "virtio-disk0", {"event": "BLOCK_IO_ERROR"})
+    group.on_event(vm, BlockIOError(1.5, "virtio-disk0", "write", "retry"))
     group.on_blockstats(vm, 2.0)
     group.on_session_start(vm, 3.0)
     group.on_session_end(vm, 4.0, True)
     group.on_connect_failed(vm, 5.0, "refused")
     group.on_removed(vm, 6.0)
-    group.on_event(vm, None, {"event": "STOP"})
+    group.on_event(vm, RunStateChange(6.5, "STOP"))
     expected = []
     for what in ("disks", "event virtio-disk0 BLOCK_IO_ERROR", "blockstats", "start", "end True",
                  "failed refused", "removed", "event None STOP"):  # fmt: skip

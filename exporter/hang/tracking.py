@@ -1,7 +1,7 @@
-"""Connects the pure hang state machine (`exporter.hang`) to QMP sessions, metrics and disk.
+"""Connects the pure hang state machine (`exporter.hang.machine`) to the sources, metrics and disk.
 
-* Feeds each disk's `DiskHangTracker` with the QMP events of its VM (timestamps from QEMU),
-  blockstats samples and session changes (`EventSink`).
+* Feeds each disk's `DiskHangTracker` with the typed events of its VM (timestamps from QEMU),
+  blockstats samples and session changes (`EventSink`), whichever source watches the VM.
 * Yields the hang metrics at scrape time (`HangView`).
 * Ticks twice a second: lets silence end hangs (QEMU announces no recovery), moves completed
   hangs into the host-wide histogram, and persists open hangs so that an exporter restart keeps
@@ -23,10 +23,11 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from exporter.hang import CompletedHang, DiskHangTracker, HangOutcome
+from exporter.hang.machine import CompletedHang, DiskHangTracker, HangOutcome
 from exporter.metrics import HangView, family_header, fmt_value, format_families, label_text
-from exporter.qmp_watch import EventSink
-from exporter.state import Disk, VMState
+from exporter.model.events import BlockIOError, RunStateChange, VMEvent
+from exporter.model.sink import EventSink
+from exporter.model.state import Disk, VMState
 
 log = logging.getLogger("exporter.hang")
 
@@ -34,17 +35,6 @@ log = logging.getLogger("exporter.hang")
 HANG_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
 STATE_VERSION = 1
-
-
-def event_time(event: Mapping[str, Any]) -> float | None:
-    """QEMU's event timestamp (host real-time clock) in Unix seconds."""
-    ts = event.get("timestamp")
-    if not isinstance(ts, Mapping):
-        return None
-    s, us = ts.get("seconds"), ts.get("microseconds")
-    if not isinstance(s, int) or not isinstance(us, int) or not (0 <= s < 2**40 and 0 <= us < 10**6):
-        return None  # QEMU uses -1/-1 when it has no clock; absurd values are unknown too
-    return s + us / 1e6
 
 
 def disk_policy_seconds(disk: Disk) -> tuple[float, float]:
@@ -93,7 +83,7 @@ class HangTracking(EventSink, HangView):
     def __init__(self, margin_s: float, state_file: str | None = None) -> None:
         self.margin_s = margin_s
         self.state_file = state_file
-        # socket -> device -> tracker
+        # VMState.key -> device -> tracker
         self.trackers: dict[str, dict[str, DiskHangTracker]] = {}
         self.histogram = _Histogram()
         self._saved: dict[str, Any] = self._load()
@@ -101,7 +91,7 @@ class HangTracking(EventSink, HangView):
         self._task: asyncio.Task[None] | None = None
         #: Called with ``trackers`` after every tick and at once when a hang starts (alert push).
         self.on_change: Callable[[Mapping[str, Mapping[str, DiskHangTracker]]], None] | None = None
-        # Scrape-time text cache: per socket, a version changed by every EventSink call, and
+        # Scrape-time text cache: per VM key, a version changed by every EventSink call, and
         # the VM's rendered lines (see `render`).
         self._versions: dict[str, int] = {}
         self._text: dict[str, _HangText] = {}
@@ -170,13 +160,13 @@ class HangTracking(EventSink, HangView):
 
     # -- EventSink ---------------------------------------------------------------------
 
-    def _changed(self, socket: str) -> None:
-        self._versions[socket] = next(_versions)
+    def _changed(self, key: str) -> None:
+        self._versions[key] = next(_versions)
 
     def on_disks(self, vm: VMState, now: float) -> None:
-        self._changed(vm.socket)
-        devs = self.trackers.setdefault(vm.socket, {})
-        saved = self._saved.get(vm.socket, {})
+        self._changed(vm.key)
+        devs = self.trackers.setdefault(vm.key, {})
+        saved = self._saved.get(vm.key, {})
         for dev in list(devs):
             if dev not in vm.disks:  # unplugged: whatever hang it had cannot go on
                 devs[dev].on_vm_gone(now)
@@ -207,54 +197,53 @@ class HangTracking(EventSink, HangView):
             if vm.status in ("paused", "io-error"):
                 devs[dev].on_stop(now)
 
-    def on_event(self, vm: VMState, device: str | None, event: Mapping[str, Any]) -> None:
-        devs = self.trackers.get(vm.socket)
+    def on_event(self, vm: VMState, event: VMEvent) -> None:
+        devs = self.trackers.get(vm.key)
         if not devs:
             return
-        self._changed(vm.socket)
-        ts = event_time(event)
+        self._changed(vm.key)
+        ts = event.time
         if ts is None:
             return
-        name = event.get("event")
-        if name == "BLOCK_IO_ERROR":
-            data = event.get("data")
-            tracker = devs.get(device) if device is not None else None
-            if tracker is not None and isinstance(data, Mapping):
+        if isinstance(event, BlockIOError):
+            tracker = devs.get(event.device) if event.device is not None else None
+            if tracker is not None:
                 was_hanging = tracker.hanging
-                tracker.on_io_error(ts, str(data.get("action")))
+                tracker.on_io_error(ts, event.action)
                 if not was_hanging and tracker.hanging and self.on_change is not None:
                     self.on_change(self.trackers)
-        elif name == "STOP":
-            for t in devs.values():
-                t.on_stop(ts)
-        elif name == "RESUME":
-            for t in devs.values():
-                t.on_resume(ts)
-        elif name in ("SHUTDOWN", "RESET"):
-            for t in devs.values():
-                t.on_vm_gone(ts)
+        elif isinstance(event, RunStateChange):
+            if event.name == "STOP":
+                for t in devs.values():
+                    t.on_stop(ts)
+            elif event.name == "RESUME":
+                for t in devs.values():
+                    t.on_resume(ts)
+            elif event.name in ("SHUTDOWN", "RESET"):
+                for t in devs.values():
+                    t.on_vm_gone(ts)
 
     def on_blockstats(self, vm: VMState, now: float) -> None:
-        devs = self.trackers.get(vm.socket)
+        devs = self.trackers.get(vm.key)
         if not devs:
             return
         # A sample changes what is shown only of a hanging or failing disk: every 5 s per VM,
         # an idle VM keeps its rendered text.
         if any(t.hanging or t.failing for t in devs.values()):
-            self._changed(vm.socket)
+            self._changed(vm.key)
         for dev, st in vm.blockstats.items():
             t = devs.get(dev)
             if t is not None:
                 t.on_blockstats(now, st.ok_ops)
 
     def on_session_start(self, vm: VMState, now: float) -> None:
-        self._changed(vm.socket)
-        for t in self.trackers.get(vm.socket, {}).values():
+        self._changed(vm.key)
+        for t in self.trackers.get(vm.key, {}).values():
             t.on_reconnect(now)
 
     def on_session_end(self, vm: VMState, now: float, vm_gone: bool) -> None:
-        self._changed(vm.socket)
-        for t in self.trackers.get(vm.socket, {}).values():
+        self._changed(vm.key)
+        for t in self.trackers.get(vm.key, {}).values():
             if vm_gone:
                 t.on_vm_gone(now)
             else:
@@ -266,12 +255,12 @@ class HangTracking(EventSink, HangView):
             self.on_removed(vm, now)
 
     def on_removed(self, vm: VMState, now: float) -> None:
-        self._changed(vm.socket)
-        devs = self.trackers.pop(vm.socket, {})
+        self._changed(vm.key)
+        devs = self.trackers.pop(vm.key, {})
         for t in devs.values():
             t.on_vm_gone(now)
             self._drain(t)
-        self._saved.pop(vm.socket, None)
+        self._saved.pop(vm.key, None)
 
     # -- ticking -----------------------------------------------------------------------
 
@@ -326,7 +315,7 @@ class HangTracking(EventSink, HangView):
             "qemu_block_io_hang_seconds", "Seconds spent in IO hangs (completed and current).", labels=disk
         )
         for vm in vms:
-            devs = self.trackers.get(vm.socket, {})
+            devs = self.trackers.get(vm.key, {})
             base = [vm.vm, *(vm.static_labels.get(k, "") for k in label_names[1:])]
             for dev in sorted(vm.disks):
                 t = devs.get(dev)
@@ -360,13 +349,13 @@ class HangTracking(EventSink, HangView):
         chunks: list[_HangText] = []
         names = tuple(label_names)
         for vm in vms:
-            key = (vm.version, self._versions.get(vm.socket), names)
-            entry = self._text.get(vm.socket)
+            key = (vm.version, self._versions.get(vm.key), names)
+            entry = self._text.get(vm.key)
             # Unchanged and idle: its trackers have nothing to say about the passing time
             # (`DiskHangTracker.advance` only ends hangs and failing periods), so neither they
             # nor their lines are touched.  Most VMs of a host are in that case at any scrape.
             if entry is None or entry.vm is not vm or entry.key != key or entry.volatile:
-                devs = self.trackers.get(vm.socket, {})
+                devs = self.trackers.get(vm.key, {})
                 used = [(dev, devs[dev]) for dev in sorted(vm.disks) if dev in devs]
                 for _dev, t in used:
                     if t.active:
@@ -377,7 +366,7 @@ class HangTracking(EventSink, HangView):
                 same_labels = entry is not None and entry.vm is vm and entry.key[0::2] == key[0::2]
                 labels = entry.labels if entry is not None and same_labels else {}
                 entry = _HangText(vm, key, used, label_names, now, labels)
-            cache[vm.socket] = entry
+            cache[vm.key] = entry
             chunks.append(entry)
         self._text = cache
         parts: list[str] = []

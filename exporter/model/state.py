@@ -9,38 +9,12 @@ from __future__ import annotations
 import itertools
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.policy import DiskPolicy, PolicyVerdict
-
-#: Event names counted by name in self-metrics; anything else is counted as "other" so a
-#: misbehaving peer cannot blow up label cardinality.
-KNOWN_EVENTS = frozenset(
-    {
-        "BLOCK_IO_ERROR",
-        "STOP",
-        "RESUME",
-        "SHUTDOWN",
-        "RESET",
-        "POWERDOWN",
-        "DEVICE_DELETED",
-        "BLOCK_JOB_COMPLETED",
-        "BLOCK_JOB_ERROR",
-        "MIGRATION",
-        "GUEST_PANICKED",
-        "WATCHDOG",
-        "SUSPEND",
-        "WAKEUP",
-        "RTC_CHANGE",
-        "NIC_RX_FILTER_CHANGED",
-    }
-)
-
-#: Only these operation/action values are used as labels; others (future QEMUs) become "other".
-IO_OPERATIONS = frozenset({"read", "write"})
-IO_ACTIONS = frozenset({"ignore", "report", "stop", "retry"})
-
+from exporter.model.events import BlockIOError, RunStateChange, VMEvent, status_after
+from exporter.model.policy import DiskPolicy, PolicyVerdict
 
 #: Versions of VMState parts (see `VMState.version`): one counter for all, so that a version
 #: never repeats, even across VMState objects.
@@ -50,7 +24,18 @@ _versions = itertools.count(1)
 #: disks (`VMState.version`), its counters (`counters_version`) and its blockstats
 #: (`stats_version`).  In-place changes of the containers call `touch_counters`/`touch_stats`.
 _IDENTITY_FIELDS = frozenset(
-    {"socket", "static_labels", "up", "name", "uuid", "qemu_version", "status", "retry_feature", "disks"}
+    {
+        "socket",
+        "static_labels",
+        "source",
+        "up",
+        "name",
+        "uuid",
+        "qemu_version",
+        "status",
+        "retry_feature",
+        "disks",
+    }
 )
 _COUNTER_FIELDS = frozenset(
     {
@@ -67,13 +52,10 @@ _COUNTER_FIELDS = frozenset(
 _MISSING = object()
 
 
-def bounded(value: object, allowed: frozenset[str]) -> str:
-    return value if isinstance(value, str) and value in allowed else "other"
-
-
 @dataclass(frozen=True)
 class Disk:
-    """A guest disk as QMP describes it (query-block + qom-get)."""
+    """A guest disk as its source describes it (QMP: query-block + qom-get; libvirt: the live
+    domain XML)."""
 
     device: str  # qdev id, e.g. virtio-disk0 / scsi0-0-0-0: the `device` label
     drive: str  # query-block "device": the -drive id, "" with -blockdev
@@ -83,6 +65,9 @@ class Disk:
     qdev_type: str  # virtio-blk, scsi-hd, or the QOM type
     policy: DiskPolicy
     verdict: PolicyVerdict
+    #: Further node names that events may name for this disk (libvirt's -blockdev chain has
+    #: a ``libvirt-N-format`` node above ``libvirt-N-storage``).
+    other_nodes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -110,7 +95,11 @@ class BlockStats:
 
 @dataclass
 class VMState:
-    """Everything known about one QMP socket.
+    """Everything known about one VM, whichever source watches it.
+
+    ``key`` identifies the VM in the exporter's own bookkeeping (hang state file, caches): the
+    QMP socket path, or ``libvirt:<uuid>``.  ``socket`` is what the ``socket`` label of
+    ``qemu_vm_info`` shows (the QMP socket, or the libvirt URI).
 
     Session data (identity, disks, stats) is cleared when the session ends so that a VM whose
     QEMU is gone leaves no stale series; counters live as long as the socket is watched.
@@ -121,7 +110,9 @@ class VMState:
     ``blockstats``) calls `touch_counters` or `touch_stats`.
     """
 
-    socket: str
+    key: str
+    socket: str = ""
+    source: str = "qmp"
     static_labels: dict[str, str] = field(default_factory=dict)
 
     up: bool = False
@@ -163,6 +154,11 @@ class VMState:
             object.__setattr__(self, "stats_version", next(_versions))
         object.__setattr__(self, name, value)
 
+    @classmethod
+    def qmp(cls, path: str, static_labels: dict[str, str] | None = None) -> VMState:
+        """The state of a VM watched through its QMP socket at ``path``."""
+        return cls(key=path, socket=path, static_labels=static_labels or {})
+
     def touch_counters(self) -> None:
         """A counter container (io_errors, events, ...) was changed in place."""
         object.__setattr__(self, "counters_version", next(_versions))
@@ -173,7 +169,7 @@ class VMState:
 
     @property
     def stem(self) -> str:
-        base = os.path.basename(self.socket)
+        base = os.path.basename(self.socket or self.key)
         root, _ext = os.path.splitext(base)
         return root or base
 
@@ -185,6 +181,8 @@ class VMState:
     def set_disks(self, disks: dict[str, Disk]) -> None:
         self.disks = disks
         self._by_node = {d.node_name: d.device for d in disks.values() if d.node_name}
+        for d in disks.values():
+            self._by_node.update(dict.fromkeys(d.other_nodes, d.device))
         self._by_drive = {d.drive: d.device for d in disks.values() if d.drive}
         self._by_qom = {}
         for d in disks.values():
@@ -195,7 +193,7 @@ class VMState:
                 del self.blockstats[dev]
                 self.touch_stats()
 
-    def match_disk(self, data: dict[str, object]) -> str | None:
+    def match_disk(self, data: Mapping[str, object]) -> str | None:
         """Find the disk a BLOCK_IO_ERROR is about (node-name, then drive id, then qom-path)."""
         node = data.get("node-name")
         if isinstance(node, str) and node in self._by_node:
@@ -207,6 +205,25 @@ class VMState:
         if isinstance(qom, str) and qom in self._by_qom:
             return self._by_qom[qom]
         return None
+
+    def received(self, event: VMEvent) -> None:
+        """Count ``event`` by name, as it arrives (`apply` may come later)."""
+        self.events[event.name] += 1
+        self.touch_counters()
+
+    def apply(self, event: VMEvent) -> None:
+        """Apply what ``event`` says: IO errors by disk, the run state.  A `BlockIOError` that
+        names no known disk counts as unmatched (sources first try a fresh disk list)."""
+        if isinstance(event, BlockIOError):
+            if event.device is None:
+                self.unmatched_io_errors += 1
+            else:
+                self.io_errors[(event.device, event.operation, event.action)] += 1
+                if event.action == "stop":
+                    self.status = "io-error"  # QEMU enters io-error before it sends STOP
+        elif isinstance(event, RunStateChange):
+            self.status = status_after(event.name, self.status)
+        self.touch_counters()
 
     def end_session(self) -> None:
         """Forget what only a live session can vouch for."""
