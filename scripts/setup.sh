@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with the exporter, the simulator and the test tools.  Idempotent.
+# Create .venv with the exporter, the simulator, the test tools and libvirt-python.  Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,7 +16,7 @@ fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   log=$(mktemp)
-  if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e ".[test]"; } >"$log" 2>&1; then
+  if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e ".[test,libvirt]"; } >"$log" 2>&1; then
     cat "$log" >&2
     echo "setup: pip install failed (log above)" >&2
     exit 1

@@ -1,0 +1,346 @@
+"""Live domain XML → disks and error policy (exporter/libvirt_xml.py), from fixture XML.
+
+The fixtures: the openEuler documentation's examples (``tests/fixtures/libvirt-xml/``), the
+``virsh dumpxml`` of real domains under Debian's libvirt 9.0 (``tests/fixtures/libvirt-9.0/``,
+written by ``tests/libvirt/capture.py``) and hand-written ``<qemu:override>`` cases.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exporter.config import PolicyConfig
+from exporter.libvirt_xml import (
+    MAX_TEXT,
+    Disk,
+    DiskSource,
+    Domain,
+    node_index,
+    parse_domain,
+)
+from exporter.policy import DiskPolicy, Rule, verify
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+XML = FIXTURES / "libvirt-xml"
+CAPTURED = FIXTURES / "libvirt-9.0"
+
+
+def load(path: Path) -> Domain:
+    return parse_domain(path.read_text())
+
+
+def only(domain: Domain, alias: str) -> Disk:
+    disk = domain.disk_by_alias(alias)
+    assert disk is not None, f"{alias} not in {[d.alias for d in domain.disks]}"
+    return disk
+
+
+def domain_xml(disks: str, extra: str = "", ns: bool = False) -> str:
+    xmlns = " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'" if ns else ""
+    return (
+        f"<domain type='qemu' id='1'{xmlns}><name>t</name>"
+        "<uuid>0bbd3e5b-0977-42a1-8faa-419497c4871c</uuid>"
+        f"<devices>{disks}</devices>{extra}</domain>"
+    )
+
+
+def disk_xml(driver: str = "", alias: str = "virtio-disk0", bus: str = "virtio", dev: str = "vda") -> str:
+    return (
+        f"<disk type='file' device='disk'><driver name='qemu' type='raw' {driver}/>"
+        f"<source file='/img' index='1'/><target dev='{dev}' bus='{bus}'/><alias name='{alias}'/></disk>"
+    )
+
+
+def one_disk(driver: str = "", **kw: str) -> Disk:
+    dom = parse_domain(domain_xml(disk_xml(driver, **kw)))
+    assert len(dom.disks) == 1, dom.skipped
+    return dom.disks[0]
+
+
+# --- openEuler's documented XML -------------------------------------------------------------
+
+
+def test_openeuler_virtio_blk_example() -> None:
+    dom = load(XML / "openeuler-retry.xml")
+    assert (dom.name, dom.uuid, dom.id) == ("oe-retry", "6f1c2a3e-9b1d-4c55-8d0e-2a4b6c8d0e1f", 7)
+    vdb = only(dom, "virtio-disk1")
+    assert (vdb.target, vdb.bus, vdb.kind, vdb.index) == ("vdb", "virtio", "virtio-blk", 2)
+    assert (vdb.werror, vdb.rerror, vdb.retry_interval_ms, vdb.retry_timeout_ms) == (
+        "retry",
+        "retry",
+        2000,
+        10000,
+    )
+    assert vdb.policy_origin == "driver"
+    # type='block' with <source file=...>, as the documentation writes it.
+    assert vdb.source == DiskSource(kind="block", path="/path/to/your/storage")
+    assert vdb.source.describe() == "block:/path/to/your/storage"
+    assert vdb.policy() == DiskPolicy("retry", "retry", 2000, 10000, retry_feature=True)
+    assert verify(vdb.policy(), PolicyConfig()).ok
+
+
+def test_openeuler_virtio_scsi_example() -> None:
+    sdb = only(load(XML / "openeuler-retry.xml"), "scsi0-0-0-0")
+    assert (sdb.target, sdb.bus, sdb.kind, sdb.index) == ("sdb", "scsi", "scsi-hd", 1)
+    assert sdb.policy() == DiskPolicy("retry", "retry", 2000, 10000, retry_feature=True)
+
+
+def test_openeuler_retry_defaults_when_timing_omitted() -> None:
+    # openEuler's libvirt omits retry_interval/retry_timeout when 0; QEMU's defaults apply.
+    d = one_disk("error_policy='retry'")
+    assert (d.werror, d.rerror, d.retry_interval_ms, d.retry_timeout_ms) == ("retry", "retry", 1000, 0)
+
+
+# --- upstream libvirt's <driver> -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("driver", "werror", "rerror"),
+    [
+        ("", "enospc", "report"),  # no policy: QEMU's defaults
+        ("error_policy='stop'", "stop", "stop"),  # rerror_policy absent: covers reads too
+        ("error_policy='report'", "report", "report"),
+        ("error_policy='ignore'", "ignore", "ignore"),
+        ("error_policy='enospace'", "enospc", "report"),  # enospace is write-only in QEMU
+        ("error_policy='stop' rerror_policy='report'", "stop", "report"),
+        ("rerror_policy='stop'", "enospc", "stop"),
+        ("error_policy='retry' rerror_policy='report'", "retry", "report"),
+        ("error_policy='enospace' rerror_policy='retry'", "enospc", "retry"),
+        ("error_policy='default'", "enospc", "report"),
+    ],
+)
+def test_driver_policy_in_qemu_spelling(driver: str, werror: str, rerror: str) -> None:
+    d = one_disk(driver)
+    assert (d.werror, d.rerror) == (werror, rerror)
+    retrying = "retry" in (werror, rerror)
+    assert d.policy().retry_feature is retrying
+    assert (d.retry_interval_ms, d.retry_timeout_ms) == ((1000, 0) if retrying else (None, None))
+
+
+def test_no_policy_is_a_violation_not_a_crash() -> None:
+    d = one_disk()
+    assert d.policy_origin == "default"
+    violations = set(verify(d.policy(), PolicyConfig()).violations)
+    assert {Rule.WERROR_NOT_RETRY, Rule.RERROR_NOT_RETRY} <= violations
+
+
+def test_timing_without_retry_is_kept() -> None:
+    # openEuler's libvirt passes the attributes to QEMU whatever the policy; QEMU accepted them.
+    d = one_disk("error_policy='stop' retry_interval='300' retry_timeout='9000'")
+    assert (d.werror, d.retry_interval_ms, d.retry_timeout_ms) == ("stop", 300, 9000)
+
+
+# --- <qemu:override> -------------------------------------------------------------------------
+
+
+def test_override_wins_over_driver() -> None:
+    dom = load(XML / "override.xml")
+    vda = only(dom, "ua-disk0")
+    assert (vda.werror, vda.rerror, vda.retry_interval_ms, vda.retry_timeout_ms) == (
+        "retry",
+        "retry",
+        1000,
+        30000,
+    )
+    assert vda.policy_origin == "override"
+    assert vda.source.describe() == "iscsi://192.0.2.10:3260/iqn.2024-01.org.example:store/1"
+
+
+def test_override_of_werror_only_keeps_driver_rerror() -> None:
+    sda = only(load(XML / "override.xml"), "ua-disk1")
+    assert (sda.kind, sda.werror, sda.rerror) == ("scsi-hd", "retry", "report")
+    assert (sda.retry_interval_ms, sda.retry_timeout_ms) == (1000, 10000)
+    assert sda.policy_origin == "override+driver"
+    violations = verify(sda.policy(), PolicyConfig()).violations
+    assert violations == (Rule.RERROR_NOT_RETRY,)
+
+
+def test_override_remove_restores_qemu_default() -> None:
+    vdc = only(load(XML / "override.xml"), "ua-disk2")
+    assert (vdc.werror, vdc.rerror, vdc.retry_interval_ms, vdc.retry_timeout_ms) == (
+        "enospc",
+        "retry",
+        500,
+        0,
+    )
+    assert vdc.policy_origin == "default+driver"
+
+
+def test_backing_chain_nodes_map_to_the_disk() -> None:
+    dom = load(XML / "override.xml")
+    vdc = only(dom, "ua-disk2")
+    assert (vdc.index, vdc.indexes) == (4, (4, 5))
+    assert vdc.node_names == ("libvirt-4-format", "libvirt-4-storage")
+    assert dom.disk_for_node("libvirt-5-format") is vdc
+    assert dom.disk_for_node("libvirt-4-storage") is vdc
+    assert dom.disk_for_node("libvirt-3-format") is only(dom, "ua-disk0")
+    assert dom.disk_for_node("libvirt-9-format") is None
+    assert dom.disk_for_node("#block131") is None
+
+
+def test_cdrom_skipped_silently() -> None:
+    dom = load(XML / "override.xml")
+    assert [d.alias for d in dom.disks] == ["ua-disk0", "ua-disk1", "ua-disk2"]
+    assert dom.skipped == ()
+    assert dom.disk_for_node("libvirt-1-format") is None
+
+
+def test_rbd_hosts_bounded_and_ipv6_bracketed() -> None:
+    src = only(load(XML / "override.xml"), "ua-disk1").source
+    assert src.hosts == ("mon1:6789", "mon2:6789", "[2001:db8::3]:6789", "mon4")
+    assert src.host_count == 5
+    assert src.describe() == "rbd://mon1:6789,mon2:6789,[2001:db8::3]:6789,mon4,+1/pool/image"
+
+
+def test_unbound_qemu_prefix_is_a_value_error() -> None:
+    # An unbound prefix is not well-formed XML: a clear ValueError, not a guess.
+    with pytest.raises(ValueError, match="not well-formed"):
+        parse_domain(domain_xml(disk_xml(), "<qemu:override/>"))
+
+
+@pytest.mark.parametrize(
+    ("prop", "reason"),
+    [
+        ("<qemu:property name='werror' type='string' value='hang'/>", "not a QEMU error action"),
+        ("<qemu:property name='retry_timeout' type='unsigned' value='-5'/>", "out of range"),
+        ("<qemu:property name='retry_interval' type='unsigned' value='1s'/>", "not an integer"),
+        ("<qemu:property name='rerror' type='string'/>", "has no value"),
+    ],
+)
+def test_bad_override_skips_only_that_disk(prop: str, reason: str) -> None:
+    override = (
+        "<qemu:override><qemu:device alias='ua-bad'><qemu:frontend>"
+        f"{prop}</qemu:frontend></qemu:device></qemu:override>"
+    )
+    dom = parse_domain(
+        domain_xml(disk_xml(alias="ua-bad") + disk_xml(alias="ua-ok", dev="vdb"), override, ns=True)
+    )
+    assert [d.alias for d in dom.disks] == ["ua-ok"]
+    assert len(dom.skipped) == 1
+    assert dom.skipped[0].alias == "ua-bad" and dom.skipped[0].target == "vda"
+    assert reason in dom.skipped[0].reason
+
+
+def test_override_auto_is_kept_verbatim() -> None:
+    override = (
+        "<qemu:override><qemu:device alias='virtio-disk0'><qemu:frontend>"
+        "<qemu:property name='werror' type='string' value='auto'/></qemu:frontend></qemu:device></qemu:override>"
+    )
+    d = parse_domain(domain_xml(disk_xml("error_policy='stop'"), override, ns=True)).disks[0]
+    assert (d.werror, d.rerror) == ("auto", "stop")
+
+
+# --- odd input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("driver", "reason"),
+    [
+        ("error_policy='hang'", "not a libvirt error policy"),
+        ("rerror_policy=''", "not a libvirt error policy"),
+        ("error_policy='retry' retry_interval='abc'", "not an integer"),
+        ("error_policy='retry' retry_timeout='-1'", "out of range"),
+        ("error_policy='retry' retry_timeout='99999999999999999999999'", "out of range"),
+    ],
+)
+def test_bad_driver_values_skip_the_disk(driver: str, reason: str) -> None:
+    dom = parse_domain(domain_xml(disk_xml(driver)))
+    assert dom.disks == ()
+    assert reason in dom.skipped[0].reason
+
+
+def test_disk_without_alias_or_target_skipped() -> None:
+    no_alias = "<disk type='file' device='disk'><source file='/a'/><target dev='vda' bus='virtio'/></disk>"
+    no_target = "<disk type='file' device='disk'><source file='/b'/><alias name='virtio-disk1'/></disk>"
+    dom = parse_domain(domain_xml(no_alias + no_target))
+    assert dom.disks == ()
+    assert [s.reason.split(" ")[0:2] for s in dom.skipped] == [["no", "<alias"], ["no", "<target"]]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "not well-formed"),
+        ("<domain><name>x</name>", "not well-formed"),
+        ("<network><name>x</name></network>", "expected a <domain>"),
+        ("<domain><uuid>0bbd3e5b-0977-42a1-8faa-419497c4871c</uuid></domain>", "no <name>"),
+        ("<domain><name>x</name></domain>", "no valid <uuid>"),
+        ("<domain><name>x</name><uuid>not-a-uuid</uuid></domain>", "no valid <uuid>"),
+    ],
+)
+def test_not_a_domain_raises_value_error(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_domain(text)
+
+
+def test_entity_expansion_refused() -> None:
+    bomb = (
+        '<?xml version="1.0"?><!DOCTYPE d [<!ENTITY a "aaaaaaaaaa">'
+        + "".join(f'<!ENTITY {chr(98 + i)} "{("&" + chr(97 + i) + ";") * 10}">' for i in range(8))
+        + "]><domain><name>&i;</name><uuid>0bbd3e5b-0977-42a1-8faa-419497c4871c</uuid></domain>"
+    )
+    # expat refuses the amplification (a ValueError), or the name is clipped: never a hang.
+    try:
+        dom = parse_domain(bomb)
+    except ValueError:
+        return
+    assert len(dom.name) <= MAX_TEXT
+
+
+def test_domain_without_devices_and_bytes_input() -> None:
+    dom = parse_domain(b"<domain><name>x</name><uuid>0BBD3E5B097742A18FAA419497C4871C</uuid></domain>")
+    assert (dom.name, dom.uuid, dom.id, dom.disks) == ("x", "0bbd3e5b097742a18faa419497c4871c", None, ())
+
+
+def test_long_source_clipped() -> None:
+    long_path = "/" + "x" * 1000
+    xml = domain_xml(
+        f"<disk type='file' device='disk'><source file='{long_path}' index='1'/>"
+        "<target dev='vda' bus='virtio'/><alias name='virtio-disk0'/></disk>"
+    )
+    assert len(parse_domain(xml).disks[0].source.describe()) == MAX_TEXT
+
+
+@pytest.mark.parametrize(
+    ("device", "bus", "kind"),
+    [("disk", "sata", "ide-hd"), ("lun", "scsi", "scsi-block"), ("disk", "weird", "weird")],
+)
+def test_device_kind_from_bus(device: str, bus: str, kind: str) -> None:
+    xml = domain_xml(
+        f"<disk type='block' device='{device}'><source dev='/dev/sdz' index='1'/>"
+        f"<target dev='sdz' bus='{bus}'/><alias name='d0'/></disk>"
+    )
+    d = parse_domain(xml).disks[0]
+    assert (d.kind, d.source.describe()) == (kind, "block:/dev/sdz")
+
+
+@pytest.mark.parametrize(("device", "bus"), [("cdrom", "sata"), ("floppy", "fdc"), ("disk", "usb")])
+def test_removable_media_skipped(device: str, bus: str) -> None:
+    xml = domain_xml(
+        f"<disk type='file' device='{device}'><target dev='x' bus='{bus}'/><alias name='m0'/></disk>"
+    )
+    dom = parse_domain(xml)
+    assert (dom.disks, dom.skipped) == ((), ())
+
+
+def test_node_index() -> None:
+    assert node_index("libvirt-12-format") == 12
+    assert node_index("libvirt-3-storage") == 3
+    assert node_index("libvirt-3-slice-sto") == 3
+    assert node_index("nbd0") is None
+    assert node_index("libvirt-x-format") is None
+
+
+def test_event_device_fallback_for_drive_mode() -> None:
+    no_index = (
+        "<disk type='file' device='disk'><driver name='qemu' error_policy='stop'/><source file='/a'/>"
+        "<target dev='vda' bus='virtio'/><alias name='virtio-disk0'/></disk>"
+    )
+    dom = parse_domain(domain_xml(no_index))
+    d = dom.disks[0]
+    assert (d.index, d.node_names) == (None, ())
+    assert dom.disk_for_event("drive-virtio-disk0", "#block131") is d
+    assert dom.disk_for_event("virtio-disk0", None) is d
+    assert dom.disk_for_event("", "libvirt-1-format") is None
