@@ -1,0 +1,645 @@
+"""A real libvirtd for tests: the daemon itself, domains on Debian's QEMU, storage that fails on demand.
+
+The libvirt event source must be tested against what libvirtd really sends (event shapes,
+reconnects, taints), so nothing here is simulated (facts in ``shared/docs/domain.md`` §4.1):
+
+* `Libvirtd` runs ``virtlogd`` and ``libvirtd`` directly (no systemd on these machines), or
+  reuses a libvirtd that already answers on ``qemu:///system``.  It can SIGKILL the daemon and
+  start it again while domains keep running (QEMU is not libvirtd's child: it survives).
+* `NbdStorage` is ``nbdkit`` on a free 127.0.0.1 port with the error filter: every request fails
+  with EIO while its error file exists.
+* `LabDomain` is a ``<domain type='qemu'>`` (TCG, 32 MiB, no graphics) whose boot disk is that NBD
+  export holding the project's IO-loop boot sector (``tests/guest/bootsector.py``): SeaBIOS boots
+  it, and the guest writes and reads a sector in a loop, so the disk errors as soon as the storage
+  fails and recovers as soon as it is back.
+
+There is one system libvirtd per machine, shared by every test session on it: domain names carry
+this process's pid, the lab only ever touches its own domains, and it stops a daemon only when it
+started it.  Waiting always polls a condition against a deadline; nothing sleeps a fixed time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from xml.sax.saxutils import quoteattr
+
+import pytest
+
+from tests.conftest import require_binary
+from tests.guest.bootsector import write_disk_image
+
+URI = "qemu:///system"
+QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
+QEMU_RUN_DIR = Path("/run/libvirt/qemu")
+#: Every domain this process defines starts with this (several sessions may share one libvirtd).
+NAME_PREFIX = f"qihlab{os.getpid()}-"
+#: ``Domain id=3 is tainted: custom-monitor`` (libvirt's qemuDomainObjTaintMsg).
+TAINT_RE = re.compile(r"Domain id=\d+ is tainted: (\S+)")
+
+T = TypeVar("T")
+
+
+def _ci() -> bool:
+    return os.environ.get("CI") == "true"
+
+
+def require_sbin(name: str) -> str:
+    """``/usr/sbin/NAME`` (not on a non-root PATH), else `require_binary` (skip, or fail under CI)."""
+    path = Path("/usr/sbin") / name
+    return str(path) if os.access(path, os.X_OK) else require_binary(name)
+
+
+def skip_or_fail(msg: str) -> None:
+    """What a missing prerequisite means: a skip for a developer, a failure under ``CI=true``."""
+    if _ci():
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def poll(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Call ``check`` until it returns something other than None/False; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result is not None and result is not False:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def virsh(*args: str, uri: str = URI, timeout: float = 30.0, check: bool = True) -> str:
+    """Run ``virsh -c URI ARGS`` and return its stdout; raise with stderr when it fails."""
+    cmd = [require_binary("virsh"), "-q", "-c", uri, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def free_tcp_port() -> int:
+    """A port free on 127.0.0.1 right now (the caller retries if someone takes it first)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (killed, not yet reaped by init) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def fix_kvm_permissions() -> None:
+    """Make ``/dev/kvm`` group ``kvm`` 0660, as Debian's udev rule would.
+
+    Left root-only 0600, libvirt (QEMU runs as ``libvirt-qemu``) sees the KVM capability as
+    changed and re-probes QEMU at every ``define``: ~35 s each instead of 0.04 s.
+    """
+    kvm = Path("/dev/kvm")
+    if not kvm.exists():
+        return
+    with contextlib.suppress(KeyError, PermissionError):
+        shutil.chown(kvm, group="kvm")
+        kvm.chmod(0o660)
+
+
+class Libvirtd:
+    """The system libvirtd (and virtlogd) the tests talk to, started here or reused.
+
+    ``owned`` is True while the running libvirtd is one this object started: only such a daemon
+    is ever killed or stopped.
+    """
+
+    def __init__(self, workdir: Path, uri: str = URI) -> None:
+        self.workdir = workdir
+        self.uri = uri
+        self.pid_file = workdir / "libvirtd.pid"
+        self.log_file = workdir / "libvirtd.log"
+        self.virtlogd_pid_file = workdir / "virtlogd.pid"
+        self.owned = False
+        self.started_virtlogd = False
+        self.restarts = 0
+
+    # --- state ----------------------------------------------------------------------------
+
+    def responsive(self, timeout: float = 10.0) -> bool:
+        """One ``virsh version`` round trip succeeds (the daemon accepts and serves clients)."""
+        try:
+            virsh("version", uri=self.uri, timeout=timeout)
+        except (RuntimeError, subprocess.TimeoutExpired):
+            return False
+        return True
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the libvirtd this object started (None when reused or not running)."""
+        pid = _read_pid(self.pid_file) if self.owned else None
+        return pid if pid is not None and pid_alive(pid) else None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_file.read_text(errors="replace")[-chars:] if self.log_file.exists() else ""
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def ensure_running(self, timeout: float = 60.0) -> None:
+        """Reuse a libvirtd that answers already, else start one (and virtlogd)."""
+        fix_kvm_permissions()
+        if self.responsive(timeout=10.0):
+            return
+        self.start(timeout)
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start virtlogd (unless one runs) and libvirtd, and wait until libvirtd answers."""
+        libvirtd = require_sbin("libvirtd")
+        virtlogd = require_sbin("virtlogd")
+        fix_kvm_permissions()
+        if not Path("/run/libvirt/virtlogd-sock").exists() or not self._virtlogd_running():
+            subprocess.run(
+                [virtlogd, "-d", "--pid-file", str(self.virtlogd_pid_file)],
+                check=True, capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            self.started_virtlogd = True
+        env = dict(os.environ, LIBVIRT_LOG_OUTPUTS=f"3:file:{self.log_file}")
+        # -d forks into the background once the daemon initialised; the parent's exit status
+        # says whether that worked (e.g. not when another libvirtd holds the driver lock).
+        proc = subprocess.run(
+            [libvirtd, "-d", "--pid-file", str(self.pid_file)],
+            env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"libvirtd -d failed ({proc.returncode}): {proc.stderr}\n{self.log_tail()}")
+        self.owned = True
+        try:
+            poll(lambda: self.responsive(timeout=10.0), timeout, "libvirtd to answer `virsh version`", 0.1)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.log_tail()}") from None
+
+    def _virtlogd_running(self) -> bool:
+        """virtlogd's socket accepts a connection (a stale socket file refuses)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2.0)
+            try:
+                s.connect("/run/libvirt/virtlogd-sock")
+            except OSError:
+                return False
+        return True
+
+    def require_owned(self) -> None:
+        """Skip (fail under CI) when libvirtd was started by someone else: never kill theirs."""
+        if not self.owned:
+            skip_or_fail(
+                "libvirtd was already running when the tests started (not started by them): "
+                "not killing someone else's daemon; stop it to run this test"
+            )
+
+    def kill(self, timeout: float = 15.0) -> int:
+        """SIGKILL libvirtd (as a crash would) and wait until it is gone; domains keep running.
+
+        Returns the killed pid.
+        """
+        self.require_owned()
+        pid = self.pid
+        if pid is None:
+            raise RuntimeError("libvirtd is not running")
+        os.kill(pid, signal.SIGKILL)
+        poll(lambda: not pid_alive(pid), timeout, f"libvirtd {pid} to exit")
+        return pid
+
+    def revive(self) -> None:
+        """Start a daemon of ours again if a test killed it and did not restart it."""
+        if self.owned and self.pid is None:
+            self.start()
+            self.restarts += 1
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start libvirtd again after `kill`; it reconnects to the domains' monitors itself."""
+        self.require_owned()
+        self.start(timeout)
+        self.restarts += 1
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop what this object started: libvirtd (SIGTERM, then SIGKILL), then virtlogd."""
+        if self.owned:
+            pid = self.pid
+            if pid is not None:
+                _terminate(pid, timeout)
+            self.owned = False
+        if self.started_virtlogd:
+            pid = _read_pid(self.virtlogd_pid_file)
+            if pid is not None and pid_alive(pid):
+                _terminate(pid, timeout)
+            self.started_virtlogd = False
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    try:
+        poll(lambda: not pid_alive(pid), timeout, f"process {pid} to exit")
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        poll(lambda: not pid_alive(pid), timeout, f"process {pid} to exit after SIGKILL")
+
+
+def _listening_or_exited(proc: subprocess.Popen[bytes], pid_file: Path) -> bool:
+    return proc.poll() is not None or _read_pid(pid_file) is not None
+
+
+class NbdStorage:
+    """``nbdkit -i 127.0.0.1 -p PORT --filter=error file IMG``: EIO on every request while
+    ``error_file`` exists (delete it and the storage is back)."""
+
+    def __init__(self, image: Path, error_file: Path, log_path: Path) -> None:
+        self.image = image
+        self.error_file = error_file
+        self.log_path = log_path
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0, attempts: int = 5) -> None:
+        """Listen on a free port; another process taking the port first means another try."""
+        nbdkit = require_binary("nbdkit")
+        pid_file = self.log_path.with_suffix(".pid")
+        for _ in range(attempts):
+            self.port = free_tcp_port()
+            pid_file.unlink(missing_ok=True)
+            with self.log_path.open("wb") as log:
+                self.proc = subprocess.Popen(
+                    [nbdkit, "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(self.port),
+                     "-P", str(pid_file), "--filter=error", "file", str(self.image),
+                     "error-rate=100%", f"error-file={self.error_file}"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            proc = self.proc
+            # nbdkit writes its PID file only once it listens.
+            poll(functools.partial(_listening_or_exited, proc, pid_file), timeout, "nbdkit to listen")
+            if proc.poll() is None:
+                return
+            if "Address already in use" not in self.log():
+                raise RuntimeError(f"nbdkit exited with {proc.returncode}: {self.log()}")
+        raise RuntimeError(f"nbdkit found no free port in {attempts} attempts: {self.log()}")
+
+    def fail(self) -> None:
+        self.error_file.touch()
+
+    def restore(self) -> None:
+        self.error_file.unlink(missing_ok=True)
+
+    @property
+    def failing(self) -> bool:
+        return self.error_file.exists()
+
+    def injected_errors(self) -> int:
+        """How many requests the error filter failed so far (it logs each one)."""
+        return self.log().count("injecting EIO error")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+
+
+@dataclass(frozen=True)
+class DiskOptions:
+    """The boot disk of a lab domain."""
+
+    error_policy: str | None = "stop"  # <driver error_policy=...>; None: attribute left out
+    rerror_policy: str | None = None
+    alias: str | None = "ua-boot"  # user alias (must start with ua-); None: libvirt names it
+    bus: str = "virtio"  # virtio (virtio-blk) or scsi (scsi-hd on a virtio-scsi controller)
+    # <qemu:override> frontend properties for the boot disk (needs ``alias``), e.g.
+    # {"werror": ("string", "report")}; taints the domain custom-device.
+    override: tuple[tuple[str, str, str], ...] = ()
+
+
+def boot_target(disk: DiskOptions) -> str:
+    return "vda" if disk.bus == "virtio" else "sda"
+
+
+def domain_xml(
+    name: str,
+    storage_port: int,
+    disk: DiskOptions,
+    second_disk: Path | None = None,
+    memory_mib: int = 32,
+) -> str:
+    """A ``<domain type='qemu'>`` (TCG) booting from the NBD export at 127.0.0.1:``storage_port``."""
+    target = boot_target(disk)
+    policy = "".join(
+        f" {attr}={quoteattr(value)}"
+        for attr, value in (("error_policy", disk.error_policy), ("rerror_policy", disk.rerror_policy))
+        if value is not None
+    )
+    alias = f"<alias name={quoteattr(disk.alias)}/>" if disk.alias else ""
+    controller = "<controller type='scsi' model='virtio-scsi'/>" if disk.bus == "scsi" else ""
+    extra = ""
+    if second_disk is not None:
+        extra = (
+            "<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+            f"<source file={quoteattr(str(second_disk))}/><target dev='vdb' bus='virtio'/></disk>"
+        )
+    override = ""
+    if disk.override:
+        if not disk.alias:
+            raise ValueError("<qemu:override> needs the disk's user alias")
+        props = "".join(
+            f"<qemu:property name={quoteattr(n)} type={quoteattr(t)} value={quoteattr(v)}/>"
+            for n, t, v in disk.override
+        )
+        override = (
+            f"<qemu:override><qemu:device alias={quoteattr(disk.alias)}><qemu:frontend>{props}"
+            "</qemu:frontend></qemu:device></qemu:override>"
+        )
+    return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='network' device='disk'>
+      <driver name='qemu' type='raw'{policy}/>
+      <source protocol='nbd'><host name='127.0.0.1' port='{storage_port}'/></source>
+      <target dev='{target}' bus='{disk.bus}'/>
+      {alias}
+    </disk>
+    {extra}
+    {controller}
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+    <serial type='null'/>
+  </devices>
+  {override}
+</domain>
+"""
+
+
+class LabDomain:
+    """One defined and started domain with its failing storage."""
+
+    def __init__(self, name: str, storage: NbdStorage, libvirtd: Libvirtd, xml: str, target: str) -> None:
+        self.name = name
+        self.storage = storage
+        self.libvirtd = libvirtd
+        self.xml = xml
+        self.target = target  # the boot disk's <target dev>: vda (virtio) or sda (scsi)
+
+    # --- control --------------------------------------------------------------------------
+
+    def virsh(self, *args: str, check: bool = True, timeout: float = 30.0) -> str:
+        return virsh(*args, uri=self.libvirtd.uri, check=check, timeout=timeout)
+
+    def fail_storage(self) -> None:
+        self.storage.fail()
+
+    def restore_storage(self) -> None:
+        self.storage.restore()
+
+    def resume(self) -> None:
+        self.virsh("resume", self.name)
+
+    def destroy(self) -> None:
+        """Hard power-off (``virsh destroy``); no error when it is not running."""
+        if self.is_active():
+            self.virsh("destroy", self.name, check=False)
+
+    def undefine(self) -> None:
+        self.virsh("undefine", self.name, check=False)
+
+    # --- observation ----------------------------------------------------------------------
+
+    def is_active(self) -> bool:
+        out = self.virsh("domstate", self.name, check=False).strip()
+        return out not in ("", "shut off")
+
+    def domstate(self) -> tuple[str, str]:
+        """``virsh domstate --reason``: e.g. ("paused", "I/O error"), ("running", "unpaused")."""
+        out = self.virsh("domstate", "--reason", self.name).strip()
+        match = re.fullmatch(r"(.+?) \((.+)\)", out)
+        return (match.group(1), match.group(2)) if match else (out, "")
+
+    def wait_state(self, state: str, reason: str | None = None, timeout: float = 20.0) -> tuple[str, str]:
+        def check() -> tuple[str, str] | None:
+            current = self.domstate()
+            return current if current[0] == state and reason in (None, current[1]) else None
+
+        try:
+            return poll(check, timeout, f"{self.name} to be {state} ({reason})", 0.05)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; now {self.domstate()}; log:\n{self.log_text()[-2000:]}") from None
+
+    def domid(self) -> int | None:
+        out = self.virsh("domid", self.name, check=False).strip()
+        return int(out) if out.isdigit() else None
+
+    def uuid(self) -> str:
+        return self.virsh("domuuid", self.name).strip()
+
+    def qemu_pid(self) -> int | None:
+        """QEMU's pid from libvirt's pid file (QEMU is not libvirtd's child)."""
+        return _read_pid(QEMU_RUN_DIR / f"{self.name}.pid")
+
+    def dumpxml(self) -> str:
+        return self.virsh("dumpxml", self.name)
+
+    def blkstat(self, target: str | None = None) -> dict[str, int]:
+        """``virsh domblkstat`` of a disk: rd_req, wr_req, rd_bytes, ..."""
+        out = self.virsh("domblkstat", self.name, target or self.target)
+        stats: dict[str, int] = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[2].lstrip("-").isdigit():
+                stats[parts[1]] = int(parts[2])
+        return stats
+
+    def wait_io(self, more: int = 5, timeout: float = 30.0) -> dict[str, int]:
+        """Wait until the guest completed ``more`` further writes (the guest runs and its disk
+        works): the boot sector writes and reads a sector in a loop."""
+        start = self.blkstat().get("wr_req", 0)
+
+        def check() -> dict[str, int] | None:
+            stats = self.blkstat()
+            return stats if stats.get("wr_req", 0) >= start + more else None
+
+        return poll(check, timeout, f"{self.name} to complete {more} writes", 0.1)
+
+    def wait_injected_errors(self, more: int = 5, timeout: float = 30.0) -> int:
+        """Wait until the storage failed ``more`` further requests of this guest."""
+        start = self.storage.injected_errors()
+
+        def check() -> int | None:
+            count = self.storage.injected_errors()
+            return count if count >= start + more else None
+
+        return poll(check, timeout, f"{more} more injected errors on {self.name}'s storage", 0.05)
+
+    @property
+    def log_path(self) -> Path:
+        return QEMU_LOG_DIR / f"{self.name}.log"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def taint_lines(self) -> list[str]:
+        """The ``Domain id=N is tainted: REASON`` lines of the domain log (one per taint and run)."""
+        return [line for line in self.log_text().splitlines() if TAINT_RE.search(line)]
+
+    def taints(self) -> set[str]:
+        """The taint reasons in the domain log, e.g. {"custom-monitor"}."""
+        return {m.group(1) for line in self.taint_lines() if (m := TAINT_RE.search(line))}
+
+
+class LibvirtLab:
+    """Starts domains (and their nbdkit) for one test and removes all of it at teardown."""
+
+    def __init__(self, libvirtd: Libvirtd, workdir: Path, stack: contextlib.ExitStack) -> None:
+        self.libvirtd = libvirtd
+        self.workdir = workdir
+        self._stack = stack
+        self.domains: list[LabDomain] = []
+        self._count = 0
+
+    def new_name(self, hint: str = "vm") -> str:
+        self._count += 1
+        return f"{NAME_PREFIX}{hint}{self._count}"
+
+    def storage(self, name: str, pause_us: int = 20_000) -> NbdStorage:
+        """The boot image (IO-loop boot sector) behind nbdkit with the error filter."""
+        image = write_disk_image(self.workdir / f"{name}.img", pause_us=pause_us)
+        storage = NbdStorage(image, self.workdir / f"{name}.fail", self.workdir / f"{name}.nbdkit.log")
+        self._stack.callback(storage.stop)  # registered first: stopped after the domain is gone
+        storage.start()
+        return storage
+
+    def domain(
+        self,
+        disk: DiskOptions = DiskOptions(),  # frozen: a shared default is safe
+        *,
+        hint: str = "vm",
+        second_disk: bool = False,
+        start: bool = True,
+        wait_booted: bool = True,
+        pause_us: int = 20_000,
+    ) -> LabDomain:
+        """Define (and start) a domain booting the IO-loop guest from failing NBD storage.
+
+        ``second_disk`` adds a local 1 MiB raw file as ``vdb`` (no error policy).  With
+        ``wait_booted`` this returns once the guest has completed writes on its boot disk.
+        """
+        name = self.new_name(hint)
+        storage = self.storage(name, pause_us)
+        data = None
+        if second_disk:
+            data = self.workdir / f"{name}-data.img"
+            with data.open("wb") as f:
+                f.truncate(1 << 20)
+            data.chmod(0o666)  # QEMU runs as libvirt-qemu (libvirt may also chown it)
+        xml = domain_xml(name, storage.port, disk, data)
+        xml_path = self.workdir / f"{name}.xml"
+        xml_path.write_text(xml)
+        dom = LabDomain(name, storage, self.libvirtd, xml, boot_target(disk))
+        self._stack.callback(self._remove, dom)
+        self.domains.append(dom)
+        dom.virsh("define", str(xml_path))
+        if start:
+            self.start(dom, wait_booted)
+        return dom
+
+    def start(self, dom: LabDomain, wait_booted: bool = True) -> None:
+        dom.virsh("start", dom.name)
+        if wait_booted:
+            dom.wait_io()
+
+    def _remove(self, dom: LabDomain) -> None:
+        """Destroy and undefine ``dom`` (also after a failed test; libvirtd may have been killed
+        by that test, then it is started again first)."""
+        with contextlib.suppress(Exception):
+            self.libvirtd.revive()
+        dom.restore_storage()
+        with contextlib.suppress(Exception):
+            dom.destroy()
+        with contextlib.suppress(Exception):
+            dom.undefine()
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            dom.log_path.unlink()
+
+
+@contextlib.contextmanager
+def lab_workdir(prefix: str) -> Iterator[Path]:
+    """A temporary directory QEMU (user libvirt-qemu) can traverse; removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def foreign_domains() -> list[str]:
+    """Domains on the daemon that this process did not define (another session's, or a user's)."""
+    try:
+        names = virsh("list", "--all", "--name", timeout=15).split()
+    except (RuntimeError, subprocess.TimeoutExpired):
+        return []
+    return [n for n in names if not n.startswith(NAME_PREFIX)]
+
+
+@contextlib.contextmanager
+def running_libvirtd(workdir: Path) -> Iterator[Libvirtd]:
+    """A libvirtd for the whole session: reused when one answers, else started and stopped here.
+
+    A daemon this started is left running at the end only when it holds domains of others (a
+    second session on the same machine reusing it).
+    """
+    for name in ("libvirtd", "virtlogd"):
+        require_sbin(name)
+    for name in ("virsh", "nbdkit", "qemu-system-x86_64"):
+        require_binary(name)
+    daemon = Libvirtd(workdir)
+    daemon.ensure_running()
+    try:
+        yield daemon
+    finally:
+        for name in virsh("list", "--all", "--name", check=False, timeout=15).split():
+            if name.startswith(NAME_PREFIX):  # a test's cleanup failed: still ours to remove
+                virsh("destroy", name, check=False)
+                virsh("undefine", name, check=False)
+        if daemon.owned and not foreign_domains():
+            daemon.stop()
