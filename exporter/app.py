@@ -19,7 +19,8 @@ from exporter.discovery import Discovery, static_label_names
 from exporter.fairness import ScrapeFirst
 from exporter.gc_tuning import freeze_long_lived
 from exporter.hang.tracking import HangTracking
-from exporter.metrics import ExporterCollector
+from exporter.libvirt_watch import LibvirtSource
+from exporter.metrics import ConnectionCollector, ExporterCollector
 from exporter.model.sink import EventSink, SinkGroup
 from exporter.model.state import VMState
 from exporter.web import make_app
@@ -51,26 +52,38 @@ class Exporter:
         self.hangs = HangTracking(config.hang.recovery_margin_seconds, config.hang.state_file)
         self.scrape_first = ScrapeFirst()
         collector = ExporterCollector(
-            lambda: self.discovery.vms,
+            self.vms,
             static_label_names(config),
             hangs=self.hangs,
             clock=clock,
         )
         sink = SinkGroup(self.hangs, _PrerenderAfterPoll(collector))
         self.discovery = Discovery(config, sink, clock, self.scrape_first)
+        self.libvirt = [LibvirtSource(uri, config, sink, clock) for uri in config.libvirt.uris]
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
+        if self.libvirt:
+            self.registry.register(ConnectionCollector(lambda: [s.state for s in self.libvirt]))
         self.alert_pusher: AlertPusher | None = None
         if config.alerting.enabled:
             pusher = self.alert_pusher = AlertPusher(config.alerting, clock)
             self.registry.register(pusher)
-            self.hangs.on_change = lambda trackers: pusher.update(open_hangs(trackers, self.discovery.vms))
+            self.hangs.on_change = lambda trackers: pusher.update(open_hangs(trackers, self.vms()))
         self._runner: web.AppRunner | None = None
         self._hang_task: asyncio.Task[None] | None = None
         self._gc_task: asyncio.Task[None] | None = None
 
-    def _fleet_shape(self) -> tuple[int, int]:
+    def vms(self) -> list[VMState]:
+        """Every watched VM, once: a VM seen through libvirt and through a second QMP monitor
+        (same UUID) is reported by its QMP session, which reads the policy from QEMU itself."""
         vms = self.discovery.vms
+        if not self.libvirt:
+            return vms
+        on_qmp = {vm.uuid for vm in vms if vm.up and vm.uuid}
+        return vms + [vm for s in self.libvirt for vm in s.vms if vm.uuid not in on_qmp]
+
+    def _fleet_shape(self) -> tuple[int, int]:
+        vms = self.vms()
         return len(vms), sum(1 for vm in vms if vm.up)
 
     async def start(self) -> None:
@@ -88,6 +101,8 @@ class Exporter:
         if self.alert_pusher is not None:
             await self.alert_pusher.start()
         self.discovery.start()
+        for source in self.libvirt:
+            source.start()
         self._hang_task = asyncio.create_task(self.hangs.run(self.clock), name="hang-tick")
         self._gc_task = asyncio.create_task(freeze_long_lived(self._fleet_shape), name="gc-freeze")
         log.info(
@@ -108,6 +123,7 @@ class Exporter:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.discovery.stop()
+        await asyncio.gather(*(source.stop() for source in self.libvirt))
         self.hangs.save()  # open hangs survive the restart
         if self.alert_pusher is not None:
             await self.alert_pusher.stop()

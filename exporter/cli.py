@@ -20,8 +20,14 @@ from exporter.config import (
     Config,
     ConfigError,
     load_file,
+    validate_libvirt_uri,
     validate_listen_address,
     validate_telemetry_path,
+)
+
+LIBVIRT_MISSING = (
+    "--libvirt.uri needs the libvirt Python binding, which is not installed: "
+    "pip install 'qemu-iohang-exporter[libvirt]' (it builds against libvirt: apt-get install libvirt-dev pkg-config gcc python3-dev)"
 )
 
 PROG = "qemu-iohang-exporter"
@@ -69,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="glob of QMP sockets to watch (repeatable; default /run/qemu-iohang-exporter/*.qmp)",
     )
     p.add_argument(
+        "--libvirt.uri",
+        dest="libvirt_uris",
+        action="append",
+        metavar="URI",
+        help="watch every running domain of this libvirt URI, e.g. qemu:///system (repeatable; "
+        "needs the libvirt extra)",
+    )
+    p.add_argument(
         "--hang.state-file",
         dest="state_file",
         metavar="PATH",
@@ -96,6 +110,11 @@ def resolve(args: argparse.Namespace) -> Config:
             globs=tuple(args.globs or cfg.qmp.globs),
         )
         cfg = dataclasses.replace(cfg, qmp=qmp)
+    if args.libvirt_uris:
+        for uri in args.libvirt_uris:
+            validate_libvirt_uri("flag", "--libvirt.uri", uri)
+        uris = tuple(dict.fromkeys(args.libvirt_uris))
+        cfg = dataclasses.replace(cfg, libvirt=dataclasses.replace(cfg.libvirt, uris=uris))
     if args.state_file is not None:
         cfg = dataclasses.replace(cfg, hang=dataclasses.replace(cfg.hang, state_file=args.state_file))
     if args.log_level is not None:
@@ -115,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    if config.libvirt.uris:
+        try:
+            import libvirt  # noqa: F401
+        except ImportError:
+            print(f"{PROG}: {LIBVIRT_MISSING}", file=sys.stderr)
+            return 2
 
     from exporter import logsetup
     from exporter.app import Exporter

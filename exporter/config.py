@@ -38,7 +38,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """What a compliant disk looks like (see `exporter.policy`)."""
+    """What a compliant disk looks like (see `exporter.model.policy`)."""
 
     required: tuple[str, ...] = POLICY_OPERATIONS
     max_timeout_seconds: float | None = None
@@ -61,6 +61,17 @@ class QMPConfig:
 
 
 @dataclass(frozen=True)
+class LibvirtConfig:
+    """Watch every running domain of these libvirt URIs (`exporter.libvirt_watch`)."""
+
+    uris: tuple[str, ...] = ()
+    # A libvirt call (they block) that takes longer is abandoned and the connection re-opened.
+    call_timeout_seconds: float = 10.0
+    # Full re-listing of running domains, a safety net behind the lifecycle events.
+    relist_interval_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class HangConfig:
     state_file: str | None = None
     # Extra silence, beyond the expected spacing of retries, before a hang counts as recovered.
@@ -74,6 +85,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "logfmt"
     qmp: QMPConfig = field(default_factory=QMPConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     hang: HangConfig = field(default_factory=HangConfig)
     alerting: AlertingConfig = field(default_factory=AlertingConfig)
@@ -193,7 +205,7 @@ def load_file(path: str) -> Config:
 
 def parse(doc: Any, source: str) -> Config:
     r = _Reader(source)
-    top = r.mapping(doc, "", {"web", "qmp", "policy", "hang", "log", "alerting"})
+    top = r.mapping(doc, "", {"web", "qmp", "libvirt", "policy", "hang", "log", "alerting"})
     cfg = Config(source=source)
 
     web = r.mapping(top.get("web"), "web", {"listen_address", "telemetry_path"})
@@ -215,6 +227,7 @@ def parse(doc: Any, source: str) -> Config:
         cfg = dataclasses.replace(cfg, log_format=fmt)
 
     cfg = dataclasses.replace(cfg, qmp=_parse_qmp(r, top.get("qmp")))
+    cfg = dataclasses.replace(cfg, libvirt=_parse_libvirt(r, top.get("libvirt")))
     cfg = dataclasses.replace(cfg, policy=_parse_policy(r, top.get("policy")))
 
     hang = r.mapping(top.get("hang"), "hang", {"state_file", "recovery_margin_seconds"})
@@ -319,6 +332,34 @@ def _parse_qmp(r: _Reader, value: Any) -> QMPConfig:
     if qc.backoff_max_seconds < qc.backoff_initial_seconds:
         raise r.fail("qmp.backoff_max_seconds", "must be >= qmp.backoff_initial_seconds")
     return qc
+
+
+def validate_libvirt_uri(source: str, key: str, uri: str) -> str:
+    """A libvirt connection URI of the QEMU driver (``qemu:///system``, ``qemu+ssh://h/system``)."""
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme.split("+")[0] != "qemu":
+        raise ConfigError(source, key, f"{uri!r} is not a libvirt QEMU URI (e.g. 'qemu:///system')")
+    return uri
+
+
+def _parse_libvirt(r: _Reader, value: Any) -> LibvirtConfig:
+    lv = r.mapping(value, "libvirt", {"uri", "call_timeout_seconds", "relist_interval_seconds"})
+    lc = LibvirtConfig()
+    if "uri" in lv:
+        raw = lv["uri"]
+        uris = (r.string(raw, "libvirt.uri"),) if isinstance(raw, str) else r.strings(raw, "libvirt.uri")
+        for i, uri in enumerate(uris):
+            validate_libvirt_uri(
+                r.source, "libvirt.uri" if isinstance(raw, str) else f"libvirt.uri[{i}]", uri
+            )
+        lc = dataclasses.replace(lc, uris=tuple(dict.fromkeys(uris)))
+    if "call_timeout_seconds" in lv:
+        timeout = r.seconds(lv["call_timeout_seconds"], "libvirt.call_timeout_seconds")
+        lc = dataclasses.replace(lc, call_timeout_seconds=timeout)
+    if "relist_interval_seconds" in lv:
+        relist = r.seconds(lv["relist_interval_seconds"], "libvirt.relist_interval_seconds")
+        lc = dataclasses.replace(lc, relist_interval_seconds=relist)
+    return lc
 
 
 def _parse_policy(r: _Reader, value: Any) -> PolicyConfig:

@@ -11,7 +11,7 @@ domain ``custom-monitor``, ``shared/docs/domain.md`` §4.1), so the policy QMP m
   (how a retry-capable QEMU is configured under an upstream libvirt).
 
 The values are given in QEMU's spelling (``enospc``, not libvirt's ``enospace``) because that is
-what QMP mode reports and what `exporter.policy.verify` checks.  Each disk carries its
+what QMP mode reports and what `exporter.model.policy.verify` checks.  Each disk carries its
 ``<source index='N'>`` numbers: with ``-blockdev`` a ``BLOCK_IO_ERROR`` names only the node
 (``libvirt-N-format`` / ``libvirt-N-storage``) and its ``device`` is ``""``.
 
@@ -26,7 +26,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from exporter.policy import DiskPolicy
+from exporter.model.policy import DiskPolicy
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 _Q = f"{{{QEMU_NS}}}"
@@ -48,7 +48,7 @@ _LIBVIRT_TO_QEMU = {
     "retry": "retry",
 }
 #: What QEMU accepts for ``werror``/``rerror`` on ``-device`` (through ``<qemu:override>``).
-#: ``auto`` is kept verbatim: it means "inherit the -drive policy", which `exporter.policy` reports
+#: ``auto`` is kept verbatim: it means "inherit the -drive policy", which `exporter.model.policy` reports
 #: as not visible.
 _QEMU_POLICIES = frozenset({"stop", "report", "ignore", "enospc", "retry", "auto"})
 #: QEMU's own defaults when neither libvirt nor an override sets the property (hw/block: a
@@ -147,18 +147,17 @@ class Disk:
         return (f"libvirt-{self.index}-format", f"libvirt-{self.index}-storage")
 
     def policy(self) -> DiskPolicy:
-        """The policy in `exporter.policy` terms, as QMP mode would have read it."""
+        """The policy in `exporter.model.policy` terms, as QMP mode would have read it."""
         # A running domain whose werror/rerror is "retry" proves QEMU accepted the value, so it
         # has the feature.  Otherwise libvirt's XML cannot tell (QMP mode asks
-        # device-list-properties, which would taint the domain); False here means "not shown to
-        # be supported".  The lead may turn this into an explicit "unknown".
+        # device-list-properties, which would taint the domain): None, unknown.
         retry = "retry" in (self.werror, self.rerror)
         return DiskPolicy(
             werror=self.werror,
             rerror=self.rerror,
             retry_interval_ms=self.retry_interval_ms,
             retry_timeout_ms=self.retry_timeout_ms,
-            retry_feature=retry,
+            retry_feature=True if retry else None,
         )
 
 

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
-from exporter.model.state import BlockStats, VMState
+from exporter.model.state import BlockStats, ConnectionState, VMState
 
 # (suffix-less name, help, attribute of BlockStats, type)
 _BLOCKSTATS: tuple[tuple[str, str, str, str], ...] = (
@@ -195,6 +195,35 @@ class HangView:
     def render(self, vms: Sequence[VMState], label_names: Sequence[str], now: float) -> list[str]:
         """The text of what `collect` yields (override to cache)."""
         return [format_families(self.collect(vms, label_names, now))]
+
+
+class ConnectionCollector(Collector):
+    """The libvirt connections (a few series: formatted by prometheus_client at each scrape)."""
+
+    def __init__(self, connections: Callable[[], Sequence[ConnectionState]]) -> None:
+        self._connections = connections
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "qemu_libvirt_up", "1 while the libvirt connection is open and its events flow.", labels=["uri"]
+        )
+        errors = CounterMetricFamily(
+            "qemu_exporter_libvirt_connect_errors",
+            "Failed libvirt connection attempts by reason.",
+            labels=["uri", "reason"],
+        )
+        calls = CounterMetricFamily(
+            "qemu_exporter_libvirt_call_errors",
+            "libvirt calls that failed or timed out (each re-opens the connection).",
+            labels=["uri", "call", "reason"],
+        )
+        for c in sorted(self._connections(), key=lambda c: c.uri):
+            up.add_metric([c.uri], 1 if c.up else 0)
+            for reason, n in sorted(c.connect_errors.items()):
+                errors.add_metric([c.uri, reason], n)
+            for (call, reason), n in sorted(c.call_errors.items()):
+                calls.add_metric([c.uri, call, reason], n)
+        yield from (up, errors, calls)
 
 
 class ExporterCollector(Collector):
@@ -397,7 +426,8 @@ class ExporterCollector(Collector):
             info.add_metric([*b, vm.uuid, vm.qemu_version, vm.socket], 1)
             if vm.status:
                 status.add_metric([*b, vm.status], 1)
-            feature.add_metric(b, 1 if vm.retry_feature else 0)
+            if vm.retry_feature is not None:  # unknown through libvirt unless a disk retries
+                feature.add_metric(b, 1 if vm.retry_feature else 0)
             for dev in sorted(vm.disks):
                 d = vm.disks[dev]
                 db = [*b, dev]
@@ -512,7 +542,8 @@ class _VMText:
             if vm.status:
                 labels = label_text([*c._base_names, "status"], [*b, vm.status])
                 status.append(f"qemu_vm_status{labels} 1.0\n")
-            feature.append(f"qemu_vm_retry_feature{base} {fmt_value(1 if vm.retry_feature else 0)}\n")
+            if vm.retry_feature is not None:
+                feature.append(f"qemu_vm_retry_feature{base} {fmt_value(1 if vm.retry_feature else 0)}\n")
             info_names = [*c._disk_names, "drive", "node_name", "qdev_type", "werror", "rerror"]
             rule_names = [*c._disk_names, "rule"]
             for dev in sorted(vm.disks):

@@ -37,13 +37,15 @@ class DiskPolicy:
     """The error policy of one disk as read over QMP.
 
     ``retry_interval_ms``/``retry_timeout_ms`` are None when QEMU has no such properties.
+    ``retry_feature`` is None when the source cannot tell whether QEMU has the retry policy
+    (libvirt's XML shows it only where a disk uses it).
     """
 
     werror: str
     rerror: str
     retry_interval_ms: int | None
     retry_timeout_ms: int | None
-    retry_feature: bool
+    retry_feature: bool | None
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class PolicyVerdict:
 def verify(policy: DiskPolicy, required: PolicyConfig) -> PolicyVerdict:
     """Check one disk against the configured requirements; returns every failing rule."""
     found: list[Rule] = []
-    if not policy.retry_feature:
+    if policy.retry_feature is False:
         found.append(Rule.RETRY_UNSUPPORTED)
     values = {"werror": policy.werror, "rerror": policy.rerror}
     not_retry = {"werror": Rule.WERROR_NOT_RETRY, "rerror": Rule.RERROR_NOT_RETRY}
@@ -75,7 +77,7 @@ def verify(policy: DiskPolicy, required: PolicyConfig) -> PolicyVerdict:
         found.append(Rule.POLICY_NOT_VISIBLE)
 
     # Timeout rules only mean something where the retry policy can act.
-    retrying = policy.retry_feature and any(values[op] == "retry" for op in required.required)
+    retrying = policy.retry_feature is not False and any(values[op] == "retry" for op in required.required)
     timeout_ms = policy.retry_timeout_ms
     if retrying and timeout_ms is not None:
         if timeout_ms == 0 and required.require_nonzero_timeout:

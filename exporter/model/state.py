@@ -235,3 +235,14 @@ class VMState:
         self.set_disks({})
         self.blockstats.clear()
         self.touch_stats()
+
+
+@dataclass
+class ConnectionState:
+    """One connection to a management daemon (libvirtd) that watches many VMs: what a scrape
+    shows about it (``qemu_libvirt_up`` and its error counters)."""
+
+    uri: str
+    up: bool = False
+    connect_errors: Counter[str] = field(default_factory=Counter)
+    call_errors: Counter[tuple[str, str]] = field(default_factory=Counter)

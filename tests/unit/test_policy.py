@@ -85,3 +85,12 @@ def test_rule_values_are_the_documented_label_values() -> None:
     doc = (REPO / "docs" / "metrics.md").read_text()
     for rule in Rule:
         assert f"| `{rule.value}` |" in doc
+
+
+def test_unknown_retry_feature_is_no_violation_of_its_own() -> None:
+    """libvirt cannot tell whether QEMU has the retry policy unless a disk uses it: "unknown"
+    must not be reported as "unsupported", and the disk's own rules still apply."""
+    p = DiskPolicy("stop", "report", None, None, retry_feature=None)
+    assert verify(p, PolicyConfig()).violations == (Rule.WERROR_NOT_RETRY, Rule.RERROR_NOT_RETRY)
+    p = DiskPolicy("retry", "retry", 1000, 0, retry_feature=None)
+    assert verify(p, PolicyConfig(require_nonzero_timeout=True)).violations == (Rule.TIMEOUT_ZERO,)

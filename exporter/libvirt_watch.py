@@ -1,0 +1,653 @@
+"""The libvirt source: every running domain of a libvirt URI, watched through libvirtd itself.
+
+libvirt holds each VM's only QMP monitor, so on a libvirt host this source asks libvirtd
+instead, without changing or tainting any domain (domain.md §4.1):
+
+* QEMU's own events, with QEMU's timestamps, from libvirt's monitor-event forwarding
+  (``qemuMonitorEventRegister``: needs a read-write connection; it does not taint).  libvirt's
+  own IO-error event is useless here: it maps ``retry`` to ``none`` and is never delivered for
+  network disks.
+* Disks and their policy from the live domain XML (`exporter.libvirt_xml`), never from
+  monitor commands: ``qemu-monitor-command`` taints the domain ``custom-monitor``.
+* Run state and block statistics of every domain from one ``getAllDomainStats`` per poll.
+* Domains started, stopped or migrated from lifecycle events, with a periodic full listing as a
+  safety net.
+
+libvirt-python calls block.  libvirt's event loop runs in one thread of its own (shared by all
+URIs) and hands callbacks to the asyncio loop in batches; every other call runs in this
+source's worker threads under a timeout.  A stuck libvirtd therefore never delays a scrape or
+another source: the call is abandoned, the connection re-opened with backoff, and hang state is
+kept (trackers are told the session dropped, not that the VM went away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from exporter.config import Config
+from exporter.discovery import static_labels_for
+from exporter.libvirt_xml import Domain, parse_domain
+from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
+from exporter.model.policy import verify
+from exporter.model.sink import EventSink
+from exporter.model.state import BlockStats, ConnectionState, Disk, VMState
+
+log = logging.getLogger("exporter.libvirt")
+T = TypeVar("T")
+
+#: Events held per domain while its disks are (re)read; beyond this they count as unmatched.
+_HELD_PER_DOMAIN = 1024
+#: Domains known at most (placeholders for events of domains not listed yet included).
+_MAX_DOMAINS = 100_000
+
+# libvirt constants, spelled out so this module imports without the binding (tests, mypy).
+_LIFECYCLE_STARTED = 2
+_LIFECYCLE_SUSPENDED = 3
+_LIFECYCLE_RESUMED = 4
+_LIFECYCLE_STOPPED = 5
+_LIFECYCLE_SHUTDOWN = 6
+_LIFECYCLE_CRASHED = 8
+_STATE_RUNNING, _STATE_BLOCKED, _STATE_PAUSED = 1, 2, 3
+_STATE_SHUTDOWN, _STATE_SHUTOFF, _STATE_CRASHED, _STATE_PMSUSPENDED = 4, 5, 6, 7
+_PAUSED_IOERROR = 5
+
+
+def run_state(state: int, reason: int) -> str:
+    """libvirt's (state, reason) in QMP ``query-status`` words, so alerts and dashboards read
+    both sources alike."""
+    if state in (_STATE_RUNNING, _STATE_BLOCKED):
+        return "running"
+    if state == _STATE_PAUSED:
+        return "io-error" if reason == _PAUSED_IOERROR else "paused"
+    if state in (_STATE_SHUTDOWN, _STATE_SHUTOFF):
+        return "shutdown"
+    if state == _STATE_CRASHED:
+        return "guest-panicked"
+    if state == _STATE_PMSUSPENDED:
+        return "suspended"
+    return ""
+
+
+def blockstats_by_target(stats: Mapping[str, Any]) -> dict[str, BlockStats]:
+    """``getAllDomainStats`` block fields (``block.N.name``, ``block.N.rd.reqs``...) by target
+    (``vda``).  libvirt has no failed-operation counters; those stay 0."""
+
+    def i(key: str) -> int:
+        v = stats.get(key, 0)
+        return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64 else 0
+
+    out: dict[str, BlockStats] = {}
+    for n in range(min(i("block.count"), 4096)):
+        p = f"block.{n}."
+        name = stats.get(p + "name")
+        if not isinstance(name, str) or name in out:
+            continue  # backing-chain entries repeat the name; the first is the top image
+        out[name] = BlockStats(
+            read_bytes=i(p + "rd.bytes"),
+            written_bytes=i(p + "wr.bytes"),
+            read_ops=i(p + "rd.reqs"),
+            write_ops=i(p + "wr.reqs"),
+            flush_ops=i(p + "fl.reqs"),
+            read_time_s=i(p + "rd.times") / 1e9,
+            write_time_s=i(p + "wr.times") / 1e9,
+            flush_time_s=i(p + "fl.times") / 1e9,
+        )
+    return out
+
+
+def model_disks(domain: Domain, config: Config) -> dict[str, Disk]:
+    """The parsed domain's disks as the model's `Disk`: the alias is the QEMU device id (the
+    ``device`` label), the node names libvirt gives the chain identify it in events."""
+    disks: dict[str, Disk] = {}
+    for d in domain.disks:
+        policy = d.policy()
+        nodes = tuple(n for i in d.indexes for n in (f"libvirt-{i}-format", f"libvirt-{i}-storage"))
+        qom = f"/machine/peripheral/{d.alias}"
+        disks[d.alias] = Disk(
+            device=d.alias,
+            drive=f"drive-{d.alias}",  # libvirt without -blockdev names the drive so
+            node_name=nodes[0] if nodes else "",
+            qdev=f"{qom}/virtio-backend" if d.kind == "virtio-blk" else d.alias,
+            qom_path=qom,
+            qdev_type=d.kind,
+            policy=policy,
+            verdict=verify(policy, config.policy),
+            other_nodes=nodes[1:],
+        )
+    return disks
+
+
+def qemu_version(v: int) -> str:
+    """``virConnectGetVersion``'s major * 1,000,000 + minor * 1,000 + micro."""
+    return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}" if v > 0 else ""
+
+
+class CallFailed(Exception):
+    """A libvirt call failed or timed out: the connection is re-opened."""
+
+
+# --- libvirt's event loop: one thread for the process -------------------------------------
+
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    """libvirt needs an event loop registered before the first connection (for events,
+    keepalive and the close callback); it runs in a daemon thread, never on asyncio's."""
+    global _loop_started
+    import libvirt
+
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        # A timer keeps the loop turning, so callbacks registered later are picked up promptly.
+        libvirt.virEventAddTimeout(1000, lambda _timer, _opaque: None, None)
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+class _Inbox:
+    """Hands items from libvirt's event thread to the asyncio loop, in batches: one wake-up of
+    the loop per batch, not per event (an IO-error storm is thousands of events a second)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handle: Callable[[tuple[Any, ...]], None]) -> None:
+        self._loop, self._handle = loop, handle
+        self._items: deque[tuple[Any, ...]] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, deque()
+            self._scheduled = False
+        for item in items:
+            self._handle(item)
+
+
+@dataclass
+class _Domain:
+    vm: VMState
+    ready: bool = False  # disks read: events are applied, not held
+    held: list[tuple[str, Any, float | None]] = field(default_factory=list)
+    unmatched: list[tuple[str, Any, float | None]] = field(default_factory=list)
+    targets: dict[str, str] = field(default_factory=dict)  # vda -> alias
+
+
+class LibvirtSource:
+    """Watches every running domain of one libvirt URI until stopped."""
+
+    def __init__(
+        self,
+        uri: str,
+        config: Config,
+        sink: EventSink,
+        clock: Callable[[], float],
+    ) -> None:
+        self.uri = uri
+        self.config = config
+        self.sink = sink
+        self.clock = clock
+        self.state = ConnectionState(uri)
+        self.domains: dict[str, _Domain] = {}  # by UUID
+        self._conn: Any = None
+        self._session_id = 0
+        self._task: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self._refresh: set[str] = set()  # UUIDs whose XML must be (re)read
+        self._refresh_now = asyncio.Event()
+        self._poll_now = asyncio.Event()
+        self._stopping = False
+        self._last_error: str | None = None
+        self._inbox: _Inbox | None = None
+
+    @property
+    def vms(self) -> list[VMState]:
+        """Domains whose XML was read at least once (not placeholders for early events)."""
+        return [d.vm for d in self.domains.values() if d.vm.name is not None]
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._inbox = _Inbox(asyncio.get_running_loop(), self._on_item)
+        self._task = asyncio.create_task(self._run(), name=f"libvirt:{self.uri}")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=grace)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _in_thread(_close_quietly, conn)  # may block on a stuck libvirtd: never waited for
+
+    async def _run(self) -> None:
+        qc = self.config.qmp
+        backoff = qc.backoff_initial_seconds
+        while not self._stopping:
+            try:
+                established = await self._session()
+            except CallFailed as exc:
+                established = False
+                if self._last_error != "lost":
+                    log.warning("libvirt connection lost", extra={"uri": self.uri, "err": str(exc)})
+                    self._last_error = "lost"
+            except Exception:  # a bug must not end the watch: log, back off, retry
+                log.exception("libvirt source error", extra={"uri": self.uri})
+                established = False
+            finally:
+                self._end_session()
+            if established:
+                backoff = qc.backoff_initial_seconds
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(random.uniform(backoff / 2, backoff)):
+                    await asyncio.Event().wait()
+            backoff = min(backoff * 2, qc.backoff_max_seconds)
+
+    # -- one connection ----------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run one blocking libvirt call in a thread of its own, under the call timeout.
+
+        Daemon threads rather than an executor: a call stuck in a wedged libvirtd is abandoned,
+        and must not hold up the process's exit (executors join their threads at exit)."""
+        try:
+            async with asyncio.timeout(self.config.libvirt.call_timeout_seconds):
+                return await _in_thread(fn, *args)
+        except TimeoutError:
+            self.state.call_errors[(what, "timeout")] += 1
+            raise CallFailed(f"{what} timed out") from None
+        except Exception as exc:
+            if _is_libvirt_error(exc):
+                self.state.call_errors[(what, "error")] += 1
+                raise CallFailed(f"{what}: {exc}") from None
+            raise
+
+    async def _session(self) -> bool:
+        import libvirt
+        import libvirt_qemu
+
+        _ensure_event_loop()
+        self._session_id += 1
+        session = self._session_id
+        self._closed.clear()
+        try:
+            conn = await self._call("open", libvirt.open, self.uri)
+        except CallFailed as exc:
+            reason = _connect_reason(str(exc))
+            self.state.connect_errors[reason] += 1
+            if self._last_error != reason:
+                log.warning(
+                    "libvirt connect failed", extra={"uri": self.uri, "reason": reason, "err": str(exc)}
+                )
+                self._last_error = reason
+            return False
+        self._conn = conn
+        inbox = self._inbox
+        assert inbox is not None
+
+        # Callbacks run in libvirt's event thread: they only copy what they need and post it.
+        def on_close(_conn: Any, reason: int, _opaque: Any) -> None:
+            inbox.put(("close", session, reason))
+
+        def on_lifecycle(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+            inbox.put(("lifecycle", session, dom.UUIDString(), event, detail))
+
+        def on_monitor(
+            _conn: Any, dom: Any, event: str, seconds: int, micros: int, details: Any, _opaque: Any
+        ) -> None:
+            inbox.put(("qemu", session, dom.UUIDString(), event, seconds, micros, details))
+
+        def register() -> int:
+            conn.registerCloseCallback(on_close, None)
+            conn.setKeepAlive(5, 3)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None)
+            libvirt_qemu.qemuMonitorEventRegister(conn, None, None, on_monitor, None)
+            return int(conn.getVersion())
+
+        version = qemu_version(await self._call("register", register))
+        self.state.up = True
+        if self._last_error != "connected":
+            log.info("libvirt connected", extra={"uri": self.uri})
+        self._last_error = "connected"
+        await self._relist(conn, version)
+        tasks = [
+            asyncio.create_task(self._poll_loop(conn)),
+            asyncio.create_task(self._relist_loop(conn, version)),
+            asyncio.create_task(self._refresh_loop(conn, version)),
+            asyncio.create_task(self._closed.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()
+            log.warning("libvirt connection closed", extra={"uri": self.uri})
+            self._last_error = "closed"
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return True
+
+    def _end_session(self) -> None:
+        """The connection is gone: every domain's events stop flowing (hangs kept: the VMs may
+        well run on); the next connection re-lists them."""
+        self._session_id += 1  # late callbacks of the old connection are ignored
+        self.state.up = False
+        now = self.clock()
+        for d in self.domains.values():
+            if d.ready:
+                self.sink.on_session_end(d.vm, now, False)
+            d.vm.end_session()
+            d.ready = False
+            d.held.clear()
+            d.unmatched.clear()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _in_thread(_close_quietly, conn)
+
+    # -- reading libvirt ---------------------------------------------------------------
+
+    async def _relist(self, conn: Any, version: str) -> None:
+        """Every running domain, read afresh; domains no longer running are gone."""
+        import libvirt
+
+        def listing() -> list[tuple[str, str]]:
+            out = []
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                with contextlib.suppress(libvirt.libvirtError):  # it stopped meanwhile
+                    out.append((dom.UUIDString(), dom.XMLDesc(0)))
+            return out
+
+        found = await self._call("list", listing)
+        stats = dict(await self._call("stats", _all_stats, conn))
+        seen = {uuid for uuid, _xml in found}
+        for uuid in [u for u in self.domains if u not in seen]:
+            self._remove(uuid)
+        for uuid, xml in found:
+            self._apply_xml(uuid, xml, version, stats.get(uuid))
+
+    async def _read_domain(self, conn: Any, uuid: str, version: str) -> None:
+        import libvirt
+
+        def read() -> tuple[str, dict[str, Any]] | None:
+            try:
+                dom = conn.lookupByUUIDString(uuid)
+                if not dom.isActive():
+                    return None
+                xml = str(dom.XMLDesc(0))
+                got = conn.domainListGetStats([dom], _STATS)
+                return xml, (got[0][1] if got else {})
+            except libvirt.libvirtError:
+                return None  # gone again
+
+        found = await self._call("dumpxml", read)
+        if found is None:
+            self._remove(uuid)
+        else:
+            self._apply_xml(uuid, found[0], version, found[1])
+
+    def _apply_xml(self, uuid: str, xml: str, version: str, stats: Mapping[str, Any] | None) -> None:
+        """A domain's disks as the live XML says, and its state and statistics when known:
+        in the order a QMP session reads them (run state, disks, stats, then the session)."""
+        try:
+            domain = parse_domain(xml)
+        except ValueError as exc:
+            log.warning("unreadable domain XML", extra={"uri": self.uri, "uuid": uuid, "err": str(exc)})
+            return
+        for skipped in domain.skipped:
+            log.warning(
+                "disk not watched",
+                extra={"vm": domain.name, "device": skipped.alias, "reason": skipped.reason},
+            )
+        d = self.domains.get(uuid)
+        if d is None:
+            d = self.domains[uuid] = _Domain(self._new_vm(uuid))
+        vm = d.vm
+        vm.name, vm.uuid, vm.qemu_version = domain.name, uuid, version
+        disks = model_disks(domain, self.config)
+        # Retry proven by a disk that uses it (QEMU accepted it); libvirt cannot say otherwise.
+        vm.retry_feature = True if any(disk.policy.retry_feature for disk in disks.values()) else None
+        d.targets = {x.target: x.alias for x in domain.disks}
+        now = self.clock()
+        if stats is not None:
+            self._set_status(vm, stats)
+        vm.set_disks(disks)
+        self.sink.on_disks(vm, now)
+        if stats is not None:
+            self._apply_stats(d, stats, now)
+        if not d.ready:
+            d.ready = True
+            vm.up = True
+            self.sink.on_session_start(vm, now)
+            held, d.held = d.held, []
+            for item in held:
+                self._apply_event(d, *item)
+        pending, d.unmatched = d.unmatched, []
+        for name, data, time in pending:
+            typed = decode(name, data, time, vm.match_disk)
+            vm.apply(typed)
+            self.sink.on_event(vm, typed)
+
+    def _new_vm(self, uuid: str) -> VMState:
+        vm = VMState(
+            key=f"libvirt:{uuid}",
+            socket=self.uri,
+            source="libvirt",
+            static_labels=static_labels_for(self.uri, self.config),
+        )
+        vm.uuid = uuid
+        return vm
+
+    @staticmethod
+    def _set_status(vm: VMState, stats: Mapping[str, Any]) -> None:
+        state, reason = stats.get("state.state"), stats.get("state.reason")
+        if isinstance(state, int) and isinstance(reason, int):
+            vm.status = run_state(state, reason)
+
+    def _apply_stats(self, d: _Domain, stats: Mapping[str, Any], now: float) -> None:
+        vm = d.vm
+        for target, bs in blockstats_by_target(stats).items():
+            alias = d.targets.get(target)
+            if alias is not None and alias in vm.disks:
+                vm.blockstats[alias] = bs
+        vm.touch_stats()
+        self.sink.on_blockstats(vm, now)
+
+    async def _poll(self, conn: Any) -> None:
+        now = self.clock()
+        for uuid, stats in await self._call("stats", _all_stats, conn):
+            d = self.domains.get(uuid)
+            if d is not None and d.ready:
+                self._set_status(d.vm, stats)
+                self._apply_stats(d, stats, now)
+
+    async def _poll_loop(self, conn: Any) -> None:
+        interval = self.config.qmp.poll_interval_seconds
+        delay = interval * random.uniform(0.5, 1.0)
+        while True:
+            self._poll_now.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._poll_now.wait()
+            delay = interval
+            await self._poll(conn)
+
+    async def _relist_loop(self, conn: Any, version: str) -> None:
+        interval = self.config.libvirt.relist_interval_seconds
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.8, 1.0))
+            await self._relist(conn, version)
+
+    async def _refresh_loop(self, conn: Any, version: str) -> None:
+        """Reads the XML of domains that started, migrated in, or changed disks."""
+        while True:
+            await self._refresh_now.wait()
+            self._refresh_now.clear()
+            pending, self._refresh = self._refresh, set()
+            for uuid in pending:
+                await self._read_domain(conn, uuid, version)
+
+    def _request_refresh(self, uuid: str) -> None:
+        self._refresh.add(uuid)
+        self._refresh_now.set()
+
+    def _remove(self, uuid: str) -> None:
+        d = self.domains.pop(uuid, None)
+        if d is None:
+            return
+        now = self.clock()
+        if d.ready:
+            self.sink.on_session_end(d.vm, now, True)
+        d.vm.end_session()
+        self.sink.on_removed(d.vm, now)
+        log.info("libvirt domain gone", extra={"vm": d.vm.vm, "uri": self.uri})
+
+    # -- events (on the asyncio loop, in libvirt's order) ------------------------------
+
+    def _on_item(self, item: tuple[Any, ...]) -> None:
+        kind, session = item[0], item[1]
+        if session != self._session_id:
+            return  # a callback of a connection already given up
+        if kind == "qemu":
+            _k, _s, uuid, name, seconds, micros, details = item
+            self._on_qemu_event(uuid, name, _details(details), event_time(seconds, micros))
+        elif kind == "lifecycle":
+            _k, _s, uuid, event, _detail = item
+            if event in (_LIFECYCLE_STARTED, _LIFECYCLE_RESUMED) and uuid not in self.domains:
+                self._request_refresh(uuid)  # started, or migrated in
+            elif event in (_LIFECYCLE_STOPPED, _LIFECYCLE_CRASHED):
+                self._remove(uuid)  # destroyed, shut off, or migrated out
+            elif event in (_LIFECYCLE_SUSPENDED, _LIFECYCLE_RESUMED, _LIFECYCLE_SHUTDOWN):
+                self._poll_now.set()
+        elif kind == "close":
+            self._closed.set()
+
+    def _on_qemu_event(self, uuid: str, name: str, data: Any, time: float | None) -> None:
+        d = self.domains.get(uuid)
+        if d is None:
+            if len(self.domains) >= _MAX_DOMAINS:
+                return
+            # A domain not listed yet (it just started): hold its events until its XML is read.
+            d = self.domains[uuid] = _Domain(self._new_vm(uuid))
+            self._request_refresh(uuid)
+        if not d.ready and len(d.held) < _HELD_PER_DOMAIN:
+            d.held.append((name, data, time))
+            return
+        # (Beyond the bound an event is applied now: counted, as unmatched if it names a disk.)
+        self._apply_event(d, name, data, time)
+
+    def _apply_event(self, d: _Domain, name: str, data: Any, time: float | None) -> None:
+        vm = d.vm
+        typed: VMEvent = decode(name, data, time, vm.match_disk)
+        vm.received(typed)
+        if (
+            isinstance(typed, BlockIOError)
+            and typed.device is None
+            and d.ready
+            and len(d.unmatched) < _HELD_PER_DOMAIN
+        ):
+            d.unmatched.append((name, data, time))  # a disk hot-plugged since the XML read
+            self._request_refresh(vm.uuid)
+            return
+        vm.apply(typed)
+        self.sink.on_event(vm, typed)
+        if isinstance(typed, RunStateChange):
+            self._poll_now.set()
+        elif typed.name == "DEVICE_DELETED":
+            self._request_refresh(vm.uuid)
+
+
+#: What every poll reads of every domain.
+_STATS = 0x1 | 0x20  # VIR_DOMAIN_STATS_STATE | VIR_DOMAIN_STATS_BLOCK
+
+
+def _all_stats(conn: Any) -> list[tuple[str, dict[str, Any]]]:
+    """State and block statistics of every running domain: one RPC, whatever the fleet size."""
+    got = conn.getAllDomainStats(_STATS, 0x1)  # VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+    return [(dom.UUIDString(), stats) for dom, stats in got]
+
+
+def _in_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """``fn(*args)`` in a new daemon thread; its result (or error) on the running loop."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            result: Any = fn(*args)
+            ok = True
+        except BaseException as exc:  # delivered to the awaiting task
+            result, ok = exc, False
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, ok, result)
+
+    threading.Thread(target=run, name="libvirt-call", daemon=True).start()
+    return fut
+
+
+def _details(details: Any) -> Any:
+    """The event data libvirt forwards: QEMU's JSON text (or already a dict)."""
+    if isinstance(details, str):
+        try:
+            return json.loads(details)
+        except ValueError:
+            return None
+    return details
+
+
+def _is_libvirt_error(exc: BaseException) -> bool:
+    try:
+        import libvirt
+    except ImportError:
+        return False
+    return isinstance(exc, libvirt.libvirtError)
+
+
+def _connect_reason(message: str) -> str:
+    text = message.lower()
+    if "no such file" in text:
+        return "not_found"
+    if "connection refused" in text:
+        return "refused"
+    if "permission denied" in text or "authentication" in text:
+        return "permission"
+    if "timed out" in text:
+        return "timeout"
+    return "other"
+
+
+def _close_quietly(conn: Any) -> None:
+    with contextlib.suppress(Exception):
+        conn.close()

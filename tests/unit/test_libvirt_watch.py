@@ -1,0 +1,105 @@
+"""The pure parts of the libvirt source: run states, getAllDomainStats block fields, and the
+model's disks built from a domain's live XML (real libvirt 9.0 fixture)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exporter.config import Config, PolicyConfig
+from exporter.libvirt_watch import blockstats_by_target, model_disks, qemu_version, run_state
+from exporter.libvirt_xml import parse_domain
+from exporter.model.policy import Rule
+from exporter.model.state import VMState
+
+OPENEULER_DISK = """
+<domain type='kvm' id='3'>
+  <name>web-1</name>
+  <uuid>0b6a8e2c-4d7b-4f0e-9a63-2f1c1e5c7a10</uuid>
+  <devices>
+    <disk type='network' device='disk'>
+      <driver name='qemu' type='raw' cache='none' io='native' error_policy='retry' rerror_policy='retry' retry_interval='2000' retry_timeout='10000'/>
+      <source protocol='nbd' name='export' index='2'>
+        <host name='10.0.0.5' port='10809'/>
+      </source>
+      <target dev='vda' bus='virtio'/>
+      <alias name='virtio-disk0'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/libvirt/images/data.qcow2' index='1'/>
+      <backingStore type='file' index='3'>
+        <format type='raw'/>
+        <source file='/var/lib/libvirt/images/base.raw'/>
+      </backingStore>
+      <target dev='sda' bus='scsi'/>
+      <alias name='ua-data'/>
+    </disk>
+  </devices>
+</domain>
+"""
+
+
+def test_run_states_read_like_query_status() -> None:
+    assert run_state(1, 1) == "running"
+    assert run_state(3, 5) == "io-error"  # VIR_DOMAIN_PAUSED / VIR_DOMAIN_PAUSED_IOERROR
+    assert run_state(3, 1) == "paused"
+    assert run_state(5, 1) == "shutdown"
+    assert run_state(7, 0) == "suspended"
+    assert run_state(0, 0) == ""
+
+
+def test_blockstats_by_target_keeps_the_top_image_and_ignores_garbage() -> None:
+    stats = {
+        "block.count": 3,
+        "block.0.name": "vda",
+        "block.0.rd.reqs": 10,
+        "block.0.wr.reqs": 4,
+        "block.0.fl.reqs": 1,
+        "block.0.rd.bytes": 4096,
+        "block.0.wr.times": 2_000_000_000,
+        "block.1.name": "vda",  # a backing-chain entry of the same disk
+        "block.1.rd.reqs": 999,
+        "block.2.name": "sda",
+        "block.2.rd.reqs": -1,  # not a counter value
+        "block.2.wr.reqs": True,
+    }
+    got = blockstats_by_target(stats)
+    assert set(got) == {"vda", "sda"}
+    assert (got["vda"].read_ops, got["vda"].write_ops, got["vda"].flush_ops) == (10, 4, 1)
+    assert got["vda"].ok_ops == 15
+    assert got["vda"].read_bytes == 4096 and got["vda"].write_time_s == 2.0
+    assert got["sda"].ok_ops == 0
+    assert blockstats_by_target({"block.count": "x"}) == {}
+
+
+def test_qemu_version_from_libvirt_number() -> None:
+    assert qemu_version(7_002_009) == "7.2.9"
+    assert qemu_version(0) == ""
+
+
+def test_model_disks_match_every_node_of_the_chain_and_verify_the_policy() -> None:
+    disks = model_disks(parse_domain(OPENEULER_DISK), Config(policy=PolicyConfig(max_timeout_seconds=60)))
+    vda, data = disks["virtio-disk0"], disks["ua-data"]
+    assert vda.verdict.ok and vda.policy.retry_timeout_ms == 10000
+    assert vda.qdev_type == "virtio-blk" and data.qdev_type == "scsi-hd"
+    assert set(data.verdict.violations) == {Rule.WERROR_NOT_RETRY, Rule.RERROR_NOT_RETRY}
+
+    vm = VMState(key="libvirt:x", socket="qemu:///system", source="libvirt")
+    vm.set_disks(disks)
+    # -blockdev: BLOCK_IO_ERROR names a node of the chain and an empty device.
+    assert vm.match_disk({"device": "", "node-name": "libvirt-2-format"}) == "virtio-disk0"
+    assert vm.match_disk({"device": "", "node-name": "libvirt-2-storage"}) == "virtio-disk0"
+    assert vm.match_disk({"device": "", "node-name": "libvirt-3-storage"}) == "ua-data"
+    # -drive (older libvirt): the drive id; QEMU >= 9.2 also names the device by QOM path.
+    assert vm.match_disk({"device": "drive-ua-data", "node-name": "#block123"}) == "ua-data"
+    assert vm.match_disk({"qom-path": "/machine/peripheral/virtio-disk0/virtio-backend"}) == "virtio-disk0"
+    assert vm.match_disk({"device": "", "node-name": "libvirt-9-format"}) is None
+
+
+def test_real_libvirt_xml_fixture_parses() -> None:
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures"
+    xmls = sorted(fixtures.glob("libvirt*/*.xml"))
+    assert xmls, "no libvirt XML fixtures"
+    for path in xmls:
+        dom = parse_domain(path.read_text())
+        assert dom.name and dom.uuid
