@@ -108,11 +108,23 @@ def test_promtool_unit_tests() -> None:
 
 
 @pytest.mark.promtool
-def test_promtool_unit_tests_can_fail(tmp_path: Path) -> None:
-    """Loosen the warning threshold: the unit tests must notice."""
+@pytest.mark.parametrize(
+    ("constant", "value", "alert"),
+    [
+        # Loosen the warning threshold.
+        ("HANG_TIMEOUT_WARNING_RATIO", 0.3, "QemuIOHangApproachingTimeout"),
+        # Page on the first failed attempt again (a blip), or ignore the retry_interval.
+        ("HANG_MIN_SECONDS", 0, "QemuDiskIOHang"),
+        ("HANG_MIN_RETRY_INTERVALS", 1, "QemuDiskIOHang"),
+        # Make the blip threshold longer than the tests expect.
+        ("HANG_MIN_SECONDS", 40, "QemuDiskIOHang"),
+    ],
+)
+def test_promtool_unit_tests_can_fail(tmp_path: Path, constant: str, value: float, alert: str) -> None:
+    """Change a threshold: the unit tests must notice, naming the alert."""
     promtool = require_binary("promtool")
     gen = load_module(GENERATOR)
-    gen.HANG_TIMEOUT_WARNING_RATIO = 0.3
+    setattr(gen, constant, value)
     (tmp_path / "tests").mkdir()
     (tmp_path / RULES_FILE.name).write_text(gen.render_rules())
     for p in ALERT_TESTS_DIR.glob("*.yml"):
@@ -124,4 +136,4 @@ def test_promtool_unit_tests_can_fail(tmp_path: Path) -> None:
         timeout=120,
     )
     assert r.returncode != 0
-    assert "QemuIOHangApproachingTimeout" in r.stdout + r.stderr
+    assert alert in r.stdout + r.stderr
