@@ -27,8 +27,11 @@ PROMETHEUS_RULE_FILE = ROOT / "deploy" / "kubernetes" / "prometheusrule.yml"
 # --- TUNABLES -------------------------------------------------------------------------------
 # Label matchers selecting the exporter's series (the scrape job).  Every expression uses it.
 SELECTOR = 'job="qemu-iohang"'
-# Where the runbook lives; each alert links to "<base>#<alertname lower-cased>".
-RUNBOOK_BASE_URL = "https://github.com/qemu-iohang-exporter/qemu-iohang-exporter/blob/main/docs/runbooks.md"
+# Where the runbook lives; each alert links to "<base>#<alertname lower-cased>".  The default is
+# the runbook's path in this repository (relative to its root, where every anchor is tested to
+# exist); pass --runbook-base-url with the address you publish docs/runbooks.md at (a wiki, your
+# Git server's web view) to get links that open from Alertmanager and Grafana.
+RUNBOOK_BASE_URL = "docs/runbooks.md"
 # QemuDiskIOHang fires once a hang has lasted HANG_MIN_SECONDS *and* HANG_MIN_RETRY_INTERVALS x
 # the disk's retry_interval (i.e. the larger of the two; seconds alone for disks without a
 # retry_interval, e.g. a VM paused on a werror=stop error).  A storage blip shows as a hang of
@@ -339,7 +342,12 @@ def render_prometheus_rule(selector: str = SELECTOR, runbook_base: str = RUNBOOK
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--selector", default=SELECTOR, help=f"label matchers (default: {SELECTOR})")
-    ap.add_argument("--runbook-base-url", default=RUNBOOK_BASE_URL)
+    ap.add_argument(
+        "--runbook-base-url",
+        default=RUNBOOK_BASE_URL,
+        help="where docs/runbooks.md is published; each alert links to <base>#<alert name lower-cased> "
+        f"(default: {RUNBOOK_BASE_URL}, its path in this repository)",
+    )
     ap.add_argument("--rules-out", type=Path, default=RULES_FILE)
     ap.add_argument("--prometheus-rule-out", type=Path, default=PROMETHEUS_RULE_FILE)
     ap.add_argument("--check", action="store_true", help="exit 1 if the files on disk differ from the output")

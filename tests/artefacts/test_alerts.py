@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from tests.artefacts.artefacts import (
     ALERT_TESTS_DIR,
     ROOT,
     RULES_FILE,
+    RUNBOOKS,
     alert_rules,
     load_module,
     runbook_anchors,
@@ -68,10 +70,36 @@ def test_alert_metadata(rule: dict) -> None:
     assert rule["labels"]["severity"] in {"warning", "critical"}
     ann = rule["annotations"]
     assert ann["summary"] and ann["description"]
-    url = ann["runbook_url"]
-    assert url.split("#")[0].endswith("docs/runbooks.md")
-    anchor = url.split("#", 1)[1]
+    # As shipped, the link is the runbook's path in this repository: it must resolve to the file
+    # and to a section of it.
+    path, _, anchor = ann["runbook_url"].partition("#")
+    assert (ROOT / path).resolve() == RUNBOOKS
+    assert anchor == rule["alert"].lower()
     assert anchor in runbook_anchors(), f"docs/runbooks.md has no section for #{anchor}"
+
+
+def test_runbook_base_url_flag(tmp_path: Path) -> None:
+    gen = load_module(GENERATOR)
+    base = "https://git.internal/ops/qemu-iohang-exporter/blob/main/docs/runbooks.md"
+    rules, cr = tmp_path / "rules.yml", tmp_path / "cr.yml"
+    argv = ["--runbook-base-url", base, "--rules-out", str(rules), "--prometheus-rule-out", str(cr)]
+    assert gen.main(argv) == 0
+    urls = [
+        r["annotations"]["runbook_url"]
+        for g in yaml.safe_load(rules.read_text())["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    ]
+    assert urls == [f"{base}#{name.lower()}" for name in (r["alert"] for r in alert_rules())]
+    assert base in cr.read_text()
+    assert gen.main([*argv, "--check"]) == 0
+    assert gen.main(["--rules-out", str(rules), "--prometheus-rule-out", str(cr), "--check"]) == 1
+
+
+def test_runbook_internal_links_resolve() -> None:
+    links = re.findall(r"\]\(#([^)]+)\)", RUNBOOKS.read_text())
+    assert links
+    assert set(links) - runbook_anchors() == set()
 
 
 def test_unit_tests_cover_firing_and_not_firing() -> None:
