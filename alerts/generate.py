@@ -21,6 +21,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from generated_files import write_or_check  # noqa: E402
+
 RULES_FILE = ROOT / "alerts" / "qemu-iohang.rules.yml"
 PROMETHEUS_RULE_FILE = ROOT / "deploy" / "kubernetes" / "prometheusrule.yml"
 
@@ -356,16 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rules_out: render_rules(args.selector, args.runbook_base_url),
         args.prometheus_rule_out: render_prometheus_rule(args.selector, args.runbook_base_url),
     }
-    stale = False
-    for path, text in outputs.items():
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                print(f"{path} is out of date: run alerts/generate.py", file=sys.stderr)
-                stale = True
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-    return 1 if stale else 0
+    return write_or_check(outputs, check=args.check, generator="alerts/generate.py")
 
 
 if __name__ == "__main__":
