@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Generate the Grafana dashboards of qemu-iohang-exporter (Grafana 11, schemaVersion 41).
 
-    python3 dashboards/generate.py           # rewrite dashboards/grafana/*.json
-    python3 dashboards/generate.py --check   # exit 1 when the committed JSON is stale
+    .venv/bin/python dashboards/generate.py           # rewrite dashboards/grafana/*.json
+    .venv/bin/python dashboards/generate.py --check   # exit 1 when the committed JSON is stale
 
 Built with Grafana's typed library ``grafana-foundation-sdk`` (the exact version pinned in
 pyproject.toml, extra ``test``; ``scripts/setup.sh`` installs it in .venv).  The file reads top
@@ -20,15 +20,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from grafana_foundation_sdk.builders import common as c
-from grafana_foundation_sdk.builders import dashboard as d
-from grafana_foundation_sdk.builders import prometheus, stat, statetimeline, table, timeseries
-from grafana_foundation_sdk.cog import variants
-from grafana_foundation_sdk.cog.builder import Builder
-from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models import common as cm
-from grafana_foundation_sdk.models import dashboard as dm
-from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+try:
+    from grafana_foundation_sdk.builders import common as c
+    from grafana_foundation_sdk.builders import dashboard as d
+    from grafana_foundation_sdk.builders import prometheus, stat, statetimeline, table, timeseries
+    from grafana_foundation_sdk.cog import variants
+    from grafana_foundation_sdk.cog.builder import Builder
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models import common as cm
+    from grafana_foundation_sdk.models import dashboard as dm
+    from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+except ImportError as e:
+    sys.exit(f"{e}: run scripts/setup.sh, then .venv/bin/python dashboards/generate.py")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from generated_files import write_or_check
@@ -716,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
     args = ap.parse_args(argv)
     outputs = {args.out_dir / name: render(name) for name in DASHBOARDS}
-    return write_or_check(outputs, check=args.check, generator="dashboards/generate.py")
+    return write_or_check(outputs, check=args.check, generator=".venv/bin/python dashboards/generate.py")
 
 
 if __name__ == "__main__":

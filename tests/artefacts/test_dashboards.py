@@ -37,7 +37,7 @@ def test_committed_json_matches_generator() -> None:
     assert names == set(gen.DASHBOARDS), "stale or stray JSON in dashboards/grafana/"
     for name in gen.DASHBOARDS:
         assert (DASHBOARD_DIR / name).read_text() == gen.render(name), (
-            f"{name} is stale: run python3 dashboards/generate.py"
+            f"{name} is stale: run .venv/bin/python dashboards/generate.py"
         )
 
 
