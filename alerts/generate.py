@@ -21,15 +21,29 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from generated_files import write_or_check  # noqa: E402
+
 RULES_FILE = ROOT / "alerts" / "qemu-iohang.rules.yml"
 PROMETHEUS_RULE_FILE = ROOT / "deploy" / "kubernetes" / "prometheusrule.yml"
 
 # --- TUNABLES -------------------------------------------------------------------------------
 # Label matchers selecting the exporter's series (the scrape job).  Every expression uses it.
 SELECTOR = 'job="qemu-iohang"'
-# Where the runbook lives; each alert links to "<base>#<alertname lower-cased>".
-RUNBOOK_BASE_URL = "https://github.com/qemu-iohang-exporter/qemu-iohang-exporter/blob/main/docs/runbooks.md"
+# Where the runbook lives; each alert links to "<base>#<alertname lower-cased>".  The default is
+# the runbook's path in this repository (relative to its root, where every anchor is tested to
+# exist); pass --runbook-base-url with the address you publish docs/runbooks.md at (a wiki, your
+# Git server's web view) to get links that open from Alertmanager and Grafana.
+RUNBOOK_BASE_URL = "docs/runbooks.md"
+# QemuDiskIOHang fires once a hang has lasted HANG_MIN_SECONDS *and* HANG_MIN_RETRY_INTERVALS x
+# the disk's retry_interval (i.e. the larger of the two; seconds alone for disks without a
+# retry_interval, e.g. a VM paused on a werror=stop error).  A storage blip shows as a hang of
+# its length plus about one retry spacing plus hang.recovery_margin_seconds (a 1 s blip with the
+# default 1 s interval: ~3 s), so it never gets there; see alerts/README.md for the choice.
+HANG_MIN_SECONDS = 30
+HANG_MIN_RETRY_INTERVALS = 3
 # A hang on a disk with a non-zero retry_timeout: fraction of the timeout already spent.
+# These alerts fire at once (no minimum duration): with a short retry_timeout every second counts.
 HANG_TIMEOUT_WARNING_RATIO = 0.5
 HANG_TIMEOUT_CRITICAL_RATIO = 0.8
 # A hang on a disk that never times out (retry_timeout=0, or no retry feature): seconds.
@@ -171,14 +185,22 @@ def alerting_rules(sel: str, runbook_base: str) -> list[dict[str, Any]]:
     return [
         _alert(
             "QemuDiskIOHang",
-            f"qemu_block_io_hang{{{sel}}} == 1\n",
+            # The hang's age is the exporter's (from QEMU's first failed attempt, or from when
+            # the exporter first saw a disk that already hung): nothing here needs an error event.
+            f"(\n"
+            f"  qemu_block_io_hang_duration_seconds{{{sel}}} >= {HANG_MIN_SECONDS}\n"
+            f"  unless\n"
+            f"  qemu_block_io_hang_duration_seconds{{{sel}}}\n"
+            f"    < {HANG_MIN_RETRY_INTERVALS} * qemu_block_retry_interval_seconds{{{sel}}}\n"
+            f")\n"
+            f"{hanging}\n",
             "0m",
             "warning",
             "Disk IO is hanging: QEMU is retrying failed requests",
-            f"IO on {where} is failing and QEMU is holding and retrying it (retry policy): the "
-            "guest's IO to this disk is blocked. The storage behind the disk is unreachable or "
-            "returning errors. The exporter pushes this alert to Alertmanager itself as soon as "
-            "the first attempt fails (alerting.alertmanager_urls).",
+            f"IO on {where} has been hanging for {{{{ $value | humanizeDuration }}}}: QEMU is "
+            "holding and retrying the failed requests (retry policy), or the VM is paused on the "
+            "error, so the guest's IO to this disk is blocked. The storage behind the disk is "
+            "unreachable or returning errors.",
             runbook_base,
         ),
         _alert(
@@ -323,7 +345,12 @@ def render_prometheus_rule(selector: str = SELECTOR, runbook_base: str = RUNBOOK
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--selector", default=SELECTOR, help=f"label matchers (default: {SELECTOR})")
-    ap.add_argument("--runbook-base-url", default=RUNBOOK_BASE_URL)
+    ap.add_argument(
+        "--runbook-base-url",
+        default=RUNBOOK_BASE_URL,
+        help="where docs/runbooks.md is published; each alert links to <base>#<alert name lower-cased> "
+        f"(default: {RUNBOOK_BASE_URL}, its path in this repository)",
+    )
     ap.add_argument("--rules-out", type=Path, default=RULES_FILE)
     ap.add_argument("--prometheus-rule-out", type=Path, default=PROMETHEUS_RULE_FILE)
     ap.add_argument("--check", action="store_true", help="exit 1 if the files on disk differ from the output")
@@ -332,16 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rules_out: render_rules(args.selector, args.runbook_base_url),
         args.prometheus_rule_out: render_prometheus_rule(args.selector, args.runbook_base_url),
     }
-    stale = False
-    for path, text in outputs.items():
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                print(f"{path} is out of date: run alerts/generate.py", file=sys.stderr)
-                stale = True
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-    return 1 if stale else 0
+    return write_or_check(outputs, check=args.check, generator="alerts/generate.py")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from tests.artefacts.artefacts import (
     ALERT_TESTS_DIR,
     ROOT,
     RULES_FILE,
+    RUNBOOKS,
     alert_rules,
     load_module,
+    metric_names_in,
     runbook_anchors,
 )
 from tests.conftest import require_binary
@@ -68,10 +71,48 @@ def test_alert_metadata(rule: dict) -> None:
     assert rule["labels"]["severity"] in {"warning", "critical"}
     ann = rule["annotations"]
     assert ann["summary"] and ann["description"]
-    url = ann["runbook_url"]
-    assert url.split("#")[0].endswith("docs/runbooks.md")
-    anchor = url.split("#", 1)[1]
+    # As shipped, the link is the runbook's path in this repository: it must resolve to the file
+    # and to a section of it.
+    path, _, anchor = ann["runbook_url"].partition("#")
+    assert (ROOT / path).resolve() == RUNBOOKS
+    assert anchor == rule["alert"].lower()
     assert anchor in runbook_anchors(), f"docs/runbooks.md has no section for #{anchor}"
+
+
+def test_runbook_base_url_flag(tmp_path: Path) -> None:
+    gen = load_module(GENERATOR)
+    base = "https://git.internal/ops/qemu-iohang-exporter/blob/main/docs/runbooks.md"
+    rules, cr = tmp_path / "rules.yml", tmp_path / "cr.yml"
+    argv = ["--runbook-base-url", base, "--rules-out", str(rules), "--prometheus-rule-out", str(cr)]
+    assert gen.main(argv) == 0
+    urls = [
+        r["annotations"]["runbook_url"]
+        for g in yaml.safe_load(rules.read_text())["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    ]
+    assert urls == [f"{base}#{name.lower()}" for name in (r["alert"] for r in alert_rules())]
+    assert base in cr.read_text()
+    assert gen.main([*argv, "--check"]) == 0
+    assert gen.main(["--rules-out", str(rules), "--prometheus-rule-out", str(cr), "--check"]) == 1
+
+
+def test_runbook_internal_links_resolve() -> None:
+    links = re.findall(r"\]\(#([^)]+)\)", RUNBOOKS.read_text())
+    assert links
+    assert set(links) - runbook_anchors() == set()
+
+
+def test_hang_alerts_need_no_observed_error() -> None:
+    """A disk found already hanging when the exporter starts has a hang whose start is "first
+    seen", with no BLOCK_IO_ERROR counted: the rules must judge hangs by the hang series alone
+    (the promtool tests also fire QemuDiskIOHang for such a disk)."""
+    for rule in alert_rules():
+        used = metric_names_in(rule["expr"])
+        assert not used & {
+            "qemu_block_io_error_events_total",
+            "qemu_block_io_hang_start_timestamp_seconds",
+        }, rule["alert"]
 
 
 def test_unit_tests_cover_firing_and_not_firing() -> None:
@@ -108,11 +149,23 @@ def test_promtool_unit_tests() -> None:
 
 
 @pytest.mark.promtool
-def test_promtool_unit_tests_can_fail(tmp_path: Path) -> None:
-    """Loosen the warning threshold: the unit tests must notice."""
+@pytest.mark.parametrize(
+    ("constant", "value", "alert"),
+    [
+        # Loosen the warning threshold.
+        ("HANG_TIMEOUT_WARNING_RATIO", 0.3, "QemuIOHangApproachingTimeout"),
+        # Page on the first failed attempt again (a blip), or ignore the retry_interval.
+        ("HANG_MIN_SECONDS", 0, "QemuDiskIOHang"),
+        ("HANG_MIN_RETRY_INTERVALS", 1, "QemuDiskIOHang"),
+        # Make the blip threshold longer than the tests expect.
+        ("HANG_MIN_SECONDS", 40, "QemuDiskIOHang"),
+    ],
+)
+def test_promtool_unit_tests_can_fail(tmp_path: Path, constant: str, value: float, alert: str) -> None:
+    """Change a threshold: the unit tests must notice, naming the alert."""
     promtool = require_binary("promtool")
     gen = load_module(GENERATOR)
-    gen.HANG_TIMEOUT_WARNING_RATIO = 0.3
+    setattr(gen, constant, value)
     (tmp_path / "tests").mkdir()
     (tmp_path / RULES_FILE.name).write_text(gen.render_rules())
     for p in ALERT_TESTS_DIR.glob("*.yml"):
@@ -124,4 +177,4 @@ def test_promtool_unit_tests_can_fail(tmp_path: Path) -> None:
         timeout=120,
     )
     assert r.returncode != 0
-    assert "QemuIOHangApproachingTimeout" in r.stdout + r.stderr
+    assert alert in r.stdout + r.stderr

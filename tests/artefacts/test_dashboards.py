@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,7 @@ def test_committed_json_matches_generator() -> None:
     assert names == set(gen.DASHBOARDS), "stale or stray JSON in dashboards/grafana/"
     for name in gen.DASHBOARDS:
         assert (DASHBOARD_DIR / name).read_text() == gen.render(name), (
-            f"{name} is stale: run python3 dashboards/generate.py"
+            f"{name} is stale: run .venv/bin/python dashboards/generate.py"
         )
 
 
@@ -45,6 +47,27 @@ def test_generator_check_mode_detects_stale(tmp_path: Path) -> None:
     assert gen.main(["--check", "--out-dir", str(tmp_path)]) == 0
     (tmp_path / "qemu-iohang-vm.json").write_text("{}\n")
     assert gen.main(["--check", "--out-dir", str(tmp_path)]) == 1
+
+
+def test_sdk_pinned_to_one_version() -> None:
+    """grafana-foundation-sdk versions carry an epoch (a newer 10.x build sorts above 11.6): the
+    generator must run with exactly the pinned one, the one installed."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (spec,) = [r for reqs in extras.values() for r in reqs if r.startswith("grafana-foundation-sdk")]
+    m = re.fullmatch(r"grafana-foundation-sdk==(\d+!\d+\.\d+\.\d+)", spec)
+    assert m, spec
+    assert importlib.metadata.version("grafana-foundation-sdk") == m.group(1)
+
+
+def test_write_or_check(tmp_path: Path) -> None:
+    """The helper both generators use: --check writes nothing and names each stale file."""
+    gen = load_module(GENERATOR)
+    a, b = tmp_path / "a.json", tmp_path / "sub" / "b.json"
+    assert gen.write_or_check({a: "1\n", b: "2\n"}, check=True, generator="x") == 1
+    assert not a.exists() and not b.exists()
+    assert gen.write_or_check({a: "1\n", b: "2\n"}, check=False, generator="x") == 0
+    assert b.read_text() == "2\n"
+    assert gen.write_or_check({a: "1\n", b: "2\n"}, check=True, generator="x") == 0
 
 
 @pytest.mark.parametrize("path", dashboard_files(), ids=lambda p: p.name)

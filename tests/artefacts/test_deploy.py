@@ -136,6 +136,8 @@ def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
     groups = {ln.split(":")[0]: ln.split(":") for ln in (tmp_path / "etc/group").read_text().splitlines()}
     assert "qemu-iohang-exporter" in groups["qemu-iohang"][3].split(",")
+    # The fixed GID containers are given (deploy/kubernetes/daemonset.yml supplementalGroups).
+    assert groups["qemu-iohang"][2] == "687"
     passwd = {ln.split(":")[0]: ln.split(":") for ln in (tmp_path / "etc/passwd").read_text().splitlines()}
     user = passwd["qemu-iohang-exporter"]
     assert user[2] != "0" and user[6].endswith("nologin")
@@ -234,10 +236,12 @@ def test_daemonset_hardening() -> None:
     psc = spec["securityContext"]
     assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0
     (c,) = spec["containers"]
-    sc = c["securityContext"]
-    assert sc["readOnlyRootFilesystem"] is True
-    assert sc["allowPrivilegeEscalation"] is False
-    assert sc["capabilities"]["drop"] == ["ALL"]
+    for container in [c, *spec["initContainers"]]:
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert all(m.get("readOnly") for m in container["volumeMounts"] if m["name"] != "tmp")
     assert c["ports"][0]["containerPort"] == 9738
     host = {v["name"]: v for v in spec["volumes"] if "hostPath" in v}
     assert [v["hostPath"]["path"] for v in host.values()] == ["/run/qemu-iohang-exporter"]
