@@ -376,32 +376,35 @@ class LibvirtSource:
         """Every running domain, read afresh; domains no longer running are gone."""
         import libvirt
 
-        def listing() -> list[tuple[str, str]]:
+        stats = dict(await self._call("stats", _all_stats, conn))
+
+        def listing() -> list[tuple[str, str, set[str]]]:
             out = []
             for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
                 with contextlib.suppress(libvirt.libvirtError):  # it stopped meanwhile
-                    out.append((dom.UUIDString(), dom.XMLDesc(0)))
+                    uuid = dom.UUIDString()
+                    out.append((uuid, dom.XMLDesc(0), _failed_targets(dom, stats.get(uuid))))
             return out
 
         found = await self._call("list", listing)
-        stats = dict(await self._call("stats", _all_stats, conn))
-        seen = {uuid for uuid, _xml in found}
+        seen = {uuid for uuid, _xml, _failed in found}
         for uuid in [u for u in self.domains if u not in seen]:
             self._remove(uuid)
-        for uuid, xml in found:
-            self._apply_xml(uuid, xml, version, stats.get(uuid))
+        for uuid, xml, failed in found:
+            self._apply_xml(uuid, xml, version, stats.get(uuid), failed)
 
     async def _read_domain(self, conn: Any, uuid: str, version: str) -> None:
         import libvirt
 
-        def read() -> tuple[str, dict[str, Any]] | None:
+        def read() -> tuple[str, dict[str, Any], set[str]] | None:
             try:
                 dom = conn.lookupByUUIDString(uuid)
                 if not dom.isActive():
                     return None
                 xml = str(dom.XMLDesc(0))
                 got = conn.domainListGetStats([dom], _STATS)
-                return xml, (got[0][1] if got else {})
+                stats = got[0][1] if got else {}
+                return xml, stats, _failed_targets(dom, stats)
             except libvirt.libvirtError:
                 return None  # gone again
 
@@ -409,9 +412,17 @@ class LibvirtSource:
         if found is None:
             self._remove(uuid)
         else:
-            self._apply_xml(uuid, found[0], version, found[1])
+            xml, stats, failed = found
+            self._apply_xml(uuid, xml, version, stats, failed)
 
-    def _apply_xml(self, uuid: str, xml: str, version: str, stats: Mapping[str, Any] | None) -> None:
+    def _apply_xml(
+        self,
+        uuid: str,
+        xml: str,
+        version: str,
+        stats: Mapping[str, Any] | None,
+        failed_targets: set[str] | None = None,
+    ) -> None:
         """A domain's disks as the live XML says, and its state and statistics when known:
         in the order a QMP session reads them (run state, disks, stats, then the session)."""
         try:
@@ -433,6 +444,7 @@ class LibvirtSource:
         # Retry proven by a disk that uses it (QEMU accepted it); libvirt cannot say otherwise.
         vm.retry_feature = True if any(disk.policy.retry_feature for disk in disks.values()) else None
         d.targets = {x.target: x.alias for x in domain.disks}
+        vm.io_failed = frozenset(d.targets[t] for t in failed_targets or () if t in d.targets)
         now = self.clock()
         if stats is not None:
             self._set_status(vm, stats)
@@ -615,6 +627,14 @@ def _in_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
 
     threading.Thread(target=run, name="libvirt-call", daemon=True).start()
     return fut
+
+
+def _failed_targets(dom: Any, stats: Mapping[str, Any] | None) -> set[str]:
+    """Targets (``vda``) with an IO error, asked only of a domain paused on one (one more
+    call; ``virDomainGetDiskErrors`` is read-only and taints nothing)."""
+    if not stats or stats.get("state.state") != _STATE_PAUSED or stats.get("state.reason") != _PAUSED_IOERROR:
+        return set()
+    return {str(target) for target, code in dom.diskErrors().items() if code}
 
 
 def _details(details: Any) -> Any:

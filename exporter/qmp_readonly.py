@@ -105,14 +105,26 @@ class ReadOnlyQMPClient(QMPClient):
         super().__init__(name, readbuflen=READ_BUFFER_BYTES)
         self._on_event_cb = on_event
         self._scrape_first = scrape_first
-        self._queries: dict[str, tuple[dict[str, object], asyncio.Future[object]]] = {}
+        self._queries: dict[
+            str, tuple[dict[str, object], asyncio.Future[object], Callable[[object], None] | None]
+        ] = {}
         self._query_seq = 0
         #: Lines received from QEMU so far: proof of life while a reply is awaited.
         self.lines_received = 0
         self._unyielded = 0  # lines handled since the reader last gave the loop back
 
-    def query(self, cmd: str, arguments: Mapping[str, object] | None = None) -> asyncio.Future[object]:
+    def query(
+        self,
+        cmd: str,
+        arguments: Mapping[str, object] | None = None,
+        on_reply: Callable[[object], None] | None = None,
+    ) -> asyncio.Future[object]:
         """Send ``cmd`` now; the future resolves to its ``return`` value.
+
+        ``on_reply`` is called with that value by the reader, synchronously, at the reply's
+        place in QEMU's stream: before any event QEMU wrote after it is handled (the awaiting
+        task resumes later, after the reader may have handled many more lines).  If it raises,
+        the future fails with that error.
 
         It fails with `ExecuteError` when QEMU answers with an error, `BadReplyError` when the
         reply is malformed, `ExecInterruptedError` when the session ends first; `ForbiddenCommand`
@@ -130,7 +142,7 @@ class ReadOnlyQMPClient(QMPClient):
         qid = f"{_QUERY_ID}{self._query_seq}"
         msg["id"] = qid
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._queries[qid] = (msg, fut)
+        self._queries[qid] = (msg, fut, on_reply)
         writer.write(_encode(msg).encode())
         return fut
 
@@ -140,7 +152,7 @@ class ReadOnlyQMPClient(QMPClient):
         entry = self._queries.pop(qid, None) if isinstance(qid, str) else None
         if entry is None:
             return False
-        sent, fut = entry
+        sent, fut, on_reply = entry
         if fut.done():  # abandoned by its caller
             return True
         if "error" in obj:
@@ -149,6 +161,12 @@ class ReadOnlyQMPClient(QMPClient):
             except (KeyError, TypeError):
                 fut.set_exception(BadReplyError("QMP error reply is malformed", Message(obj), Message(sent)))
         elif "return" in obj:
+            if on_reply is not None:
+                try:
+                    on_reply(obj["return"])
+                except Exception as exc:
+                    fut.set_exception(exc)
+                    return True
             fut.set_result(obj["return"])
         else:
             fut.set_exception(
@@ -208,7 +226,7 @@ class ReadOnlyQMPClient(QMPClient):
             await super()._bh_disconnect()
         finally:
             queries, self._queries = self._queries, {}
-            for _sent, fut in queries.values():
+            for _sent, fut, _on_reply in queries.values():
                 if not fut.done():
                     fut.set_exception(ExecInterruptedError("Disconnected"))
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeGuard, TypeVar
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, Runstate
@@ -147,9 +148,10 @@ class VMWatcher:
         self._refresh_lock = asyncio.Lock()
         self._last_error_reason: str | None = None
         self._stopping = False
-        # Events of the current session: held until it is established (disks known), then
-        # applied as they arrive, from the client's reader (`_on_qmp_event`).
-        self._held_events: list[dict[str, Any]] = []
+        # Events and blockstats replies of the current session, in QEMU's order: held until
+        # it is established (disks known), then applied as they arrive, from the client's
+        # reader (`_on_qmp_event`, `_on_blockstats`).
+        self._held_events: list[dict[str, Any] | _StatsReply] = []
         self._events_live = False
         self._event_failure: BaseException | None = None
         self._event_failed = asyncio.Event()
@@ -244,8 +246,9 @@ class VMWatcher:
                 await self._identify(client)
                 await self._refresh_disks(client)
                 await self._poll_stats(client)
-            vm.up = True
             established = True
+            self._release_events()  # before the session starts: the first sample is no poll
+            vm.up = True
             self.sink.on_session_start(vm, self.clock())
             if self._last_error_reason != "connected":
                 log.info(
@@ -253,7 +256,6 @@ class VMWatcher:
                     extra={"vm": vm.vm, "socket": vm.socket, "disks": len(vm.disks)},
                 )
             self._last_error_reason = "connected"
-            self._release_events()
             tasks = [
                 asyncio.create_task(self._event_errors()),
                 asyncio.create_task(self._poll_loop(client)),
@@ -278,13 +280,15 @@ class VMWatcher:
             # Events QEMU sent before the end still count: no event is lost.
             self._events_live = False
             held, self._held_events = self._held_events, []
-            for event in held:
-                self._handle_event(event)
+            for item in held:
+                self._apply_held(item)
             self._replay_unmatched()
             if established:
                 vm.disconnects += 1
                 if self._last_error_reason == "connected":
-                    log.warning("QMP session ended", extra={"vm": vm.vm, "socket": vm.socket})
+                    # Sessions the exporter ends itself (shutdown, socket gone) are no warning.
+                    level = logging.DEBUG if self._stopping else logging.WARNING
+                    log.log(level, "QMP session ended", extra={"vm": vm.vm, "socket": vm.socket})
                     self._last_error_reason = "ended"
             gone = vm.status == "shutdown"
             self.sink.on_session_end(vm, self.clock(), gone)
@@ -303,7 +307,11 @@ class VMWatcher:
             await client.runstate_changed()
 
     async def _cmd(
-        self, client: ReadOnlyQMPClient, command: str, args: Mapping[str, object] | None = None
+        self,
+        client: ReadOnlyQMPClient,
+        command: str,
+        args: Mapping[str, object] | None = None,
+        on_reply: Callable[[object], None] | None = None,
     ) -> Any:
         """Run one command with a timeout.  ExecuteError (QEMU said no) goes to the caller.
 
@@ -312,7 +320,7 @@ class VMWatcher:
         is alive and the wait goes on.  Dropping a live session would lose the events QEMU
         already sent and the exporter has not read yet."""
         try:
-            reply = client.query(command, args)
+            reply = client.query(command, args, on_reply)
             watchdog = _SilenceWatchdog(client, reply, self.config.qmp.command_timeout_seconds)
             try:
                 return await reply
@@ -374,6 +382,7 @@ class VMWatcher:
             self._refresh_disks_now = False
             blocks = await self._cmd(client, "query-block")
             disks: dict[str, Disk] = {}
+            failed: set[str] = set()
             order: list[tuple[str, Disk | None]] = []
             reads: dict[int, Coroutine[Any, Any, Disk | None]] = {}
             for entry in blocks if isinstance(blocks, list) else []:
@@ -384,6 +393,8 @@ class VMWatcher:
                 if not isinstance(qdev, str) or not qdev or not isinstance(inserted, dict):
                     continue
                 device, qom_path = device_from_qdev(qdev)
+                if entry.get("io-status") == "failed":
+                    failed.add(device)
                 drive = entry.get("device") if isinstance(entry.get("device"), str) else ""
                 node = inserted.get("node-name") if isinstance(inserted.get("node-name"), str) else ""
                 known = self.vm.disks.get(device)
@@ -398,6 +409,7 @@ class VMWatcher:
             for device, maybe in order:
                 if maybe is not None:
                     disks[device] = maybe
+            self.vm.io_failed = frozenset(failed & disks.keys())
             self.vm.set_disks(disks)
             self.sink.on_disks(self.vm, self.clock())
             self._replay_unmatched()
@@ -449,7 +461,20 @@ class VMWatcher:
         )
 
     async def _poll_stats(self, client: ReadOnlyQMPClient) -> None:
-        stats = await self._cmd(client, "query-blockstats")
+        await self._cmd(client, "query-blockstats", on_reply=self._on_blockstats)
+
+    def _on_blockstats(self, stats: object) -> None:
+        """The query-blockstats reply at its place in QEMU's stream (called by the reader): it
+        is applied before any event QEMU wrote after it.  Hang inference depends on that order
+        (`exporter.hang.machine`, "Order of inputs"); the awaiting task resumes too late."""
+        sample = _StatsReply(stats, self.clock())
+        if self._events_live:
+            self._apply_stats(sample)
+        else:
+            self._held_events.append(sample)
+
+    def _apply_stats(self, sample: _StatsReply) -> None:
+        stats = sample.reply
         for entry in stats if isinstance(stats, list) else []:
             if not isinstance(entry, dict) or not isinstance(entry.get("stats"), dict):
                 continue
@@ -464,7 +489,7 @@ class VMWatcher:
             if device is not None:
                 self.vm.blockstats[device] = parse_blockstats(entry["stats"])
         self.vm.touch_stats()
-        self.sink.on_blockstats(self.vm, self.clock())
+        self.sink.on_blockstats(self.vm, sample.time)
 
     async def _poll_loop(self, client: ReadOnlyQMPClient) -> None:
         """Periodic reads; also the session's heartbeat: a QEMU that stops answering is dropped."""
@@ -503,11 +528,17 @@ class VMWatcher:
             self._event_failed.set()
 
     def _release_events(self) -> None:
-        """The session is established: apply the events held so far, then each as it comes."""
+        """The session is established: apply what was held so far, then each as it comes."""
         held, self._held_events = self._held_events, []
-        for event in held:
-            self._handle_event(event)
+        for item in held:
+            self._apply_held(item)
         self._events_live = True
+
+    def _apply_held(self, item: dict[str, Any] | _StatsReply) -> None:
+        if isinstance(item, _StatsReply):
+            self._apply_stats(item)
+        else:
+            self._handle_event(item)
 
     async def _event_errors(self) -> None:
         await self._event_failed.wait()
@@ -548,6 +579,14 @@ class VMWatcher:
         pending, self._unmatched = self._unmatched, []
         for event in pending:
             self._apply(_decode(event, self.vm))
+
+
+@dataclass(frozen=True, slots=True)
+class _StatsReply:
+    """A query-blockstats reply and when the reader read it (QEMU stamps no reply)."""
+
+    reply: object
+    time: float
 
 
 class _SilenceWatchdog:

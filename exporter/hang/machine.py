@@ -79,6 +79,16 @@ and ``max(RESUME, last_error + base spacing)`` for a retry hang during which the
 The acceptance case "link down 7 s, interval 1 s" gives errors at 0..6 s and an estimated end of
 7 s; the true end (first successful attempt) is within one interval of that.
 
+Order of inputs
+===============
+Inputs must be fed in the order QEMU wrote them: events and ``query-blockstats`` replies share
+one ordered stream on a QMP socket.  Events carry QEMU's timestamps, replies do not: a sample
+is stamped when the exporter read it, which under load is later than the events QEMU wrote
+after it.  So a sample fed before an event is taken to precede that event whatever its stamp
+(its time is moved to just before the event's): otherwise a reply written just before the
+first error of an outage but read after it would count as a sample inside the hang, and the
+next sample, whose count still includes IO completed before the outage, as recovery.
+
 Counters and invariants
 =======================
 * every hang ends with exactly one :class:`HangOutcome`; ``hangs_total`` never decreases;
@@ -270,10 +280,23 @@ class DiskHangTracker:
         """
         t = _finite("ts", ts)
         self._tick(t)
+        if action in ("retry", "stop", "report") and self._ops_ts >= t:
+            # The latest sample was fed before this event, so QEMU wrote it before this event
+            # (inputs come in stream order), whatever time it was stamped with when it was
+            # read: a reply read late must not pass for a sample taken inside this hang.
+            self._ops_ts = math.nextafter(t, _NEG_INF)
         if action in ("retry", "stop"):
             self._on_failed_attempt(t, stop=action == "stop")
         elif action == "report":
             self._on_report(t)
+
+    def on_found_stopped(self, ts: float) -> None:
+        """The VM was found paused by an IO error on this disk (run state ``io-error``, the
+        disk's ``io-status`` "failed") while no hang is known: the exporter started, or its
+        session came back, after the error.  A hang "first seen" at ``ts``: its true start is
+        earlier and unknown.  It ends like any ``stop`` hang (RESUME, then no further error)."""
+        if self._start is None:
+            self.on_io_error(ts, "stop")
 
     def on_stop(self, ts: float) -> None:
         """``STOP``: the VM is paused.  While paused no attempt runs (the disk is drained), so
@@ -331,6 +354,8 @@ class DiskHangTracker:
     def on_blockstats(self, ts: float, ok_ops: int) -> None:
         """A ``query-blockstats`` sample taken at ``ts``: ``ok_ops`` is the sum of successful
         ``rd_operations + wr_operations + flush_operations`` (QEMU counts failures separately).
+        ``ts`` is when the reply was read: QEMU wrote it no later.  Feed samples and events in
+        the order QEMU wrote them (a sample fed before an event precedes it, see `on_io_error`).
 
         A rise means some IO succeeded between the previous sample and this one.  QEMU resets
         its per-disk timeout clock on any successful IO, so this ends a hang (``recovered``)

@@ -176,6 +176,7 @@ class HangTracking(EventSink, HangView):
             tracker = devs.get(dev)
             if tracker is not None:
                 tracker.set_policy(interval, timeout)
+                self._found_stopped(vm, dev, tracker, now)
                 continue
             snap = saved.pop(dev, None) if isinstance(saved, dict) else None
             if snap is not None:
@@ -193,9 +194,20 @@ class HangTracking(EventSink, HangView):
                         "ignoring saved hang state", extra={"vm": vm.vm, "device": dev, "err": str(exc)}
                     )
                     tracker = None
-            devs[dev] = tracker or DiskHangTracker(interval, timeout, self.margin_s)
+            devs[dev] = tracker = tracker or DiskHangTracker(interval, timeout, self.margin_s)
+            self._found_stopped(vm, dev, tracker, now)
             if vm.status in ("paused", "io-error"):
-                devs[dev].on_stop(now)
+                tracker.on_stop(now)
+
+    def _found_stopped(self, vm: VMState, dev: str, tracker: DiskHangTracker, now: float) -> None:
+        """A VM already paused on this disk's IO error when first seen (or seen again) shows
+        the hang from that moment: an operator must see a VM stuck since before the exporter
+        started (docs/hangs.md, "first seen")."""
+        if vm.status == "io-error" and dev in vm.io_failed and not tracker.hanging:
+            tracker.on_found_stopped(now)
+            log.info("found VM paused on an IO error", extra={"vm": vm.vm, "device": dev})
+            if self.on_change is not None:
+                self.on_change(self.trackers)
 
     def on_event(self, vm: VMState, event: VMEvent) -> None:
         devs = self.trackers.get(vm.key)

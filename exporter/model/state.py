@@ -123,6 +123,10 @@ class VMState:
     retry_feature: bool | None = None
     disks: dict[str, Disk] = field(default_factory=dict)
     blockstats: dict[str, BlockStats] = field(default_factory=dict)
+    #: Disks whose IO status said "failed" when the disk list was read (QMP ``io-status``,
+    #: libvirt ``diskErrors``).  Meaningful only while the VM is paused on ``io-error``: with
+    #: ``-blockdev`` QEMU leaves it "failed" after a successful ``cont`` (domain.md §3).
+    io_failed: frozenset[str] = frozenset()
 
     # Counters (monotonic while the socket is watched).
     io_errors: Counter[tuple[str, str, str]] = field(default_factory=Counter)
@@ -232,6 +236,7 @@ class VMState:
         self.qemu_version = ""
         self.status = ""
         self.retry_feature = None
+        self.io_failed = frozenset()
         self.set_disks({})
         self.blockstats.clear()
         self.touch_stats()

@@ -15,13 +15,14 @@ While paused on the error the disk is shown hanging; after ``cont`` the hang end
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import pytest
 from qemu.qmp import QMPClient
 
 from tests.e2e.lab import Lab, io_error_counts, nbd_disk_args, plain_qmp, wait_guest, watching_disk
-from tests.harness import Metrics
+from tests.harness import Metrics, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -172,3 +173,102 @@ async def test_cont_before_the_storage_is_back_keeps_one_hang(lab: Lab) -> None:
     last_resume = [t for name, t in stamps if name == "RESUME"][-1]
     duration = m.value("qemu_block_io_hang_seconds_total", vm=VM, device=DEVICE)
     assert duration is not None and abs(duration - (last_resume - first_error)) <= 0.05, (duration, stamps)
+
+
+async def test_vm_already_paused_on_io_error_when_the_exporter_starts(lab: Lab) -> None:
+    """A VM stuck before the exporter ran (host reboot, exporter upgrade, no state file) is
+    shown hanging from the moment it is first seen, and that hang ends like any other."""
+    storage = lab.storage()
+    vm = lab.vm(nbd_disk_args(storage, DEVICE, "werror=stop,rerror=stop"), name=VM)
+    assert vm.mon2 is not None
+    async with plain_qmp(vm.mon2, "mgmt") as mgmt:
+        await wait_guest(vm, lambda s: "WRWR" in s, what="guest doing IO")
+        storage.fail()
+
+        async def paused() -> bool:
+            return (await mgmt.execute("query-status"))["status"] == "io-error"  # type: ignore[index,no-any-return]
+
+        await wait_for(paused, 15, "the VM paused on the IO error")
+        t_seen = time.time()
+        exp = await lab.exporter(vm.qmp)
+        m = await exp.wait_metrics(
+            lambda m: m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 1,
+            timeout=15,
+            what="the stuck VM's hang shown",
+        )
+        assert m.value("qemu_vm_status", vm=VM, status="io-error") == 1
+        start = m.value("qemu_block_io_hang_start_timestamp_seconds", vm=VM, device=DEVICE)
+        assert start is not None and t_seen <= start <= time.time(), (start, t_seen)
+        assert _stop_events(m) == 0  # the error happened before the exporter: no event seen
+
+        storage.recover()
+        await mgmt.execute("cont")
+        m = await exp.wait_metrics(
+            lambda m: (
+                m.value("qemu_block_io_hangs_total", vm=VM, device=DEVICE, outcome="recovered") == 1
+                and m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 0
+            ),
+            timeout=15,
+            what="the hang to end recovered after cont",
+        )
+        assert m.value("qemu_vm_status", vm=VM, status="running") == 1
+
+
+async def test_exporter_restarted_mid_hang_keeps_one_hang(lab: Lab) -> None:
+    """The exporter restarted (state file kept) in the middle of a real hang: one hang, its
+    original start, its full length."""
+    from tests.e2e.lab import exporter_config
+    from tests.harness import ExporterProcess
+
+    storage = lab.storage()
+    vm = lab.vm(nbd_disk_args(storage, DEVICE, "werror=stop,rerror=stop"), name=VM)
+    assert vm.mon2 is not None
+    config = {**exporter_config(vm.qmp), "hang": {"state_file": str(lab.workdir / "hangs.json")}}
+
+    async def exporter(n: int) -> ExporterProcess:
+        d = lab.workdir / f"restart{n}"
+        d.mkdir()
+        exp = ExporterProcess(d, config)
+        lab.exporters.append(exp)
+        await exp.start()
+        return exp
+
+    async with plain_qmp(vm.mon2, "mgmt") as mgmt:
+        first = await exporter(1)
+        await watching_disk(first, VM, DEVICE)
+        await wait_guest(vm, lambda s: "WRWR" in s, what="guest doing IO")
+        mgmt.events.clear()
+        storage.fail()
+        m = await first.wait_metrics(
+            lambda m: m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 1, timeout=15, what="the hang"
+        )
+        start = m.value("qemu_block_io_hang_start_timestamp_seconds", vm=VM, device=DEVICE)
+        assert first.terminate(signal.SIGTERM) == 0
+
+        second = await exporter(2)
+        m = await second.wait_metrics(
+            lambda m: m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 1,
+            timeout=15,
+            what="the hang again",
+        )
+        assert m.value("qemu_block_io_hang_start_timestamp_seconds", vm=VM, device=DEVICE) == start
+        storage.recover()
+        await mgmt.execute("cont")
+        m = await second.wait_metrics(
+            lambda m: (
+                m.value("qemu_block_io_hangs_total", vm=VM, device=DEVICE, outcome="recovered") == 1
+                and m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 0
+            ),
+            timeout=15,
+            what="one hang, recovered",
+        )
+        await mgmt.execute("query-status")  # every earlier event is in the listener now
+        stamps: dict[str, float] = {}
+        for event in mgmt.events.clear():
+            ts = event["timestamp"]
+            stamps.setdefault(event["event"], ts["seconds"] + ts["microseconds"] / 1e6)
+    for outcome in ("timed_out", "vm_gone"):
+        assert m.value("qemu_block_io_hangs_total", vm=VM, device=DEVICE, outcome=outcome) == 0
+    duration = m.value("qemu_block_io_hang_seconds_total", vm=VM, device=DEVICE)
+    assert start is not None and abs(start - stamps["BLOCK_IO_ERROR"]) <= 0.001
+    assert duration is not None and abs(duration - (stamps["RESUME"] - stamps["BLOCK_IO_ERROR"])) <= 0.05

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -351,3 +352,22 @@ async def test_static_labels_per_socket(short_tmp: Path) -> None:
     finally:
         await a.kill()
         await b.kill()
+
+
+async def test_a_clean_shutdown_ends_sessions_without_warnings(short_tmp: Path) -> None:
+    """Sessions the exporter ends itself (SIGTERM) are no warning: at 1000 VMs that was 1000
+    'QMP session ended' warnings per restart.  A session QEMU ends still warns."""
+    cfg = fleet_config(short_tmp)
+    cfg["log"] = {"level": "info"}
+    async with running(fleet(short_tmp)) as vms:
+        exp = ExporterProcess(short_tmp, cfg)
+        await exp.start()
+        try:
+            await exp.wait_metrics(all_disks_seen, what="every disk")
+            await vms[0].kill()  # QEMU going away is worth a warning
+            await exp.wait_metrics(lambda m: m.value("qemu_qmp_up", vm="good") in (None, 0), what="good gone")
+        finally:
+            assert exp.terminate(signal.SIGTERM) == 0
+    ended = [line for line in exp.log().splitlines() if 'msg="QMP session ended"' in line]
+    assert len(ended) == 1 and "level=warn" in ended[0] and "vm=good " in ended[0], ended
+    assert "shutting down" in exp.log()

@@ -260,6 +260,36 @@ async def test_libvirtd_restarted_mid_hang_keeps_the_hang(libvirt_lab: LibvirtLa
     assert dom.taints() == set(), dom.taint_lines()
 
 
+async def test_domain_already_paused_on_io_error_is_shown_hanging(
+    libvirt_lab: LibvirtLab, short_tmp: Path
+) -> None:
+    """Stuck before the exporter started: the hang is shown from when it is first seen (the
+    failed disk from libvirt's read-only diskErrors), and ends like any other."""
+    dom = libvirt_lab.domain(DiskOptions(error_policy="stop"), hint="stuck")
+    dom.fail_storage()
+    dom.wait_state("paused", "I/O error")
+    t_seen = time.time()
+    async with ExporterProcess(short_tmp, exporter_config(short_tmp)) as exp:
+        m = await wait_metrics(
+            exp,
+            lambda m: value(m, "qemu_block_io_hang", vm=dom.name, device="ua-boot") == 1,
+            "the hang shown",
+        )
+        start = m.value("qemu_block_io_hang_start_timestamp_seconds", vm=dom.name, device="ua-boot")
+        assert start is not None and t_seen <= start <= time.time()
+        assert value(m, "qemu_vm_status", vm=dom.name, status="io-error") == 1
+        dom.restore_storage()
+        dom.resume()
+        await wait_metrics(
+            exp,
+            lambda m: (
+                value(m, "qemu_block_io_hangs_total", vm=dom.name, device="ua-boot", outcome="recovered") == 1
+            ),
+            "the hang ended by virsh resume",
+        )
+    assert dom.taints() == set(), dom.taint_lines()
+
+
 async def test_libvirt_uri_without_binding_is_one_clear_line(short_tmp: Path) -> None:
     """Without libvirt-python, --libvirt.uri exits 2 with one line saying what to install
     (``sys.modules['libvirt'] = None`` makes the import fail as if it were not installed)."""

@@ -153,3 +153,59 @@ def test_steady_outage_recovers_once_near_truth(
     done = tr.drain_completed()
     assert len(done) == 1 and done[0].outcome is HangOutcome.RECOVERED
     assert abs(done[0].duration - true_end) <= spacing + 1e-3
+
+
+# --- stream order: replies and events interleaved as QEMU wrote them -------------------------
+
+IO_EVERY = 0.01  # a busy guest: one successful IO every 10 ms while the storage works
+
+
+@settings(max_examples=int(os.environ.get("HANG_EXAMPLES", "300")), deadline=None)
+@given(
+    st.sampled_from([0.2, 1.0]),
+    st.lists(st.floats(0.001, 1.0), min_size=1, max_size=30),
+    st.lists(st.one_of(st.floats(-0.3, 0.0), st.floats(-3.0, 35.0)), max_size=25),
+    st.lists(st.floats(0.0, 0.5), min_size=60, max_size=60),
+)
+def test_a_continuous_error_run_is_one_hang_in_any_interleaving(
+    interval: float, gaps: list[float], sample_offsets: list[float], lags: list[float]
+) -> None:
+    """QEMU writes errors (QEMU-stamped) and blockstats replies (not stamped) into one ordered
+    stream; the exporter reads each line some time later and stamps a reply with that time.
+    However the replies fall between the errors and however late they are read (less than the
+    margin: lag is not silence here), one continuous run of errors is exactly one hang."""
+    margin = 1.0
+    errors, t = [], T0
+    for g in gaps:
+        errors.append(t)
+        t += g * interval  # never more than the interval apart: continuous
+    end_true = errors[-1] + interval  # the next attempt succeeds
+
+    def ok_ops(w: float) -> int:
+        """Successful IOs completed before ``w``: none during the outage."""
+        done = max(0.0, min(w, T0) - (T0 - 100))
+        if w > end_true:
+            done += w - end_true
+        return int(done / IO_EVERY)
+
+    stream = [(w, "error") for w in errors] + [(T0 + off, "stats") for off in sample_offsets]
+    stream.sort(key=lambda item: item[0])  # QEMU's order (a tie: either order is possible)
+    tr = DiskHangTracker(interval, 0.0, margin)
+    read = T0 - 100
+    for (w, kind), lag in zip(stream, lags, strict=False):
+        read = max(read, w + lag)  # lines are read in order, each no earlier than written
+        tr.advance(read)  # the exporter's tick runs between lines
+        if kind == "error":
+            tr.on_io_error(w, "retry")
+        else:
+            tr.on_blockstats(read, ok_ops(w))
+    tr.advance(max(read, errors[-1]) + 100)
+    assert not tr.hanging
+    assert dict(tr.hangs_total) == {
+        HangOutcome.RECOVERED: 1,
+        HangOutcome.TIMED_OUT: 0,
+        HangOutcome.VM_GONE: 0,
+    }
+    (hang,) = tr.drain_completed()
+    assert hang.start == errors[0]
+    assert errors[-1] <= hang.end <= end_true + margin + interval
