@@ -235,6 +235,8 @@ class VMWatcher:
         self.clock = clock
         self.phase = Phase.IDLE
         self._task: asyncio.Task[None] | None = None
+        #: The current session's client, None between sessions (read by `exporter.liveness`).
+        self.client: ReadOnlyQMPClient | None = None
         self._wake = asyncio.Event()  # cuts a backoff short (socket re-created)
         self._poll_now = asyncio.Event()  # asks the poller for an immediate refresh
         self._refresh_disks_now = False
@@ -335,6 +337,7 @@ class VMWatcher:
 
         established = False
         tasks: list[asyncio.Task[None]] = []
+        self.client = client
         try:
             self.phase = Phase.IDENTIFYING
             # Fleet-wide: only so many sessions are set up at once (discovery.SETUP_CONCURRENCY).
@@ -388,6 +391,7 @@ class VMWatcher:
             gone = vm.status == "shutdown"
             self.sink.on_session_end(vm, self.clock(), gone)
             vm.end_session()
+            self.client = None
             await self._close(client)
         return established
 
