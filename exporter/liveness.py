@@ -76,7 +76,7 @@ class Heartbeat:
         self.window = window
         self._samples: collections.deque[tuple[float, float]] = collections.deque()  # (when, lag)
         self._last = 0.0
-        self._expected: float | None = None  # when the pending heartbeat is due
+        self._due: float | None = None  # when the next heartbeat is due (None: not started)
 
     def record(self, now: float, lag: float) -> None:
         self._last = lag
@@ -87,8 +87,9 @@ class Heartbeat:
 
     def pending(self, now: float) -> float:
         """How late the heartbeat that has not run yet already is (a scrape or probe may be
-        handled before it, in the same turn of the loop after a long block)."""
-        return max(0.0, now - self._expected) if self._expected is not None else 0.0
+        handled before it, in the same turn of the loop after a long block).  A heartbeat that
+        stopped for any reason reads as an ever-growing lag, never as health."""
+        return max(0.0, now - self._due) if self._due is not None else 0.0
 
     def last(self, now: float) -> float:
         """The current lag: the latest heartbeat's, or the pending one's if that is later."""
@@ -105,18 +106,18 @@ class Heartbeat:
 
     async def beat(self, loop: asyncio.AbstractEventLoop) -> float:
         """Sleep one interval; record and return how late the wake-up was."""
-        self._expected = loop.time() + self.interval
+        due = self._due = loop.time() + self.interval
         await asyncio.sleep(self.interval)
         now = loop.time()
-        lag = max(0.0, now - self._expected)
-        self._expected = None
+        lag = max(0.0, now - due)
         self.record(now, lag)
         return lag
 
 
 class Source(NamedTuple):
     """One QMP session as the stall detector sees it.  ``session`` identifies the session
-    (a new one starts over); ``lines`` is how many lines its reader has consumed so far."""
+    (a new one starts over; two VMs may share a name); ``lines`` is how many lines its reader
+    has consumed so far; ``name`` is only for the reason shown."""
 
     name: str
     session: object
@@ -161,17 +162,18 @@ class StallDetector:
     def __init__(self, stall_seconds: float, pending_bytes: Callable[[int], int] = fionread) -> None:
         self.stall_seconds = stall_seconds
         self._pending_bytes = pending_bytes
-        self._seen: dict[str, _Seen] = {}
+        self._seen: dict[int, _Seen] = {}  # by id() of the session, which `_Seen` keeps alive
 
     def check(self, now: float, sources: Iterable[Source]) -> list[Stall]:
         stalls: list[Stall] = []
-        seen: dict[str, _Seen] = {}
+        seen: dict[int, _Seen] = {}
         for src in sources:
-            prev = self._seen.get(src.name)
+            key = id(src.session)
+            prev = self._seen.get(key)
             if prev is None or prev.session is not src.session or prev.lines != src.lines:
-                seen[src.name] = _Seen(src.session, src.lines)  # new session, or progress
+                seen[key] = _Seen(src.session, src.lines)  # new session, or progress
                 continue
-            seen[src.name] = prev
+            seen[key] = prev
             waiting = self._pending_bytes(src.fd)
             if waiting <= 0:
                 prev.waiting_since = None
@@ -215,10 +217,15 @@ class Liveness:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         beats = 0
+        lagging = False
         while True:
             lag = await self.heartbeat.beat(loop)
-            if lag > self.config.max_loop_lag_seconds:
-                log.warning("event loop lagged", extra={"lag_seconds": round(lag, 3)})
+            if (lag > self.config.max_loop_lag_seconds) != lagging:  # logged per change, not per beat
+                lagging = not lagging
+                if lagging:
+                    log.warning("event loop lagged", extra={"lag_seconds": round(lag, 3)})
+                else:
+                    log.info("event loop on time again")
             beats += 1
             if beats % _STALL_CHECK_EVERY == 0:
                 self._check_stalls(loop.time())
@@ -229,12 +236,15 @@ class Liveness:
         except Exception:  # a bug here must not stop the heartbeat (which would stop the pings)
             log.exception("stall check failed")
             return
-        if {s.name for s in stalled} != {s.name for s in self.stalled}:
-            for s in stalled:
+        before = {s.name for s in self.stalled}
+        for s in stalled:
+            if s.name not in before:
                 log.warning(
                     "QMP reader stalled",
                     extra={"vm": s.name, "pending_bytes": s.pending_bytes, "seconds": round(s.seconds, 1)},
                 )
+        for name in before - {s.name for s in stalled}:
+            log.info("QMP reader no longer stalled", extra={"vm": name})
         self.stalled = stalled
 
     def _stall_reason(self) -> str | None:
