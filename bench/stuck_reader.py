@@ -10,15 +10,18 @@ finally disconnects; RSS is sampled after each step.  A reading client over the 
 the baseline.  Not run in CI; one JSON line per sample, a summary at the end.
 
     .venv/bin/python bench/stuck_reader.py --stall 30
+    .venv/bin/python bench/stuck_reader.py --stall 30 --exporter   # the exporter, SIGSTOPped
 """
 
 from __future__ import annotations
 
 import argparse
 import array
+import asyncio
 import contextlib
 import fcntl
 import json
+import os
 import signal
 import socket
 import sys
@@ -26,12 +29,16 @@ import tempfile
 import termios
 import time
 from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 sys.path.insert(0, str(Path(__file__).parent.parent.absolute()))
 
 from tests.e2e.lab import nbd_disk_args
 from tests.guest.bootsector import guest_status, write_disk_image
-from tests.qemu import run_failing_storage, run_vm
+from tests.harness import ExporterProcess, Metrics
+from tests.qemu import FailingStorage, run_failing_storage, run_vm
 
 
 def rss_kib(pid: int) -> int:
@@ -68,10 +75,67 @@ def drain(sock: socket.socket, idle: float = 1.0) -> tuple[int, int]:
     return data.count(b'"event"'), len(data)
 
 
+async def stopped_exporter(
+    work: Path, mon: Path, qemu_pid: int, storage: FailingStorage, stall: float
+) -> dict[str, Any]:
+    """The exporter watches ``mon`` and is SIGSTOPped for ``stall`` seconds."""
+    (work / "exporter").mkdir()
+    exp = ExporterProcess(work / "exporter", {"qmp": {"sockets": [str(mon)]}, "log": {"level": "info"}})
+    await exp.start()
+    try:
+        assert exp.proc is not None
+
+        def events(m: Metrics) -> float:
+            return sum(s.value for s in m.find("qemu_exporter_qmp_events_total"))
+
+        await exp.wait_metrics(lambda m: events(m) > 0, timeout=30, what="exporter counting events")
+        before = events(await exp.scrape())
+        start_rss = rss_kib(qemu_pid)
+        os.kill(exp.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        while (elapsed := time.monotonic() - t0) < stall:
+            await asyncio.sleep(1.0)
+            print(json.dumps({"t": round(elapsed + 1, 1), "qemu_rss_kib": rss_kib(qemu_pid)}), flush=True)
+        stalled_rss = rss_kib(qemu_pid)
+        storage.recover()  # no new events: what the exporter reads next was queued
+        os.kill(exp.proc.pid, signal.SIGCONT)
+        async with aiohttp.ClientSession() as s, s.get(exp.url + "/healthz") as r:
+            healthz = f"{r.status} {(await r.text()).strip()}"
+        last, settled = -1.0, 0
+        while settled < 3:  # the count stops moving: caught up
+            await asyncio.sleep(0.5)
+            now = events(await exp.scrape())
+            settled = settled + 1 if now == last else 0
+            last = now
+        queued = int(last - before)
+        m = await exp.scrape()
+        return {
+            "client": "exporter, SIGSTOPped",
+            "stall_seconds": stall,
+            "events_queued": queued,
+            "events_per_second": round(queued / stall),
+            "qemu_rss_kib": {
+                "stall_start": start_rss,
+                "stall_end": stalled_rss,
+                "after_catch_up": rss_kib(qemu_pid),
+            },
+            "rss_growth_per_event_bytes": round((stalled_rss - start_rss) * 1024 / max(queued, 1)),
+            "healthz_after_sigcont": healthz,
+            "event_loop_lag_seconds_after": m.value("qemu_exporter_event_loop_lag_seconds"),
+        }
+    finally:
+        exp.terminate()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stall", type=float, default=30.0, help="seconds the client reads nothing")
     ap.add_argument("--pause-us", type=int, default=1000, help="guest pause between IO rounds")
+    ap.add_argument(
+        "--exporter",
+        action="store_true",
+        help="the stuck client is the exporter itself, SIGSTOPped (instead of a raw client)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="qih-sr-", dir="/tmp") as tmp:
         work = Path(tmp)
@@ -99,6 +163,10 @@ def main() -> None:
             base = {"phase": "reading", "seconds": args.stall, "events": n, "rss_kib": [r0, rss_kib(pid)]}
             print(json.dumps(base), flush=True)
             reader.close()
+            if args.exporter:
+                summary = asyncio.run(stopped_exporter(work, vm.mon2, pid, storage, args.stall))
+                print(json.dumps({**summary, "baseline": base}), flush=True)
+                return
             # The stuck client.
             stuck = qmp_connect(vm.mon2)
             start_rss, t0 = rss_kib(pid), time.monotonic()
