@@ -20,9 +20,11 @@ from exporter.fairness import ScrapeFirst
 from exporter.gc_tuning import freeze_long_lived
 from exporter.hang.tracking import HangTracking
 from exporter.libvirt_watch import LibvirtSource
+from exporter.liveness import Liveness, LivenessCollector, qmp_sources, watchdog
 from exporter.metrics import ConnectionCollector, ExporterCollector
 from exporter.model.sink import EventSink, SinkGroup
 from exporter.model.state import VMState
+from exporter.sd_notify import Notifier
 from exporter.web import make_app
 from exporter.webconfig import WebConfig, auth_middleware
 
@@ -69,6 +71,10 @@ class Exporter:
             pusher = self.alert_pusher = AlertPusher(config.alerting, clock)
             self.registry.register(pusher)
             self.hangs.on_change = lambda trackers: pusher.update(open_hangs(trackers, self.vms()))
+        self.liveness = Liveness(config.health, lambda: qmp_sources(self.discovery.watchers.values()))
+        self.registry.register(LivenessCollector(self.liveness))
+        self.notifier = Notifier()
+        self._liveness_tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._hang_task: asyncio.Task[None] | None = None
         self._gc_task: asyncio.Task[None] | None = None
@@ -91,7 +97,13 @@ class Exporter:
             "--web.listen-address", "web.listen_address", self.config.listen_address
         )
         mw = auth_middleware(self.web_config)
-        app = make_app(self.registry, self.config.telemetry_path, [mw] if mw else [], self.scrape_first)
+        app = make_app(
+            self.registry,
+            self.config.telemetry_path,
+            [mw] if mw else [],
+            self.scrape_first,
+            health=self.liveness.problem,
+        )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(
@@ -105,6 +117,10 @@ class Exporter:
             source.start()
         self._hang_task = asyncio.create_task(self.hangs.run(self.clock), name="hang-tick")
         self._gc_task = asyncio.create_task(freeze_long_lived(self._fleet_shape), name="gc-freeze")
+        self._liveness_tasks = [
+            asyncio.create_task(self.liveness.run(), name="liveness"),
+            asyncio.create_task(watchdog(self.notifier, self.liveness), name="systemd-watchdog"),
+        ]
         log.info(
             "listening",
             extra={
@@ -115,9 +131,11 @@ class Exporter:
                 "basic_auth": self.web_config.basic_auth_enabled,
             },
         )
+        self.notifier.notify("READY=1", "STATUS=listening")  # systemd Type=notify: started
 
     async def stop(self) -> None:
-        for task in (self._gc_task, self._hang_task):
+        self.notifier.notify("STOPPING=1")
+        for task in (*self._liveness_tasks, self._gc_task, self._hang_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -129,6 +147,7 @@ class Exporter:
             await self.alert_pusher.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        self.notifier.close()
 
     async def run_until_signal(self) -> None:
         loop = asyncio.get_running_loop()

@@ -33,6 +33,18 @@ LIBVIRT_MISSING = (
 PROG = "qemu-iohang-exporter"
 
 
+#: (flag after ``--health.``, `HealthConfig` field = ``health:`` key, help)
+_HEALTH_FLAGS = (
+    ("max-loop-lag", "max_loop_lag_seconds", "event-loop lag that makes /healthz 503 (default 5)"),
+    ("loop-lag-window", "loop_lag_window_seconds", "how long /healthz remembers such a lag (default 10)"),
+    (
+        "reader-stall",
+        "reader_stall_seconds",
+        "QMP reader idle with data waiting for this long: unhealthy (default 10)",
+    ),
+)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # argparse prints usage plus a message; operators want one line that names the flag.
@@ -88,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="where open hangs are persisted across restarts",
     )
+    for flag, key, meaning in _HEALTH_FLAGS:
+        p.add_argument(f"--health.{flag}", dest=key, metavar="SECONDS", help=meaning)
     p.add_argument("--log.level", dest="log_level", choices=LOG_LEVELS, help="log level (default info)")
     p.add_argument("--log.format", dest="log_format", choices=LOG_FORMATS, help="log format (default logfmt)")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -117,11 +131,25 @@ def resolve(args: argparse.Namespace) -> Config:
         cfg = dataclasses.replace(cfg, libvirt=dataclasses.replace(cfg.libvirt, uris=uris))
     if args.state_file is not None:
         cfg = dataclasses.replace(cfg, hang=dataclasses.replace(cfg.hang, state_file=args.state_file))
+    for flag, key, _ in _HEALTH_FLAGS:
+        if getattr(args, key) is not None:
+            seconds = _flag_seconds(f"--health.{flag}", getattr(args, key))
+            cfg = dataclasses.replace(cfg, health=dataclasses.replace(cfg.health, **{key: seconds}))
     if args.log_level is not None:
         cfg = dataclasses.replace(cfg, log_level=args.log_level)
     if args.log_format is not None:
         cfg = dataclasses.replace(cfg, log_format=args.log_format)
     return cfg
+
+
+def _flag_seconds(flag: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError("flag", flag, f"expected a number of seconds, got {value!r}") from None
+    if not seconds > 0:
+        raise ConfigError("flag", flag, f"must be > 0, got {value}")
+    return seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:

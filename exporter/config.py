@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from exporter.alert_push import FRACTION_ALERTS, AlertingConfig
+from exporter.liveness import HealthConfig
 
 DEFAULT_PORT = 9738
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
@@ -89,6 +90,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     hang: HangConfig = field(default_factory=HangConfig)
     alerting: AlertingConfig = field(default_factory=AlertingConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     source: str = "defaults"
 
     def socket_patterns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -205,7 +207,7 @@ def load_file(path: str) -> Config:
 
 def parse(doc: Any, source: str) -> Config:
     r = _Reader(source)
-    top = r.mapping(doc, "", {"web", "qmp", "libvirt", "policy", "hang", "log", "alerting"})
+    top = r.mapping(doc, "", {"web", "qmp", "libvirt", "policy", "hang", "log", "alerting", "health"})
     cfg = Config(source=source)
 
     web = r.mapping(top.get("web"), "web", {"listen_address", "telemetry_path"})
@@ -238,6 +240,7 @@ def parse(doc: Any, source: str) -> Config:
         margin = r.seconds(hang["recovery_margin_seconds"], "hang.recovery_margin_seconds")
         hc = dataclasses.replace(hc, recovery_margin_seconds=margin)
     cfg = dataclasses.replace(cfg, alerting=_parse_alerting(r, top.get("alerting")))
+    cfg = dataclasses.replace(cfg, health=_parse_health(r, top.get("health")))
     return dataclasses.replace(cfg, hang=hc)
 
 
@@ -297,6 +300,12 @@ def _parse_alerting(r: _Reader, value: Any) -> AlertingConfig:
             "required with alertmanager_urls: the instance label Prometheus gives this exporter (e.g. 'host:9738')",
         )
     return ac
+
+
+def _parse_health(r: _Reader, value: Any) -> HealthConfig:
+    keys = [f.name for f in dataclasses.fields(HealthConfig)]
+    h = r.mapping(value, "health", set(keys))
+    return HealthConfig(**{k: r.seconds(h[k], f"health.{k}") for k in keys if k in h})
 
 
 _QMP_SECONDS = (

@@ -146,6 +146,14 @@ class ReadOnlyQMPClient(QMPClient):
         writer.write(_encode(msg).encode())
         return fut
 
+    def fileno(self) -> int | None:
+        """The connection's socket fd, None when not connected: `exporter.liveness` asks the
+        kernel how many bytes wait unread on it (with `lines_received` as the reader's
+        progress) to notice a reader that has stopped while QEMU queues events for it."""
+        writer = self._writer
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        return sock.fileno() if sock is not None else None
+
     def _resolve_query(self, obj: dict[str, Any]) -> bool:
         """Hand a reply to the `query` that owns its id; False if none does."""
         qid = obj.get("id")

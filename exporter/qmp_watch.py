@@ -142,6 +142,8 @@ class VMWatcher:
         self.sink = sink or EventSink()
         self.clock = clock
         self._task: asyncio.Task[None] | None = None
+        #: The current session's client, None between sessions (read by `exporter.liveness`).
+        self.client: ReadOnlyQMPClient | None = None
         self._wake = asyncio.Event()  # cuts a backoff short (socket re-created)
         self._poll_now = asyncio.Event()  # asks the poller for an immediate refresh
         self._refresh_disks_now = False
@@ -240,6 +242,7 @@ class VMWatcher:
 
         established = False
         tasks: list[asyncio.Task[None]] = []
+        self.client = client
         try:
             # Fleet-wide: only so many sessions are set up at once (discovery.SETUP_CONCURRENCY).
             async with self._setup_slots or contextlib.nullcontext():
@@ -293,6 +296,7 @@ class VMWatcher:
             gone = vm.status == "shutdown"
             self.sink.on_session_end(vm, self.clock(), gone)
             vm.end_session()
+            self.client = None
             await self._close(client)
         return established
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import html
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -29,6 +29,8 @@ _GZIP_INLINE_BYTES = 64 * 1024
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 TELEMETRY_PATH_KEY = web.AppKey("telemetry_path", str)
 SCRAPE_FIRST_KEY = web.AppKey("scrape_first", ScrapeFirst)
+#: What is wrong with the exporter (one line), None when healthy (`exporter.liveness`).
+HEALTH_KEY: web.AppKey[Callable[[], str | None]] = web.AppKey("health")
 
 _LANDING = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>QEMU IO hang exporter</title></head>
@@ -91,6 +93,9 @@ class _MetricsResponse(web.Response):
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
+    problem = request.app[HEALTH_KEY]()
+    if problem is not None:
+        return web.Response(status=503, text=problem + "\n")
     return web.Response(text="ok\n")
 
 
@@ -104,12 +109,14 @@ def make_app(
     telemetry_path: str,
     middlewares: Sequence[Middleware] = (),
     scrape_first: ScrapeFirst | None = None,
+    health: Callable[[], str | None] = lambda: None,
 ) -> web.Application:
     # Scrapes and probes send tiny requests: refuse bodies instead of buffering them.
     app = web.Application(client_max_size=4096, middlewares=middlewares)
     app[REGISTRY_KEY] = registry
     app[TELEMETRY_PATH_KEY] = telemetry_path
     app[SCRAPE_FIRST_KEY] = scrape_first or ScrapeFirst()
+    app[HEALTH_KEY] = health
     app.router.add_get(telemetry_path, metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", landing)

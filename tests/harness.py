@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +23,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
+_SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 T = TypeVar("T")
 
 
@@ -88,7 +89,13 @@ async def wait_for(
 class ExporterProcess:
     """The exporter CLI in a subprocess, configured through a YAML file."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], extra_args: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        extra_args: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         cfg = dict(config)
@@ -98,6 +105,7 @@ class ExporterProcess:
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.log_path = workdir / "exporter.log"
         self.extra_args = list(extra_args)
+        self.env = dict(env or {})  # on top of ours (e.g. NOTIFY_SOCKET, WATCHDOG_USEC)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -105,7 +113,9 @@ class ExporterProcess:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # A test runner started by systemd must not lend its notify socket to the exporter.
+        inherited = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARS}
+        env = dict(inherited, PYTHONUNBUFFERED="1", **self.env)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exporter", f"--config.file={self.config_path}", *self.extra_args],

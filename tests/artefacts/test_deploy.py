@@ -69,6 +69,11 @@ REQUIRED_SERVICE = {
     "RestrictSUIDSGID": "yes",
     "LockPersonality": "yes",
     "SystemCallArchitectures": "native",
+    # Liveness (issue 17): READY=1 and WATCHDOG=1 from the exporter, restarted when they stop.
+    "Type": "notify",
+    "NotifyAccess": "main",
+    "WatchdogSec": "30s",
+    "Restart": "on-failure",
 }
 
 
@@ -250,6 +255,22 @@ def test_daemonset_hardening() -> None:
     assert "--config.file=/etc/qemu-iohang-exporter/config.yml" in c["args"]
     cm_vol = next(v for v in spec["volumes"] if "configMap" in v)
     assert mounts[cm_vol["name"]] == "/etc/qemu-iohang-exporter"
+
+
+def test_daemonset_probes_use_healthz() -> None:
+    """Liveness means the exporter reads QEMU (issue 17), not that its port accepts TCP."""
+    (c,) = _k8s_docs()["DaemonSet"]["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"] for p in c["ports"]}
+    for kind in ("livenessProbe", "readinessProbe"):
+        probe = c[kind]
+        assert probe["httpGet"]["path"] == "/healthz" and probe["httpGet"]["port"] in ports, kind
+        assert probe.get("httpGet", {}).get("scheme", "HTTP") == "HTTP"  # HTTPS only with TLS
+        assert probe["timeoutSeconds"] < probe["periodSeconds"]
+    live = c["livenessProbe"]
+    # A wedged exporter is restarted within ~30 s; one passing lag spike (503 for the 10 s
+    # window of health.loop_lag_window_seconds) is not enough to restart it.
+    assert live["periodSeconds"] * live["failureThreshold"] <= 30
+    assert live["periodSeconds"] * (live["failureThreshold"] - 1) > 10
 
 
 def test_service_and_servicemonitor_match() -> None:

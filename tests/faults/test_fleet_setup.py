@@ -14,7 +14,7 @@ from typing import Any
 
 from exporter.config import Config, QMPConfig
 from exporter.discovery import Discovery
-from exporter.qmp_watch import EventSink
+from exporter.model.sink import EventSink
 from tests.faults.servers import FakeConn, FakeQMP
 from tests.harness import wait_for
 

@@ -28,6 +28,7 @@ GOLDEN = REPO / "tests" / "golden" / "metrics.prom"
 _VOLATILE = [
     (re.compile(r"^(qemu_exporter_build_info\{).*(\} )"), r"\1<build labels>\2"),
     (re.compile(r"^(qemu_block_idle_seconds\{.*\}) .*$"), r"\1 <seconds>"),
+    (re.compile(r"^(qemu_exporter_event_loop_lag_seconds) .*$"), r"\1 <seconds>"),
     (re.compile(r'socket="[^"]*/([^"/]+)"'), r'socket="<dir>/\1"'),
 ]
 
