@@ -1,7 +1,9 @@
 """Fixtures for tests against a real libvirtd (``tests/libvirt/lab.py``).
 
-* ``libvirtd`` (session): the system libvirtd, started here (``virtlogd -d``, ``libvirtd -d``)
-  unless one already answers on ``qemu:///system``; a daemon started here is stopped at the end.
+* ``libvirtd`` (session): a libvirtd started here (``virtlogd -d``, ``libvirtd -d``), by default
+  in a private mount namespace so concurrent sessions on one machine never share it; connect
+  with ``libvirtd.uri``.  ``QIH_LIBVIRT_LAB=system`` uses the machine's ``qemu:///system``
+  instead (reused when it answers).  A daemon started here is stopped at the end.
   ``libvirtd.kill()`` / ``libvirtd.restart()`` crash and restart it while domains keep running.
 * ``libvirt_lab`` (function): ``libvirt_lab.domain(DiskOptions(error_policy="stop"))`` defines
   and starts a domain on failing NBD storage; every domain and nbdkit is removed at teardown,

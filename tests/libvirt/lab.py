@@ -3,9 +3,12 @@
 The libvirt event source must be tested against what libvirtd really sends (event shapes,
 reconnects, taints), so nothing here is simulated (facts in ``shared/docs/domain.md`` §4.1):
 
-* `Libvirtd` runs ``virtlogd`` and ``libvirtd`` directly (no systemd on these machines), or
-  reuses a libvirtd that already answers on ``qemu:///system``.  It can SIGKILL the daemon and
-  start it again while domains keep running (QEMU is not libvirtd's child: it survives).
+* `Libvirtd` runs ``virtlogd`` and ``libvirtd`` directly (no systemd on these machines): by
+  default a daemon of the session's own in a private mount namespace (its own ``/run/libvirt``,
+  ``/var/lib/libvirt``, ...; URI ``qemu+unix:///system?socket=...``), so test sessions sharing a
+  machine never touch each other's daemon; with ``QIH_LIBVIRT_LAB=system`` the machine's
+  ``qemu:///system`` (reused when it answers).  It can SIGKILL the daemon and start it again
+  while domains keep running (QEMU is not libvirtd's child: it survives).
 * `NbdStorage` is ``nbdkit`` on a free 127.0.0.1 port with the error filter: every request fails
   with EIO while its error file exists.
 * `LabDomain` is a ``<domain type='qemu'>`` (TCG, 32 MiB, no graphics) whose boot disk is that NBD
@@ -13,9 +16,9 @@ reconnects, taints), so nothing here is simulated (facts in ``shared/docs/domain
   it, and the guest writes and reads a sector in a loop, so the disk errors as soon as the storage
   fails and recovers as soon as it is back.
 
-There is one system libvirtd per machine, shared by every test session on it: domain names carry
-this process's pid, the lab only ever touches its own domains, and it stops a daemon only when it
-started it.  Waiting always polls a condition against a deadline; nothing sleeps a fixed time.
+Domain names carry this process's pid, the lab only ever touches its own domains, and it stops
+a daemon only when it started it.  Waiting always polls a condition against a deadline; nothing
+sleeps a fixed time.
 """
 
 from __future__ import annotations
@@ -128,22 +131,58 @@ def fix_kvm_permissions() -> None:
         kvm.chmod(0o660)
 
 
+#: The directories a libvirtd of its own sees in place of the system's (bind mounts in a private
+#: mount namespace); ``etc`` and ``cache`` start as copies (configuration, probed QEMU capabilities).
+PRIVATE_DIRS = {
+    "run": "/run/libvirt",
+    "lib": "/var/lib/libvirt",
+    "log": "/var/log/libvirt",
+    "cache": "/var/cache/libvirt",
+    "etc": "/etc/libvirt",
+}
+
+
 class Libvirtd:
-    """The system libvirtd (and virtlogd) the tests talk to, started here or reused.
+    """The libvirtd (and virtlogd) the tests talk to.
+
+    Two modes:
+
+    * private (default): a libvirtd of this session's own, in a private mount namespace where
+      ``/run/libvirt``, ``/var/lib/libvirt``, ``/var/log/libvirt``, ``/var/cache/libvirt`` and
+      ``/etc/libvirt`` are directories under ``workdir``.  It is still the system-mode daemon
+      (QEMU as ``libvirt-qemu``, the same code paths as ``qemu:///system``), reached through
+      ``qemu+unix:///system?socket=WORKDIR/run/libvirt-sock``.  Several test sessions on one
+      machine (developers, CI jobs) then never see, kill or stop each other's daemon.
+    * system (``private=False``): the machine's ``qemu:///system``; a libvirtd that already
+      answers is reused (never killed or stopped), else one is started and stopped here.
 
     ``owned`` is True while the running libvirtd is one this object started: only such a daemon
     is ever killed or stopped.
     """
 
-    def __init__(self, workdir: Path, uri: str = URI) -> None:
+    def __init__(self, workdir: Path, private: bool = True) -> None:
         self.workdir = workdir
-        self.uri = uri
+        self.private = private
+        self.root = workdir / "root"
+        self.uri = f"qemu+unix:///system?socket={self.root / 'run' / 'libvirt-sock'}" if private else URI
         self.pid_file = workdir / "libvirtd.pid"
         self.log_file = workdir / "libvirtd.log"
         self.virtlogd_pid_file = workdir / "virtlogd.pid"
         self.owned = False
         self.started_virtlogd = False
         self.restarts = 0
+
+    # --- where things are -----------------------------------------------------------------
+
+    @property
+    def qemu_log_dir(self) -> Path:
+        """Where libvirt writes ``NAME.log`` (the QEMU command line, taints) for each domain."""
+        return self.root / "log" / "qemu" if self.private else QEMU_LOG_DIR
+
+    @property
+    def qemu_run_dir(self) -> Path:
+        """Where libvirt keeps ``NAME.pid`` and the live ``NAME.xml`` of running domains."""
+        return self.root / "run" / "qemu" if self.private else QEMU_RUN_DIR
 
     # --- state ----------------------------------------------------------------------------
 
@@ -161,34 +200,42 @@ class Libvirtd:
         pid = _read_pid(self.pid_file) if self.owned else None
         return pid if pid is not None and pid_alive(pid) else None
 
+    def virtlogd_pid(self) -> int | None:
+        pid = _read_pid(self.virtlogd_pid_file) if self.started_virtlogd else None
+        return pid if pid is not None and pid_alive(pid) else None
+
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_file.read_text(errors="replace")[-chars:] if self.log_file.exists() else ""
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def ensure_running(self, timeout: float = 60.0) -> None:
-        """Reuse a libvirtd that answers already, else start one (and virtlogd)."""
+        """Private: start our daemon.  System: reuse a libvirtd that answers, else start one."""
         fix_kvm_permissions()
-        if self.responsive(timeout=10.0):
+        if not self.private and self.responsive(timeout=10.0):
             return
         self.start(timeout)
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start virtlogd (unless one runs) and libvirtd, and wait until libvirtd answers."""
+        """Start virtlogd (unless it runs) and libvirtd, and wait until libvirtd answers."""
         libvirtd = require_sbin("libvirtd")
         virtlogd = require_sbin("virtlogd")
         fix_kvm_permissions()
-        if not Path("/run/libvirt/virtlogd-sock").exists() or not self._virtlogd_running():
-            subprocess.run(
-                [virtlogd, "-d", "--pid-file", str(self.virtlogd_pid_file)],
-                check=True, capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-            self.started_virtlogd = True
+        if self.private:
+            prefix = self._private_namespace(virtlogd)
+        else:
+            prefix = []
+            if not self._virtlogd_running(Path("/run/libvirt/virtlogd-sock")):
+                subprocess.run(
+                    [virtlogd, "-d", "--pid-file", str(self.virtlogd_pid_file)],
+                    check=True, capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+                )  # fmt: skip
+                self.started_virtlogd = True
         env = dict(os.environ, LIBVIRT_LOG_OUTPUTS=f"3:file:{self.log_file}")
         # -d forks into the background once the daemon initialised; the parent's exit status
         # says whether that worked (e.g. not when another libvirtd holds the driver lock).
         proc = subprocess.run(
-            [libvirtd, "-d", "--pid-file", str(self.pid_file)],
+            [*prefix, libvirtd, "-d", "--pid-file", str(self.pid_file)],
             env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         if proc.returncode != 0:
@@ -199,12 +246,50 @@ class Libvirtd:
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{self.log_tail()}") from None
 
-    def _virtlogd_running(self) -> bool:
+    def _private_namespace(self, virtlogd: str) -> list[str]:
+        """Create the private mount namespace (once, held by our virtlogd) and return the
+        command prefix that runs a program inside it."""
+        pid = self.virtlogd_pid()
+        if pid is None:
+            self._prepare_root()
+            mounts = "".join(
+                f"mount --bind {self.root / name} {target}\n" for name, target in PRIVATE_DIRS.items()
+            )
+            script = f"set -e\n{mounts}exec {virtlogd} -d --pid-file {self.virtlogd_pid_file}\n"
+            # unshare makes every mount private first: nothing here propagates to the host.
+            subprocess.run(
+                [require_binary("unshare"), "--mount", "--propagation", "private", "sh", "-c", script],
+                check=True, capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            self.started_virtlogd = True
+            pid = poll(self.virtlogd_pid, 15, "virtlogd to write its pid file")
+            poll(lambda: self._virtlogd_running(self.root / "run" / "virtlogd-sock"), 15, "virtlogd's socket")
+        return [require_binary("nsenter"), f"--mount=/proc/{pid}/ns/mnt", "--"]
+
+    def _prepare_root(self) -> None:
+        """Directories for the private daemon: fresh state, a copy of the configuration (without
+        the host's domains) and of the probed QEMU capabilities (else the first define probes)."""
+        for name in PRIVATE_DIRS:
+            d = self.root / name
+            if d.exists():
+                continue
+            if name in ("etc", "cache") and Path(PRIVATE_DIRS[name]).is_dir():
+                shutil.copytree(PRIVATE_DIRS[name], d, symlinks=True)
+            else:
+                d.mkdir(parents=True)
+            d.chmod(0o755)
+        for pattern in ("qemu/*.xml", "qemu/autostart/*"):
+            for path in (self.root / "etc").glob(pattern):
+                path.unlink()
+        for sub in ("qemu",):
+            (self.root / "log" / sub).mkdir(exist_ok=True)
+
+    def _virtlogd_running(self, sock: Path) -> bool:
         """virtlogd's socket accepts a connection (a stale socket file refuses)."""
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(2.0)
             try:
-                s.connect("/run/libvirt/virtlogd-sock")
+                s.connect(str(sock))
             except OSError:
                 return False
         return True
@@ -213,8 +298,8 @@ class Libvirtd:
         """Skip (fail under CI) when libvirtd was started by someone else: never kill theirs."""
         if not self.owned:
             skip_or_fail(
-                "libvirtd was already running when the tests started (not started by them): "
-                "not killing someone else's daemon; stop it to run this test"
+                "the system libvirtd was already running when the tests started (not started by "
+                "them): not killing someone else's daemon; use the private lab (the default)"
             )
 
     def kill(self, timeout: float = 15.0) -> int:
@@ -243,17 +328,17 @@ class Libvirtd:
         self.restarts += 1
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Stop what this object started: libvirtd (SIGTERM, then SIGKILL), then virtlogd."""
+        """Stop what this object started: libvirtd (SIGTERM, then SIGKILL), then virtlogd (with
+        it the private namespace goes away)."""
         if self.owned:
             pid = self.pid
             if pid is not None:
                 _terminate(pid, timeout)
             self.owned = False
-        if self.started_virtlogd:
-            pid = _read_pid(self.virtlogd_pid_file)
-            if pid is not None and pid_alive(pid):
-                _terminate(pid, timeout)
-            self.started_virtlogd = False
+        pid = self.virtlogd_pid()
+        if pid is not None:
+            _terminate(pid, timeout)
+        self.started_virtlogd = False
 
 
 def _terminate(pid: int, timeout: float) -> None:
@@ -474,7 +559,7 @@ class LabDomain:
 
     def qemu_pid(self) -> int | None:
         """QEMU's pid from libvirt's pid file (QEMU is not libvirtd's child)."""
-        return _read_pid(QEMU_RUN_DIR / f"{self.name}.pid")
+        return _read_pid(self.libvirtd.qemu_run_dir / f"{self.name}.pid")
 
     def dumpxml(self) -> str:
         return self.virsh("dumpxml", self.name)
@@ -512,7 +597,7 @@ class LabDomain:
 
     @property
     def log_path(self) -> Path:
-        return QEMU_LOG_DIR / f"{self.name}.log"
+        return self.libvirtd.qemu_log_dir / f"{self.name}.log"
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -612,34 +697,45 @@ def lab_workdir(prefix: str) -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def foreign_domains() -> list[str]:
+def foreign_domains(uri: str) -> list[str]:
     """Domains on the daemon that this process did not define (another session's, or a user's)."""
     try:
-        names = virsh("list", "--all", "--name", timeout=15).split()
+        names = virsh("list", "--all", "--name", uri=uri, timeout=15).split()
     except (RuntimeError, subprocess.TimeoutExpired):
         return []
     return [n for n in names if not n.startswith(NAME_PREFIX)]
 
 
-@contextlib.contextmanager
-def running_libvirtd(workdir: Path) -> Iterator[Libvirtd]:
-    """A libvirtd for the whole session: reused when one answers, else started and stopped here.
+def private_lab_wanted() -> bool:
+    """``QIH_LIBVIRT_LAB=system`` uses the machine's ``qemu:///system``; default: a private daemon."""
+    mode = os.environ.get("QIH_LIBVIRT_LAB", "private")
+    if mode not in ("private", "system"):
+        raise ValueError(f"QIH_LIBVIRT_LAB={mode!r}: expected 'private' or 'system'")
+    return mode == "private"
 
-    A daemon this started is left running at the end only when it holds domains of others (a
-    second session on the same machine reusing it).
+
+@contextlib.contextmanager
+def running_libvirtd(workdir: Path, private: bool | None = None) -> Iterator[Libvirtd]:
+    """A libvirtd for the whole session (see `Libvirtd` for the two modes), stopped at the end
+    when started here.
+
+    A system daemon started here is left running at the end only when it holds domains of
+    others (another session on the same machine reusing it).
     """
     for name in ("libvirtd", "virtlogd"):
         require_sbin(name)
-    for name in ("virsh", "nbdkit", "qemu-system-x86_64"):
+    for name in ("virsh", "nbdkit", "qemu-system-x86_64", "unshare", "nsenter"):
         require_binary(name)
-    daemon = Libvirtd(workdir)
-    daemon.ensure_running()
+    daemon = Libvirtd(workdir, private=private_lab_wanted() if private is None else private)
     try:
+        daemon.ensure_running()
         yield daemon
     finally:
-        for name in virsh("list", "--all", "--name", check=False, timeout=15).split():
+        with contextlib.suppress(Exception):
+            daemon.revive()
+        for name in virsh("list", "--all", "--name", uri=daemon.uri, check=False, timeout=15).split():
             if name.startswith(NAME_PREFIX):  # a test's cleanup failed: still ours to remove
-                virsh("destroy", name, check=False)
-                virsh("undefine", name, check=False)
-        if daemon.owned and not foreign_domains():
+                virsh("destroy", name, uri=daemon.uri, check=False)
+                virsh("undefine", name, uri=daemon.uri, check=False)
+        if daemon.private or not foreign_domains(daemon.uri):
             daemon.stop()
