@@ -35,7 +35,7 @@ import libvirt
 import libvirt_qemu
 import libvirtaio
 
-from tests.libvirt.lab import DiskOptions, Libvirtd, LibvirtLab, LabDomain, lab_workdir, running_libvirtd
+from tests.libvirt.lab import DiskOptions, LabDomain, Libvirtd, LibvirtLab, lab_workdir, running_libvirtd
 
 OUT = Path(__file__).resolve().parent.parent / "fixtures" / "libvirt-9.0"
 #: Events of one kind kept verbatim per domain (a report-policy storm sends hundreds).
@@ -52,7 +52,17 @@ def _constant_names(prefix: str) -> dict[int, str]:
 
 LIFECYCLE_NAMES = {
     getattr(libvirt, f"VIR_DOMAIN_EVENT_{n}"): f"VIR_DOMAIN_EVENT_{n}"
-    for n in ("DEFINED", "UNDEFINED", "STARTED", "SUSPENDED", "RESUMED", "STOPPED", "SHUTDOWN", "PMSUSPENDED", "CRASHED")
+    for n in (
+        "DEFINED",
+        "UNDEFINED",
+        "STARTED",
+        "SUSPENDED",
+        "RESUMED",
+        "STOPPED",
+        "SHUTDOWN",
+        "PMSUSPENDED",
+        "CRASHED",
+    )
 }
 
 

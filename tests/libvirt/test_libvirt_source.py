@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 
 from tests.harness import REPO, ExporterProcess, Metrics
-from tests.libvirt.lab import URI, DiskOptions, LabDomain, LibvirtLab
+from tests.libvirt.lab import DiskOptions, LabDomain, LibvirtLab
 
 pytestmark = pytest.mark.libvirt
 
 
-def exporter_config(tmp: Path) -> dict[str, Any]:
+def exporter_config(tmp: Path, uri: str) -> dict[str, Any]:
     return {
-        "libvirt": {"uri": URI, "call_timeout_seconds": 10, "relist_interval_seconds": 30},
+        "libvirt": {"uri": uri, "call_timeout_seconds": 10, "relist_interval_seconds": 30},
         # An empty glob: only libvirt is watched.
         "qmp": {"globs": [str(tmp / "*.qmp")], "poll_interval_seconds": 1, "backoff_max_seconds": 1},
         "hang": {"state_file": str(tmp / "hangs.json"), "recovery_margin_seconds": 1},
@@ -67,7 +67,7 @@ def io_error_witness(dom: LabDomain) -> Iterator[list[dict[str, Any]]]:
     import libvirt_qemu
 
     _libvirt_event_loop()
-    conn = libvirt.open(URI)
+    conn = libvirt.open(dom.libvirtd.uri)
     seen: list[dict[str, Any]] = []
 
     def on_event(_c: Any, _d: Any, _event: str, _s: int, _us: int, details: str, _o: Any) -> None:
@@ -108,9 +108,9 @@ def watched(m: Metrics, dom: LabDomain, device: str = "ua-boot") -> bool:
 
 async def test_policy_state_and_stop_hang_through_libvirt(libvirt_lab: LibvirtLab, short_tmp: Path) -> None:
     dom = libvirt_lab.domain(DiskOptions(error_policy="stop"), hint="stop", second_disk=True)
-    async with ExporterProcess(short_tmp, exporter_config(short_tmp)) as exp:
+    async with ExporterProcess(short_tmp, exporter_config(short_tmp, libvirt_lab.libvirtd.uri)) as exp:
         m = await wait_metrics(exp, lambda m: watched(m, dom), "the domain watched")
-        assert value(m, "qemu_libvirt_up", uri=URI) == 1
+        assert value(m, "qemu_libvirt_up", uri=libvirt_lab.libvirtd.uri) == 1
         info = m.find("qemu_block_device_info", vm=dom.name, device="ua-boot")[0].labels
         assert (info["werror"], info["rerror"], info["qdev_type"]) == ("stop", "stop", "virtio-blk")
         assert m.label_values("qemu_block_retry_policy_violation", "rule", vm=dom.name, device="ua-boot") == {
@@ -121,7 +121,7 @@ async def test_policy_state_and_stop_hang_through_libvirt(libvirt_lab: LibvirtLa
         vdb = m.find("qemu_block_device_info", vm=dom.name, device="virtio-disk1")[0].labels
         assert (vdb["werror"], vdb["rerror"]) == ("enospc", "report")
         assert m.value("qemu_vm_status", vm=dom.name, status="running") == 1
-        assert m.value("qemu_vm_info", vm=dom.name, uuid=dom.uuid(), socket=URI) == 1
+        assert m.value("qemu_vm_info", vm=dom.name, uuid=dom.uuid(), socket=libvirt_lab.libvirtd.uri) == 1
 
         with io_error_witness(dom) as witnessed:
             dom.fail_storage()
@@ -169,7 +169,7 @@ async def test_policy_state_and_stop_hang_through_libvirt(libvirt_lab: LibvirtLa
 
 async def test_report_policy_errors_counted_exactly(libvirt_lab: LibvirtLab, short_tmp: Path) -> None:
     dom = libvirt_lab.domain(DiskOptions(error_policy="report"), hint="report")
-    async with ExporterProcess(short_tmp, exporter_config(short_tmp)) as exp:
+    async with ExporterProcess(short_tmp, exporter_config(short_tmp, libvirt_lab.libvirtd.uri)) as exp:
         await wait_metrics(exp, lambda m: watched(m, dom), "the domain watched")
         with io_error_witness(dom) as witnessed:
             dom.fail_storage()
@@ -192,7 +192,7 @@ async def test_report_policy_errors_counted_exactly(libvirt_lab: LibvirtLab, sho
 
 async def test_domains_started_and_destroyed_are_followed(libvirt_lab: LibvirtLab, short_tmp: Path) -> None:
     first = libvirt_lab.domain(DiskOptions(error_policy="report"), hint="first")
-    async with ExporterProcess(short_tmp, exporter_config(short_tmp)) as exp:
+    async with ExporterProcess(short_tmp, exporter_config(short_tmp, libvirt_lab.libvirtd.uri)) as exp:
         await wait_metrics(exp, lambda m: watched(m, first), "the first domain watched")
         second = libvirt_lab.domain(DiskOptions(error_policy="stop", alias=None), hint="second", start=False)
         t0 = time.monotonic()
@@ -216,7 +216,7 @@ async def test_libvirtd_restarted_mid_hang_keeps_the_hang(libvirt_lab: LibvirtLa
     dom = libvirt_lab.domain(DiskOptions(error_policy="stop"), hint="restart")
     libvirtd = libvirt_lab.libvirtd
     libvirtd.require_owned()
-    async with ExporterProcess(short_tmp, exporter_config(short_tmp)) as exp:
+    async with ExporterProcess(short_tmp, exporter_config(short_tmp, libvirt_lab.libvirtd.uri)) as exp:
         await wait_metrics(exp, lambda m: watched(m, dom), "the domain watched")
         dom.fail_storage()
         dom.wait_state("paused", "I/O error")
@@ -229,14 +229,17 @@ async def test_libvirtd_restarted_mid_hang_keeps_the_hang(libvirt_lab: LibvirtLa
         libvirtd.kill()
         await wait_metrics(
             exp,
-            lambda m: value(m, "qemu_libvirt_up", uri=URI) == 0 and value(m, "qemu_qmp_up", vm=dom.name) == 0,
+            lambda m: (
+                value(m, "qemu_libvirt_up", uri=libvirt_lab.libvirtd.uri) == 0
+                and value(m, "qemu_qmp_up", vm=dom.name) == 0
+            ),
             "libvirt seen down",
         )
         libvirtd.restart()
         m = await wait_metrics(
             exp,
             lambda m: (
-                value(m, "qemu_libvirt_up", uri=URI) == 1
+                value(m, "qemu_libvirt_up", uri=libvirt_lab.libvirtd.uri) == 1
                 and value(m, "qemu_block_io_hang", vm=dom.name, device="ua-boot") == 1
             ),
             "the hang seen again after the restart",
@@ -256,7 +259,7 @@ async def test_libvirtd_restarted_mid_hang_keeps_the_hang(libvirt_lab: LibvirtLa
             "one hang, recovered",
         )
         assert value(m, "qemu_block_io_hangs_total", vm=dom.name, device="ua-boot") == 1
-        assert value(m, "qemu_exporter_libvirt_connect_errors_total", uri=URI) >= 0
+        assert value(m, "qemu_exporter_libvirt_connect_errors_total", uri=libvirt_lab.libvirtd.uri) >= 0
     assert dom.taints() == set(), dom.taint_lines()
 
 
@@ -269,7 +272,7 @@ async def test_domain_already_paused_on_io_error_is_shown_hanging(
     dom.fail_storage()
     dom.wait_state("paused", "I/O error")
     t_seen = time.time()
-    async with ExporterProcess(short_tmp, exporter_config(short_tmp)) as exp:
+    async with ExporterProcess(short_tmp, exporter_config(short_tmp, libvirt_lab.libvirtd.uri)) as exp:
         m = await wait_metrics(
             exp,
             lambda m: value(m, "qemu_block_io_hang", vm=dom.name, device="ua-boot") == 1,
