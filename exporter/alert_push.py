@@ -417,13 +417,25 @@ class AlertPusher(Collector):
         self._task = asyncio.create_task(self._plan_loop(), name="alert-push")
 
     async def stop(self, flush_timeout: float | None = None) -> None:
-        """Stop.  Firing alerts are left to expire (their endsAt) or to the rules; pending posts
-        get up to ``flush_timeout`` (default: the request timeout) to go out."""
+        """Stop.  Firing alerts are **not** resolved: a restart restores the open hangs from the
+        state file and pushes them again (same labels and ``startsAt``), so resolving them here
+        would resolve and re-fire a real hang; if the exporter does not come back they expire at
+        their ``endsAt`` (or stay firing through the rules).  Pending posts get up to
+        ``flush_timeout`` (default: the request timeout) to go out."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._sent:
+            valid_for = 4 * self.cfg.resend_interval_seconds
+            log.info(
+                "leaving pushed alerts firing: a restart pushes them again, else they expire",
+                extra={
+                    "alerts": len(self._sent),
+                    "first_expires_at": _rfc3339(min(s.at for s in self._sent.values()) + valid_for),
+                },
+            )
         wait = self.cfg.timeout_seconds if flush_timeout is None else flush_timeout
         if self._targets and wait > 0:
             with contextlib.suppress(TimeoutError):
