@@ -5,9 +5,10 @@ Writes
   alerts/qemu-iohang.rules.yml           recording + alerting rules (plain Prometheus rule file)
   deploy/kubernetes/prometheusrule.yml   the same groups as a prometheus-operator PrometheusRule
 
-Tune the rules by editing the constants in the "TUNABLES" block below (or pass --selector /
---runbook-base-url for a one-off build), then run ``python3 alerts/generate.py`` and commit the
-output.  ``tests/artefacts`` fails when the committed files differ from this script's output.
+Tune the rules by editing the constants in the "TUNABLES" block below, or, for the hang
+thresholds and the runbook base that the exporter's push path uses too, in
+``exporter/alert_defs.py`` (or pass --selector / --runbook-base-url for a one-off build), then run
+``python3 alerts/generate.py`` and commit the output.  ``tests/artefacts`` fails when the committed files differ from this script's output.
 Needs only Python 3.11 and PyYAML.
 """
 
