@@ -67,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import random
 import time
@@ -220,6 +221,12 @@ def _labels(cfg: AlertingConfig, name: str, severity: str, hang: OpenHang) -> La
     return tuple(sorted(labels.items()))
 
 
+@functools.lru_cache(maxsize=65536)
+def _render(text: str, labels: LabelSet, value: float) -> str:
+    """Rendering is the costly part of planning; an open hang's texts never change."""
+    return render_template(text, dict(labels), value)
+
+
 def _alert(
     cfg: AlertingConfig,
     name: str,
@@ -231,7 +238,7 @@ def _alert(
 ) -> Alert:
     """The alert with the rule's annotations, its templates rendered with ``value``."""
     labels = _labels(cfg, name, severity, hang)
-    summary, description = (render_template(t, dict(labels), value) for t in texts)
+    summary, description = (_render(t, labels, value) for t in texts)
     annotations = (
         ("description", description),
         ("runbook_url", runbook_url(cfg.runbook_base_url, name)),
