@@ -5,9 +5,10 @@ Writes
   alerts/qemu-iohang.rules.yml           recording + alerting rules (plain Prometheus rule file)
   deploy/kubernetes/prometheusrule.yml   the same groups as a prometheus-operator PrometheusRule
 
-Tune the rules by editing the constants in the "TUNABLES" block below (or pass --selector /
---runbook-base-url for a one-off build), then run ``python3 alerts/generate.py`` and commit the
-output.  ``tests/artefacts`` fails when the committed files differ from this script's output.
+Tune the rules by editing the constants in the "TUNABLES" block below, or, for the hang
+thresholds and the runbook base that the exporter's push path uses too, in
+``exporter/alert_defs.py`` (or pass --selector / --runbook-base-url for a one-off build), then run
+``python3 alerts/generate.py`` and commit the output.  ``tests/artefacts`` fails when the committed files differ from this script's output.
 Needs only Python 3.11 and PyYAML.
 """
 
@@ -22,7 +23,25 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
 from generated_files import write_or_check  # noqa: E402
+
+# Shared with the exporter's push path (standard library only).
+from exporter.alert_defs import (  # noqa: E402
+    ALERT_APPROACHING_TIMEOUT,
+    ALERT_HANG,
+    ALERT_NEAR_TIMEOUT,
+    HANG_MIN_RETRY_INTERVALS,
+    HANG_MIN_SECONDS,
+    HANG_TIMEOUT_CRITICAL_RATIO,
+    HANG_TIMEOUT_WARNING_RATIO,
+    RUNBOOK_BASE_URL,
+    WHERE,
+    hang_annotations,
+    runbook_base_url_problem,
+    runbook_url,
+    timeout_fraction_annotations,
+)
 
 RULES_FILE = ROOT / "alerts" / "qemu-iohang.rules.yml"
 PROMETHEUS_RULE_FILE = ROOT / "deploy" / "kubernetes" / "prometheusrule.yml"
@@ -30,22 +49,11 @@ PROMETHEUS_RULE_FILE = ROOT / "deploy" / "kubernetes" / "prometheusrule.yml"
 # --- TUNABLES -------------------------------------------------------------------------------
 # Label matchers selecting the exporter's series (the scrape job).  Every expression uses it.
 SELECTOR = 'job="qemu-iohang"'
-# Where the runbook lives; each alert links to "<base>#<alertname lower-cased>".  The default is
-# the runbook's path in this repository (relative to its root, where every anchor is tested to
-# exist); pass --runbook-base-url with the address you publish docs/runbooks.md at (a wiki, your
-# Git server's web view) to get links that open from Alertmanager and Grafana.
-RUNBOOK_BASE_URL = "docs/runbooks.md"
-# QemuDiskIOHang fires once a hang has lasted HANG_MIN_SECONDS *and* HANG_MIN_RETRY_INTERVALS x
-# the disk's retry_interval (i.e. the larger of the two; seconds alone for disks without a
-# retry_interval, e.g. a VM paused on a werror=stop error).  A storage blip shows as a hang of
-# its length plus about one retry spacing plus hang.recovery_margin_seconds (a 1 s blip with the
-# default 1 s interval: ~3 s), so it never gets there; see alerts/README.md for the choice.
-HANG_MIN_SECONDS = 30
-HANG_MIN_RETRY_INTERVALS = 3
-# A hang on a disk with a non-zero retry_timeout: fraction of the timeout already spent.
-# These alerts fire at once (no minimum duration): with a short retry_timeout every second counts.
-HANG_TIMEOUT_WARNING_RATIO = 0.5
-HANG_TIMEOUT_CRITICAL_RATIO = 0.8
+# QemuDiskIOHang's minimum age (HANG_MIN_SECONDS, HANG_MIN_RETRY_INTERVALS x retry_interval),
+# the 50 %/80 % shares of retry_timeout (HANG_TIMEOUT_WARNING_RATIO, HANG_TIMEOUT_CRITICAL_RATIO)
+# and the runbook base (RUNBOOK_BASE_URL, default docs/runbooks.md; --runbook-base-url) are in
+# exporter/alert_defs.py, imported above: the exporter's push path (exporter/alert_push.py) posts
+# the same alerts with them, so tune them there and both paths follow.
 # A hang on a disk that never times out (retry_timeout=0, or no retry feature): seconds.
 HANG_NO_TIMEOUT_SECONDS = 300
 # Window in which a timed-out hang keeps the QemuIOHangTimedOut alert firing.
@@ -85,10 +93,6 @@ def _human_seconds(seconds: int) -> str:
     if seconds % 60 == 0:
         return f"{seconds // 60} minutes"
     return f"{seconds} seconds"
-
-
-def _pct(ratio: float) -> str:
-    return f"{ratio * 100:g}"
 
 
 def recording_rules(sel: str) -> list[dict[str, Any]]:
@@ -167,13 +171,13 @@ def _alert(
     rule["annotations"] = {
         "summary": summary,
         "description": description,
-        "runbook_url": f"{runbook_base}#{name.lower()}",
+        "runbook_url": runbook_url(runbook_base, name),
     }
     return rule
 
 
 def alerting_rules(sel: str, runbook_base: str) -> list[dict[str, Any]]:
-    where = "{{ $labels.vm }}/{{ $labels.device }} on {{ $labels.instance }}"
+    where = WHERE
     hang_share = (
         f"qemu_block_io_hang_duration_seconds{{{sel}}}\n  / (qemu_block_retry_timeout_seconds{{{sel}}} > 0)\n"
     )
@@ -184,7 +188,7 @@ def alerting_rules(sel: str, runbook_base: str) -> list[dict[str, Any]]:
 
     return [
         _alert(
-            "QemuDiskIOHang",
+            ALERT_HANG,
             # The hang's age is the exporter's (from QEMU's first failed attempt, or from when
             # the exporter first saw a disk that already hung): nothing here needs an error event.
             f"(\n"
@@ -196,32 +200,23 @@ def alerting_rules(sel: str, runbook_base: str) -> list[dict[str, Any]]:
             f"{hanging}\n",
             "0m",
             "warning",
-            "Disk IO is hanging: QEMU is retrying failed requests",
-            f"IO on {where} has been hanging for {{{{ $value | humanizeDuration }}}}: QEMU is "
-            "holding and retrying the failed requests (retry policy), or the VM is paused on the "
-            "error, so the guest's IO to this disk is blocked. The storage behind the disk is "
-            "unreachable or returning errors.",
+            *hang_annotations(),
             runbook_base,
         ),
         _alert(
-            "QemuIOHangApproachingTimeout",
+            ALERT_APPROACHING_TIMEOUT,
             approaching(HANG_TIMEOUT_WARNING_RATIO),
             "0m",
             "warning",
-            f"Disk IO hang has used {_pct(HANG_TIMEOUT_WARNING_RATIO)}% of its retry_timeout",
-            f"IO on {where} has been hanging (QEMU retrying failed requests) for "
-            "{{ $value | humanizePercentage }} of the disk's retry_timeout. When the timeout "
-            "passes, the guest gets IO errors. Restore the storage now.",
+            *timeout_fraction_annotations(ALERT_APPROACHING_TIMEOUT, HANG_TIMEOUT_WARNING_RATIO),
             runbook_base,
         ),
         _alert(
-            "QemuIOHangNearTimeout",
+            ALERT_NEAR_TIMEOUT,
             approaching(HANG_TIMEOUT_CRITICAL_RATIO),
             "0m",
             "critical",
-            f"Disk IO hang has used {_pct(HANG_TIMEOUT_CRITICAL_RATIO)}% of its retry_timeout",
-            f"IO on {where} has been hanging for {{{{ $value | humanizePercentage }}}} of the "
-            "disk's retry_timeout; the guest will see IO errors very soon.",
+            *timeout_fraction_annotations(ALERT_NEAR_TIMEOUT, HANG_TIMEOUT_CRITICAL_RATIO),
             runbook_base,
         ),
         _alert(
@@ -342,12 +337,20 @@ def render_prometheus_rule(selector: str = SELECTOR, runbook_base: str = RUNBOOK
     return HEADER + dump(doc)
 
 
+def _runbook_base(value: str) -> str:
+    problem = runbook_base_url_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--selector", default=SELECTOR, help=f"label matchers (default: {SELECTOR})")
     ap.add_argument(
         "--runbook-base-url",
         default=RUNBOOK_BASE_URL,
+        type=_runbook_base,
         help="where docs/runbooks.md is published; each alert links to <base>#<alert name lower-cased> "
         f"(default: {RUNBOOK_BASE_URL}, its path in this repository)",
     )

@@ -9,11 +9,27 @@ already seen the error.  So the exporter, which learns of the hang from QEMU's f
 ``BLOCK_IO_ERROR`` event, posts the alerts itself to Alertmanager's v2 API
 (``POST /api/v2/alerts``):
 
-* ``QemuDiskIOHang`` (severity ``warning``) as soon as a hang starts;
+* ``QemuDiskIOHang`` (severity ``warning``) when the hang has lasted as long as the rule
+  requires: ``max(HANG_MIN_SECONDS, HANG_MIN_RETRY_INTERVALS x retry_interval)`` (30 s, 3 x;
+  ``exporter/alert_defs.py``, which the rule generator reads too), so a blip never pages;
 * ``QemuIOHangApproachingTimeout`` (``warning``) when the hang has used ``fractions.warning``
-  (default 0.5) of its ``retry_timeout``, and ``QemuIOHangNearTimeout`` (``critical``) at
-  ``fractions.critical`` (0.8) — only for disks with a non-zero timeout, like the rules;
+  (default: the rule's 0.5) of its ``retry_timeout``, and ``QemuIOHangNearTimeout``
+  (``critical``) at ``fractions.critical`` (0.8) — at once, only for disks with a non-zero
+  timeout, like the rules;
 * each resolved (``endsAt`` = now) when the hang ends (any outcome).
+
+Their annotations are the rules' (``exporter/alert_defs.py``): the same summary and runbook link
+(``alerting.runbook_base_url``, default the rules' ``docs/runbooks.md``), and the rule's
+description template rendered with the alert's labels and ``$value`` at the crossing (the
+threshold: the hang's age, or the share of the timeout), as Prometheus renders it when the rule
+first fires.
+
+A clean shutdown does not resolve the pushed alerts: the state file keeps open hangs across a
+restart, and the restarted exporter pushes them again (same labels, same ``startsAt``) as soon as
+it has read the VM's disks, so a restart within ``endsAt`` (4 x the resend interval) neither
+resolves nor re-fires a real hang; a hang that ended while the exporter was down is pushed once
+more and resolved when the restored tracker sees it is over, or, if the exporter never comes
+back, expires at its ``endsAt``.
 
 The pushed alerts carry **exactly the labels the rules' alerts carry** — ``alertname``,
 ``severity``, the series labels (``vm``, ``device``, the configured static labels), the
@@ -51,17 +67,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import random
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import aiohttp
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+from exporter.alert_defs import (
+    ALERT_APPROACHING_TIMEOUT,
+    ALERT_HANG,
+    ALERT_NEAR_TIMEOUT,
+    HANG_TIMEOUT_CRITICAL_RATIO,
+    HANG_TIMEOUT_WARNING_RATIO,
+    RUNBOOK_BASE_URL,
+    hang_alert_threshold,
+    hang_annotations,
+    render_template,
+    runbook_url,
+    timeout_fraction_annotations,
+)
 
 __all__ = [
     "ALERT_HANG",
@@ -75,19 +106,21 @@ __all__ = [
     "open_hangs",
 ]
 
+if TYPE_CHECKING:
+    from exporter.model.state import Disk
+
 log = logging.getLogger("exporter.alert_push")
 
-#: Alert names: must match alerts/generate.py.
-ALERT_HANG: Final[str] = "QemuDiskIOHang"
 #: severity (the key of ``alerting.fractions``) -> alert name of the rule with that threshold.
 FRACTION_ALERTS: Final[Mapping[str, str]] = {
-    "warning": "QemuIOHangApproachingTimeout",
-    "critical": "QemuIOHangNearTimeout",
+    "warning": ALERT_APPROACHING_TIMEOUT,
+    "critical": ALERT_NEAR_TIMEOUT,
 }
-DEFAULT_FRACTIONS: Final[Mapping[str, float]] = {"warning": 0.5, "critical": 0.8}
-RUNBOOK_BASE_URL: Final[str] = (
-    "https://github.com/qemu-iohang-exporter/qemu-iohang-exporter/blob/main/docs/runbooks.md"
-)
+#: The rules' thresholds.
+DEFAULT_FRACTIONS: Final[Mapping[str, float]] = {
+    "warning": HANG_TIMEOUT_WARNING_RATIO,
+    "critical": HANG_TIMEOUT_CRITICAL_RATIO,
+}
 API_PATH: Final[str] = "/api/v2/alerts"
 #: Labels the exporter sets itself; static/external labels may not override them.
 RESERVED_LABELS: Final[frozenset[str]] = frozenset(
@@ -111,7 +144,7 @@ class AlertingConfig:
     external_labels: Mapping[str, str] = field(default_factory=dict)
     #: severity -> share of retry_timeout; keys from FRACTION_ALERTS (omit one to not push it).
     fractions: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
-    #: Push QemuDiskIOHang at the start of every hang.
+    #: Push QemuDiskIOHang (once a hang has lasted the rule's minimum).
     hang_alert: bool = True
     resend_interval_seconds: float = 30.0
     timeout_seconds: float = 2.0
@@ -120,6 +153,8 @@ class AlertingConfig:
     max_pending: int = 10000
     #: ``generatorURL`` of the pushed alerts; default ``http://<instance>/metrics``.
     generator_url: str = ""
+    #: Each alert's ``runbook_url`` is ``<base>#<alert name lower-cased>``, like the rules'
+    #: (alerts/generate.py --runbook-base-url); default the rules' default.
     runbook_base_url: str = RUNBOOK_BASE_URL
 
     @property
@@ -144,6 +179,9 @@ class OpenHang:
     start: float
     #: retry_timeout in seconds; 0 = never times out.
     retry_timeout: float
+    #: retry_interval in seconds; None when the disk shows none (no
+    #: ``qemu_block_retry_interval_seconds`` series: the rule then uses its seconds alone).
+    retry_interval: float | None = None
 
 
 LabelSet = tuple[tuple[str, str], ...]
@@ -174,10 +212,6 @@ def _rfc3339(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _pct(ratio: float) -> str:
-    return f"{ratio * 100:g}"
-
-
 def _labels(cfg: AlertingConfig, name: str, severity: str, hang: OpenHang) -> LabelSet:
     labels: dict[str, str] = {k: v for k, v in cfg.external_labels.items() if v}
     labels.update((k, v) for k, v in hang.labels if v and k not in RESERVED_LABELS)
@@ -187,66 +221,57 @@ def _labels(cfg: AlertingConfig, name: str, severity: str, hang: OpenHang) -> La
     return tuple(sorted(labels.items()))
 
 
-def _annotations(cfg: AlertingConfig, name: str, summary: str, description: str) -> LabelSet:
-    return (
+@functools.lru_cache(maxsize=65536)
+def _render(text: str, labels: LabelSet, value: float) -> str:
+    """Rendering is the costly part of planning; an open hang's texts never change."""
+    return render_template(text, dict(labels), value)
+
+
+def _alert(
+    cfg: AlertingConfig,
+    name: str,
+    severity: str,
+    hang: OpenHang,
+    texts: tuple[str, str],
+    value: float,
+    starts_at: float,
+) -> Alert:
+    """The alert with the rule's annotations, its templates rendered with ``value``."""
+    labels = _labels(cfg, name, severity, hang)
+    summary, description = (_render(t, labels, value) for t in texts)
+    annotations = (
         ("description", description),
-        ("runbook_url", f"{cfg.runbook_base_url}#{name.lower()}"),
+        ("runbook_url", runbook_url(cfg.runbook_base_url, name)),
         ("summary", summary),
     )
-
-
-def _where(cfg: AlertingConfig, h: OpenHang) -> str:
-    return f"{h.vm}/{h.device} on {cfg.instance or 'this host'}"
+    return Alert(labels, annotations, starts_at)
 
 
 def _thresholds(hang: OpenHang, cfg: AlertingConfig) -> Iterator[tuple[str, float, float]]:
-    """(severity, fraction, crossing time) of every configured threshold of a hang."""
+    """(alert name, threshold value, crossing time) of every pushed alert of a hang; the value is
+    the rule's ``$value`` at the crossing (the hang's age, or the share of retry_timeout)."""
+    if cfg.hang_alert:
+        after = hang_alert_threshold(hang.retry_interval)
+        yield ALERT_HANG, after, hang.start + after
     if hang.retry_timeout <= 0:
         return
     for severity, fraction in cfg.fractions.items():
         if severity in FRACTION_ALERTS:
-            yield severity, fraction, hang.start + fraction * hang.retry_timeout
+            yield FRACTION_ALERTS[severity], fraction, hang.start + fraction * hang.retry_timeout
+
+
+_SEVERITY: Final[Mapping[str, str]] = {ALERT_HANG: "warning", **{n: s for s, n in FRACTION_ALERTS.items()}}
 
 
 def desired_alerts(hangs: Iterable[OpenHang], now: float, cfg: AlertingConfig) -> dict[LabelSet, Alert]:
     """The alerts that should be firing at ``now`` for these open hangs (pure)."""
     out: dict[LabelSet, Alert] = {}
     for h in hangs:
-        where = _where(cfg, h)
-        deadline = (
-            f" It times out (the guest sees IO errors) at {_rfc3339(h.start + h.retry_timeout)}."
-            if h.retry_timeout > 0
-            else " The disk has no retry_timeout: the guest stays blocked until the storage returns."
-        )
-        if cfg.hang_alert:
-            a = Alert(
-                _labels(cfg, ALERT_HANG, "warning", h),
-                _annotations(
-                    cfg,
-                    ALERT_HANG,
-                    "Disk IO is hanging: QEMU is retrying failed requests",
-                    f"IO on {where} is failing since {_rfc3339(h.start)} and QEMU is holding and "
-                    f"retrying it: the guest's IO to this disk is blocked.{deadline}",
-                ),
-                h.start,
-            )
-            out[a.labels] = a
-        for severity, fraction, at in _thresholds(h, cfg):
+        for name, value, at in _thresholds(h, cfg):
             if now + _CROSSING_SLACK_S < at:
                 continue
-            name = FRACTION_ALERTS[severity]
-            a = Alert(
-                _labels(cfg, name, severity, h),
-                _annotations(
-                    cfg,
-                    name,
-                    f"Disk IO hang has used {_pct(fraction)}% of its retry_timeout",
-                    f"IO on {where} has been hanging since {_rfc3339(h.start)}, "
-                    f"{_pct(fraction)}% of its retry_timeout of {h.retry_timeout:g}s are spent "
-                    f"(pushed by the exporter).{deadline}",
-                ),
-                at,
-            )
+            texts = hang_annotations() if name == ALERT_HANG else timeout_fraction_annotations(name, value)
+            a = _alert(cfg, name, _SEVERITY[name], h, texts, value, at)
             out[a.labels] = a
     return out
 
@@ -255,7 +280,7 @@ def next_crossing(hangs: Iterable[OpenHang], now: float, cfg: AlertingConfig) ->
     """The earliest threshold crossing after ``now`` (None: none pending)."""
     best: float | None = None
     for h in hangs:
-        for _sev, _f, at in _thresholds(h, cfg):
+        for _name, _value, at in _thresholds(h, cfg):
             if at > now + _CROSSING_SLACK_S and (best is None or at < best):
                 best = at
     return best
@@ -268,6 +293,8 @@ class _TrackerLike(Protocol):
     def hang_start(self) -> float | None: ...
     @property
     def retry_timeout_s(self) -> float: ...
+    @property
+    def retry_interval_s(self) -> float: ...
 
 
 class _VMLike(Protocol):
@@ -277,14 +304,18 @@ class _VMLike(Protocol):
     def vm(self) -> str: ...
     @property
     def static_labels(self) -> dict[str, str]: ...
+    @property
+    def disks(self) -> Mapping[str, Disk]: ...
 
 
 def open_hangs(
     trackers: Mapping[str, Mapping[str, _TrackerLike]], vms: Iterable[_VMLike]
 ) -> tuple[OpenHang, ...]:
     """Snapshot of the open hangs: ``trackers`` is ``HangTracking.trackers`` (VM key -> device ->
-    DiskHangTracker), ``vms`` the watched VMs for the VM name and static labels.
-    Disks of VMs not watched any more are left out (the metrics leave them out too)."""
+    DiskHangTracker), ``vms`` the watched VMs for the VM name, static labels and disks.
+    Disks of VMs not watched any more are left out (the metrics leave them out too).  A disk
+    whose policy shows no retry_interval (no ``qemu_block_retry_interval_seconds`` series) gets
+    ``retry_interval=None``, as the rule sees it; otherwise the tracker's (the same value)."""
     out: list[OpenHang] = []
     for vm in vms:
         devs = trackers.get(vm.key)
@@ -294,7 +325,10 @@ def open_hangs(
         for dev, t in devs.items():
             start = t.hang_start
             if t.hanging and start is not None:
-                out.append(OpenHang(vm.vm, dev, static, start, t.retry_timeout_s))
+                disk = vm.disks.get(dev)
+                shown = disk is None or disk.policy.retry_interval_ms is not None
+                interval = t.retry_interval_s if shown else None
+                out.append(OpenHang(vm.vm, dev, static, start, t.retry_timeout_s, interval))
     out.sort(key=lambda h: (h.vm, h.device))
     return tuple(out)
 
@@ -390,13 +424,25 @@ class AlertPusher(Collector):
         self._task = asyncio.create_task(self._plan_loop(), name="alert-push")
 
     async def stop(self, flush_timeout: float | None = None) -> None:
-        """Stop.  Firing alerts are left to expire (their endsAt) or to the rules; pending posts
-        get up to ``flush_timeout`` (default: the request timeout) to go out."""
+        """Stop.  Firing alerts are **not** resolved: a restart restores the open hangs from the
+        state file and pushes them again (same labels and ``startsAt``), so resolving them here
+        would resolve and re-fire a real hang; if the exporter does not come back they expire at
+        their ``endsAt`` (or stay firing through the rules).  Pending posts get up to
+        ``flush_timeout`` (default: the request timeout) to go out."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._sent:
+            valid_for = 4 * self.cfg.resend_interval_seconds
+            log.info(
+                "leaving pushed alerts firing: a restart pushes them again, else they expire",
+                extra={
+                    "alerts": len(self._sent),
+                    "first_expires_at": _rfc3339(min(s.at for s in self._sent.values()) + valid_for),
+                },
+            )
         wait = self.cfg.timeout_seconds if flush_timeout is None else flush_timeout
         if self._targets and wait > 0:
             with contextlib.suppress(TimeoutError):

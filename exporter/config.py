@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from exporter.alert_defs import runbook_base_url_problem
 from exporter.alert_push import FRACTION_ALERTS, AlertingConfig
 from exporter.liveness import HealthConfig
 
@@ -254,6 +255,7 @@ _ALERTING_KEYS = {
     "resend_interval_seconds",
     "timeout_seconds",
     "generator_url",
+    "runbook_base_url",
 }
 
 
@@ -273,6 +275,12 @@ def _parse_alerting(r: _Reader, value: Any) -> AlertingConfig:
         ac = dataclasses.replace(ac, job=r.string(a["job"], "alerting.job"))
     if "generator_url" in a:
         ac = dataclasses.replace(ac, generator_url=r.string(a["generator_url"], "alerting.generator_url"))
+    if "runbook_base_url" in a:
+        base = r.string(a["runbook_base_url"], "alerting.runbook_base_url")
+        problem = runbook_base_url_problem(base)
+        if problem is not None:
+            raise r.fail("alerting.runbook_base_url", problem)
+        ac = dataclasses.replace(ac, runbook_base_url=base)
     if "external_labels" in a:
         raw = a["external_labels"]
         labels = r.mapping(raw, "alerting.external_labels", set(raw) if isinstance(raw, dict) else set())

@@ -97,6 +97,23 @@ def test_runbook_base_url_flag(tmp_path: Path) -> None:
     assert gen.main(["--rules-out", str(rules), "--prometheus-rule-out", str(cr), "--check"]) == 1
 
 
+@pytest.mark.parametrize(
+    "base",
+    ["https://wiki.internal/runbooks.md#top", "ftp://wiki.internal/runbooks.md", "docs/run books.md", ""],
+)
+def test_runbook_base_url_flag_refuses_what_cannot_carry_an_anchor(
+    tmp_path: Path, base: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The generator refuses what the exporter's alerting.runbook_base_url refuses (same check)."""
+    gen = load_module(GENERATOR)
+    rules, cr = tmp_path / "rules.yml", tmp_path / "cr.yml"
+    with pytest.raises(SystemExit) as exc:
+        gen.main(["--runbook-base-url", base, "--rules-out", str(rules), "--prometheus-rule-out", str(cr)])
+    assert exc.value.code == 2
+    assert "--runbook-base-url" in capsys.readouterr().err
+    assert not rules.exists() and not cr.exists()
+
+
 def test_runbook_internal_links_resolve() -> None:
     links = re.findall(r"\]\(#([^)]+)\)", RUNBOOKS.read_text())
     assert links

@@ -5,8 +5,10 @@ evaluation every second, the committed rules file) -> a real Alertmanager -> a w
 served by this test.  With the exporter's push path on, the exporter also posts its hang alerts
 to the same Alertmanager.  One storage outage (retry_timeout 10 s, link down 6.5 s) must
 
-* reach the webhook as QemuDiskIOHang within 1 s of the link going down (push path),
-* reach it as QemuIOHangApproachingTimeout (50 %) before the guest would have failed,
+* reach the webhook as QemuIOHangApproachingTimeout (50 %) within 1 s of the crossing (5 s after
+  the link went down, push path), before the guest would have failed,
+* never page QemuDiskIOHang, from either path: the hang ends (~8 s) before it has lasted the
+  rule's 30 s,
 * be resolved (send_resolved) after the storage returns;
 
 and while the disk hangs every dashboard query returns data from this Prometheus, and every
@@ -36,7 +38,7 @@ from tests.integration.test_exporter_sim import FAST
 from tests.pipeline.procs import Alertmanager, Prometheus, WebhookReceiver, alertmanager_config
 
 JOB = "qemu-iohang"  # the rules select job="qemu-iohang": no selector change needed
-#: The issue's target: first failed attempt -> webhook.
+#: The issue's target: threshold crossing -> webhook.
 PUSH_LATENCY_TARGET_S = 1.0
 OUTAGE_S = 6.5
 
@@ -149,31 +151,14 @@ async def _run(
     vm.link_down("virtio-disk0", in_flight=1, operations=("write",))
     up_task = asyncio.create_task(_link_up_after(vm, OUTAGE_S))
     try:
-        # Pushed alert (with the push path): the hang's start at the webhook.
-        first = await wait_for(
-            lambda: _arrived(hook, "QemuDiskIOHang", "firing"),
-            timeout=8,
-            what="QemuDiskIOHang at the webhook",
-        )
-        latency = first[0] - t_down
-        m = await exp.scrape()
-        exposed |= {s.name for s in m.samples}
-        hang_start = m.value("qemu_block_io_hang_start_timestamp_seconds", vm="hang", device="virtio-disk0")
-        assert hang_start is not None and hang_start >= t_down - 0.05
-        print(
-            f"\nfirst failed attempt (link down) -> webhook QemuDiskIOHang: {latency * 1000:.0f} ms "
-            f"(QEMU event timestamp -> webhook: {(first[0] - hang_start) * 1000:.0f} ms)"
-        )
-        assert first[1]["labels"] == {
-            "alertname": "QemuDiskIOHang",
-            "severity": "warning",
-            "vm": "hang",
-            "device": "virtio-disk0",
-            "instance": instance,
-            "job": JOB,
-        }
-        # [needs the push path] the rules alone take a scrape + an evaluation + a send.
-        assert latency < PUSH_LATENCY_TARGET_S, f"hang alert reached the webhook after {latency:.2f}s"
+
+        async def hang_seen() -> float | None:
+            m = await exp.scrape()
+            return m.value("qemu_block_io_hang_start_timestamp_seconds", vm="hang", device="virtio-disk0")
+
+        hang_start = await wait_for(hang_seen, timeout=5, what="the hang in /metrics")
+        assert hang_start >= t_down - 0.05
+        exposed |= {s.name for s in (await exp.scrape()).samples}
 
         # Every dashboard query returns data while the disk hangs (the hanging-disk tables too).
         await _dashboards_return_data(prom, instance)
@@ -185,11 +170,25 @@ async def _run(
             what="QemuIOHangApproachingTimeout at the webhook",
         )
         warn_latency = warn[0] - t_down
-        print(f"link down -> webhook QemuIOHangApproachingTimeout (50 % of 10 s): {warn_latency:.2f} s")
+        crossing_latency = warn[0] - (hang_start + 5.0)
+        print(
+            f"\nlink down -> webhook QemuIOHangApproachingTimeout (50 % of 10 s): {warn_latency:.2f} s "
+            f"(crossing by QEMU's timestamp of the first failed attempt -> webhook: "
+            f"{crossing_latency * 1000:.0f} ms)"
+        )
         assert warn_latency < 10.0
         # [needs the push path] pushed at the crossing (5 s), not a scrape + evaluation later.
-        assert warn_latency < 5.0 + PUSH_LATENCY_TARGET_S, warn_latency
-        assert warn[1]["labels"]["severity"] == "warning" and warn[1]["labels"]["instance"] == instance
+        assert crossing_latency < PUSH_LATENCY_TARGET_S, crossing_latency
+        assert warn[1]["labels"] == {
+            "alertname": "QemuIOHangApproachingTimeout",
+            "severity": "warning",
+            "vm": "hang",
+            "device": "virtio-disk0",
+            "instance": instance,
+            "job": JOB,
+        }
+        # The rule's runbook link and summary (Alertmanager keeps the latest sender's).
+        assert warn[1]["annotations"]["runbook_url"] == "docs/runbooks.md#qemuiohangapproachingtimeout"
 
         # Prometheus' rule fires for the same alert (same labels => one alert in Alertmanager).
         async def rule_firing() -> list[dict[str, Any]]:
@@ -218,7 +217,7 @@ async def _run(
         up_task.cancel()
 
     # --- recovery resolves the alerts (send_resolved) ----------------------------------------
-    for name in ("QemuIOHangApproachingTimeout", "QemuDiskIOHang"):
+    for name in ("QemuIOHangApproachingTimeout",):
         resolved = await wait_for(
             lambda name=name: _arrived(hook, name, "resolved"),
             timeout=15,
@@ -228,8 +227,11 @@ async def _run(
     m = await exp.scrape()
     assert m.value("qemu_block_io_hangs_total", vm="hang", device="virtio-disk0", outcome="recovered") == 1
     assert m.value("qemu_block_io_hangs_total", vm="hang", device="virtio-disk0", outcome="timed_out") == 0
-    # Nobody was told the guest failed.
+    # Nobody was told the guest failed, nor paged for a hang shorter than QemuDiskIOHang's 30 s
+    # (neither path: the exporter did not push it, Prometheus' rule did not fire).
     assert hook.alerts("QemuIOHangTimedOut") == []
+    assert hook.alerts("QemuDiskIOHang") == []
+    assert await am.alerts(alertname="QemuDiskIOHang") == []
     exposed |= {s.name for s in m.samples}
     missing = used_metric_names() - exposed
     assert not missing, f"used by dashboards/alerts but never in /metrics: {sorted(missing)}"

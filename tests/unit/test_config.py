@@ -68,6 +68,13 @@ def test_default_glob_only_without_explicit_sockets() -> None:
         ("policy: {require_nonzero_timeout: 'yes please'}", "policy.require_nonzero_timeout"),
         ("hang: {state_file: ''}", "hang.state_file"),
         ("web: {listen_address: [}", "line 1"),
+        ("alerting: {runbook_base_url: ''}", "alerting.runbook_base_url"),
+        ("alerting: {runbook_base_url: 42}", "alerting.runbook_base_url"),
+        ("alerting: {runbook_base_url: 'https://wiki/runbooks#qemu'}", "alerting.runbook_base_url"),
+        ("alerting: {runbook_base_url: 'ftp://wiki/runbooks.md'}", "alerting.runbook_base_url"),
+        ("alerting: {runbook_base_url: 'https:///runbooks.md'}", "alerting.runbook_base_url"),
+        ("alerting: {runbook_base_url: '//wiki/runbooks.md'}", "alerting.runbook_base_url"),
+        ("alerting: {runbook_base_url: 'docs/run books.md'}", "alerting.runbook_base_url"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path: Path, doc: str, key: str) -> None:
@@ -78,6 +85,15 @@ def test_bad_config_names_file_and_key(tmp_path: Path, doc: str, key: str) -> No
     assert exc.value.source == str(p)
     assert exc.value.key == key
     assert str(exc.value).startswith(f"{p}: {key}: ")
+
+
+def test_alerting_runbook_base_url() -> None:
+    """Default: the rules' default (docs/runbooks.md); an http(s) address or a path is taken."""
+    am = {"alertmanager_urls": ["http://am:9093"], "instance": "hv1:9738"}
+    assert parse({"alerting": am}, "x").alerting.runbook_base_url == "docs/runbooks.md"
+    for base in ("https://git.internal/ops/x/blob/main/docs/runbooks.md", "/srv/docs/runbooks.md"):
+        cfg = parse({"alerting": {**am, "runbook_base_url": base}}, "x")
+        assert cfg.alerting.runbook_base_url == base
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -94,6 +110,18 @@ def test_cli_bad_config_file_one_line_exit_2(tmp_path: Path) -> None:
     assert r.stderr.count("\n") == 1, r.stderr
     assert str(p) in r.stderr and "policy.required[1]" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cli_bad_runbook_base_url_one_line_exit_2(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yml"
+    p.write_text(
+        "alerting:\n  alertmanager_urls: ['http://127.0.0.1:9']\n  instance: 'hv1:9738'\n"
+        "  runbook_base_url: 'https://wiki.internal/runbooks.md#top'\n"
+    )
+    r = run_cli(f"--config.file={p}")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert f"{p}: alerting.runbook_base_url: " in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_missing_config_file(tmp_path: Path) -> None:
