@@ -195,7 +195,7 @@ def test_containerfile() -> None:
     ]
     froms = [ln for ln in lines if ln.startswith("FROM ")]
     assert froms and all(ln.split()[1] == "python:3.11-slim" for ln in froms)
-    assert any(re.match(r"RUN pip install .* \.$", ln) for ln in lines)
+    assert any(re.match(r"RUN pip install .* '\.\[libvirt\]'$", ln) for ln in lines)  # --libvirt.uri works
     users = [ln for ln in lines if ln.startswith("USER ")]
     assert users and users[-1].split()[1].split(":")[0] not in {"0", "root"}
     assert "EXPOSE 9738" in lines
@@ -313,3 +313,40 @@ def test_amtool_check_config() -> None:
         [amtool, "check-config", str(ALERTMANAGER)], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_kubernetes_libvirt_overlay() -> None:
+    """deploy/kubernetes/libvirt/: the base DaemonSet plus the node's libvirt socket and
+    --libvirt.uri, with arguments the exporter accepts."""
+    from exporter.cli import build_parser, resolve
+
+    overlay = K8S / "libvirt"
+    kust = yaml.safe_load((overlay / "kustomization.yml").read_text())
+    assert kust["resources"] == ["../"]
+    (patch_ref,) = kust["patches"]
+    patch = yaml.safe_load((overlay / patch_ref["path"]).read_text())
+    assert (
+        patch["kind"] == "DaemonSet"
+        and patch["metadata"]["name"] == _k8s_docs()["DaemonSet"]["metadata"]["name"]
+    )
+    spec = patch["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    args = [a for a in c["args"] if not a.startswith("--config.file=")]  # the node's file
+    config = resolve(build_parser().parse_args(args))
+    assert config.libvirt.uris == ("qemu:///system",)
+    (mount,) = c["volumeMounts"]
+    assert mount["mountPath"] == "/run/libvirt" and mount["readOnly"] is True
+    (vol,) = spec["volumes"]
+    assert vol["name"] == mount["name"] and vol["hostPath"]["path"] == "/run/libvirt"
+
+
+def test_systemd_libvirt_dropin() -> None:
+    """The libvirt drop-in replaces ExecStart with one that adds --libvirt.uri."""
+    from exporter.cli import build_parser, resolve
+
+    text = (DEPLOY / "systemd" / "libvirt.conf").read_text()
+    starts = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ExecStart=")]
+    assert starts[0] == ""  # resets the unit's ExecStart
+    argv = [a for a in starts[1].split()[1:] if not a.startswith("--config.file=")]
+    assert resolve(build_parser().parse_args(argv)).libvirt.uris == ("qemu:///system",)
+    assert "SupplementaryGroups=libvirt" in text
