@@ -301,9 +301,10 @@ class LibvirtSource:
             reason = _connect_reason(str(exc))
             self.state.connect_errors[reason] += 1
             if self._last_error != reason:
-                log.warning(
-                    "libvirt connect failed", extra={"uri": self.uri, "reason": reason, "err": str(exc)}
-                )
+                extra = {"uri": self.uri, "reason": reason, "err": str(exc)}
+                if reason == "permission":  # monitor events need a read-write connection
+                    extra["hint"] = "read-write access to libvirtd's socket is needed (docs/libvirt.md)"
+                log.warning("libvirt connect failed", extra=extra)
                 self._last_error = reason
             return False
         self._conn = conn
