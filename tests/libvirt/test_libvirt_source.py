@@ -293,6 +293,47 @@ async def test_domain_already_paused_on_io_error_is_shown_hanging(
     assert dom.taints() == set(), dom.taint_lines()
 
 
+async def test_a_stopped_libvirtd_never_delays_a_scrape(libvirt_lab: LibvirtLab, short_tmp: Path) -> None:
+    """libvirtd frozen (SIGSTOP): every libvirt call blocks.  Scrapes stay instant, the
+    connection is given up after the call timeout, and it comes back when libvirtd does."""
+    import os
+    import signal
+
+    dom = libvirt_lab.domain(DiskOptions(error_policy="report"), hint="frozen")
+    libvirtd = libvirt_lab.libvirtd
+    libvirtd.require_owned()
+    config = exporter_config(short_tmp, libvirtd.uri)
+    config["libvirt"]["call_timeout_seconds"] = 2
+    async with ExporterProcess(short_tmp, config) as exp:
+        await wait_metrics(exp, lambda m: watched(m, dom), "the domain watched")
+        pid = libvirtd.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            worst = 0.0
+            deadline = time.monotonic() + 20
+            while True:
+                t0 = time.monotonic()
+                m = await exp.scrape()
+                worst = max(worst, time.monotonic() - t0)
+                if value(m, "qemu_libvirt_up", uri=libvirtd.uri) == 0:
+                    break
+                assert time.monotonic() < deadline, "the frozen libvirtd was never given up"
+                await asyncio.sleep(0.1)  # pace of the scrapes, not a synchronisation
+            assert value(m, "qemu_qmp_up", vm=dom.name) == 0
+            assert worst < 0.5, worst
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await wait_metrics(
+            exp,
+            lambda m: value(m, "qemu_libvirt_up", uri=libvirtd.uri) == 1 and watched(m, dom),
+            "libvirt back",
+            timeout=30,
+        )
+        m = await exp.scrape()
+        assert value(m, "qemu_exporter_libvirt_call_errors_total", uri=libvirtd.uri, reason="timeout") >= 1
+
+
 async def test_libvirt_uri_without_binding_is_one_clear_line(short_tmp: Path) -> None:
     """Without libvirt-python, --libvirt.uri exits 2 with one line saying what to install
     (``sys.modules['libvirt'] = None`` makes the import fail as if it were not installed)."""
