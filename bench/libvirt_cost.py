@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness import ExporterProcess, Metrics
-from tests.libvirt.lab import DiskOptions, LabDomain, LibvirtLab, domain_xml, lab_workdir, running_libvirtd
+from tests.libvirt.lab import DiskOptions, LabDomain, LibvirtLab, lab_workdir, running_libvirtd
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -36,30 +36,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def with_second_monitor(xml: str, socket: Path) -> str:
-    monitor = (
-        "<qemu:commandline>"
-        "<qemu:arg value='-chardev'/>"
-        f"<qemu:arg value='socket,id=iohang,path={socket},server=on,wait=off'/>"
-        "<qemu:arg value='-mon'/><qemu:arg value='chardev=iohang,mode=control'/>"
-        "</qemu:commandline>"
-    )
-    return xml.replace("</domain>", monitor + "</domain>")
-
-
 def add_domain(lab: LibvirtLab, sockets: Path) -> tuple[LabDomain, Path]:
-    name = lab.new_name("cost")
-    storage = lab.storage(name, pause_us=0)
-    socket = sockets / f"{name}.qmp"
-    xml = with_second_monitor(domain_xml(name, storage.port, DiskOptions(error_policy="report")), socket)
-    path = lab.workdir / f"{name}.xml"
-    path.write_text(xml)
-    dom = LabDomain(name, storage, lab.libvirtd, xml, "vda")
-    lab._stack.callback(lab._remove, dom)
-    lab.domains.append(dom)
-    dom.virsh("define", str(path))
-    lab.start(dom)
-    return dom, socket
+    socket = sockets / f"vm{len(lab.domains)}.qmp"
+    return lab.domain(DiskOptions(error_policy="report"), hint="cost", pause_us=0, qmp_monitor=socket), socket
 
 
 def errors(m: Metrics) -> float:

@@ -436,6 +436,17 @@ def boot_target(disk: DiskOptions) -> str:
     return "vda" if disk.bus == "virtio" else "sda"
 
 
+def second_monitor_xml(socket: Path) -> str:
+    """``<qemu:commandline>`` adding a QMP monitor at ``socket`` (docs/libvirt.md)."""
+    return (
+        "<qemu:commandline>"
+        "<qemu:arg value='-chardev'/>"
+        f"<qemu:arg value='socket,id=iohang,path={socket},server=on,wait=off'/>"
+        "<qemu:arg value='-mon'/><qemu:arg value='chardev=iohang,mode=control'/>"
+        "</qemu:commandline>"
+    )
+
+
 def domain_xml(
     name: str,
     storage_port: int,
@@ -642,11 +653,15 @@ class LibvirtLab:
         start: bool = True,
         wait_booted: bool = True,
         pause_us: int = 20_000,
+        qmp_monitor: Path | None = None,
     ) -> LabDomain:
         """Define (and start) a domain booting the IO-loop guest from failing NBD storage.
 
         ``second_disk`` adds a local 1 MiB raw file as ``vdb`` (no error policy).  With
         ``wait_booted`` this returns once the guest has completed writes on its boot disk.
+        ``qmp_monitor`` gives QEMU a second QMP monitor at that path (``<qemu:commandline>``,
+        docs/libvirt.md; the domain is tainted ``custom-argv``); its directory must let
+        libvirt-qemu create the socket.
         """
         name = self.new_name(hint)
         storage = self.storage(name, pause_us)
@@ -657,6 +672,8 @@ class LibvirtLab:
                 f.truncate(1 << 20)
             data.chmod(0o666)  # QEMU runs as libvirt-qemu (libvirt may also chown it)
         xml = domain_xml(name, storage.port, disk, data)
+        if qmp_monitor is not None:
+            xml = xml.replace("</domain>", second_monitor_xml(qmp_monitor) + "</domain>")
         xml_path = self.workdir / f"{name}.xml"
         xml_path.write_text(xml)
         dom = LabDomain(name, storage, self.libvirtd, xml, boot_target(disk))

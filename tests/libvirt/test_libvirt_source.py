@@ -334,6 +334,28 @@ async def test_a_stopped_libvirtd_never_delays_a_scrape(libvirt_lab: LibvirtLab,
         assert value(m, "qemu_exporter_libvirt_call_errors_total", uri=libvirtd.uri, reason="timeout") >= 1
 
 
+async def test_a_vm_seen_through_libvirt_and_a_second_monitor_is_reported_once(
+    libvirt_lab: LibvirtLab, short_tmp: Path
+) -> None:
+    short_tmp.chmod(0o755)
+    sockets = short_tmp / "sockets"
+    sockets.mkdir()
+    sockets.chmod(0o777)  # QEMU (libvirt-qemu) creates its second monitor here
+    dom = libvirt_lab.domain(DiskOptions(error_policy="stop"), hint="both", qmp_monitor=sockets / "both.qmp")
+    config = exporter_config(short_tmp, libvirt_lab.libvirtd.uri)
+    config["qmp"]["globs"] = [str(sockets / "*.qmp")]
+    async with ExporterProcess(short_tmp, config) as exp:
+        m = await wait_metrics(exp, lambda m: watched(m, dom), "the domain watched")
+        await wait_metrics(
+            exp, lambda m: value(m, "qemu_libvirt_up", uri=libvirt_lab.libvirtd.uri) == 1, "libvirt up"
+        )
+        (info,) = m.find("qemu_vm_info", vm=dom.name)
+        assert info.labels["socket"] == str(sockets / "both.qmp")  # its QMP session reports it
+        assert info.labels["uuid"] == dom.uuid()
+        assert len(m.find("qemu_block_device_info", vm=dom.name, device="ua-boot")) == 1
+        assert m.value("qemu_exporter_vms") == 1
+
+
 async def test_libvirt_uri_without_binding_is_one_clear_line(short_tmp: Path) -> None:
     """Without libvirt-python, --libvirt.uri exits 2 with one line saying what to install
     (``sys.modules['libvirt'] = None`` makes the import fail as if it were not installed)."""
