@@ -36,7 +36,6 @@ ALLOWED_COMMANDS: frozenset[str] = frozenset(
         "query-block",
         "query-blockstats",
         "qom-get",
-        "qom-list",
         "device-list-properties",
     }
 )

@@ -7,10 +7,7 @@ import contextlib
 import json
 import os
 from collections import Counter
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .vm import SimVM
+from typing import Any, Protocol
 
 #: QEMU's monitor turns every "\n" of its output into "\r\n" (seen on 7.2: raw bytes)
 EOL = "\r\n"
@@ -18,6 +15,15 @@ EOL = "\r\n"
 MAX_PENDING_OUTPUT = 64 * 1024 * 1024
 
 EventKey = tuple[str, str | None, str | None, str | None]
+
+
+class CommandHandler(Protocol):
+    """What a monitor serves: the greeting, and the answer to each command (a `SimVM`).  The
+    monitor knows nothing else of the VM, so the dependency runs one way: vm -> monitor."""
+
+    def greeting(self) -> dict[str, Any]: ...
+
+    def dispatch(self, conn: Connection, obj: Any) -> None: ...
 
 
 class QMPError(Exception):
@@ -96,7 +102,7 @@ class Connection:
                 self.send({"error": {"class": "GenericError", "desc": desc}})
                 continue
             self._buf = buf[end:]
-            self.monitor.vm._dispatch(self, obj)
+            self.monitor.handler.dispatch(self, obj)
             if self.closed:
                 return
 
@@ -104,8 +110,8 @@ class Connection:
 class Monitor:
     """A ``-qmp unix:PATH,server=on,wait=off`` monitor of a :class:`SimVM`."""
 
-    def __init__(self, vm: SimVM, path: str) -> None:
-        self.vm = vm
+    def __init__(self, handler: CommandHandler, path: str) -> None:
+        self.handler = handler
         self.path = path
         self.conn: Connection | None = None
         self.delivered: Counter[EventKey] = Counter()
@@ -137,7 +143,7 @@ class Monitor:
                     return
                 conn = Connection(self, writer)
                 self.conn = conn
-                conn.send(self.vm._greeting())
+                conn.send(self.handler.greeting())
                 while not conn.closed:
                     data = await reader.read(65536)
                     if not data:

@@ -374,7 +374,7 @@ class SimVM:
         ]
 
     # ------------------------------------------------------------------ QMP
-    def _greeting(self) -> dict[str, Any]:
+    def greeting(self) -> dict[str, Any]:
         major, minor, micro = self.version
         return {
             "QMP": {
@@ -386,7 +386,7 @@ class SimVM:
             }
         }
 
-    def _dispatch(self, conn: Connection, obj: Any) -> None:
+    def dispatch(self, conn: Connection, obj: Any) -> None:
         if not isinstance(obj, dict):
             conn.send(_err("GenericError", "QMP input must be a JSON object"))
             return
@@ -463,7 +463,7 @@ class SimVM:
         return {"UUID": self.uuid}
 
     def _cmd_query_version(self, conn: Connection, args: dict[str, Any]) -> Any:
-        return self._greeting()["QMP"]["version"]
+        return self.greeting()["QMP"]["version"]
 
     def _cmd_query_status(self, conn: Connection, args: dict[str, Any]) -> Any:
         return {"status": self.status, "singlestep": False, "running": self.running}
