@@ -318,6 +318,9 @@ class LibvirtSource:
         def on_lifecycle(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
             inbox.put(("lifecycle", session, dom.UUIDString(), event, detail))
 
+        def on_device_added(_conn: Any, dom: Any, _alias: str, _opaque: Any) -> None:
+            inbox.put(("device-added", session, dom.UUIDString()))
+
         def on_monitor(
             _conn: Any, dom: Any, event: str, seconds: int, micros: int, details: Any, _opaque: Any
         ) -> None:
@@ -327,6 +330,8 @@ class LibvirtSource:
             conn.registerCloseCallback(on_close, None)
             conn.setKeepAlive(5, 3)
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None)
+            # QEMU announces no plug; libvirt does: a hot-plugged disk is read at once.
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, on_device_added, None)
             libvirt_qemu.qemuMonitorEventRegister(conn, None, None, on_monitor, None)
             return int(conn.getVersion())
 
@@ -557,6 +562,9 @@ class LibvirtSource:
                 self._remove(uuid)  # destroyed, shut off, or migrated out
             elif event in (_LIFECYCLE_SUSPENDED, _LIFECYCLE_RESUMED, _LIFECYCLE_SHUTDOWN):
                 self._poll_now.set()
+        elif kind == "device-added":
+            if item[2] in self.domains:
+                self._request_refresh(item[2])
         elif kind == "close":
             self._closed.set()
 

@@ -212,6 +212,28 @@ async def test_domains_started_and_destroyed_are_followed(libvirt_lab: LibvirtLa
     assert second.taints() == set(), second.taint_lines()
 
 
+async def test_a_hot_plugged_disk_is_watched_at_once(libvirt_lab: LibvirtLab, short_tmp: Path) -> None:
+    """QEMU announces no plug, libvirt does (DEVICE_ADDED): the new disk and its policy show
+    without waiting for the periodic re-listing (30 s here)."""
+    dom = libvirt_lab.domain(DiskOptions(error_policy="report"), hint="plug")
+    image = libvirt_lab.workdir / f"{dom.name}-plugged.img"
+    with image.open("wb") as f:
+        f.truncate(1 << 20)
+    image.chmod(0o666)
+    async with ExporterProcess(short_tmp, exporter_config(short_tmp, libvirt_lab.libvirtd.uri)) as exp:
+        await wait_metrics(exp, lambda m: watched(m, dom), "the domain watched")
+        dom.virsh("attach-disk", dom.name, str(image), "vdc", "--targetbus", "virtio", "--live")
+        t0 = time.monotonic()
+        m = await wait_metrics(
+            exp,
+            lambda m: bool(m.find("qemu_block_device_info", vm=dom.name, device="virtio-disk2")),
+            "the new disk",
+        )
+        assert time.monotonic() - t0 < 5
+        info = m.find("qemu_block_device_info", vm=dom.name, device="virtio-disk2")[0].labels
+        assert (info["werror"], info["rerror"]) == ("enospc", "report")
+
+
 async def test_libvirtd_restarted_mid_hang_keeps_the_hang(libvirt_lab: LibvirtLab, short_tmp: Path) -> None:
     dom = libvirt_lab.domain(DiskOptions(error_policy="stop"), hint="restart")
     libvirtd = libvirt_lab.libvirtd
