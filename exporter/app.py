@@ -23,7 +23,7 @@ from exporter.libvirt_watch import LibvirtSource
 from exporter.liveness import Liveness, LivenessCollector, qmp_sources, watchdog
 from exporter.metrics import ConnectionCollector, ExporterCollector
 from exporter.model.sink import EventSink, SinkGroup
-from exporter.model.state import VMState
+from exporter.model.state import VMState, one_per_vm
 from exporter.sd_notify import Notifier
 from exporter.web import make_app
 from exporter.webconfig import WebConfig, auth_middleware
@@ -80,13 +80,10 @@ class Exporter:
         self._gc_task: asyncio.Task[None] | None = None
 
     def vms(self) -> list[VMState]:
-        """Every watched VM, once: a VM seen through libvirt and through a second QMP monitor
-        (same UUID) is reported by its QMP session, which reads the policy from QEMU itself."""
-        vms = self.discovery.vms
+        """Every watched VM, once (`one_per_vm`)."""
         if not self.libvirt:
-            return vms
-        on_qmp = {vm.uuid for vm in vms if vm.up and vm.uuid}
-        return vms + [vm for s in self.libvirt for vm in s.vms if vm.uuid not in on_qmp]
+            return self.discovery.vms
+        return one_per_vm(self.discovery.vms, [vm for s in self.libvirt for vm in s.vms])
 
     def _fleet_shape(self) -> tuple[int, int]:
         vms = self.vms()

@@ -365,10 +365,11 @@ class LibvirtSource:
         self._session_id += 1  # late callbacks of the old connection are ignored
         self.state.up = False
         now = self.clock()
-        for d in self.domains.values():
+        for uuid, d in self.domains.items():
             if d.ready:
                 self.sink.on_session_end(d.vm, now, False)
             d.vm.end_session()
+            d.vm.uuid = uuid  # still this domain: a VM also on a QMP socket stays reported once
             d.ready = False
             d.held.clear()
             d.unmatched.clear()

@@ -251,3 +251,14 @@ class ConnectionState:
     up: bool = False
     connect_errors: Counter[str] = field(default_factory=Counter)
     call_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+def one_per_vm(qmp: list[VMState], libvirt: list[VMState]) -> list[VMState]:
+    """Each VM once (its ``vm`` label must name one series).  A VM seen both through libvirt
+    and through a second QMP monitor (same UUID, or same name) is reported by its QMP session
+    while that is up (it reads the policy from QEMU itself), else by libvirt."""
+    up = [vm for vm in qmp if vm.up]
+    up_uuids, up_names = {vm.uuid for vm in up if vm.uuid}, {vm.vm for vm in up}
+    via_libvirt = [vm for vm in libvirt if vm.uuid not in up_uuids and vm.vm not in up_names]
+    libvirt_names = {vm.vm for vm in via_libvirt}
+    return [vm for vm in qmp if vm.up or vm.vm not in libvirt_names] + via_libvirt

@@ -103,3 +103,22 @@ def test_real_libvirt_xml_fixture_parses() -> None:
     for path in xmls:
         dom = parse_domain(path.read_text())
         assert dom.name and dom.uuid
+
+
+def test_one_per_vm_prefers_a_live_qmp_session_and_never_repeats_a_name() -> None:
+    from exporter.model.state import one_per_vm
+
+    def vm(key: str, name: str, uuid: str, up: bool, source: str = "qmp") -> VMState:
+        v = VMState(key=key, source=source)
+        v.name, v.uuid, v.up = name, uuid, up
+        return v
+
+    both_qmp = vm("/s/a.qmp", "a", "u-a", True)
+    both_lv = vm("libvirt:u-a", "a", "u-a", True, "libvirt")
+    down_qmp = vm("/s/b.qmp", "b", "", False)  # its session ended: UUID unknown now
+    b_lv = vm("libvirt:u-b", "b", "u-b", True, "libvirt")
+    only_qmp = vm("/s/c.qmp", "c", "u-c", False)
+    only_lv = vm("libvirt:u-d", "d", "u-d", False, "libvirt")
+    got = one_per_vm([both_qmp, down_qmp, only_qmp], [both_lv, b_lv, only_lv])
+    assert got == [both_qmp, only_qmp, b_lv, only_lv]
+    assert len({v.vm for v in got}) == len(got)
