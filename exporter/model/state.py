@@ -68,6 +68,8 @@ class Disk:
     #: Further node names that events may name for this disk (libvirt's -blockdev chain has
     #: a ``libvirt-N-format`` node above ``libvirt-N-storage``).
     other_nodes: tuple[str, ...] = ()
+    #: The storage backend: what fails together with this disk (`exporter.model.backend`).
+    backend: str = ""
 
 
 @dataclass
