@@ -69,6 +69,21 @@ EXPORTER_DOWN_FOR = "5m"
 EXPORTER_ABSENT_FOR = "15m"
 # Rate window of the recording rules.
 RATE_WINDOW = "5m"
+# QemuStorageBackendOutage (one host) / QemuStorageBackendOutageFleet (sum by backend over every
+# exporter): a storage backend counts as failing when at least BACKEND_OUTAGE_MIN_DISKS of its
+# disks hang or fail at once, or at least BACKEND_OUTAGE_MIN_SHARE of them (and at least two
+# disks: one disk is the per-disk alerts' business), for BACKEND_OUTAGE_FOR -- as long as
+# QemuDiskIOHang's minimum, so that a storage blip does not page either.
+BACKEND_OUTAGE_MIN_DISKS = 3
+BACKEND_OUTAGE_MIN_SHARE = 0.5
+BACKEND_OUTAGE_FOR = "30s"
+# The per-disk alerts a backend outage explains (inhibited on disks of that backend).
+BACKEND_EXPLAINED_ALERTS = (
+    "QemuDiskIOHang",
+    "QemuIOHangApproachingTimeout",
+    "QemuIOHangNearTimeout",
+    "QemuIOHangWithoutTimeout",
+)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -152,7 +167,35 @@ def recording_rules(sel: str) -> list[dict[str, Any]]:
             "record": f"instance:qemu_block_io_hang_seconds:rate{w}",
             "expr": f"sum by (job, instance) (rate(qemu_block_io_hang_seconds_total{{{sel}}}[{w}]))",
         },
+        # The blast radius: disks hanging or failing, and VMs affected, per storage backend over
+        # every host (a hanging disk is not failing: a timed-out hang ends when failing starts).
+        {
+            "record": "job_backend:qemu_storage_backend_disks:sum",
+            "expr": f"sum by (job, backend) (qemu_storage_backend_disks{{{sel}}})",
+        },
+        {
+            "record": "job_backend:qemu_storage_backend_affected_disks:sum",
+            "expr": (
+                f"sum by (job, backend) (\n  qemu_storage_backend_hanging_disks{{{sel}}}\n"
+                f"  + qemu_storage_backend_failing_disks{{{sel}}}\n)\n"
+            ),
+        },
+        {
+            "record": "job_backend:qemu_storage_backend_affected_vms:sum",
+            "expr": f"sum by (job, backend) (qemu_storage_backend_affected_vms{{{sel}}})",
+        },
     ]
+
+
+def outage_condition(affected: str, disks: str) -> str:
+    """PromQL keeping the ``affected`` series (disks hanging or failing) of a backend that is
+    out: at least BACKEND_OUTAGE_MIN_DISKS, or at least two and BACKEND_OUTAGE_MIN_SHARE of
+    ``disks``.  The value stays the affected count."""
+    return (
+        f"(\n  {affected} >= {BACKEND_OUTAGE_MIN_DISKS}\n"
+        f"  or\n"
+        f"  ({affected} >= 2) >= {BACKEND_OUTAGE_MIN_SHARE:g} * {disks}\n)\n"
+    )
 
 
 def _alert(
@@ -182,6 +225,15 @@ def alerting_rules(sel: str, runbook_base: str) -> list[dict[str, Any]]:
         f"qemu_block_io_hang_duration_seconds{{{sel}}}\n  / (qemu_block_retry_timeout_seconds{{{sel}}} > 0)\n"
     )
     hanging = f"and (qemu_block_io_hang{{{sel}}} == 1)"
+
+    host_affected = (
+        f"(qemu_storage_backend_hanging_disks{{{sel}}} + qemu_storage_backend_failing_disks{{{sel}}})"
+    )
+    host_outage = outage_condition(host_affected, f"qemu_storage_backend_disks{{{sel}}}")
+    fleet_outage = outage_condition(
+        f"job_backend:qemu_storage_backend_affected_disks:sum{{{sel}}}",
+        f"job_backend:qemu_storage_backend_disks:sum{{{sel}}}",
+    )
 
     def approaching(ratio: float) -> str:
         return f"(\n  {hang_share.replace(chr(10) + '  ', chr(10) + '    ')}  >= {ratio:g}\n)\n{hanging}\n"
@@ -247,6 +299,46 @@ def alerting_rules(sel: str, runbook_base: str) -> list[dict[str, Any]]:
             f"A hang on {where} outlasted its retry_timeout (or IO is still failing after one): "
             "QEMU reported the IO errors to the guest. Its filesystem may have gone read-only "
             "or the application may have failed.",
+            runbook_base,
+        ),
+        _alert(
+            "QemuStorageBackendOutage",
+            host_outage,
+            BACKEND_OUTAGE_FOR,
+            "critical",
+            "Storage backend {{ $labels.backend }} is failing on {{ $labels.instance }}",
+            "{{ $value }} disks on storage backend {{ $labels.backend }} are hanging or failing "
+            "at once on {{ $labels.instance }}: the storage, not the VMs, is the problem. Look at "
+            "the storage system first; every VM with a disk on it is blocked.",
+            runbook_base,
+        ),
+        _alert(
+            "QemuStorageBackendOutageFleet",
+            fleet_outage,
+            BACKEND_OUTAGE_FOR,
+            "critical",
+            "Storage backend {{ $labels.backend }} is failing across the fleet",
+            "{{ $value }} disks on storage backend {{ $labels.backend }} are hanging or failing "
+            "at once, summed over every host: the storage, not the VMs, is the problem. Look at "
+            "the storage system first.",
+            runbook_base,
+        ),
+        _alert(
+            "QemuDiskOnFailingBackend",
+            # One series per disk a firing outage alert explains: the source of the Alertmanager
+            # inhibition of that disk's own hang alerts (they carry no backend label to match
+            # on).  Nothing is inhibited unless the outage itself fires (and pages).
+            f"(\n  (qemu_block_io_hang{{{sel}}} == 1 or qemu_block_io_failing{{{sel}}} == 1)\n"
+            f"  * on (job, instance, vm, device) group_left (backend) qemu_block_device_info{{{sel}}}\n"
+            f")\n"
+            f"and on (job, backend) (\n"
+            f'  ALERTS{{{sel},alertname=~"QemuStorageBackendOutage|QemuStorageBackendOutageFleet",alertstate="firing"}}\n'
+            f")\n",
+            "0m",
+            "info",
+            "Disk hangs because its storage backend {{ $labels.backend }} is failing",
+            f"{where} is hanging or failing because storage backend {{{{ $labels.backend }}}} is out "
+            "(QemuStorageBackendOutage): its own hang alerts are inhibited.",
             runbook_base,
         ),
         _alert(

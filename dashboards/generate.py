@@ -448,6 +448,43 @@ def overview() -> d.Dashboard:
             "Disk-seconds of hanging IO per second, per host (2 = two disks hanging the whole time).",
         ),
     ]
+    # Which storage fails, and what it takes down: summed by backend over the selected hosts
+    # (all of them: the fleet-wide blast radius of each storage system).
+    affected = f"qemu_storage_backend_hanging_disks{{{HOST}}} + qemu_storage_backend_failing_disks{{{HOST}}}"
+    blast: list[Panel] = [
+        graph(
+            "Disks hanging or failing, by storage backend",
+            [q(f"sum by (backend) ({affected})", "{{backend}}")],
+            "Disks of each storage backend (NBD server, Ceph pool, iSCSI target, NFS export...) whose IO hangs or fails, summed over the selected hosts: one backend with many disks at once is a storage outage, not a VM problem. See docs/runbooks.md#qemustoragebackendoutage.",
+        ),
+        graph(
+            "VMs affected, by storage backend",
+            [q(f"sum by (backend) (qemu_storage_backend_affected_vms{{{HOST}}})", "{{backend}}")],
+            "VMs with at least one hanging or failing disk on each storage backend, summed over the selected hosts.",
+        ),
+        grid(
+            "Storage backends now",
+            [
+                instant(f"sum by (backend) (qemu_storage_backend_disks{{{HOST}}})", "A"),
+                instant(f"sum by (backend) ({affected})", "B"),
+                instant(f"sum by (backend) (qemu_storage_backend_affected_vms{{{HOST}}})", "C"),
+                instant(
+                    f"sum by (backend) ({affected})\n/ sum by (backend) (qemu_storage_backend_disks{{{HOST}}})",
+                    "D",
+                ),
+            ],
+            "Every storage backend of the selected hosts: its disks, how many hang or fail now, the VMs they belong to, and the share of the backend's disks affected.",
+            w=24,
+            h=7,
+            rename={
+                "Value #A": "disks",
+                "Value #B": "hanging or failing",
+                "Value #C": "VMs affected",
+                "Value #D": "share affected",
+            },
+            units={"share affected": "percentunit"},
+        ),
+    ]
     io_errors: list[Panel] = [
         graph(
             "IO error events by action",
@@ -503,9 +540,15 @@ def overview() -> d.Dashboard:
     return dashboard(
         OVERVIEW_UID,
         "QEMU IO hangs / overview",
-        "Fleet view of qemu-iohang-exporter: VMs watched, disk retry policy compliance, disks hanging now, hangs and IO errors over time.",
+        "Fleet view of qemu-iohang-exporter: VMs watched, disk retry policy compliance, disks hanging now and by storage backend, hangs and IO errors over time.",
         HOST_VARS,
-        {"Fleet": fleet, "Hangs": hangs, "IO errors": io_errors, "Retry policy": policy},
+        {
+            "Fleet": fleet,
+            "Blast radius": blast,
+            "Hangs": hangs,
+            "IO errors": io_errors,
+            "Retry policy": policy,
+        },
     )
 
 

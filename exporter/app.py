@@ -25,6 +25,7 @@ from exporter.metrics import ConnectionCollector, ExporterCollector
 from exporter.model.sink import EventSink, SinkGroup
 from exporter.model.state import VMState, one_per_vm
 from exporter.sd_notify import Notifier
+from exporter.storage import BackendResolver
 from exporter.web import make_app
 from exporter.webconfig import WebConfig, auth_middleware
 
@@ -60,8 +61,9 @@ class Exporter:
             clock=clock,
         )
         sink = SinkGroup(self.hangs, _PrerenderAfterPoll(collector))
-        self.discovery = Discovery(config, sink, clock, self.scrape_first)
-        self.libvirt = [LibvirtSource(uri, config, sink, clock) for uri in config.libvirt.uris]
+        backends = BackendResolver(config)
+        self.discovery = Discovery(config, sink, clock, self.scrape_first, backends)
+        self.libvirt = [LibvirtSource(uri, config, sink, clock, backends) for uri in config.libvirt.uris]
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
         if self.libvirt:

@@ -8,7 +8,9 @@ Prometheus exporters do.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import yaml
 from exporter.alert_defs import runbook_base_url_problem
 from exporter.alert_push import FRACTION_ALERTS, AlertingConfig
 from exporter.liveness import HealthConfig
+from exporter.model.backend import MAX_BACKEND, BackendRule
 
 DEFAULT_PORT = 9738
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
@@ -81,6 +84,16 @@ class HangConfig:
 
 
 @dataclass(frozen=True)
+class MountsConfig:
+    """Where the mount table comes from, for the backend of disks that are local files
+    (`exporter.model.backend`): the exporter's own by default; ``/proc/1/mountinfo`` for an
+    exporter in a container of its own that shares the host's PID namespace."""
+
+    file: str = "/proc/self/mountinfo"
+    refresh_interval_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     listen_address: str = DEFAULT_LISTEN_ADDRESS
     telemetry_path: str = "/metrics"
@@ -92,6 +105,9 @@ class Config:
     hang: HangConfig = field(default_factory=HangConfig)
     alerting: AlertingConfig = field(default_factory=AlertingConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    #: Operator rules naming disks' storage backends, tried in order before the derivation.
+    backends: tuple[BackendRule, ...] = ()
+    mounts: MountsConfig = field(default_factory=MountsConfig)
     source: str = "defaults"
 
     def socket_patterns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -208,7 +224,11 @@ def load_file(path: str) -> Config:
 
 def parse(doc: Any, source: str) -> Config:
     r = _Reader(source)
-    top = r.mapping(doc, "", {"web", "qmp", "libvirt", "policy", "hang", "log", "alerting", "health"})
+    top = r.mapping(
+        doc,
+        "",
+        {"web", "qmp", "libvirt", "policy", "hang", "log", "alerting", "health", "backends", "mounts"},
+    )
     cfg = Config(source=source)
 
     web = r.mapping(top.get("web"), "web", {"listen_address", "telemetry_path"})
@@ -242,7 +262,69 @@ def parse(doc: Any, source: str) -> Config:
         hc = dataclasses.replace(hc, recovery_margin_seconds=margin)
     cfg = dataclasses.replace(cfg, alerting=_parse_alerting(r, top.get("alerting")))
     cfg = dataclasses.replace(cfg, health=_parse_health(r, top.get("health")))
+    cfg = dataclasses.replace(cfg, backends=_parse_backends(r, top.get("backends")))
+    cfg = dataclasses.replace(cfg, mounts=_parse_mounts(r, top.get("mounts")))
     return dataclasses.replace(cfg, hang=hc)
+
+
+def _parse_backends(r: _Reader, value: Any) -> tuple[BackendRule, ...]:
+    """``backends: [{match: <glob>, name: <backend>}, {regex: <regex>, name: ...}]``: exactly one
+    of ``match``/``regex`` per rule, matched against the whole source or derived backend."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise r.fail("backends", f"expected a list of {{match|regex, name}} rules, got {_kind(value)}")
+    rules: list[BackendRule] = []
+    for i, raw in enumerate(value):
+        key = f"backends[{i}]"
+        rule = r.mapping(raw, key, {"match", "regex", "name"})
+        if not rule:
+            raise r.fail(key, "expected a mapping with match or regex, and name")
+        if ("match" in rule) == ("regex" in rule):
+            raise r.fail(key, "give exactly one of match (a glob) and regex")
+        if "name" not in rule:
+            raise r.fail(f"{key}.name", "missing: the backend name for sources that match")
+        name = r.string(rule["name"], f"{key}.name")
+        if len(name) > MAX_BACKEND or not name.isprintable():
+            raise r.fail(f"{key}.name", f"must be printable and at most {MAX_BACKEND} characters")
+        if "match" in rule:
+            glob = r.string(rule["match"], f"{key}.match")
+            pattern = re.compile(fnmatch.translate(glob))
+        else:
+            text = r.string(rule["regex"], f"{key}.regex")
+            try:
+                pattern = re.compile(text)
+            except re.error as exc:
+                raise r.fail(f"{key}.regex", f"invalid regular expression: {exc}") from None
+        try:  # a group the name refers to must exist: checked now, not at the first disk
+            _check_template(pattern, name)
+        except (re.error, IndexError) as exc:
+            raise r.fail(f"{key}.name", f"refers to a group the pattern lacks: {exc}") from None
+        rules.append(BackendRule(pattern=pattern, name=name))
+    return tuple(rules)
+
+
+def _check_template(pattern: re.Pattern[str], name: str) -> None:
+    """Raise when ``name`` refers to a group ``pattern`` does not have: expand it against an
+    empty match of a pattern with the same groups."""
+    names = {i: n for n, i in pattern.groupindex.items()}
+    probe = re.compile(
+        "".join(f"(?P<{names[i]}>)" if i in names else "()" for i in range(1, pattern.groups + 1))
+    )
+    m = probe.fullmatch("")
+    assert m is not None
+    m.expand(name)
+
+
+def _parse_mounts(r: _Reader, value: Any) -> MountsConfig:
+    m = r.mapping(value, "mounts", {"file", "refresh_interval_seconds"})
+    mc = MountsConfig()
+    if "file" in m:
+        mc = dataclasses.replace(mc, file=r.string(m["file"], "mounts.file"))
+    if "refresh_interval_seconds" in m:
+        every = r.seconds(m["refresh_interval_seconds"], "mounts.refresh_interval_seconds")
+        mc = dataclasses.replace(mc, refresh_interval_seconds=every)
+    return mc
 
 
 _ALERTING_KEYS = {
@@ -401,6 +483,7 @@ RESERVED_LABELS = frozenset(
     {
         "vm",
         "device",
+        "backend",
         "drive",
         "node_name",
         "qdev_type",

@@ -27,6 +27,7 @@ from exporter.fairness import ScrapeFirst
 from exporter.model.sink import EventSink
 from exporter.model.state import VMState
 from exporter.qmp_watch import VMWatcher
+from exporter.storage import BackendResolver
 
 log = logging.getLogger("exporter.discovery")
 
@@ -80,9 +81,12 @@ class Discovery:
         sink: EventSink,
         clock: Callable[[], float],
         scrape_first: ScrapeFirst | None = None,
+        backends: BackendResolver | None = None,
     ) -> None:
         self.config = config
         self.scrape_first = scrape_first
+        # One resolver (one mount table, read once per refresh interval) for every watcher.
+        self.backends = backends or BackendResolver(config)
         self.sink = sink
         self.clock = clock
         self.watchers: dict[str, VMWatcher] = {}
@@ -128,6 +132,7 @@ class Discovery:
                     clock=self.clock,
                     setup_slots=self._setup_slots,
                     scrape_first=self.scrape_first,
+                    backends=self.backends,
                 )
                 self.watchers[path] = watcher
                 self._identity[path] = ident

@@ -36,10 +36,12 @@ from typing import Any, TypeVar
 from exporter.config import Config
 from exporter.discovery import static_labels_for
 from exporter.libvirt_xml import Domain, parse_domain
+from exporter.model.backend import source_from_libvirt
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
 from exporter.model.policy import verify
 from exporter.model.sink import EventSink
 from exporter.model.state import BlockStats, ConnectionState, Disk, VMState
+from exporter.storage import BackendResolver
 
 log = logging.getLogger("exporter.libvirt")
 T = TypeVar("T")
@@ -104,11 +106,15 @@ def blockstats_by_target(stats: Mapping[str, Any]) -> dict[str, BlockStats]:
     return out
 
 
-def model_disks(domain: Domain, config: Config) -> dict[str, Disk]:
+def model_disks(domain: Domain, config: Config, backends: BackendResolver | None = None) -> dict[str, Disk]:
     """The parsed domain's disks as the model's `Disk`: the alias is the QEMU device id (the
-    ``device`` label), the node names libvirt gives the chain identify it in events."""
+    ``device`` label), the node names libvirt gives the chain identify it in events, the
+    ``<source>`` its storage backend."""
     disks: dict[str, Disk] = {}
+    resolver = backends or BackendResolver(config)
     for d in domain.disks:
+        s = d.source
+        source = source_from_libvirt(s.kind, s.protocol, s.hosts, s.name, s.path, s.pool)
         policy = d.policy()
         nodes = tuple(n for i in d.indexes for n in (f"libvirt-{i}-format", f"libvirt-{i}-storage"))
         qom = f"/machine/peripheral/{d.alias}"
@@ -122,6 +128,7 @@ def model_disks(domain: Domain, config: Config) -> dict[str, Disk]:
             policy=policy,
             verdict=verify(policy, config.policy),
             other_nodes=nodes[1:],
+            backend=resolver.backend(source),
         )
     return disks
 
@@ -207,9 +214,11 @@ class LibvirtSource:
         config: Config,
         sink: EventSink,
         clock: Callable[[], float],
+        backends: BackendResolver | None = None,
     ) -> None:
         self.uri = uri
         self.config = config
+        self.backends = backends or BackendResolver(config)
         self.sink = sink
         self.clock = clock
         self.state = ConnectionState(uri)
@@ -447,7 +456,7 @@ class LibvirtSource:
             d = self.domains[uuid] = _Domain(self._new_vm(uuid))
         vm = d.vm
         vm.name, vm.uuid, vm.qemu_version = domain.name, uuid, version
-        disks = model_disks(domain, self.config)
+        disks = model_disks(domain, self.config, self.backends)
         # Retry proven by a disk that uses it (QEMU accepted it); libvirt cannot say otherwise.
         vm.retry_feature = True if any(disk.policy.retry_feature for disk in disks.values()) else None
         d.targets = {x.target: x.alias for x in domain.disks}

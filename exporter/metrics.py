@@ -343,8 +343,8 @@ class ExporterCollector(Collector):
         )
         dev_info = GaugeMetricFamily(
             "qemu_block_device_info",
-            "Guest disk and its error policy as read with qom-get.",
-            labels=[*disk, "drive", "node_name", "qdev_type", "werror", "rerror"],
+            "Guest disk, its error policy as read with qom-get, and its storage backend.",
+            labels=[*disk, "drive", "node_name", "qdev_type", "werror", "rerror", "backend"],
         )
         interval = GaugeMetricFamily(
             "qemu_block_retry_interval_seconds", "retry_interval of the disk device.", labels=disk
@@ -432,7 +432,9 @@ class ExporterCollector(Collector):
                 d = vm.disks[dev]
                 db = [*b, dev]
                 p = d.policy
-                dev_info.add_metric([*db, d.drive, d.node_name, d.qdev_type, p.werror, p.rerror], 1)
+                dev_info.add_metric(
+                    [*db, d.drive, d.node_name, d.qdev_type, p.werror, p.rerror, d.backend], 1
+                )
                 if p.retry_interval_ms is not None:
                     interval.add_metric(db, p.retry_interval_ms / 1000.0)
                 if p.retry_timeout_ms is not None:
@@ -544,14 +546,15 @@ class _VMText:
                 status.append(f"qemu_vm_status{labels} 1.0\n")
             if vm.retry_feature is not None:
                 feature.append(f"qemu_vm_retry_feature{base} {fmt_value(1 if vm.retry_feature else 0)}\n")
-            info_names = [*c._disk_names, "drive", "node_name", "qdev_type", "werror", "rerror"]
+            info_names = [*c._disk_names, "drive", "node_name", "qdev_type", "werror", "rerror", "backend"]
             rule_names = [*c._disk_names, "rule"]
             for dev in sorted(vm.disks):
                 d = vm.disks[dev]
                 db = [*b, dev]
                 dl = label_text(c._disk_names, db)
                 p = d.policy
-                labels = label_text(info_names, [*db, d.drive, d.node_name, d.qdev_type, p.werror, p.rerror])
+                values = [*db, d.drive, d.node_name, d.qdev_type, p.werror, p.rerror, d.backend]
+                labels = label_text(info_names, values)
                 dev_info.append(f"qemu_block_device_info{labels} 1.0\n")
                 if p.retry_interval_ms is not None:
                     v = fmt_value(p.retry_interval_ms / 1000.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -24,11 +25,13 @@ from qemu.qmp.protocol import StateError
 
 from exporter.config import Config
 from exporter.fairness import ScrapeFirst
+from exporter.model.backend import source_from_query_block
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
 from exporter.model.policy import DiskPolicy, verify
 from exporter.model.sink import EventSink
 from exporter.model.state import BlockStats, Disk, VMState
 from exporter.qmp_readonly import ReadOnlyQMPClient
+from exporter.storage import BackendResolver
 
 log = logging.getLogger("exporter.qmp")
 T = TypeVar("T")
@@ -134,8 +137,10 @@ class VMWatcher:
         clock: Callable[[], float],
         setup_slots: asyncio.Semaphore | None = None,
         scrape_first: ScrapeFirst | None = None,
+        backends: BackendResolver | None = None,
     ) -> None:
         self.vm = vm
+        self.backends = backends or BackendResolver(config)
         self._setup_slots = setup_slots
         self._scrape_first = scrape_first
         self.config = config
@@ -401,11 +406,17 @@ class VMWatcher:
                     failed.add(device)
                 drive = entry.get("device") if isinstance(entry.get("device"), str) else ""
                 node = inserted.get("node-name") if isinstance(inserted.get("node-name"), str) else ""
+                # Derived at every refresh: the medium, the mount table or the rules may change.
+                backend = self.backends.backend(source_from_query_block(inserted))
                 known = self.vm.disks.get(device)
                 if known and known.qdev == qdev and known.node_name == node and known.drive == drive:
+                    if known.backend != backend:
+                        known = dataclasses.replace(known, backend=backend)
                     order.append((device, known))
                     continue
-                reads[len(order)] = self._read_disk(client, device, qom_path, qdev, str(drive), str(node))
+                reads[len(order)] = self._read_disk(
+                    client, device, qom_path, qdev, str(drive), str(node), backend
+                )
                 order.append((device, None))
             # New disks are read concurrently: QEMU answers in turn, but the round trips overlap.
             for i, disk in zip(reads, await _gather(reads.values()), strict=True):
@@ -426,6 +437,7 @@ class VMWatcher:
         qdev: str,
         drive: str,
         node: str,
+        backend: str,
     ) -> Disk | None:
         async def prop(name: str) -> object:
             try:
@@ -462,6 +474,7 @@ class VMWatcher:
             qdev_type=qdev_kind(qom_type) if isinstance(qom_type, str) else "unknown",
             policy=policy,
             verdict=verify(policy, self.config.policy),
+            backend=backend,
         )
 
     async def _poll_stats(self, client: ReadOnlyQMPClient) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from exporter.hang.blast import backend_families
 from exporter.hang.machine import CompletedHang, DiskHangTracker, HangOutcome
 from exporter.metrics import HangView, family_header, fmt_value, format_families, label_text
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent
@@ -347,7 +348,8 @@ class HangTracking(EventSink, HangView):
                 seconds.add_metric(labels, t.hang_seconds_total(now))
         for t in (d for devs in self.trackers.values() for d in devs.values()):
             self._drain(t)
-        return [hang, duration, start, deadline, failing, total, seconds, self.histogram.family()]
+        per_disk = [hang, duration, start, deadline, failing, total, seconds, self.histogram.family()]
+        return [*per_disk, *backend_families(vms, self.trackers)]
 
     def render(self, vms: Sequence[VMState], label_names: Sequence[str], now: float) -> list[str]:
         """The text of `collect`, reusing a VM's lines while neither the VM nor its trackers
@@ -355,7 +357,7 @@ class HangTracking(EventSink, HangView):
         if not self._headers:
             self._headers = [
                 family_header(m.name, m.documentation, m.type)
-                for m in list(self.collect([], label_names, now))[:-1]
+                for m in list(self.collect([], label_names, now))[:_PER_DISK_FAMILIES]
             ]
         cache: dict[str, _HangText] = {}
         chunks: list[_HangText] = []
@@ -385,11 +387,14 @@ class HangTracking(EventSink, HangView):
         for i, header in enumerate(self._headers):
             parts.append(header)
             parts.extend(c.lines[i] for c in chunks)
-        parts.append(format_families([self.histogram.family()]))
+        parts.append(format_families([self.histogram.family(), *backend_families(vms, self.trackers)]))
         return parts
 
 
 _versions = itertools.count(1)
+#: Families of `HangTracking.collect` rendered per VM by `_HangText`; the histogram and the
+#: per-backend aggregates follow them, formatted at each scrape.
+_PER_DISK_FAMILIES = 7
 
 
 class _HangText:

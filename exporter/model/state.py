@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from exporter.model.backend import UNKNOWN
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, status_after
 from exporter.model.policy import DiskPolicy, PolicyVerdict
 
@@ -68,6 +69,8 @@ class Disk:
     #: Further node names that events may name for this disk (libvirt's -blockdev chain has
     #: a ``libvirt-N-format`` node above ``libvirt-N-storage``).
     other_nodes: tuple[str, ...] = ()
+    #: The storage backend: what fails together with this disk (`exporter.model.backend`).
+    backend: str = UNKNOWN
 
 
 @dataclass

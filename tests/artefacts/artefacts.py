@@ -26,7 +26,7 @@ METRICS_DOC = ROOT / "docs" / "metrics.md"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
 
 # Series that Prometheus itself produces, not the exporter.
-PROMETHEUS_SERIES = frozenset({"up"})
+PROMETHEUS_SERIES = frozenset({"up", "ALERTS"})
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 

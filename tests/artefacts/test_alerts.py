@@ -35,7 +35,13 @@ EXPECTED_ALERTS = {
     "QemuQMPDown",
     "QemuIOHangExporterDown",
     "QemuIOHangExporterAbsent",
+    "QemuStorageBackendOutage",
+    "QemuStorageBackendOutageFleet",
+    "QemuDiskOnFailingBackend",
 }
+#: Alerts that only feed Alertmanager's inhibition (severity "info", routed nowhere).
+INHIBITOR_ALERTS = {"QemuDiskOnFailingBackend"}
+ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 
 
 def test_committed_rules_match_generator() -> None:
@@ -68,7 +74,8 @@ def test_expected_alerts_present() -> None:
 
 @pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
 def test_alert_metadata(rule: dict) -> None:
-    assert rule["labels"]["severity"] in {"warning", "critical"}
+    allowed = {"info"} if rule["alert"] in INHIBITOR_ALERTS else {"warning", "critical"}
+    assert rule["labels"]["severity"] in allowed
     ann = rule["annotations"]
     assert ann["summary"] and ann["description"]
     # As shipped, the link is the runbook's path in this repository: it must resolve to the file
@@ -145,6 +152,35 @@ def test_unit_tests_cover_firing_and_not_firing() -> None:
     assert names - quiet == set(), "alerts never tested not firing"
 
 
+def _matcher_regex(matcher: str) -> re.Pattern[str]:
+    name, op, value = re.fullmatch(r'(\w+)(=~|=)"(.*)"', matcher).groups()  # type: ignore[union-attr]
+    assert name == "alertname"
+    return re.compile(value if op == "=~" else re.escape(value))
+
+
+def test_backend_outage_inhibits_exactly_the_alerts_it_explains() -> None:
+    """The Alertmanager example inhibits, on disks of a failing backend, the per-disk alerts the
+    generator's BACKEND_EXPLAINED_ALERTS names, by the disk's labels; the outage alerts are
+    paged per backend and the inhibitor alert goes nowhere."""
+    gen = load_module(GENERATOR)
+    am = yaml.safe_load(ALERTMANAGER.read_text())
+    names = {r["alert"] for r in alert_rules()}
+    rules = [
+        r for r in am["inhibit_rules"] if r["source_matchers"] == ['alertname="QemuDiskOnFailingBackend"']
+    ]
+    assert len(rules) == 1
+    target = _matcher_regex(rules[0]["target_matchers"][0])
+    assert {n for n in names if target.fullmatch(n)} == set(gen.BACKEND_EXPLAINED_ALERTS)
+    assert "QemuIOHangTimedOut" not in gen.BACKEND_EXPLAINED_ALERTS
+    assert rules[0]["equal"] == ["job", "instance", "vm", "device"]
+    routes = {r["matchers"][0]: r for r in am["route"]["routes"]}
+    assert routes['alertname="QemuDiskOnFailingBackend"']["receiver"] == "blackhole"
+    outage = routes['alertname=~"QemuStorageBackendOutage(Fleet)?"']
+    assert outage["receiver"] == "oncall" and "backend" in outage["group_by"]
+    receivers = {r["name"]: r for r in am["receivers"]}
+    assert set(receivers["blackhole"]) == {"name"}  # no notifier at all
+
+
 @pytest.mark.promtool
 def test_promtool_check_rules() -> None:
     promtool = require_binary("promtool")
@@ -176,6 +212,10 @@ def test_promtool_unit_tests() -> None:
         ("HANG_MIN_RETRY_INTERVALS", 1, "QemuDiskIOHang"),
         # Make the blip threshold longer than the tests expect.
         ("HANG_MIN_SECONDS", 40, "QemuDiskIOHang"),
+        # A backend outage from two disks, from a smaller share, or the share rule off.
+        ("BACKEND_OUTAGE_MIN_DISKS", 2, "QemuStorageBackendOutage"),
+        ("BACKEND_OUTAGE_MIN_SHARE", 0.3, "QemuStorageBackendOutage"),
+        ("BACKEND_OUTAGE_MIN_SHARE", 1.5, "QemuStorageBackendOutage"),
     ],
 )
 def test_promtool_unit_tests_can_fail(tmp_path: Path, constant: str, value: float, alert: str) -> None:

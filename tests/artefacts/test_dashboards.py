@@ -13,6 +13,7 @@ import yaml
 
 from tests.artefacts.artefacts import (
     DASHBOARD_DIR,
+    PROMETHEUS_SERIES,
     ROOT,
     all_exprs,
     contract_metrics,
@@ -139,7 +140,7 @@ def test_promql_parser_rejects_garbage() -> None:
 def test_metric_names_in_contract() -> None:
     assert "qemu_block_io_hang" in contract_metrics()
     assert contract_metrics()["qemu_block_io_hang_completed_duration_seconds"] == "histogram"
-    allowed = contract_series_names() | recording_rule_names() | {"up"}
+    allowed = contract_series_names() | recording_rule_names() | PROMETHEUS_SERIES
     unknown: dict[str, set[str]] = {}
     for where, expr in EXPRS:
         bad = metric_names_in(expr) - allowed

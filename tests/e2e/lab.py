@@ -50,8 +50,14 @@ class Lab:
         image = write_disk_image(self.workdir / f"{name}.img", pause_us=pause_us)
         return self._stack.enter_context(run_failing_storage(self.workdir, image, name))
 
-    def vm(self, args: Sequence[str], **kwargs: Any) -> QemuVM:
-        return self._stack.enter_context(run_vm(self.workdir, args, **kwargs))
+    def vm(self, args: Sequence[str], *, subdir: str | None = None, **kwargs: Any) -> QemuVM:
+        """A QEMU in the lab's directory, or in ``subdir`` of it (several VMs: each has its own
+        ``vm.qmp``, second monitor and debug console)."""
+        workdir = self.workdir
+        if subdir is not None:
+            workdir = workdir / subdir
+            workdir.mkdir()
+        return self._stack.enter_context(run_vm(workdir, args, **kwargs))
 
     async def exporter(self, *sockets: Path, **qmp: Any) -> ExporterProcess:
         """The exporter watching ``sockets`` (and/or ``globs=[...]``), with short intervals."""

@@ -22,6 +22,29 @@ FAST: dict[str, Any] = {
 }
 
 
+#: The second disk of VM "good": RBD as QEMU names a -blockdev rbd node (a json: filename).
+RBD_FILENAME = (
+    'json:{"driver": "raw", "file": {"driver": "rbd", "pool": "vms", "image": "good-data", '
+    '"server": [{"host": "192.0.2.22", "port": "6789"}, {"host": "192.0.2.21", "port": "6789"}]}}'
+)
+#: The mount table of `fleet_config`: images on an NFS export, the rest on the root disk.
+FLEET_MOUNTINFO = (
+    "22 1 8:3 / / rw,relatime shared:1 - ext4 /dev/sda3 rw\n"
+    "40 22 0:40 / /var/lib/images rw,relatime shared:2 - nfs4 filer1:/export/vms rw,vers=4.2\n"
+)
+#: The backend of each disk of `fleet` under `fleet_config`.
+EXPECTED_BACKENDS = {
+    ("good", "virtio-disk0"): "nbd://192.0.2.10:10809",
+    ("good", "scsi0-0-0-0"): "rbd://192.0.2.21:6789,192.0.2.22:6789/vms",
+    ("stopper", "virtio-disk0"): "iscsi://192.0.2.30:3260/iqn.2026-01.example:array1",
+    ("stopper", "scsi0-0-0-0"): "nfs://filer1/export/vms",
+    ("ondrive", "virtio-disk0"): "nfs://filer1/export/vms",
+    ("ondrive", "scsi0-0-0-0"): "san-a",
+    ("upstream", "virtio-disk0"): "nbd+unix:/run/nbd0.sock",
+    ("upstream", "scsi0-0-0-0"): "block:/dev/sda",
+}
+
+
 def retry_disk(id: str, type: str = "virtio-blk", **kw: Any) -> DiskSpec:
     args: dict[str, Any] = {
         "werror": "retry",
@@ -38,22 +61,38 @@ def fleet(d: Path) -> list[SimVM]:
         SimVM(
             str(d / "good.qmp"),
             name="good",
-            disks=[retry_disk("virtio-disk0"), retry_disk("scsi0-0-0-0", "scsi-hd")],
+            disks=[
+                retry_disk("virtio-disk0", filename="nbd://192.0.2.10:10809/good-root"),
+                retry_disk("scsi0-0-0-0", "scsi-hd", filename=RBD_FILENAME),
+            ],
         ),
         SimVM(
             str(d / "stopper.qmp"),
             name="stopper",
             disks=[
-                DiskSpec(id="virtio-disk0", werror="stop", rerror="stop", in_flight=0),
-                DiskSpec(id="scsi0-0-0-0", type="scsi-hd", werror="stop", rerror="report", in_flight=0),
+                DiskSpec(
+                    id="virtio-disk0",
+                    werror="stop",
+                    rerror="stop",
+                    in_flight=0,
+                    filename="iscsi://192.0.2.30:3260/iqn.2026-01.example:array1/1",
+                ),
+                DiskSpec(
+                    id="scsi0-0-0-0",
+                    type="scsi-hd",
+                    werror="stop",
+                    rerror="report",
+                    in_flight=0,
+                    filename="/var/lib/images/stopper-data.qcow2",
+                ),
             ],
         ),
         SimVM(
             str(d / "ondrive.qmp"),
             name="ondrive",
             disks=[
-                retry_disk("virtio-disk0", policy_on="drive"),
-                retry_disk("scsi0-0-0-0", "scsi-hd", policy_on="drive"),
+                retry_disk("virtio-disk0", policy_on="drive", filename="/var/lib/images/ondrive.qcow2"),
+                retry_disk("scsi0-0-0-0", "scsi-hd", policy_on="drive", filename="/dev/mapper/mpatha"),
             ],
         ),
         SimVM(
@@ -68,8 +107,9 @@ def fleet(d: Path) -> list[SimVM]:
                     in_flight=0,
                     naming="blockdev",
                     node_name="nbd0",
+                    filename="nbd+unix://?socket=/run/nbd0.sock",
                 ),
-                DiskSpec(id="scsi0-0-0-0", type="scsi-hd", in_flight=0),
+                DiskSpec(id="scsi0-0-0-0", type="scsi-hd", in_flight=0, filename="/srv/local/upstream.img"),
             ],
         ),
     ]
@@ -101,8 +141,16 @@ async def running(vms: Iterable[SimVM]) -> AsyncIterator[list[SimVM]]:
 
 
 def fleet_config(d: Path) -> dict[str, Any]:
-    """The exporter config used with `fleet`: every socket in ``d``, non-zero timeouts required."""
-    return {"qmp": {"globs": [str(d / "*.qmp")], **FAST}, "policy": {"require_nonzero_timeout": True}}
+    """The exporter config used with `fleet`: every socket in ``d``, non-zero timeouts required,
+    the fleet's mount table (written into ``d``: the same backends on every machine) and one
+    operator rule naming the multipath map's SAN."""
+    (d / "mountinfo").write_text(FLEET_MOUNTINFO)
+    return {
+        "qmp": {"globs": [str(d / "*.qmp")], **FAST},
+        "policy": {"require_nonzero_timeout": True},
+        "mounts": {"file": str(d / "mountinfo")},
+        "backends": [{"match": "block:/dev/mapper/mpath*", "name": "san-a"}],
+    }
 
 
 def all_disks_seen(m: Metrics) -> bool:
@@ -141,6 +189,12 @@ async def test_policy_verdicts_for_a_mixed_fleet(short_tmp: Path) -> None:
         assert m.find("qemu_block_retry_timeout_seconds", vm="upstream") == []
         assert m.value("qemu_vm_retry_feature", vm="good") == 1
         assert m.value("qemu_vm_retry_feature", vm="upstream") == 0
+        backends = {key: labels["backend"] for key, labels in info.items()}
+        assert backends == EXPECTED_BACKENDS
+        per_backend = {s.labels["backend"]: s.value for s in m.find("qemu_storage_backend_disks")}
+        assert per_backend == {b: float(list(EXPECTED_BACKENDS.values()).count(b)) for b in per_backend}
+        assert set(per_backend) == set(EXPECTED_BACKENDS.values())
+        assert all(s.value == 0 for s in m.find("qemu_storage_backend_hanging_disks"))
         assert m.value("qemu_vm_status", vm="good", status="running") == 1
         assert m.label_values("qemu_vm_info", "qemu_version", vm="upstream") == {"7.2.22"}
         assert m.value("qemu_exporter_vms") == 4

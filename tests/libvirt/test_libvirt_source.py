@@ -120,6 +120,11 @@ async def test_policy_state_and_stop_hang_through_libvirt(libvirt_lab: LibvirtLa
         # The local file disk has no policy at all: QEMU's defaults, enospc / report.
         vdb = m.find("qemu_block_device_info", vm=dom.name, device="virtio-disk1")[0].labels
         assert (vdb["werror"], vdb["rerror"]) == ("enospc", "report")
+        # Storage backends from the live XML's <source>: the NBD server, and the local file's
+        # filesystem (whatever it is mounted from, never the NBD server or "unknown").
+        nbd_backend = f"nbd://127.0.0.1:{dom.storage.port}"
+        assert info["backend"] == nbd_backend
+        assert vdb["backend"] not in (nbd_backend, "unknown", "")
         assert m.value("qemu_vm_status", vm=dom.name, status="running") == 1
         assert m.value("qemu_vm_info", vm=dom.name, uuid=dom.uuid(), socket=libvirt_lab.libvirtd.uri) == 1
 
@@ -134,6 +139,8 @@ async def test_policy_state_and_stop_hang_through_libvirt(libvirt_lab: LibvirtLa
                 ),
                 "the stop-policy hang",
             )
+            hanging = {s.labels["backend"]: s.value for s in m.find("qemu_storage_backend_hanging_disks")}
+            assert hanging == {nbd_backend: 1, vdb["backend"]: 0}
             start = m.value("qemu_block_io_hang_start_timestamp_seconds", vm=dom.name, device="ua-boot")
             assert start is not None and abs(start - time.time()) < 60
             # Resumed while the storage still fails: the request fails again, QEMU pauses again.
