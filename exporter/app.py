@@ -8,6 +8,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client.registry import CollectorRegistry
@@ -23,6 +24,7 @@ from exporter.libvirt_watch import LibvirtSource
 from exporter.metrics import ConnectionCollector, ExporterCollector
 from exporter.model.sink import EventSink, SinkGroup
 from exporter.model.state import VMState
+from exporter.status import build_status
 from exporter.web import make_app
 from exporter.webconfig import WebConfig, auth_middleware
 
@@ -82,6 +84,11 @@ class Exporter:
         on_qmp = {vm.uuid for vm in vms if vm.up and vm.uuid}
         return vms + [vm for s in self.libvirt for vm in s.vms if vm.uuid not in on_qmp]
 
+    def status(self) -> dict[str, Any]:
+        """What the status page and ``/api/v1/status`` show (`exporter.status`)."""
+        conns = [s.state for s in self.libvirt]
+        return build_status(self.vms(), self.hangs, self.config.policy, self.clock(), conns)
+
     def _fleet_shape(self) -> tuple[int, int]:
         vms = self.vms()
         return len(vms), sum(1 for vm in vms if vm.up)
@@ -91,7 +98,9 @@ class Exporter:
             "--web.listen-address", "web.listen_address", self.config.listen_address
         )
         mw = auth_middleware(self.web_config)
-        app = make_app(self.registry, self.config.telemetry_path, [mw] if mw else [], self.scrape_first)
+        app = make_app(
+            self.registry, self.config.telemetry_path, [mw] if mw else [], self.scrape_first, self.status
+        )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(

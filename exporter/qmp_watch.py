@@ -225,6 +225,7 @@ class VMWatcher:
                 raise asyncio.CancelledError from exc
             reason = connect_error_reason(exc)
             vm.connect_errors[reason] += 1
+            vm.last_connect_error = reason
             vm.touch_counters()
             self.sink.on_connect_failed(vm, self.clock(), reason)
             if reason != self._last_error_reason:
@@ -245,6 +246,7 @@ class VMWatcher:
                 await self._refresh_disks(client)
                 await self._poll_stats(client)
             vm.up = True
+            vm.last_connect_error = ""
             established = True
             self.sink.on_session_start(vm, self.clock())
             if self._last_error_reason != "connected":
