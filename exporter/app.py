@@ -84,10 +84,10 @@ class Exporter:
         on_qmp = {vm.uuid for vm in vms if vm.up and vm.uuid}
         return vms + [vm for s in self.libvirt for vm in s.vms if vm.uuid not in on_qmp]
 
-    def status(self) -> dict[str, Any]:
+    def status(self, details: bool = True) -> dict[str, Any]:
         """What the status page and ``/api/v1/status`` show (`exporter.status`)."""
         conns = [s.state for s in self.libvirt]
-        return build_status(self.vms(), self.hangs, self.config.policy, self.clock(), conns)
+        return build_status(self.vms(), self.hangs, self.config.policy, self.clock(), conns, details=details)
 
     def _fleet_shape(self) -> tuple[int, int]:
         vms = self.vms()

@@ -12,7 +12,8 @@ The schema (``schema: 1``) is documented in the README; fields are only added, n
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from exporter import __version__
@@ -56,9 +57,11 @@ def rule_fix(rule: Rule | str, policy: PolicyConfig) -> str:
     return text.format(max=f"{maximum:g}" if maximum is not None else "the configured maximum")
 
 
-def policy_fields(policy: DiskPolicy) -> dict[str, Any]:
+@functools.lru_cache(maxsize=4096)
+def policy_fields(policy: DiskPolicy) -> Mapping[str, Any]:
     """A disk's policy as the status and the check command show it (milliseconds as QEMU has
-    them; None where this QEMU has no such property)."""
+    them; None where this QEMU has no such property).  Cached: a fleet has few distinct
+    policies, and the result is only ever copied (``**``), never changed."""
     return {
         "werror": policy.werror,
         "rerror": policy.rerror,
@@ -85,11 +88,14 @@ def build_status(
     policy: PolicyConfig,
     now: float,
     connections: Iterable[ConnectionState] = (),
+    *,
+    details: bool = True,
 ) -> dict[str, Any]:
     """The snapshot of every watched VM at ``now`` (same clock as QEMU's event timestamps).
 
-    Linear in disks plus recent hangs; no sorting beyond the problem lists and the fleet in VM
-    order, so 1000 VMs cost a few milliseconds."""
+    Linear in disks plus recent hangs.  ``details``: include ``vms``, every VM with every disk
+    (what scripts and ``qemu-iohang-check`` read); the HTML page does without, which halves the
+    work at 1000 VMs."""
     conns = {c.uri: c for c in connections}
     hanging: list[dict[str, Any]] = []
     failing: list[dict[str, Any]] = []
@@ -109,8 +115,7 @@ def build_status(
                 timed_out_at[(key, dev)] = r.hang.end
                 break
 
-    for vm in sorted(vms, key=lambda v: (v.vm, v.key)):
-        name = vm.vm
+    for name, _key, vm in sorted((v.vm, v.key, v) for v in vms):
         trackers = hangs.trackers.get(vm.key, {})
         disks_out: list[dict[str, Any]] = []
         vm_ok = vm.up
@@ -140,25 +145,25 @@ def build_status(
                 if t.active:
                     t.advance(now)  # as a scrape does: silence may have ended the hang
                 is_hanging, is_failing = t.hanging, t.failing
-            fields = policy_fields(p)
-            disks_out.append(
-                {
-                    "device": dev,
-                    "type": disk.qdev_type,
-                    **fields,
-                    "compliant": not rules,
-                    "rules": rules,
-                    "hanging": is_hanging,
-                    "failing": is_failing,
-                }
-            )
+            if details:
+                disks_out.append(
+                    {
+                        "device": dev,
+                        "type": disk.qdev_type,
+                        **policy_fields(p),
+                        "compliant": not rules,
+                        "rules": rules,
+                        "hanging": is_hanging,
+                        "failing": is_failing,
+                    }
+                )
             if rules:
                 vm_ok = False
                 violations.append(
                     {
                         "vm": name,
                         "device": dev,
-                        **fields,
+                        **policy_fields(p),
                         "rules": [{"rule": r, "fix": rule_fix(r, policy)} for r in rules],
                     }
                 )
@@ -194,22 +199,23 @@ def build_status(
                         "retry_timeout_seconds": t.retry_timeout_s,
                     }
                 )
-        fleet.append(
-            {
-                "vm": name,
-                "key": vm.key,
-                "source": vm.source,
-                "socket": vm.socket,
-                "uuid": vm.uuid,
-                "up": vm.up,
-                "status": vm.status,
-                "qemu_version": vm.qemu_version,
-                "retry_feature": vm.retry_feature,
-                "disks": disks_out,
-            }
-        )
+        if details:
+            fleet.append(
+                {
+                    "vm": name,
+                    "key": vm.key,
+                    "source": vm.source,
+                    "socket": vm.socket,
+                    "uuid": vm.uuid,
+                    "up": vm.up,
+                    "status": vm.status,
+                    "qemu_version": vm.qemu_version,
+                    "retry_feature": vm.retry_feature,
+                    "disks": disks_out,
+                }
+            )
         if vm_ok:
-            compliant_vms.append({"vm": name, "devices": [d["device"] for d in disks_out]})
+            compliant_vms.append({"vm": name, "devices": sorted(vm.disks)})
 
     hanging.sort(key=lambda h: (-(h["fraction"] or 0.0), -h["elapsed_seconds"], h["vm"], h["device"]))
     cutoff = now - RECENT_WINDOW_S
@@ -267,5 +273,5 @@ def build_status(
             "vms": compliant_vms,
         },
         "recent_hangs": recent,
-        "vms": fleet,
+        **({"vms": fleet} if details else {}),
     }

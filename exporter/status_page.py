@@ -14,7 +14,9 @@ refresh>`` inside ``<noscript>`` does the same, less gently, without JavaScript)
 
 from __future__ import annotations
 
+import functools
 import html
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -56,6 +58,7 @@ setInterval(async () => {
 """.replace("REFRESH_MS", str(REFRESH_SECONDS * 1000))
 
 _esc = html.escape
+_compact = functools.partial(json.dumps, separators=(",", ":"))
 
 
 def seconds_text(s: float | None) -> str:
@@ -307,21 +310,21 @@ def render(status: Mapping[str, Any], telemetry_path: str = "/metrics") -> str:
 
 
 def status_routes(
-    app: web.Application, snapshot: Callable[[], Mapping[str, Any]], telemetry_path: str
+    app: web.Application, snapshot: Callable[[bool], Mapping[str, Any]], telemetry_path: str
 ) -> None:
     """Serve ``/`` (this page) and ``/api/v1/status`` (the same snapshot as JSON).
 
-    ``snapshot`` is called once per request; both run inline on the event loop, like a scrape:
+    ``snapshot(details)`` is called once per request (the page needs no per-disk details); both run inline on the event loop, like a scrape:
     they read memory only."""
 
     async def page(request: web.Request) -> web.StreamResponse:
-        body = render(snapshot(), telemetry_path)
+        body = render(snapshot(False), telemetry_path)
         return web.Response(
             text=body, content_type="text/html", charset="utf-8", headers={"Cache-Control": "no-store"}
         )
 
     async def api(request: web.Request) -> web.StreamResponse:
-        return web.json_response(snapshot(), headers={"Cache-Control": "no-store"})
+        return web.json_response(snapshot(True), headers={"Cache-Control": "no-store"}, dumps=_compact)
 
     app.router.add_get("/", page)
     app.router.add_get("/api/v1/status", api)

@@ -105,7 +105,7 @@ def make_app(
     telemetry_path: str,
     middlewares: Sequence[Middleware] = (),
     scrape_first: ScrapeFirst | None = None,
-    status: Callable[[], Mapping[str, Any]] | None = None,
+    status: Callable[[bool], Mapping[str, Any]] | None = None,
 ) -> web.Application:
     """The HTTP app.  With ``status`` (a snapshot of `exporter.status`), ``/`` is the status
     page and ``/api/v1/status`` its JSON; without, ``/`` is a plain landing page."""

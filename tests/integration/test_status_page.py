@@ -10,9 +10,11 @@ made).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,7 +24,7 @@ import aiohttp
 
 from qmpsim import DiskSpec, SimVM
 from tests.conftest import require_binary
-from tests.harness import ExporterProcess, wait_for
+from tests.harness import REPO, ExporterProcess, wait_for
 from tests.integration.test_exporter_sim import FAST, running
 
 #: A VM name only a hostile or careless operator would choose: must show as text, never as markup.
@@ -230,3 +232,17 @@ async def test_status_page_in_a_browser(short_tmp: Path, tmp_path: Path) -> None
         assert page.row("recent", "hang", "virtio-disk0")[4] == "recovered"
         assert page.row("recent", "tmo", "virtio-disk0")[4] == "timed_out"
         assert not any(vm == "hang" for vm, _d, _c in page.rows.get("hanging", []))
+
+
+def test_status_page_benchmark_runs(short_tmp: Path) -> None:
+    """bench/status_page.py end to end on a tiny fleet (timings are not asserted: CI varies)."""
+    out = short_tmp / "bench.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.status_page", "--vms=10", "--disks=2", "--hanging=2",
+         "--requests=3", f"--json={out}", f"--workdir={short_tmp}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["summary"]["disks_hanging"] == 2
+    assert [x["path"] for x in doc["results"]] == ["/", "/api/v1/status"]
