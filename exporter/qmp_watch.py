@@ -294,6 +294,31 @@ class VMWatcher:
             await self._close(client)
         return established
 
+    async def read_once(self) -> str | None:
+        """Connect, identify the VM, read its disks and their policy, disconnect: one session
+        without watching, for ``qemu-iohang-check``.  The same read-only commands, timeouts and
+        parsing as a watch session, so the check and the exporter cannot disagree about a disk.
+
+        Returns None when everything was read, else why not: a `connect_error_reason`, or
+        ``lost`` when the session failed while reading."""
+        vm = self.vm
+        client = ReadOnlyQMPClient(vm.stem)
+        try:
+            try:
+                async with asyncio.timeout(self.config.qmp.connect_timeout_seconds):
+                    await client.connect(vm.socket)
+            except Exception as exc:
+                return connect_error_reason(exc)
+            try:
+                await self._identify(client)
+                await self._refresh_disks(client)
+            except (SessionLost, ExecuteError):
+                return "lost"
+            vm.up = True
+            return None
+        finally:
+            await self._close(client)
+
     @staticmethod
     async def _close(client: ReadOnlyQMPClient) -> None:
         # disconnect() re-raises whatever killed the session; it has been accounted for.

@@ -50,6 +50,22 @@ RULE_FIXES: dict[Rule, str] = {
 }
 
 
+#: Why a VM is down (`_down_reason`, `exporter.qmp_watch.connect_error_reason`), for people.
+REASON_TEXT = {
+    "not_found": "socket file missing",
+    "refused": "connection refused (QEMU gone?)",
+    "permission": "permission denied on the socket",
+    "timeout": "no QMP greeting (another client holds the monitor?)",
+    "protocol": "QMP protocol error",
+    "other": "connect failed",
+    "lost": "QMP session failed while reading",
+    "connecting": "connecting",
+    "session_ended": "QMP session ended, reconnecting",
+    "libvirt_down": "libvirt connection down",
+    "not_running": "not running",
+}
+
+
 def rule_fix(rule: Rule | str, policy: PolicyConfig) -> str:
     """The one sentence telling an operator what to change for ``rule``."""
     text = RULE_FIXES[Rule(rule)]

@@ -23,6 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
+from exporter.status import REASON_TEXT
+
 #: Seconds between refreshes of an open page.
 REFRESH_SECONDS = 5
 
@@ -156,25 +158,11 @@ def _violations(items: list[dict[str, Any]]) -> str:
     return _table(["VM", "device", "werror/rerror", "interval / timeout", "rule and what to change"], rows)
 
 
-_REASONS = {
-    "not_found": "socket file missing",
-    "refused": "connection refused (QEMU gone?)",
-    "permission": "permission denied on the socket",
-    "timeout": "no QMP greeting (another client holds the monitor?)",
-    "protocol": "QMP protocol error",
-    "other": "connect failed",
-    "connecting": "connecting",
-    "session_ended": "QMP session ended, reconnecting",
-    "libvirt_down": "libvirt connection down",
-    "not_running": "not running",
-}
-
-
 def _down(items: list[dict[str, Any]], connections: list[dict[str, Any]]) -> str:
     rows = []
     for d in items:
         errors = ", ".join(f"{_esc(k)} {n}" for k, n in sorted(d["connect_errors"].items()))
-        reason = _REASONS.get(d["reason"], d["reason"])
+        reason = REASON_TEXT.get(d["reason"], d["reason"])
         rows.append(
             f"<tr{_key(d['vm'])}><td>{_esc(d['vm'])}</td><td><code>{_esc(d['socket'])}</code></td>"
             f'<td class="reason">{_esc(reason)}</td><td class="mut">{errors or "—"}</td></tr>'
