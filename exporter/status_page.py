@@ -76,8 +76,8 @@ def seconds_text(s: float | None) -> str:
     return f"{h} h {m:02d} m"
 
 
-def _ms_text(ms: int | None) -> str:
-    return "—" if ms is None else seconds_text(ms / 1000) if ms else "0"
+def _ms_text(ms: int | None, zero: str = "0") -> str:
+    return "—" if ms is None else seconds_text(ms / 1000) if ms else zero
 
 
 def _time(ts: float | None) -> str:
@@ -152,7 +152,7 @@ def _violations(items: list[dict[str, Any]]) -> str:
         rows.append(
             f"<tr{_key(v['vm'], v['device'])}><td>{_esc(v['vm'])}</td><td>{_esc(v['device'])}</td>"
             f'<td class="n">{_policy_text(v)}</td>'
-            f'<td class="n">{_ms_text(v["retry_interval_ms"])} / {_ms_text(v["retry_timeout_ms"])}</td>'
+            f'<td class="n">{_ms_text(v["retry_interval_ms"])} / {_ms_text(v["retry_timeout_ms"], "never")}</td>'
             f"<td>{rules}</td></tr>"
         )
     return _table(["VM", "device", "werror/rerror", "interval / timeout", "rule and what to change"], rows)
@@ -180,7 +180,7 @@ def _down(items: list[dict[str, Any]], connections: list[dict[str, Any]]) -> str
 def _compliant(c: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
     pol = [
         f"<tr><td>{_policy_text(p)}</td><td>{_ms_text(p['retry_interval_ms'])}</td>"
-        f"<td>{_ms_text(p['retry_timeout_ms']) if p['retry_timeout_ms'] != 0 else 'never'}</td>"
+        f"<td>{_ms_text(p['retry_timeout_ms'], 'never')}</td>"
         f'<td class="n">{p["disks"]}</td></tr>'
         for p in c["by_policy"]
     ]
