@@ -128,16 +128,16 @@ async def test_socket_held_by_the_exporter_then_read_through_it(short_tmp: Path)
         running([good(short_tmp), hang]),
         ExporterProcess(short_tmp, {"qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST}}) as exp,
     ):
-        # One client per QMP monitor: the exporter has it, the check gets no greeting.
-        r = await acheck(f"--qmp.socket={short_tmp / 'good.qmp'}", "--timeout=1")
-        assert r.returncode == 2, r.stdout + r.stderr
-        assert "no QMP greeting" in r.stdout and "--exporter.url" in r.stdout
 
         async def both_up() -> bool:
             r = await acheck(f"--exporter.url={exp.url}", "--output=json")
             return r.returncode == 0 and len(rows(r)) == 3
 
         await wait_for(both_up, 15, "the exporter to see both VMs")
+        # One client per QMP monitor: the exporter has it, the check gets no greeting.
+        r = await acheck(f"--qmp.socket={short_tmp / 'good.qmp'}", "--timeout=1")
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "no QMP greeting" in r.stdout and "--exporter.url" in r.stdout
         hang.link_down("virtio-disk0", in_flight=1, operations=("write",))
 
         async def hanging() -> subprocess.CompletedProcess[str] | None:
