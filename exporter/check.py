@@ -310,11 +310,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config.file", dest="config_file", metavar="PATH", help="the exporter's YAML config (policy)"
     )
-    p.add_argument("--qmp.socket", dest="sockets", action="append", default=[], metavar="PATH")
-    p.add_argument("--qmp.glob", dest="globs", action="append", default=[], metavar="PATTERN")
-    p.add_argument("--libvirt.uri", dest="libvirt_uris", action="append", default=[], metavar="URI")
-    p.add_argument("--xml", dest="xml_files", nargs="+", action="extend", default=[], metavar="FILE")
-    p.add_argument("--exporter.url", dest="exporter_urls", action="append", default=[], metavar="URL")
+    p.add_argument(
+        "--qmp.socket",
+        dest="sockets",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a QMP socket (repeatable)",
+    )
+    p.add_argument(
+        "--qmp.glob",
+        dest="globs",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="QMP sockets matching a glob (repeatable; without any source: the config's, else "
+        "/run/qemu-iohang-exporter/*.qmp)",
+    )
+    p.add_argument(
+        "--libvirt.uri",
+        dest="libvirt_uris",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="every running domain of a libvirt URI, e.g. qemu:///system (read-only; needs the libvirt extra)",
+    )
+    p.add_argument(
+        "--xml",
+        dest="xml_files",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="FILE",
+        help="domain XML files, running or not (e.g. a migration destination's definition)",
+    )
+    p.add_argument(
+        "--exporter.url",
+        dest="exporter_urls",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a running exporter (reads its /api/v1/status; basic auth as https://user:pass@host:9738)",
+    )
     p.add_argument("--exporter.ca-file", dest="ca_file", metavar="PATH", help="CA to trust for https")
     p.add_argument(
         "--timeout",

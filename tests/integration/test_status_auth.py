@@ -3,6 +3,10 @@ the exporter subprocess with --web.config.file, a real TLS client, a simulated V
 
 from __future__ import annotations
 
+import asyncio
+import json
+import subprocess
+import urllib.parse
 from pathlib import Path
 
 import aiohttp
@@ -10,6 +14,7 @@ import pytest
 
 from qmpsim import DiskSpec, SimVM
 from tests.harness import ExporterProcess, wait_for
+from tests.integration.test_check import check
 from tests.integration.test_exporter_sim import FAST, running
 from tests.integration.test_web_tls_auth import HASH, PASSWORD, _auth, _self_signed, _trusting
 
@@ -70,3 +75,25 @@ async def test_status_behind_tls_and_basic_auth(short_tmp: Path, web_config: Pat
         with pytest.raises(aiohttp.ClientError):  # no plain HTTP on the TLS port
             async with s.get(f"http://127.0.0.1:{exp.port}{path}", headers=_auth("prometheus", PASSWORD)):
                 pass
+
+
+async def test_check_reads_the_exporter_over_tls_with_basic_auth(short_tmp: Path, web_config: Path) -> None:
+    vm = SimVM(str(short_tmp / "a.qmp"), name="a", disks=[DiskSpec(id="virtio-disk0", werror="stop")])
+    cfg = {"qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST}}
+    async with running([vm]), TLSExporter(short_tmp, cfg, web_config) as exp:
+        ca = f"--exporter.ca-file={web_config.parent / 'server.crt'}"
+        with_auth = f"https://prometheus:{urllib.parse.quote(PASSWORD, safe='')}@127.0.0.1:{exp.port}"
+
+        async def violation_seen() -> subprocess.CompletedProcess[str] | None:
+            r = await asyncio.to_thread(check, f"--exporter.url={with_auth}", ca, "--output=json")
+            return r if r.returncode == 1 else None
+
+        r = await wait_for(violation_seen, 15, "the check to read the violating disk")
+        assert [(x["vm"], x["werror"], x["verdict"]) for x in json.loads(r.stdout)["rows"]] == [
+            ("a", "stop", "violation")
+        ]
+        r = await asyncio.to_thread(check, f"--exporter.url={exp.url}", ca)
+        assert r.returncode == 2 and "401" in r.stderr and PASSWORD not in r.stderr
+        r = await asyncio.to_thread(check, f"--exporter.url={with_auth}")  # CA not trusted
+        assert r.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in r.stderr
+        assert urllib.parse.quote(PASSWORD, safe="") not in r.stderr  # credentials never printed
