@@ -8,6 +8,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client.registry import CollectorRegistry
@@ -25,6 +26,7 @@ from exporter.metrics import ConnectionCollector, ExporterCollector
 from exporter.model.sink import EventSink, SinkGroup
 from exporter.model.state import VMState, one_per_vm
 from exporter.sd_notify import Notifier
+from exporter.status import build_status
 from exporter.storage import BackendResolver
 from exporter.web import make_app
 from exporter.webconfig import WebConfig, auth_middleware
@@ -87,6 +89,11 @@ class Exporter:
             return self.discovery.vms
         return one_per_vm(self.discovery.vms, [vm for s in self.libvirt for vm in s.vms])
 
+    def status(self, details: bool = True) -> dict[str, Any]:
+        """What the status page and ``/api/v1/status`` show (`exporter.status`)."""
+        conns = [s.state for s in self.libvirt]
+        return build_status(self.vms(), self.hangs, self.config.policy, self.clock(), conns, details=details)
+
     def _fleet_shape(self) -> tuple[int, int]:
         vms = self.vms()
         return len(vms), sum(1 for vm in vms if vm.up)
@@ -102,6 +109,7 @@ class Exporter:
             [mw] if mw else [],
             self.scrape_first,
             health=self.liveness.problem,
+            status=self.status,
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()

@@ -216,8 +216,12 @@ class _BadDisk(Exception):
     """A disk whose XML QEMU could not have started with; becomes a `SkippedDisk`."""
 
 
-def parse_domain(xml: str | bytes) -> Domain:
+def parse_domain(xml: str | bytes, *, inactive: bool = False) -> Domain:
     """Parse a domain's live XML (``virDomainGetXMLDesc(0)``).
+
+    ``inactive``: the XML may be a definition that is not running (``virsh dumpxml
+    --inactive``, a migration destination's domain file), whose disks have no ``<alias>`` yet:
+    such a disk is named by its target (``vda``) instead of being skipped.
 
     Raises `ValueError` when the text is not well-formed XML, not a ``<domain>``, or lacks a
     name or UUID.  A single odd disk never fails the whole domain: it lands in ``skipped``.
@@ -254,7 +258,9 @@ def parse_domain(xml: str | bytes) -> Domain:
             if not target:
                 raise _BadDisk("no <target dev=...>")
             if not alias:
-                raise _BadDisk("no <alias name=...> (not a running domain's live XML?)")
+                if not inactive:
+                    raise _BadDisk("no <alias name=...> (not a running domain's live XML?)")
+                alias = target
             if alias in override_problems:
                 raise _BadDisk(override_problems[alias])
             disks.append(_disk(elem, alias, _clip(target), bus, device, overrides.get(alias, {})))

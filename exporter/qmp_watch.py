@@ -234,6 +234,7 @@ class VMWatcher:
                 raise asyncio.CancelledError from exc
             reason = connect_error_reason(exc)
             vm.connect_errors[reason] += 1
+            vm.last_connect_error = reason
             vm.touch_counters()
             self.sink.on_connect_failed(vm, self.clock(), reason)
             if reason != self._last_error_reason:
@@ -257,6 +258,7 @@ class VMWatcher:
             established = True
             self._release_events()  # before the session starts: the first sample is no poll
             vm.up = True
+            vm.last_connect_error = ""
             self.sink.on_session_start(vm, self.clock())
             if self._last_error_reason != "connected":
                 log.info(
@@ -304,6 +306,31 @@ class VMWatcher:
             self.client = None
             await self._close(client)
         return established
+
+    async def read_once(self) -> str | None:
+        """Connect, identify the VM, read its disks and their policy, disconnect: one session
+        without watching, for ``qemu-iohang-check``.  The same read-only commands, timeouts and
+        parsing as a watch session, so the check and the exporter cannot disagree about a disk.
+
+        Returns None when everything was read, else why not: a `connect_error_reason`, or
+        ``lost`` when the session failed while reading."""
+        vm = self.vm
+        client = ReadOnlyQMPClient(vm.stem)
+        try:
+            try:
+                async with asyncio.timeout(self.config.qmp.connect_timeout_seconds):
+                    await client.connect(vm.socket)
+            except Exception as exc:
+                return connect_error_reason(exc)
+            try:
+                await self._identify(client)
+                await self._refresh_disks(client)
+            except (SessionLost, ExecuteError):
+                return "lost"
+            vm.up = True
+            return None
+        finally:
+            await self._close(client)
 
     @staticmethod
     async def _close(client: ReadOnlyQMPClient) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import html
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +21,7 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import __version__
 from exporter.fairness import ScrapeFirst
 from exporter.metrics import generate_text
+from exporter.status_page import status_routes
 
 #: gzip level of /metrics (see `_gzip`).
 GZIP_LEVEL = 1
@@ -110,7 +111,10 @@ def make_app(
     middlewares: Sequence[Middleware] = (),
     scrape_first: ScrapeFirst | None = None,
     health: Callable[[], str | None] = lambda: None,
+    status: Callable[[bool], Mapping[str, Any]] | None = None,
 ) -> web.Application:
+    """The HTTP app.  With ``status`` (a snapshot of `exporter.status`), ``/`` is the status
+    page and ``/api/v1/status`` its JSON; without, ``/`` is a plain landing page."""
     # Scrapes and probes send tiny requests: refuse bodies instead of buffering them.
     app = web.Application(client_max_size=4096, middlewares=middlewares)
     app[REGISTRY_KEY] = registry
@@ -119,5 +123,8 @@ def make_app(
     app[HEALTH_KEY] = health
     app.router.add_get(telemetry_path, metrics)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/", landing)
+    if status is not None:
+        status_routes(app, status, telemetry_path)
+    else:
+        app.router.add_get("/", landing)
     return app

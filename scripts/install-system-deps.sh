@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian/Ubuntu packages the test suite runs for real: QEMU, nbdkit, Prometheus (promtool),
-# Alertmanager, systemd's analysis tools, openssl, libvirt (a real libvirtd the libvirt tests
-# start themselves) and what building PyPI libvirt-python needs.  Installs only what is missing.
+# Alertmanager, systemd's analysis tools, openssl, Chromium (headless: the status page test),
+# libvirt (a real libvirtd the libvirt tests start themselves) and what building PyPI
+# libvirt-python needs.  Installs only what is missing.
 set -euo pipefail
 need=()
 # installed <package>: true when dpkg has it installed (for packages no single command proves).
@@ -12,6 +13,7 @@ command -v promtool >/dev/null || need+=(prometheus)
 { command -v prometheus-alertmanager >/dev/null || command -v alertmanager >/dev/null; } || need+=(prometheus-alertmanager)
 command -v systemd-analyze >/dev/null || need+=(systemd)   # verifies the shipped unit files
 command -v openssl >/dev/null || need+=(openssl)           # test certificates for TLS tests
+command -v chromium >/dev/null || need+=(chromium)         # the status page test's real browser
 # libvirt: the daemon and QEMU driver (tests/libvirt runs a real libvirtd without systemd),
 # virsh, and the headers PyPI libvirt-python compiles against (pkg-config finds them).
 for pkg in libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config; do

@@ -18,7 +18,9 @@ import logging
 import math
 import os
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -36,6 +38,11 @@ log = logging.getLogger("exporter.hang")
 HANG_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
 STATE_VERSION = 1
+
+#: Completed hangs kept per disk for the status page (`HangTracking.recent`), and for how long
+#: after its latest one ended: enough to tell "flapping" from "one outage", bounded in memory.
+RECENT_PER_DISK = 10
+RECENT_WINDOW_S = 3600.0
 
 
 def disk_policy_seconds(disk: Disk) -> tuple[float, float]:
@@ -87,6 +94,9 @@ class HangTracking(EventSink, HangView):
         # VMState.key -> device -> tracker
         self.trackers: dict[str, dict[str, DiskHangTracker]] = {}
         self.histogram = _Histogram()
+        #: (VMState.key, device) -> its latest completed hangs, oldest first (status page).
+        self.recent: dict[tuple[str, str], deque[RecentHang]] = {}
+        self._names: dict[str, str] = {}  # VMState.key -> `vm` label, for hangs of VMs gone
         self._saved: dict[str, Any] = self._load()
         self._last_written_key: object = None
         self._task: asyncio.Task[None] | None = None
@@ -166,12 +176,13 @@ class HangTracking(EventSink, HangView):
 
     def on_disks(self, vm: VMState, now: float) -> None:
         self._changed(vm.key)
+        self._names[vm.key] = vm.vm
         devs = self.trackers.setdefault(vm.key, {})
         saved = self._saved.get(vm.key, {})
         for dev in list(devs):
             if dev not in vm.disks:  # unplugged: whatever hang it had cannot go on
                 devs[dev].on_vm_gone(now)
-                self._drain(devs.pop(dev))
+                self._drain(devs.pop(dev), vm.key, dev)
         for dev, disk in vm.disks.items():
             interval, timeout = disk_policy_seconds(disk)
             tracker = devs.get(dev)
@@ -270,24 +281,37 @@ class HangTracking(EventSink, HangView):
     def on_removed(self, vm: VMState, now: float) -> None:
         self._changed(vm.key)
         devs = self.trackers.pop(vm.key, {})
-        for t in devs.values():
+        for dev, t in devs.items():
             t.on_vm_gone(now)
-            self._drain(t)
+            self._drain(t, vm.key, dev)
         self._saved.pop(vm.key, None)
+        self._names.pop(vm.key, None)
 
     # -- ticking -----------------------------------------------------------------------
 
-    def _drain(self, tracker: DiskHangTracker) -> None:
+    def _drain(self, tracker: DiskHangTracker, key: str, device: str) -> None:
         if tracker.has_completed:
+            ring = self.recent.get((key, device))
+            if ring is None:
+                ring = self.recent[(key, device)] = deque(maxlen=RECENT_PER_DISK)
+            vm = self._names.get(key, key)
             for hang in tracker.drain_completed():
                 self.histogram.observe(hang)
+                ring.append(RecentHang(vm, device, hang))
+
+    def _forget_old(self, now: float) -> None:
+        """Drop the recent hangs of disks whose latest hang ended over `RECENT_WINDOW_S` ago."""
+        cutoff = now - RECENT_WINDOW_S
+        for k in [k for k, ring in self.recent.items() if not ring or ring[-1].hang.end < cutoff]:
+            del self.recent[k]
 
     def tick(self, now: float) -> None:
-        for devs in self.trackers.values():
-            for t in devs.values():
+        for key, devs in self.trackers.items():
+            for dev, t in devs.items():
                 if t.active:  # an idle tracker has nothing to learn from the time
                     t.advance(now)
-                self._drain(t)
+                self._drain(t, key, dev)
+        self._forget_old(now)
         self.save()
         if self.on_change is not None:
             self.on_change(self.trackers)
@@ -346,8 +370,9 @@ class HangTracking(EventSink, HangView):
                 for outcome, n in t.hangs_total.items():
                     total.add_metric([*labels, outcome.value], n)
                 seconds.add_metric(labels, t.hang_seconds_total(now))
-        for t in (d for devs in self.trackers.values() for d in devs.values()):
-            self._drain(t)
+        for key, devs in self.trackers.items():
+            for dev, t in devs.items():
+                self._drain(t, key, dev)
         per_disk = [hang, duration, start, deadline, failing, total, seconds, self.histogram.family()]
         return [*per_disk, *backend_families(vms, self.trackers)]
 
@@ -371,10 +396,10 @@ class HangTracking(EventSink, HangView):
             if entry is None or entry.vm is not vm or entry.key != key or entry.volatile:
                 devs = self.trackers.get(vm.key, {})
                 used = [(dev, devs[dev]) for dev in sorted(vm.disks) if dev in devs]
-                for _dev, t in used:
+                for dev, t in used:
                     if t.active:
                         t.advance(now)
-                    self._drain(t)
+                    self._drain(t, vm.key, dev)
                 # Label text depends on the VM's identity only: a hanging VM is re-rendered at
                 # every scrape, its labels need not be.
                 same_labels = entry is not None and entry.vm is vm and entry.key[0::2] == key[0::2]
@@ -395,6 +420,15 @@ _versions = itertools.count(1)
 #: Families of `HangTracking.collect` rendered per VM by `_HangText`; the histogram and the
 #: per-backend aggregates follow them, formatted at each scrape.
 _PER_DISK_FAMILIES = 7
+
+
+@dataclass(frozen=True, slots=True)
+class RecentHang:
+    """A completed hang with the VM (its `vm` label when it ended) and device it happened on."""
+
+    vm: str
+    device: str
+    hang: CompletedHang
 
 
 class _HangText:

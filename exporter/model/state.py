@@ -140,6 +140,8 @@ class VMState:
     events: Counter[str] = field(default_factory=Counter)
     unmatched_io_errors: int = 0
     internal_errors: int = 0  # bugs caught by the watcher (each also logged with a traceback)
+    #: Reason of the latest failed connect ("" after a session started): why a VM is down.
+    last_connect_error: str = ""
 
     # Lookups from what BLOCK_IO_ERROR carries to the qdev id (rebuilt with the disk list).
     _by_node: dict[str, str] = field(default_factory=dict, repr=False)

@@ -1,0 +1,156 @@
+"""The status snapshot (`exporter.status`) and its page (`exporter.status_page`), from the real
+model objects fed with typed events: no sockets, no clock of their own."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+
+from exporter.config import PolicyConfig
+from exporter.hang.tracking import RECENT_PER_DISK, RECENT_WINDOW_S, HangTracking
+from exporter.model.events import BlockIOError
+from exporter.model.policy import DiskPolicy, Rule, verify
+from exporter.model.state import Disk, VMState
+from exporter.status import RULE_FIXES, build_status, rule_fix
+from exporter.status_page import render, seconds_text
+
+EVIL = "<script>alert('x')</script>&\"vm\""
+T0 = 1_700_000_000.0
+
+
+def disk(
+    device: str, werror: str = "retry", timeout_ms: int = 10_000, policy: PolicyConfig | None = None
+) -> Disk:
+    p = DiskPolicy(werror, "retry", 1000, timeout_ms, True)
+    return Disk(device, "", f"node-{device}", device, f"/machine/peripheral/{device}", "virtio-blk", p,
+                verify(p, policy or PolicyConfig()))  # fmt: skip
+
+
+def vm(name: str, *disks: Disk) -> VMState:
+    v = VMState.qmp(f"/run/{name[:8].replace('/', '_')}-{len(name)}.qmp")
+    v.name, v.up, v.status = name, True, "running"
+    v.set_disks({d.device: d for d in disks})
+    return v
+
+
+def test_every_rule_says_what_to_change() -> None:
+    assert set(RULE_FIXES) == set(Rule)
+    assert "at most 60 s" in rule_fix(Rule.TIMEOUT_ABOVE_MAX, PolicyConfig(max_timeout_seconds=60))
+    for rule in Rule:
+        text = rule_fix(rule, PolicyConfig())
+        assert text.endswith(".") and text.count(". ") == 0, text  # one sentence
+
+
+def test_hanging_failing_violating_down_and_recent_are_listed_and_escaped() -> None:
+    hangs = HangTracking(margin_s=1.0)
+    a = vm(EVIL, disk("virtio-disk0"), disk("<b>d</b>", werror="report"))
+    b = vm("forever", disk("virtio-disk0", timeout_ms=0))
+    down = VMState.qmp("/run/gone.qmp")
+    down.last_connect_error = "refused"
+    down.connect_errors["refused"] += 3
+    for v in (a, b):
+        hangs.on_disks(v, T0)
+    for i in range(1, 6):  # failed attempts every second: hanging for 4.5 s at T0 + 5.5
+        hangs.on_event(a, BlockIOError(T0 + i, "virtio-disk0", "write", "retry"))
+        hangs.on_event(b, BlockIOError(T0 + i, "virtio-disk0", "write", "retry"))
+    st = build_status([a, b, down], hangs, PolicyConfig(), T0 + 5.5, [])
+    json.dumps(st)  # plain data
+    h = {x["vm"]: x for x in st["hanging"]}
+    assert h[EVIL]["fraction"] == 0.45 and h[EVIL]["deadline"] == T0 + 11
+    assert h["forever"]["fraction"] is None and h["forever"]["retry_timeout_seconds"] == 0
+    assert st["hanging"][0]["vm"] == EVIL  # closest to its timeout first
+    assert [(v["vm"], v["device"]) for v in st["violations"]] == [(EVIL, "<b>d</b>")]
+    assert st["down"] == [
+        {
+            "vm": "gone",
+            "source": "qmp",
+            "socket": "/run/gone.qmp",
+            "reason": "refused",
+            "connect_errors": {"refused": 3},
+        }
+    ]
+    assert st["summary"]["disks"] == 3 and st["summary"]["disks_compliant"] == 2
+
+    page = render(st)
+    assert EVIL not in page and "<b>d</b>" not in page
+    assert html.escape(EVIL) in page and html.escape("<b>d</b>") in page
+    assert page.count("<script>") == 1
+    assert "never times out" in page and "10.0 s timeout, 5.5 s left" in page
+    assert re.search(r"width:45\.0%", page)
+
+    # Timeout reached: failing since the report, and the hang is a recent "timed_out".
+    for i in range(6, 11):
+        hangs.on_event(a, BlockIOError(T0 + i, "virtio-disk0", "write", "retry"))
+    hangs.on_event(a, BlockIOError(T0 + 11, "virtio-disk0", "write", "report"))
+    hangs.tick(T0 + 11.5)
+    st = build_status([a, b, down], hangs, PolicyConfig(), T0 + 12, [])
+    assert [(f["vm"], f["since"]) for f in st["failing"]] == [(EVIL, T0 + 11)]
+    # "forever" got no further error since T0 + 5: recovered (newest last here, by its end).
+    assert [(r["vm"], r["outcome"], r["duration_seconds"]) for r in st["recent_hangs"]] == [
+        (EVIL, "timed_out", 10.0),
+        ("forever", "recovered", 5.0),
+    ]
+    assert html.escape(EVIL) in render(st) and EVIL not in render(st)
+
+
+def test_recent_hangs_are_bounded_per_disk_and_forgotten_after_the_window() -> None:
+    hangs = HangTracking(margin_s=0.5)
+    v = vm("flappy", disk("virtio-disk0"))
+    hangs.on_disks(v, T0)
+    t = T0
+    for _ in range(RECENT_PER_DISK + 5):
+        t += 10
+        hangs.on_event(v, BlockIOError(t, "virtio-disk0", "write", "retry"))
+        hangs.tick(t + 5)  # silence: recovered
+    ring = hangs.recent[(v.key, "virtio-disk0")]
+    assert len(ring) == RECENT_PER_DISK and all(r.hang.outcome == "recovered" for r in ring)
+    assert ring[-1].hang.start == t and ring[-1].vm == "flappy"
+    st = build_status([v], hangs, PolicyConfig(), t + 6, [])
+    assert len(st["recent_hangs"]) == RECENT_PER_DISK
+    assert st["recent_hangs"][0]["start"] == t  # newest first
+    hangs.tick(t + RECENT_WINDOW_S + 10)
+    assert hangs.recent == {}
+
+
+def test_recent_hang_of_a_removed_vm_keeps_its_name() -> None:
+    hangs = HangTracking(margin_s=1.0)
+    v = vm("leaving", disk("virtio-disk0"))
+    hangs.on_disks(v, T0)
+    hangs.on_event(v, BlockIOError(T0 + 1, "virtio-disk0", "write", "retry"))
+    hangs.on_removed(v, T0 + 3)
+    st = build_status([], hangs, PolicyConfig(), T0 + 4, [])
+    assert [(r["vm"], r["outcome"]) for r in st["recent_hangs"]] == [("leaving", "vm_gone")]
+
+
+def test_seconds_text() -> None:
+    assert [seconds_text(x) for x in (None, 0.04, 59.94, 60, 3599, 3600 * 25 + 61)] == [
+        "—", "0.0 s", "59.9 s", "1 m 00 s", "59 m 59 s", "25 h 01 m"
+    ]  # fmt: skip
+
+
+def test_problems_are_grouped_by_storage_backend() -> None:
+    """'Is it the storage?': hanging and failing disks counted per backend, worst first, with
+    the VMs they take down; healthy backends are not listed."""
+    import dataclasses
+
+    def on(d: Disk, backend: str) -> Disk:
+        return dataclasses.replace(d, backend=backend)
+
+    hangs = HangTracking(margin_s=1.0)
+    a = vm("a", on(disk("virtio-disk0"), "nbd://san-a:10809"), on(disk("virtio-disk1"), "nfs://filer/b"))
+    b = vm("b", on(disk("virtio-disk0"), "nbd://san-a:10809"))
+    c = vm("c", on(disk("virtio-disk0"), "nfs://filer/b"))
+    for v in (a, b, c):
+        hangs.on_disks(v, T0)
+    for i in range(1, 4):
+        for v in (a, b):
+            hangs.on_event(v, BlockIOError(T0 + i, "virtio-disk0", "write", "retry"))
+    st = build_status([a, b, c], hangs, PolicyConfig(), T0 + 3.5, [])
+    assert st["backends"] == [
+        {"backend": "nbd://san-a:10809", "disks": 2, "hanging": 2, "failing": 0, "vms_affected": 2}
+    ]
+    assert {h["backend"] for h in st["hanging"]} == {"nbd://san-a:10809"}
+    page = render(st)
+    assert page.index('id="backends"') < page.index('id="hanging"')
+    assert 'data-backend="nbd://san-a:10809"' in page and "nfs://filer/b" not in page.split('id="hanging"')[0]
