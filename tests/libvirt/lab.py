@@ -284,6 +284,17 @@ class Libvirtd:
         for sub in ("qemu",):
             (self.root / "log" / sub).mkdir(exist_ok=True)
 
+    def _kill_leftover_qemus(self) -> None:
+        """SIGKILL QEMUs our private daemon started and could not destroy (it was wedged): they
+        would otherwise outlive the session, holding the private namespace."""
+        for pid_file in self.qemu_run_dir.glob("*.pid"):
+            pid = _read_pid(pid_file)
+            if pid is None or not pid_alive(pid):
+                continue
+            with contextlib.suppress(OSError):
+                if b"qemu" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]:
+                    os.kill(pid, signal.SIGKILL)
+
     def _virtlogd_running(self, sock: Path) -> bool:
         """virtlogd's socket accepts a connection (a stale socket file refuses)."""
         with socket.socket(socket.AF_UNIX) as s:
@@ -335,6 +346,8 @@ class Libvirtd:
             if pid is not None:
                 _terminate(pid, timeout)
             self.owned = False
+            if self.private:
+                self._kill_leftover_qemus()
         pid = self.virtlogd_pid()
         if pid is not None:
             _terminate(pid, timeout)
@@ -748,11 +761,14 @@ def running_libvirtd(workdir: Path, private: bool | None = None) -> Iterator[Lib
         daemon.ensure_running()
         yield daemon
     finally:
-        with contextlib.suppress(Exception):
-            daemon.revive()
-        for name in virsh("list", "--all", "--name", uri=daemon.uri, check=False, timeout=15).split():
-            if name.startswith(NAME_PREFIX):  # a test's cleanup failed: still ours to remove
-                virsh("destroy", name, uri=daemon.uri, check=False)
-                virsh("undefine", name, uri=daemon.uri, check=False)
-        if daemon.private or not foreign_domains(daemon.uri):
-            daemon.stop()
+        try:
+            with contextlib.suppress(Exception):
+                daemon.revive()
+            with contextlib.suppress(Exception):  # a wedged daemon must not keep it running
+                for name in virsh("list", "--all", "--name", uri=daemon.uri, timeout=15).split():
+                    if name.startswith(NAME_PREFIX):  # a test's cleanup failed: still ours
+                        virsh("destroy", name, uri=daemon.uri, check=False, timeout=15)
+                        virsh("undefine", name, uri=daemon.uri, check=False, timeout=15)
+        finally:
+            if daemon.private or not foreign_domains(daemon.uri):
+                daemon.stop()

@@ -344,3 +344,43 @@ def test_event_device_fallback_for_drive_mode() -> None:
     assert dom.disk_for_event("drive-virtio-disk0", "#block131") is d
     assert dom.disk_for_event("virtio-disk0", None) is d
     assert dom.disk_for_event("", "libvirt-1-format") is None
+
+
+# --- captured from a real libvirtd (tests/libvirt/capture.py) --------------------------------
+
+
+def test_captured_stop_policy_domain() -> None:
+    dom = load(CAPTURED / "dumpxml-stop.xml")
+    assert dom.id is not None and dom.id > 0
+    boot = only(dom, "ua-boot")
+    assert (boot.target, boot.bus, boot.kind) == ("vda", "virtio", "virtio-blk")
+    assert (boot.werror, boot.rerror, boot.policy_origin) == ("stop", "stop", "driver")
+    assert boot.source.protocol == "nbd" and boot.source.hosts[0].startswith("127.0.0.1:")
+    assert boot.source.describe().startswith("nbd://127.0.0.1:")
+    assert boot.index is not None
+    assert dom.disk_for_event("", f"libvirt-{boot.index}-format") is boot
+    # The local second disk: libvirt's own alias, no policy.
+    data = only(dom, "virtio-disk1")
+    assert (data.target, data.werror, data.rerror, data.policy_origin) == (
+        "vdb",
+        "enospc",
+        "report",
+        "default",
+    )
+    assert data.source.kind == "file" and data.source.path is not None
+    assert data.index is not None and data.index != boot.index
+    assert dom.skipped == ()
+
+
+def test_captured_report_policy_domain() -> None:
+    dom = load(CAPTURED / "dumpxml-report.xml")
+    boot = only(dom, "ua-boot")
+    assert (boot.werror, boot.rerror) == ("report", "report")
+    assert boot.policy() == DiskPolicy("report", "report", None, None, retry_feature=False)
+
+
+def test_captured_override_domain() -> None:
+    # Upstream QEMU 7.2 has no retry: the capture overrides with values it accepts.
+    dom = load(CAPTURED / "dumpxml-override.xml")
+    boot = only(dom, "ua-boot")
+    assert (boot.werror, boot.rerror, boot.policy_origin) == ("ignore", "report", "override")
