@@ -376,7 +376,9 @@ def test_captured_report_policy_domain() -> None:
     dom = load(CAPTURED / "dumpxml-report.xml")
     boot = only(dom, "ua-boot")
     assert (boot.werror, boot.rerror) == ("report", "report")
-    assert boot.policy() == DiskPolicy("report", "report", None, None, retry_feature=False)
+    assert boot.policy() == DiskPolicy(
+        "report", "report", None, None, retry_feature=None
+    )  # unknown: the XML cannot tell
 
 
 def test_captured_override_domain() -> None:
