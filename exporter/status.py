@@ -18,6 +18,7 @@ from typing import Any
 
 from exporter import __version__
 from exporter.config import PolicyConfig
+from exporter.hang.blast import backend_counts
 from exporter.hang.tracking import RECENT_WINDOW_S, HangTracking
 from exporter.model.policy import DiskPolicy, Rule
 from exporter.model.state import ConnectionState, Disk, VMState
@@ -122,8 +123,6 @@ def build_status(
     by_policy: dict[tuple[Any, ...], int] = {}
     compliant_vms: list[dict[str, Any]] = []
     n_disks = n_ok = n_up = 0
-    # Per storage backend: disks, hanging, failing, affected VMs ("is it the storage?").
-    backends: dict[str, dict[str, Any]] = {}
 
     # Failing disks: since the end of their latest timed-out hang, when it is still kept.
     timed_out_at: dict[tuple[str, str], float] = {}
@@ -163,11 +162,6 @@ def build_status(
                 if t.active:
                     t.advance(now)  # as a scrape does: silence may have ended the hang
                 is_hanging, is_failing = t.hanging, t.failing
-            b = backends.setdefault(disk.backend, {"disks": 0, "hanging": 0, "failing": 0, "vms": set()})
-            b["disks"] += 1
-            if is_hanging or is_failing:
-                b["hanging" if is_hanging else "failing"] += 1
-                b["vms"].add(name)
             if details:
                 disks_out.append(
                     {
@@ -289,13 +283,13 @@ def build_status(
             (
                 {
                     "backend": name,
-                    "disks": b["disks"],
-                    "hanging": b["hanging"],
-                    "failing": b["failing"],
-                    "vms_affected": len(b["vms"]),
+                    "disks": b.disks,
+                    "hanging": b.hanging,
+                    "failing": b.failing,
+                    "vms_affected": b.vms,
                 }
-                for name, b in backends.items()
-                if b["hanging"] or b["failing"]
+                for name, b in backend_counts(vms, hangs.trackers).items()
+                if b.hanging or b.failing
             ),
             key=lambda b: (-(b["hanging"] + b["failing"]), b["backend"]),
         ),

@@ -19,20 +19,20 @@ from exporter.model.state import VMState
 
 
 @dataclass
-class _Counts:
+class BackendCounts:
     disks: int = 0
     hanging: int = 0
     failing: int = 0
-    vms: int = 0
+    vms: int = 0  # VMs with a hanging or failing disk on the backend
 
 
-def backend_families(
+def backend_counts(
     vms: Sequence[VMState], trackers: Mapping[str, Mapping[str, DiskHangTracker]]
-) -> list[GaugeMetricFamily]:
-    """The four per-backend gauges for the disks of ``vms`` (the VMs whose session is up), from
-    their trackers' current state (advance them first).  A VM is affected on a backend when one
-    of its disks there hangs or fails."""
-    counts: dict[str, _Counts] = {}
+) -> dict[str, BackendCounts]:
+    """Per backend, the disks of ``vms`` and how many hang or fail, from their trackers'
+    current state (advance them first).  A VM is affected on a backend when one of its disks
+    there hangs or fails.  (The metrics and the status page both read this.)"""
+    counts: dict[str, BackendCounts] = {}
     for vm in vms:
         devs = trackers.get(vm.key, {})
         affected: set[str] = set()
@@ -40,7 +40,7 @@ def backend_families(
             backend = disk.backend or UNKNOWN
             c = counts.get(backend)
             if c is None:
-                c = counts[backend] = _Counts()
+                c = counts[backend] = BackendCounts()
             c.disks += 1
             t = devs.get(dev)
             if t is None:
@@ -51,6 +51,14 @@ def backend_families(
                 affected.add(backend)
         for backend in affected:
             counts[backend].vms += 1
+    return counts
+
+
+def backend_families(
+    vms: Sequence[VMState], trackers: Mapping[str, Mapping[str, DiskHangTracker]]
+) -> list[GaugeMetricFamily]:
+    """The four per-backend gauges for the disks of ``vms`` (the VMs whose session is up)."""
+    counts = backend_counts(vms, trackers)
     families = [
         GaugeMetricFamily(
             "qemu_storage_backend_disks",
