@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.prometheus import PROMETHEUS_2_ACCEPT, PROMETHEUS_3_ACCEPT
 from tests.harness import REPO
 
 
@@ -58,19 +59,46 @@ def test_fleet_benchmark_runs_and_prints_the_table(short_tmp: Path) -> None:
     assert values["storm1s_disconnects"] == 0
 
 
-def test_cached_text_exposition_equals_prometheus_client() -> None:
-    """The scrape fast path (exporter.metrics.generate_text: cached per-VM chunks) renders
-    byte for byte what prometheus_client's generate_latest renders, through state changes."""
+#: Accept headers whose answer must be byte for byte prometheus_client's: what Prometheus 2.x
+#: and 3.x send, no header, each format and escaping scheme alone (dots and values escaping fall
+#: back to prometheus_client's encoders), an OpenMetrics version without native histograms'
+#: difference, and orders where quality values would choose otherwise (prometheus_client
+#: ignores them).
+ACCEPT_HEADERS = (
+    "",
+    PROMETHEUS_2_ACCEPT,
+    PROMETHEUS_3_ACCEPT,
+    "application/openmetrics-text",
+    "application/openmetrics-text; version=1.0.0",
+    "application/openmetrics-text;version=2.0.0;escaping=allow-utf-8",
+    "text/plain;version=1.0.0;escaping=allow-utf-8",
+    "text/plain;version=0.0.4",
+    *(f"application/openmetrics-text;version=1.0.0;escaping={e}" for e in ("underscores", "dots", "values")),
+    *(f"text/plain;version=1.0.0;escaping={e}" for e in ("underscores", "dots", "values", "bogus")),
+    "text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;q=0.1",
+    "text/plain;version=1.0.0;q=0.1,application/openmetrics-text;version=1.0.0;q=0.9",
+)
+
+
+def test_cached_exposition_equals_prometheus_client() -> None:
+    """The scrape fast path (`generate_text`/`generate_openmetrics`: cached per-VM chunks,
+    chosen by `exporter.web.negotiate`) renders byte for byte what prometheus_client's encoder
+    for the same Accept header renders, in both formats, through state changes.  A
+    prometheus_client Counter and Info sit in the registry beside the exporter's collector: its
+    ``_created`` sample (a separate gauge family in text, inline in OpenMetrics) and ``_info``
+    naming go through prometheus_client's own encoders."""
     import random
 
-    from prometheus_client.exposition import generate_latest
+    from prometheus_client import Counter, Info
+    from prometheus_client.exposition import choose_encoder
     from prometheus_client.registry import CollectorRegistry
 
     from exporter.config import PolicyConfig
     from exporter.hang_tracking import HangTracking
-    from exporter.metrics import ExporterCollector, generate_text
+    from exporter.metrics import ExporterCollector
     from exporter.policy import DiskPolicy, verify
     from exporter.state import BlockStats, Disk, VMState
+    from exporter.web import negotiate
 
     rnd = random.Random(7)
     policy_cfg = PolicyConfig(max_timeout_seconds=60, require_nonzero_timeout=True)
@@ -119,9 +147,17 @@ def test_cached_text_exposition_equals_prometheus_client() -> None:
     registry = CollectorRegistry(auto_describe=False)
     collector = ExporterCollector(lambda: vms, ("cluster",), hangs=hangs, clock=lambda: clock[0])
     registry.register(collector)
+    Counter("other_requests", 'A "counter" of another library.', ["path"], registry=registry).labels(
+        "/"
+    ).inc()
+    Info("other_build", "Info of another library.", registry=registry).info({"version": "1"})
 
     def same() -> None:
-        assert generate_text(registry).decode() == generate_latest(registry).decode()
+        for accept in ACCEPT_HEADERS:
+            ours, our_type = negotiate(accept)
+            theirs, their_type = choose_encoder(accept)
+            assert our_type == their_type, accept
+            assert ours(registry).decode() == theirs(registry).decode(), accept
 
     same()
     for k, vm in enumerate(vms[:12]):
