@@ -13,7 +13,9 @@ memory are read from ``/proc/PID``.  Per fleet size it measures (docs/performanc
   OpenMetrics; and with gzip).  Scrapes 5.5 s apart and during storms send Prometheus' headers;
 * ``prometheus`` (``--scenarios prometheus``): a real Prometheus (the ``prometheus`` binary)
   scrapes the exporter every ``--prom-interval`` s; its own ``scrape_duration_seconds`` and
-  ``scrape_samples_scraped`` are read from its HTTP API (`bench.prometheus`);
+  ``scrape_samples_scraped`` are read from its HTTP API (`bench.prometheus`); then the same
+  for the exporter's two pages served ready-made (`bench.prometheus.StaticPage`): Prometheus'
+  own share of its scrape duration;
 * ``rest``: exporter RSS and CPU while the fleet is healthy;
 * ``hang``: latency from a new hang's first BLOCK_IO_ERROR (QEMU timestamp) to
   ``qemu_block_io_hang 1`` in a scrape (upper bound: the scrape's response time);
@@ -47,7 +49,12 @@ from typing import Any
 
 import yaml
 
-from bench.prometheus import PROMETHEUS_2_ACCEPT, PrometheusServer
+from bench.prometheus import PROMETHEUS_2_ACCEPT, PrometheusServer, StaticPage
+
+#: What the exporter answers Prometheus 2.x, and a client without Accept header (the static
+#: pages of `run_prometheus` are served with the same).
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores"
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -647,13 +654,26 @@ def run_prometheus(args: argparse.Namespace, n: int, workdir: Path, res: Result)
         wait_blockstats(exp, n * args.disks)
         time.sleep(1.0)  # the settle collection after connect (exporter/gc_tuning.py)
         target = f"127.0.0.1:{exp.port}"
+        timeout = args.prom_scrapes * args.prom_interval * 3 + 60
         with PrometheusServer(workdir / "prometheus", target, args.prom_interval) as prom:
             c0, t0 = proc_cpu_seconds(exp.pid), time.monotonic()
-            report = prom.wait_scrapes(
-                args.prom_scrapes, timeout=args.prom_scrapes * args.prom_interval * 3 + 60
-            )
+            report = prom.wait_scrapes(args.prom_scrapes, timeout)
             res.values["prom_exporter_cpu"] = (proc_cpu_seconds(exp.pid) - c0) / (time.monotonic() - t0)
         res.values.update(report)
+        # Prometheus' own share: the same pages, served ready-made (bench.prometheus.StaticPage).
+        pages = {
+            "om": (exp.scrape(accept=PROMETHEUS_2_ACCEPT), OPENMETRICS_CONTENT_TYPE),
+            "text": (exp.scrape(), TEXT_CONTENT_TYPE),
+        }
+    for kind, (page, content_type) in pages.items():
+        with (
+            StaticPage(page.encode(), content_type) as static,
+            PrometheusServer(workdir / f"prometheus-{kind}", static.target, args.prom_interval) as prom,
+        ):
+            floor = prom.wait_scrapes(args.prom_scrapes, timeout)
+        res.values[f"prom_static_{kind}_p50_ms"] = floor["prom_p50_ms"]
+        res.values[f"prom_static_{kind}_max_ms"] = floor["prom_max_ms"]
+        res.values[f"prom_static_{kind}_durations_ms"] = floor["prom_durations_ms"]
 
 
 # --- output ------------------------------------------------------------------------------
@@ -703,6 +723,10 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("prom_p50_ms", "Prometheus: scrape_duration p50 ms", "{:.0f}"),
     ("prom_max_ms", "Prometheus: scrape_duration max ms", "{:.0f}"),
     ("prom_exporter_cpu", "Prometheus: exporter CPU", "{:.3f}"),
+    ("prom_static_om_p50_ms", "Prometheus, static OpenMetrics page: p50 ms", "{:.0f}"),
+    ("prom_static_om_max_ms", "Prometheus, static OpenMetrics page: max ms", "{:.0f}"),
+    ("prom_static_text_p50_ms", "Prometheus, static text page: p50 ms", "{:.0f}"),
+    ("prom_static_text_max_ms", "Prometheus, static text page: max ms", "{:.0f}"),
     ("healthy_error", "healthy: error", "{}"),
     ("storm100ms_error", "storm100ms: error", "{}"),
     ("hung_error", "hung: error", "{}"),
