@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from bench.prometheus import PROMETHEUS_2_ACCEPT, PROMETHEUS_3_ACCEPT
+from tests.conftest import require_binary
 from tests.harness import REPO
 
 
@@ -57,6 +58,38 @@ def test_fleet_benchmark_runs_and_prints_the_table(short_tmp: Path) -> None:
     assert values["storm1s_events"] > 0 and values["storm100ms_events"] > 0
     assert values["storm1s_lost"] == 0 and values["storm100ms_lost"] == 0
     assert values["storm1s_disconnects"] == 0
+
+
+def test_fleet_benchmark_with_a_real_prometheus(short_tmp: Path) -> None:
+    """``--scenarios prometheus`` runs the Prometheus binary against the exporter and against
+    the static pages, and reads what it stored: every sample of the page, ``up`` 1."""
+    require_binary("prometheus")
+    out_json = short_tmp / "bench.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.fleet",
+            "--vms=10",
+            "--disks=2",
+            "--scenarios=prometheus",
+            "--prom-interval=1",
+            "--prom-scrapes=3",
+            f"--json={out_json}",
+            f"--workdir={short_tmp}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    values = json.loads(out_json.read_text())["results"][0]["values"]
+    assert "prometheus_error" not in values, values
+    assert values["prom_up"] == 1 and values["prom_scrapes"] >= 3
+    assert values["prom_samples"] > 10 * 2 * 10
+    for kind in ("om", "text"):
+        assert len(values[f"prom_static_{kind}_durations_ms"]) >= 3
 
 
 #: Accept headers whose answer must be byte for byte prometheus_client's: what Prometheus 2.x
