@@ -9,6 +9,13 @@ memory are read from ``/proc/PID``.  Per fleet size it measures (docs/performanc
 * ``connect``: time from spawning the exporter until every VM shows ``qemu_qmp_up 1``;
 * ``scrape``: p50/p99 over ``--scrapes`` back-to-back scrapes, the size of the page, and the
   floor: ``prometheus_client`` alone rendering the same series (Gauge objects, generate_latest);
+  plain (no ``Accept`` header: the text format) and as Prometheus asks (its ``Accept`` header:
+  OpenMetrics; and with gzip).  Scrapes 5.5 s apart and during storms send Prometheus' headers;
+* ``prometheus`` (``--scenarios prometheus``): a real Prometheus (the ``prometheus`` binary)
+  scrapes the exporter every ``--prom-interval`` s; its own ``scrape_duration_seconds`` and
+  ``scrape_samples_scraped`` are read from its HTTP API (`bench.prometheus`); then the same
+  for the exporter's two pages served ready-made (`bench.prometheus.StaticPage`): Prometheus'
+  own share of its scrape duration;
 * ``rest``: exporter RSS and CPU while the fleet is healthy;
 * ``hang``: latency from a new hang's first BLOCK_IO_ERROR (QEMU timestamp) to
   ``qemu_block_io_hang 1`` in a scrape (upper bound: the scrape's response time);
@@ -41,6 +48,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bench.prometheus import PROMETHEUS_2_ACCEPT, PrometheusServer, StaticPage
+
+#: What the exporter answers Prometheus 2.x, and a client without Accept header (the static
+#: pages of `run_prometheus` are served with the same).
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores"
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -86,10 +100,10 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, step: float
         time.sleep(step)
 
 
-def http_get(port: int, path: str, timeout: float = 30.0) -> bytes:
+def http_get(port: int, path: str, timeout: float = 30.0, headers: dict[str, str] | None = None) -> bytes:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers or {})
         r = conn.getresponse()
         body = r.read()
         if r.status != 200:
@@ -284,8 +298,8 @@ class Exporter:
         except OSError:
             return False
 
-    def scrape(self, timeout: float = 30.0) -> str:
-        return http_get(self.port, "/metrics", timeout=timeout).decode()
+    def scrape(self, timeout: float = 30.0, accept: str | None = None) -> str:
+        return http_get(self.port, "/metrics", timeout, {"Accept": accept} if accept else None).decode()
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -399,11 +413,19 @@ class Result:
 
 
 def timed_scrapes(
-    exp: Exporter, n: int, gzip: bool = False, pause: float = 0.0, timeout: float = 30
+    exp: Exporter,
+    n: int,
+    gzip: bool = False,
+    pause: float = 0.0,
+    timeout: float = 30,
+    accept: str | None = None,
 ) -> tuple[list[float], str]:
-    """``n`` scrapes on one keep-alive connection; seconds each (request to last byte)."""
+    """``n`` scrapes on one keep-alive connection; seconds each (request to last byte).
+    ``accept``: the Accept header (none: the text format)."""
     conn = http.client.HTTPConnection("127.0.0.1", exp.port, timeout=timeout)
     headers = {"Accept-Encoding": "gzip"} if gzip else {}
+    if accept:
+        headers["Accept"] = accept
     times: list[float] = []
     body = b""
     try:
@@ -476,8 +498,16 @@ def run_healthy(args: argparse.Namespace, n: int, workdir: Path, res: Result) ->
         # (poll_interval 5 s), so nothing of the previous scrape's text can be reused.
         times, _ = timed_scrapes(exp, max(5, args.scrapes // 5), gzip=True)
         res.values["gzip_p50_ms"] = percentile(times, 50) * 1000
+        # What Prometheus (2.x and 3.x alike) asks for: OpenMetrics first (issue 18).
+        times, om_text = timed_scrapes(exp, args.scrapes, accept=PROMETHEUS_2_ACCEPT)
+        res.values["om_p50_ms"] = percentile(times, 50) * 1000
+        res.values["om_p99_ms"] = percentile(times, 99) * 1000
+        res.values["om_ratio"] = res.values["om_p50_ms"] / res.values["scrape_p50_ms"]
+        res.values["om_page_mb"] = len(om_text.encode()) / 1e6
+        times, _ = timed_scrapes(exp, max(5, args.scrapes // 5), gzip=True, accept=PROMETHEUS_2_ACCEPT)
+        res.values["om_gzip_p50_ms"] = percentile(times, 50) * 1000
         if args.cold_scrapes:
-            times, _ = timed_scrapes(exp, args.cold_scrapes, pause=5.5)
+            times, _ = timed_scrapes(exp, args.cold_scrapes, pause=5.5, gzip=True, accept=PROMETHEUS_2_ACCEPT)
             res.values["cold_max_ms"] = max(times) * 1000
         res.values["series"] = series_count(text)
         res.values["page_mb"] = len(text.encode()) / 1e6
@@ -547,7 +577,7 @@ def storm(
     while time.monotonic() - t0 < args.storm_seconds:
         t_s = time.perf_counter()
         try:
-            ts, _ = timed_scrapes(exp, 1, timeout=args.storm_seconds)
+            ts, _ = timed_scrapes(exp, 1, timeout=args.storm_seconds, gzip=True, accept=PROMETHEUS_2_ACCEPT)
             scrape_times += ts
         except OSError:  # a starved exporter: the scrape took longer than the storm
             scrape_times.append(time.perf_counter() - t_s)
@@ -615,6 +645,37 @@ def run_hung(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> No
             res.values["hung_p99_ratio"] = res.values["hung_scrape_p99_ms"] / res.values["scrape_p99_ms"]
 
 
+def run_prometheus(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> None:
+    """A real Prometheus scraping the healthy fleet's exporter: what it reports about its own
+    scrapes (decompression, parsing and storing included) and the exporter's CPU meanwhile."""
+    spec = FleetSpec(n, args.disks, interval_ms=1000, fleets=args.fleets)
+    with running_fleet(spec, workdir) as _fleets, running_exporter(workdir) as exp:
+        wait_connected(exp, n, args.connect_timeout)
+        wait_blockstats(exp, n * args.disks)
+        time.sleep(1.0)  # the settle collection after connect (exporter/gc_tuning.py)
+        target = f"127.0.0.1:{exp.port}"
+        timeout = args.prom_scrapes * args.prom_interval * 3 + 60
+        with PrometheusServer(workdir / "prometheus", target, args.prom_interval) as prom:
+            c0, t0 = proc_cpu_seconds(exp.pid), time.monotonic()
+            report = prom.wait_scrapes(args.prom_scrapes, timeout)
+            res.values["prom_exporter_cpu"] = (proc_cpu_seconds(exp.pid) - c0) / (time.monotonic() - t0)
+        res.values.update(report)
+        # Prometheus' own share: the same pages, served ready-made (bench.prometheus.StaticPage).
+        pages = {
+            "om": (exp.scrape(accept=PROMETHEUS_2_ACCEPT), OPENMETRICS_CONTENT_TYPE),
+            "text": (exp.scrape(), TEXT_CONTENT_TYPE),
+        }
+    for kind, (page, content_type) in pages.items():
+        with (
+            StaticPage(page.encode(), content_type) as static,
+            PrometheusServer(workdir / f"prometheus-{kind}", static.target, args.prom_interval) as prom,
+        ):
+            floor = prom.wait_scrapes(args.prom_scrapes, timeout)
+        res.values[f"prom_static_{kind}_p50_ms"] = floor["prom_p50_ms"]
+        res.values[f"prom_static_{kind}_max_ms"] = floor["prom_max_ms"]
+        res.values[f"prom_static_{kind}_durations_ms"] = floor["prom_durations_ms"]
+
+
 # --- output ------------------------------------------------------------------------------
 
 COLUMNS: list[tuple[str, str, str]] = [
@@ -624,7 +685,12 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("scrape_p50_ms", "scrape p50 ms", "{:.1f}"),
     ("scrape_p99_ms", "scrape p99 ms", "{:.1f}"),
     ("gzip_p50_ms", "scrape p50 ms, gzip", "{:.1f}"),
-    ("cold_max_ms", "scrape max ms, 5.5 s apart", "{:.1f}"),
+    ("om_p50_ms", "Prometheus Accept (OpenMetrics) p50 ms", "{:.1f}"),
+    ("om_p99_ms", "Prometheus Accept (OpenMetrics) p99 ms", "{:.1f}"),
+    ("om_ratio", "OpenMetrics/plain p50", "{:.2f}"),
+    ("om_page_mb", "OpenMetrics page MB", "{:.1f}"),
+    ("om_gzip_p50_ms", "Prometheus Accept + gzip p50 ms", "{:.1f}"),
+    ("cold_max_ms", "Prometheus headers, max ms 5.5 s apart", "{:.1f}"),
     ("floor_ms", "client floor ms", "{:.1f}"),
     ("rest_rss_mb", "RSS rest MB", "{:.0f}"),
     ("rest_cpu", "CPU rest", "{:.3f}"),
@@ -650,9 +716,21 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("hung_scrape_p50_ms", "hung p50 ms", "{:.1f}"),
     ("hung_scrape_p99_ms", "hung p99 ms", "{:.1f}"),
     ("hung_p99_ratio", "hung/healthy p99", "{:.2f}"),
+    ("prom_scrapes", "Prometheus: scrapes", "{:d}"),
+    ("prom_up", "Prometheus: up", "{:.0f}"),
+    ("prom_samples", "Prometheus: scrape_samples_scraped", "{:.0f}"),
+    ("prom_first_ms", "Prometheus: first scrape_duration ms", "{:.0f}"),
+    ("prom_p50_ms", "Prometheus: scrape_duration p50 ms", "{:.0f}"),
+    ("prom_max_ms", "Prometheus: scrape_duration max ms", "{:.0f}"),
+    ("prom_exporter_cpu", "Prometheus: exporter CPU", "{:.3f}"),
+    ("prom_static_om_p50_ms", "Prometheus, static OpenMetrics page: p50 ms", "{:.0f}"),
+    ("prom_static_om_max_ms", "Prometheus, static OpenMetrics page: max ms", "{:.0f}"),
+    ("prom_static_text_p50_ms", "Prometheus, static text page: p50 ms", "{:.0f}"),
+    ("prom_static_text_max_ms", "Prometheus, static text page: max ms", "{:.0f}"),
     ("healthy_error", "healthy: error", "{}"),
     ("storm100ms_error", "storm100ms: error", "{}"),
     ("hung_error", "hung: error", "{}"),
+    ("prometheus_error", "prometheus: error", "{}"),
 ]
 
 
@@ -716,8 +794,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scenarios",
         default="healthy,storm100ms,hung",
-        help="which of healthy (connect, scrapes, rest, hang, 1 s storm), storm100ms, hung",
+        help="which of healthy (connect, scrapes, rest, hang, 1 s storm), storm100ms, hung, prometheus",
     )
+    p.add_argument("--prom-interval", type=float, default=5.0, help="Prometheus scrape interval, s")
+    p.add_argument("--prom-scrapes", type=int, default=12, help="Prometheus scrapes to wait for")
     p.add_argument("--json", metavar="FILE", help="also write the raw results here")
     p.add_argument("--workdir", help="keep sockets, fleet files and logs here (default: temporary)")
     return p
@@ -732,7 +812,12 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         res = Result(n, args.disks)
         results.append(res)
-        for name, fn in (("healthy", run_healthy), ("storm100ms", run_fast_storm), ("hung", run_hung)):
+        for name, fn in (
+            ("healthy", run_healthy),
+            ("storm100ms", run_fast_storm),
+            ("hung", run_hung),
+            ("prometheus", run_prometheus),
+        ):
             if name not in scenarios or (name == "hung" and "healthy" not in scenarios):
                 continue
             tmp = Path(tempfile.mkdtemp(prefix="qib-", dir=args.workdir or "/tmp"))

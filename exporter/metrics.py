@@ -12,6 +12,7 @@ import platform
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from importlib.metadata import PackageNotFoundError, version
+from typing import Literal
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -19,7 +20,13 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import generate_latest
-from prometheus_client.openmetrics.exposition import UNDERSCORES, escape_label_name, escape_metric_name
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.openmetrics.exposition import (
+    ALLOWUTF8,
+    UNDERSCORES,
+    escape_label_name,
+    escape_metric_name,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -107,16 +114,39 @@ def _dist_version(name: str) -> str:
 # --- fast text exposition -----------------------------------------------------------------
 #
 # prometheus_client formats every sample of every scrape (~3 us each: 110,000 series for 1000 VMs
-# x 4 disks take ~0.5 s).  `generate_text` returns the same bytes as its `generate_latest`, but
+# x 4 disks take ~0.5 s in the text format, 1.2-2.1 s in OpenMetrics).  `generate_text` and
+# `generate_openmetrics` return the same bytes as its two `generate_latest`, but
 # `ExporterCollector` renders each VM's lines only when that VM changed (`VMState.version` &c.)
 # and concatenates cached per-VM chunks family by family.  docs/performance.md has the numbers.
+#
+# The sample lines are the same in both formats for every family we pre-render (checked against
+# prometheus_client 0.26's two encoders: both write ``name{labels} floatToGoString(value)``,
+# labels sorted, values escaped alike; our counters carry no ``_created`` sample, and no sample
+# has a timestamp or exemplar), so one cached chunk serves both.  What differs is only written
+# per family or per page: the ``# HELP``/``# TYPE`` lines (`family_header`), the families that
+# prometheus_client formats itself (build info, the hang histogram, other collectors'), and the
+# final ``# EOF``.
 
-#: Set while `generate_text` iterates the registry: collectors may then yield `PrerenderedText`.
-_PRERENDER: ContextVar[bool] = ContextVar("prerender", default=False)
+#: The two exposition formats.
+Format = Literal["text", "openmetrics"]
+TEXT: Format = "text"
+OPENMETRICS: Format = "openmetrics"
+
+#: Escaping schemes for which the cached lines are exact.  Every metric and label name the
+#: exporter writes is a legacy Prometheus name (fixed names; static label names are checked by
+#: `exporter.config.check_label_name`), which these two schemes leave as they are.  ``dots``
+#: doubles every underscore, and prometheus_client's OpenMetrics encoder prefixes sample names
+#: with ``U__`` under ``values``: those go through prometheus_client itself.
+_CACHED_ESCAPINGS = frozenset({UNDERSCORES, ALLOWUTF8})
+
+#: Set while `generate_text`/`generate_openmetrics` iterate the registry, to the format being
+#: written: collectors may then yield `PrerenderedText` in that format.
+_PRERENDER: ContextVar[Format | None] = ContextVar("prerender", default=None)
 
 
 class PrerenderedText(Metric):
-    """Exposition lines already in the Prometheus text format (seen only by `generate_text`)."""
+    """Exposition lines already in the format being written (seen only by `generate_text` and
+    `generate_openmetrics`)."""
 
     def __init__(self, parts: list[str]) -> None:
         super().__init__("prerendered", "", "untyped")
@@ -131,31 +161,77 @@ class _Families:
         return self._families
 
 
-def format_families(families: Iterable[Metric]) -> str:
-    """Families in the text format exactly as `generate_latest` writes them."""
+_EOF = "# EOF\n"
+
+
+def format_families(families: Iterable[Metric], fmt: Format = TEXT) -> str:
+    """Families exactly as prometheus_client's encoder of ``fmt`` writes them (without the
+    OpenMetrics ``# EOF``, which ends the whole page)."""
+    if fmt == OPENMETRICS:
+        page: bytes = openmetrics.generate_latest(_Families(families))  # type: ignore[no-untyped-call]
+        return page.decode("utf-8")[: -len(_EOF)]
     return generate_latest(_Families(families)).decode("utf-8")
 
 
-def generate_text(registry: Collector) -> bytes:
-    """Byte for byte `prometheus_client.exposition.generate_latest(registry)`: collectors that
-    can yield `PrerenderedText` do, every other metric is formatted by prometheus_client."""
+def _generate(registry: Collector, fmt: Format) -> list[str]:
     out: list[str] = []
-    token = _PRERENDER.set(True)
+    token = _PRERENDER.set(fmt)
     try:
         for metric in registry.collect():
             if isinstance(metric, PrerenderedText):
                 out.extend(metric.parts)
             else:
-                out.append(format_families([metric]))
+                out.append(format_families([metric], fmt))
     finally:
         _PRERENDER.reset(token)
+    return out
+
+
+def generate_text(registry: Collector, escaping: str = UNDERSCORES) -> bytes:
+    """Byte for byte `prometheus_client.exposition.generate_latest(registry, escaping)`:
+    collectors that can yield `PrerenderedText` do, every other metric is formatted by
+    prometheus_client."""
+    if escaping not in _CACHED_ESCAPINGS:
+        return generate_latest(registry, escaping)
+    return "".join(_generate(registry, TEXT)).encode("utf-8")
+
+
+def generate_openmetrics(registry: Collector, escaping: str = UNDERSCORES, version: str = "1.0.0") -> bytes:
+    """Byte for byte `prometheus_client.openmetrics.exposition.generate_latest(registry,
+    escaping, version)`, from the same cached lines as `generate_text`.
+
+    Prometheus asks for OpenMetrics first (2.x and 3.x alike); prometheus_client's encoder took
+    1.2-2.1 s per scrape (p50) at 1000 VMs x 4 disks, this path 23-50 ms, what the text path
+    costs (docs/performance.md).  ``version`` only decides whether prometheus_client writes
+    native histogram samples (>= 2.0.0), which none of our families has; it is passed on to the
+    encoder for the families it formats."""
+    if escaping not in _CACHED_ESCAPINGS:
+        page: bytes = openmetrics.generate_latest(registry, escaping, version)  # type: ignore[no-untyped-call]
+        return page
+    out = _generate(registry, OPENMETRICS)
+    out.append(_EOF)
     return "".join(out).encode("utf-8")
 
 
-def family_header(name: str, documentation: str, typ: str) -> str:
-    """``# HELP``/``# TYPE`` lines as generate_latest writes them (counters get ``_total``)."""
+def family_header(name: str, documentation: str, typ: str, fmt: Format = TEXT, unit: str = "") -> str:
+    """``# HELP``/``# TYPE`` (and ``# UNIT``) lines as prometheus_client's encoder of ``fmt``
+    writes them: the text format renames counters to ``_total`` (and info/stateset/unknown
+    types), OpenMetrics keeps the family name, escapes ``"`` in HELP too, and writes the unit."""
+    if fmt == OPENMETRICS:
+        name = escape_metric_name(name, UNDERSCORES)
+        doc = _escape_value(documentation)
+        unit_line = f"# UNIT {name} {unit}\n" if unit else ""
+        return f"# HELP {name} {doc}\n# TYPE {name} {typ}\n{unit_line}"
     if typ == "counter":
         name += "_total"
+    elif typ == "info":
+        name, typ = name + "_info", "gauge"
+    elif typ == "stateset":
+        typ = "gauge"
+    elif typ == "gaugehistogram":
+        typ = "histogram"
+    elif typ == "unknown":
+        typ = "untyped"
     name = escape_metric_name(name, UNDERSCORES)
     doc = documentation.replace("\\", r"\\").replace("\n", r"\n")
     return f"# HELP {name} {doc}\n# TYPE {name} {typ}\n"
@@ -192,9 +268,11 @@ class HangView:
     def collect(self, vms: Sequence[VMState], label_names: Sequence[str], now: float) -> Iterable[Metric]:
         return ()
 
-    def render(self, vms: Sequence[VMState], label_names: Sequence[str], now: float) -> list[str]:
-        """The text of what `collect` yields (override to cache)."""
-        return [format_families(self.collect(vms, label_names, now))]
+    def render(
+        self, vms: Sequence[VMState], label_names: Sequence[str], now: float, fmt: Format = TEXT
+    ) -> list[str]:
+        """The text of what `collect` yields, in ``fmt`` (override to cache)."""
+        return [format_families(self.collect(vms, label_names, now), fmt)]
 
 
 class ConnectionCollector(Collector):
@@ -250,8 +328,9 @@ class ExporterCollector(Collector):
         self._base_names = base
         self._disk_names = [*base, "device"]
         self._cache: dict[int, _VMText] = {}
-        self._headers: dict[str, str] = {}
-        self._build_text = format_families([self._build_family()])
+        #: Per format: each family's header lines, and the build info family.
+        self._headers: dict[Format, dict[str, str]] = {}
+        self._build_text = {fmt: format_families([self._build_family()], fmt) for fmt in (TEXT, OPENMETRICS)}
 
     def _build_family(self) -> GaugeMetricFamily:
         build = GaugeMetricFamily(
@@ -279,13 +358,15 @@ class ExporterCollector(Collector):
         entry.refresh(self)
         return entry
 
-    def _render(self) -> list[str]:
-        """The text of `collect`'s families from per-VM chunks, re-rendered only for VMs that
-        changed since the previous scrape."""
+    def _render(self, fmt: Format) -> list[str]:
+        """The text of `collect`'s families in ``fmt`` from per-VM chunks, re-rendered only
+        for VMs that changed since the previous scrape (the chunks serve both formats)."""
         vms = sorted(self._vms(), key=lambda v: (v.vm, v.key))
-        if not self._headers:
-            self._headers = {name: family_header(name, doc, typ) for name, doc, typ in _vm_families()}
-        h = self._headers
+        h = self._headers.get(fmt)
+        if h is None:
+            h = self._headers[fmt] = {
+                name: family_header(name, doc, typ, fmt, unit) for name, doc, typ, unit in _vm_families()
+            }
         cache: dict[int, _VMText] = {}
         chunks: list[_VMText] = []
         for vm in vms:
@@ -293,7 +374,7 @@ class ExporterCollector(Collector):
             chunks.append(entry)
         self._cache = cache
 
-        parts = [self._build_text, h["qemu_exporter_vms"]]
+        parts = [self._build_text[fmt], h["qemu_exporter_vms"]]
         parts.append(f"qemu_exporter_vms {fmt_value(len(vms))}\n")
         for i, name in enumerate(_IDENTITY_FAMILIES):
             parts.append(h[name])
@@ -303,7 +384,7 @@ class ExporterCollector(Collector):
         for i, name in enumerate(_STATS_FAMILIES):
             parts.append(h[name])
             parts.extend(c.stats[i] for c in chunks)
-        parts.extend(self._hangs.render([v for v in vms if v.up], self._base_names, self._clock()))
+        parts.extend(self._hangs.render([v for v in vms if v.up], self._base_names, self._clock(), fmt))
         for i, name in enumerate(_COUNTER_FAMILIES[1:], start=1):
             parts.append(h[name])
             parts.extend(c.counters[i] for c in chunks)
@@ -313,8 +394,9 @@ class ExporterCollector(Collector):
         return [vm.vm, *(vm.static_labels.get(k, "") for k in self._static)]
 
     def collect(self) -> Iterator[Metric]:
-        if _PRERENDER.get():
-            yield PrerenderedText(self._render())
+        fmt = _PRERENDER.get()
+        if fmt is not None:
+            yield PrerenderedText(self._render(fmt))
             return
         vms = sorted(self._vms(), key=lambda v: (v.vm, v.key))
         base = ["vm", *self._static]
@@ -494,13 +576,13 @@ _COUNTER_FAMILIES = (
 )
 
 
-def _vm_families() -> list[tuple[str, str, str]]:
-    """(name, help, type) of every family `collect` yields, read from `collect` itself so the
-    two can never disagree."""
+def _vm_families() -> list[tuple[str, str, str, str]]:
+    """(name, help, type, unit) of every family `collect` yields, read from `collect` itself so
+    the two can never disagree."""
     collector = ExporterCollector(lambda: (), clock=lambda: 0.0)
-    token = _PRERENDER.set(False)
+    token = _PRERENDER.set(None)
     try:
-        return [(m.name, m.documentation, m.type) for m in collector.collect()]
+        return [(m.name, m.documentation, m.type, m.unit) for m in collector.collect()]
     finally:
         _PRERENDER.reset(token)
 

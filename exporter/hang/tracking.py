@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from exporter.hang.blast import backend_families
 from exporter.hang.machine import CompletedHang, DiskHangTracker, HangOutcome
-from exporter.metrics import HangView, family_header, fmt_value, format_families, label_text
+from exporter.metrics import TEXT, Format, HangView, family_header, fmt_value, format_families, label_text
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent
 from exporter.model.sink import EventSink
 from exporter.model.state import Disk, VMState
@@ -106,7 +106,7 @@ class HangTracking(EventSink, HangView):
         # the VM's rendered lines (see `render`).
         self._versions: dict[str, int] = {}
         self._text: dict[str, _HangText] = {}
-        self._headers: list[str] = []
+        self._headers: dict[Format, list[str]] = {}
 
     # -- persistence -------------------------------------------------------------------
 
@@ -376,12 +376,16 @@ class HangTracking(EventSink, HangView):
         per_disk = [hang, duration, start, deadline, failing, total, seconds, self.histogram.family()]
         return [*per_disk, *backend_families(vms, self.trackers)]
 
-    def render(self, vms: Sequence[VMState], label_names: Sequence[str], now: float) -> list[str]:
-        """The text of `collect`, reusing a VM's lines while neither the VM nor its trackers
-        changed and none of its disks is hanging or failing (only those depend on time)."""
-        if not self._headers:
-            self._headers = [
-                family_header(m.name, m.documentation, m.type)
+    def render(
+        self, vms: Sequence[VMState], label_names: Sequence[str], now: float, fmt: Format = TEXT
+    ) -> list[str]:
+        """The text of `collect` in ``fmt``, reusing a VM's lines while neither the VM nor its
+        trackers changed and none of its disks is hanging or failing (only those depend on
+        time).  The lines are the same in both formats; headers and histogram are not."""
+        headers = self._headers.get(fmt)
+        if headers is None:
+            headers = self._headers[fmt] = [
+                family_header(m.name, m.documentation, m.type, fmt, m.unit)
                 for m in list(self.collect([], label_names, now))[:_PER_DISK_FAMILIES]
             ]
         cache: dict[str, _HangText] = {}
@@ -409,10 +413,10 @@ class HangTracking(EventSink, HangView):
             chunks.append(entry)
         self._text = cache
         parts: list[str] = []
-        for i, header in enumerate(self._headers):
+        for i, header in enumerate(headers):
             parts.append(header)
             parts.extend(c.lines[i] for c in chunks)
-        parts.append(format_families([self.histogram.family(), *backend_families(vms, self.trackers)]))
+        parts.append(format_families([self.histogram.family(), *backend_families(vms, self.trackers)], fmt))
         return parts
 
 

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.prometheus import PROMETHEUS_2_ACCEPT, PROMETHEUS_3_ACCEPT
+from tests.conftest import require_binary
 from tests.harness import REPO
 
 
@@ -58,20 +60,79 @@ def test_fleet_benchmark_runs_and_prints_the_table(short_tmp: Path) -> None:
     assert values["storm1s_disconnects"] == 0
 
 
-def test_cached_text_exposition_equals_prometheus_client() -> None:
-    """The scrape fast path (exporter.metrics.generate_text: cached per-VM chunks) renders
-    byte for byte what prometheus_client's generate_latest renders, through state changes."""
+def test_fleet_benchmark_with_a_real_prometheus(short_tmp: Path) -> None:
+    """``--scenarios prometheus`` runs the Prometheus binary against the exporter and against
+    the static pages, and reads what it stored: every sample of the page, ``up`` 1."""
+    require_binary("prometheus")
+    out_json = short_tmp / "bench.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.fleet",
+            "--vms=10",
+            "--disks=2",
+            "--scenarios=prometheus",
+            "--prom-interval=1",
+            "--prom-scrapes=3",
+            f"--json={out_json}",
+            f"--workdir={short_tmp}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    values = json.loads(out_json.read_text())["results"][0]["values"]
+    assert "prometheus_error" not in values, values
+    assert values["prom_up"] == 1 and values["prom_scrapes"] >= 3
+    assert values["prom_samples"] > 10 * 2 * 10
+    for kind in ("om", "text"):
+        assert len(values[f"prom_static_{kind}_durations_ms"]) >= 3
+
+
+#: Accept headers whose answer must be byte for byte prometheus_client's: what Prometheus 2.x
+#: and 3.x send, no header, each format and escaping scheme alone (dots and values escaping fall
+#: back to prometheus_client's encoders), an OpenMetrics version without native histograms'
+#: difference, and orders where quality values would choose otherwise (prometheus_client
+#: ignores them).
+ACCEPT_HEADERS = (
+    "",
+    PROMETHEUS_2_ACCEPT,
+    PROMETHEUS_3_ACCEPT,
+    "application/openmetrics-text",
+    "application/openmetrics-text; version=1.0.0",
+    "application/openmetrics-text;version=2.0.0;escaping=allow-utf-8",
+    "text/plain;version=1.0.0;escaping=allow-utf-8",
+    "text/plain;version=0.0.4",
+    *(f"application/openmetrics-text;version=1.0.0;escaping={e}" for e in ("underscores", "dots", "values")),
+    *(f"text/plain;version=1.0.0;escaping={e}" for e in ("underscores", "dots", "values", "bogus")),
+    "text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;q=0.1",
+    "text/plain;version=1.0.0;q=0.1,application/openmetrics-text;version=1.0.0;q=0.9",
+)
+
+
+def test_cached_exposition_equals_prometheus_client() -> None:
+    """The scrape fast path (`generate_text`/`generate_openmetrics`: cached per-VM chunks,
+    chosen by `exporter.web.negotiate`) renders byte for byte what prometheus_client's encoder
+    for the same Accept header renders, in both formats, through state changes.  A
+    prometheus_client Counter and Info sit in the registry beside the exporter's collector: its
+    ``_created`` sample (a separate gauge family in text, inline in OpenMetrics) and ``_info``
+    naming go through prometheus_client's own encoders."""
     import random
 
-    from prometheus_client.exposition import generate_latest
+    from prometheus_client import Counter, Info
+    from prometheus_client.exposition import choose_encoder
     from prometheus_client.registry import CollectorRegistry
 
     from exporter.config import PolicyConfig
     from exporter.hang.tracking import HangTracking
-    from exporter.metrics import ExporterCollector, generate_text
+    from exporter.metrics import ExporterCollector
     from exporter.model.events import BlockIOError
     from exporter.model.policy import DiskPolicy, verify
     from exporter.model.state import BlockStats, Disk, VMState
+    from exporter.web import negotiate
 
     rnd = random.Random(7)
     policy_cfg = PolicyConfig(max_timeout_seconds=60, require_nonzero_timeout=True)
@@ -118,9 +179,17 @@ def test_cached_text_exposition_equals_prometheus_client() -> None:
     registry = CollectorRegistry(auto_describe=False)
     collector = ExporterCollector(lambda: vms, ("cluster",), hangs=hangs, clock=lambda: clock[0])
     registry.register(collector)
+    Counter("other_requests", 'A "counter" of another library.', ["path"], registry=registry).labels(
+        "/"
+    ).inc()
+    Info("other_build", "Info of another library.", registry=registry).info({"version": "1"})
 
     def same() -> None:
-        assert generate_text(registry).decode() == generate_latest(registry).decode()
+        for accept in ACCEPT_HEADERS:
+            ours, our_type = negotiate(accept)
+            theirs, their_type = choose_encoder(accept)
+            assert our_type == their_type, accept
+            assert ours(registry).decode() == theirs(registry).decode(), accept
 
     same()
     for k, vm in enumerate(vms[:12]):

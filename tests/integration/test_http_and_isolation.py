@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
+from prometheus_client.exposition import choose_encoder
 
+from bench.prometheus import PROMETHEUS_2_ACCEPT, PROMETHEUS_3_ACCEPT
 from tests.harness import ExporterProcess, Metrics
 from tests.qemu import blank_image, run_qemu
 
@@ -62,6 +65,45 @@ async def test_http_endpoints(short_tmp: Path) -> None:
             )
         )
         assert m.value("qemu_qmp_up", vm="none") == 0
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        None,
+        PROMETHEUS_2_ACCEPT,
+        PROMETHEUS_3_ACCEPT,
+        "text/plain;version=1.0.0;escaping=allow-utf-8",
+        "application/openmetrics-text;version=1.0.0;escaping=dots",
+        "application/openmetrics-text;version=0.0.1",
+    ],
+)
+async def test_content_negotiation_is_prometheus_clients(short_tmp: Path, accept: str | None) -> None:
+    """The format and Content-Type are prometheus_client's choice for the header Prometheus
+    2.x/3.x (OpenMetrics 1.0.0), a text 1.0.0 client, an escaping we hand to prometheus_client
+    (dots), and an OpenMetrics version it does not serve (0.0.1: text 0.0.4); gzip of it too."""
+    _encoder, content_type = choose_encoder(accept or "")
+    openmetrics_page = "openmetrics" in content_type
+    config = {"qmp": {"sockets": [str(short_tmp / "none.qmp")], **FAST}}
+    async with ExporterProcess(short_tmp, config) as exp, aiohttp.ClientSession(auto_decompress=False) as s:
+        for encoding in ("identity", "gzip"):
+            headers = {"Accept-Encoding": encoding}
+            if accept is not None:
+                headers["Accept"] = accept
+            async with s.get(exp.url + "/metrics", headers=headers) as r:
+                assert r.status == 200
+                assert r.headers["Content-Type"] == content_type
+                body = await r.read()
+            if encoding == "gzip":
+                assert r.headers["Content-Encoding"] == "gzip"
+                body = gzip.decompress(body)
+            text = body.decode()
+            assert text.endswith("\n# EOF\n") == openmetrics_page
+            counter = "qemu_exporter_qmp_connect_attempts"
+            if "escaping=dots" in content_type:
+                counter = counter.replace("_", "__")
+            suffix = "" if openmetrics_page else "_total"
+            assert f"\n# TYPE {counter}{suffix} counter\n" in text
 
 
 async def test_hung_socket_stalls_neither_scrapes_nor_other_vms(short_tmp: Path) -> None:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.harness import REPO, ExporterProcess, Metrics
@@ -127,6 +128,18 @@ async def test_policy_state_and_stop_hang_through_libvirt(libvirt_lab: LibvirtLa
         assert vdb["backend"] not in (nbd_backend, "unknown", "")
         assert m.value("qemu_vm_status", vm=dom.name, status="running") == 1
         assert m.value("qemu_vm_info", vm=dom.name, uuid=dom.uuid(), socket=libvirt_lab.libvirtd.uri) == 1
+        # What a Prometheus asks for: OpenMetrics, libvirt's own families included, strictly parsed.
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+        from bench.prometheus import PROMETHEUS_3_ACCEPT
+
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(exp.url + "/metrics", headers={"Accept": PROMETHEUS_3_ACCEPT}) as r,
+        ):
+            assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+            families = {f.name: f for f in text_string_to_metric_families(await r.text())}
+        assert families["qemu_libvirt_up"].samples[0].value == 1
 
         with io_error_witness(dom) as witnessed:
             dom.fail_storage()
