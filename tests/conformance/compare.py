@@ -104,15 +104,23 @@ MACHINE_LABELS = frozenset({"qemu_version", "package", "uuid", "socket", "node_n
 IGNORED_PREFIXES = ("process_", "python_", "qemu_exporter_build", "qemu_exporter_scrape")
 
 
+def _normal(label: str, value: str) -> str:
+    """A storage backend keeps its kind (``nbd+unix``), not the machine's socket path."""
+    return value.split(":", 1)[0] if label == "backend" else value
+
+
 def series(m: Metrics, ignore_prefixes: Iterable[str] = IGNORED_PREFIXES) -> dict[str, float]:
-    """The exporter's series as ``name{label="value",...}`` (machine-specific labels dropped)
-    mapped to their values; series of ``ignore_prefixes`` are left out."""
+    """The exporter's series as ``name{label="value",...}`` (machine-specific labels dropped,
+    backends reduced to their kind) mapped to their values; series of ``ignore_prefixes`` are
+    left out."""
     prefixes = tuple(ignore_prefixes)
     out: dict[str, float] = {}
     for s in m.samples:
         if s.name.startswith(prefixes):
             continue
-        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if k not in MACHINE_LABELS)
+        labels = ",".join(
+            f'{k}="{_normal(k, v)}"' for k, v in sorted(s.labels.items()) if k not in MACHINE_LABELS
+        )
         out[f"{s.name}{{{labels}}}"] = s.value
     return out
 

@@ -255,11 +255,11 @@ async def sim_target(d: Path, vm: SimVM, device: str, operations: tuple[str, ...
 
 def sim_vm(d: Path, device: str, kind: str, policy: str, operations: tuple[str, ...]) -> SimVM:
     """A SimVM like the lab's QEMU: upstream 7.2, the nbd boot disk on ``-blockdev`` (node
-    ``nbd0``), one request per operation in flight."""
+    ``nbd0``, NBD over a unix socket, as QEMU names it), one request per operation in flight."""
     werror, rerror = (kv.split("=")[1] for kv in policy.split(","))
     disk = DiskSpec(
         id=device, type=kind, werror=werror, rerror=rerror, naming="blockdev", node_name="nbd0",
-        in_flight=1, operations=operations,
+        in_flight=1, operations=operations, filename=f"nbd+unix://?socket={d / 'nbd.sock'}",
     )  # fmt: skip
     return SimVM(
         str(d / "sim.qmp"),
