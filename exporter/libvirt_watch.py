@@ -171,7 +171,11 @@ def _ensure_event_loop() -> None:
 
 class _Inbox:
     """Hands items from libvirt's event thread to the asyncio loop, in batches: one wake-up of
-    the loop per batch, not per event (an IO-error storm is thousands of events a second)."""
+    the loop per batch, not per event (an IO-error storm is thousands of events a second).
+    At most `BATCH` items are handled per turn of the loop, so that a storm never holds a
+    scrape back for longer than one batch."""
+
+    BATCH = 256
 
     def __init__(self, loop: asyncio.AbstractEventLoop, handle: Callable[[tuple[Any, ...]], None]) -> None:
         self._loop, self._handle = loop, handle
@@ -190,10 +194,14 @@ class _Inbox:
 
     def _drain(self) -> None:
         with self._lock:
-            items, self._items = self._items, deque()
-            self._scheduled = False
+            n = min(len(self._items), self.BATCH)
+            items = [self._items.popleft() for _ in range(n)]
+            more = bool(self._items)
+            self._scheduled = more  # still scheduled: the rest is handled on the next turn
         for item in items:
             self._handle(item)
+        if more:
+            self._loop.call_soon(self._drain)
 
 
 @dataclass

@@ -122,3 +122,26 @@ def test_one_per_vm_prefers_a_live_qmp_session_and_never_repeats_a_name() -> Non
     got = one_per_vm([both_qmp, down_qmp, only_qmp], [both_lv, b_lv, only_lv])
     assert got == [both_qmp, only_qmp, b_lv, only_lv]
     assert len({v.vm for v in got}) == len(got)
+
+
+async def test_inbox_hands_a_burst_over_in_order_a_batch_per_turn() -> None:
+    """A burst queued at once (libvirt's thread is faster than the loop in a storm) reaches the
+    loop in order, a batch per turn, so other tasks (a scrape) run in between."""
+    import asyncio
+    import itertools
+
+    from exporter.libvirt_watch import _Inbox
+
+    got: list[int] = []
+    inbox = _Inbox(asyncio.get_running_loop(), lambda item: got.append(item[0]))
+    n = _Inbox.BATCH * 3 + 5
+    for i in range(n):  # all queued before the loop runs the first drain
+        inbox.put((i,))
+    seen: list[int] = []
+    while len(got) < n:
+        seen.append(len(got))
+        await asyncio.sleep(0)
+    seen.append(len(got))
+    assert got == list(range(n))
+    steps = [b - a for a, b in itertools.pairwise(seen) if b != a]
+    assert len(steps) >= 4 and max(steps) <= _Inbox.BATCH, steps
