@@ -107,6 +107,7 @@ class HangTracking(EventSink, HangView):
         self._versions: dict[str, int] = {}
         self._text: dict[str, _HangText] = {}
         self._headers: dict[Format, list[str]] = {}
+        self._backends: list[GaugeMetricFamily] | None = None  # see `render`
 
     # -- persistence -------------------------------------------------------------------
 
@@ -391,6 +392,7 @@ class HangTracking(EventSink, HangView):
         cache: dict[str, _HangText] = {}
         chunks: list[_HangText] = []
         names = tuple(label_names)
+        rendered = 0
         for vm in vms:
             key = (vm.version, self._versions.get(vm.key), names)
             entry = self._text.get(vm.key)
@@ -409,14 +411,20 @@ class HangTracking(EventSink, HangView):
                 same_labels = entry is not None and entry.vm is vm and entry.key[0::2] == key[0::2]
                 labels = entry.labels if entry is not None and same_labels else {}
                 entry = _HangText(vm, key, used, label_names, now, labels)
+                rendered += 1
             cache[vm.key] = entry
             chunks.append(entry)
+        # The per-backend counts depend on exactly what re-renders a VM's lines (its disks, its
+        # trackers, its hanging or failing disks) and on which VMs are shown: recounted only
+        # then, not over all 4000 disks of an idle host at every scrape (~2.5 ms at 1000 VMs).
+        if rendered or self._backends is None or cache.keys() != self._text.keys():
+            self._backends = backend_families(vms, self.trackers)
         self._text = cache
         parts: list[str] = []
         for i, header in enumerate(headers):
             parts.append(header)
             parts.extend(c.lines[i] for c in chunks)
-        parts.append(format_families([self.histogram.family(), *backend_families(vms, self.trackers)], fmt))
+        parts.append(format_families([self.histogram.family(), *self._backends], fmt))
         return parts
 
 
