@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, Runstate
 from qemu.qmp.message import Message
 from qemu.qmp.models import ErrorResponse
 from qemu.qmp.qmp_client import BadReplyError
 
 from exporter.fairness import ScrapeFirst
+from exporter.liveness import fionread
 
 #: Commands the exporter needs, all free of side effects.  Nothing else is ever sent.
 ALLOWED_COMMANDS: frozenset[str] = frozenset(
@@ -67,9 +70,16 @@ _DRAIN_SECONDS = 5.0
 #: disks, is a few hundred KiB.
 READ_BUFFER_BYTES = 1024 * 1024
 
-#: Lines a reader handles before it lets the rest of the loop run: in a storm every one of
-#: 1000 readers has a full buffer, and a turn of the loop is ~1000 x this x ~13 us.
-_LINES_PER_TURN = 8
+#: Bytes a reader takes from its buffer at a time, and between two turns of the loop while it
+#: has a backlog.  In a storm the exporter keeps up with, a reader finds only what arrived
+#: during one turn (less than this); with a backlog at 1000 VMs a turn is ~1000 x this many
+#: bytes (~18 events of ~230 B) x ~6 us, ~0.1 s, which a scrape needs a few of before it
+#: starts.  Line by line (qemu.qmp's readline, one await per line, a yield every 8 lines) the
+#: reader cost ~7 us/event more (docs/performance.md, round 3).
+READ_CHUNK = 4096
+
+#: The same while a scrape is under way (`exporter.fairness`): ~4 events per reader per turn.
+SCRAPE_CHUNK = 1024
 
 #: json.dumps with non-default separators builds an encoder per call; every command is encoded.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -101,17 +111,26 @@ class ReadOnlyQMPClient(QMPClient):
         name: str | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         scrape_first: ScrapeFirst | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(name, readbuflen=READ_BUFFER_BYTES)
         self._on_event_cb = on_event
         self._scrape_first = scrape_first
+        self._clock = clock
         self._queries: dict[
             str, tuple[dict[str, object], asyncio.Future[object], Callable[[object], None] | None]
         ] = {}
         self._query_seq = 0
         #: Lines received from QEMU so far: proof of life while a reply is awaited.
         self.lines_received = 0
-        self._unyielded = 0  # lines handled since the reader last gave the loop back
+        # Reader state (`_bh_recv_message`): the start of a line not complete yet, whether
+        # the last read filled its chunk (more may be buffered), whether the reader is blocked
+        # waiting for data, and the time up to which the stream is known to be handled.
+        self._partial: list[bytes] = []
+        self._partial_len = 0
+        self._backlog = False
+        self._waiting = False
+        self._through = clock()
 
     def query(
         self,
@@ -184,31 +203,88 @@ class ReadOnlyQMPClient(QMPClient):
             )
         return True
 
+    def read_through(self, now: float) -> float:
+        """The time up to which this session's stream is known to be read and handled: ``now``
+        while the reader waits for data with nothing unread (its buffer empty, nothing in the
+        kernel socket buffer), else the last time it had handled everything it had received.
+
+        Hang tracking advances a VM's trackers only this far (`exporter.hang.tracking`): being
+        behind in reading a storm must not look like silence, and silence ends a hang.  Data
+        that reached the socket during the current turn of the loop before the reader emptied
+        its buffer is not seen here (at most one turn, well under the 2 s margin of a hang)."""
+        if self._waiting and not self._partial:
+            fd = self.fileno()
+            if fd is None or fionread(fd) == 0:
+                return now
+        return min(now, self._through)
+
     async def _bh_recv_message(self) -> None:
-        # A buffered line is read without suspending: without these yields one reader could
-        # hold the loop for its whole buffer (exporter.fairness).
-        self._unyielded += 1
-        if self._unyielded >= _LINES_PER_TURN or (
-            self._scrape_first is not None and self._scrape_first.active()
-        ):
-            self._unyielded = 0
+        """Read what is buffered (up to a chunk), then handle every complete line in it.
+
+        One call per chunk, not per line: qemu.qmp's ``readline`` costs an await and a
+        buffer search per line.  Lines are decoded with orjson (stdlib json if orjson refuses,
+        e.g. NaN or an integer beyond 64 bits), events go to ``on_event`` and replies to
+        `query` synchronously, in stream order; anything else takes the library's path."""
+        reader = self._reader
+        assert reader is not None
+        scrape = self._scrape_first
+        if self._backlog:
+            # The last read filled its chunk: more is buffered, and handling it without a yield
+            # would hold the loop for this connection's whole backlog (exporter.fairness).
             await asyncio.sleep(0)
-        msg_bytes = await self._readline()
-        self.lines_received += 1
+        size = SCRAPE_CHUNK if scrape is not None and scrape.active() else READ_CHUNK
+        self._waiting = True
         try:
-            obj = json.loads(msg_bytes)
-        except ValueError:
-            obj = None  # not JSON: the library's path below reports it as it always did
-        if isinstance(obj, dict):
-            handler = self._on_event_cb
-            if "event" in obj:  # how qemu.qmp routes events, too
-                if handler is not None:
-                    handler(obj)
-                    return
-            elif self._resolve_query(obj):
-                return
-        msg = self._cb_inbound(Message(msg_bytes, eager=True))
-        await self._on_message(msg)
+            data = await reader.read(size)
+        finally:
+            self._waiting = False
+        if not data:
+            if self._partial:  # QEMU's last line, cut by the end of the stream
+                line = b"".join(self._partial)
+                self._partial, self._partial_len = [], 0
+                self.lines_received += 1
+                await self._handle_lines([line])
+            raise EOFError
+        drained = len(data) < size
+        got = self._clock()
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        if self._partial and lines:
+            self._partial.append(lines[0])
+            lines[0] = b"".join(self._partial)
+            self._partial, self._partial_len = [], 0
+        if tail:
+            self._partial.append(tail)
+            self._partial_len += len(tail)
+            if self._partial_len > READ_BUFFER_BYTES:
+                raise ValueError(f"QMP line longer than {READ_BUFFER_BYTES} bytes")
+        self._backlog = not drained
+        self.lines_received += len(lines)
+        await self._handle_lines(lines)
+        if drained and not self._partial:
+            self._through = got
+
+    async def _handle_lines(self, lines: list[bytes]) -> None:
+        handler = self._on_event_cb
+        resolve = self._resolve_query
+        loads = orjson.loads
+        for line in lines:
+            try:
+                obj = loads(line)
+            except orjson.JSONDecodeError:
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None  # not JSON: the library's path below reports it as it always did
+            if type(obj) is dict:
+                if "event" in obj:  # how qemu.qmp routes events, too
+                    if handler is not None:
+                        handler(obj)
+                        continue
+                elif resolve(obj):
+                    continue
+            msg = self._cb_inbound(Message(line, eager=True))
+            await self._on_message(msg)
 
     async def execute(
         self, cmd: str, arguments: Mapping[str, object] | None = None, oob: bool = False
