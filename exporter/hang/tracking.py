@@ -85,6 +85,8 @@ class HangTracking(EventSink, HangView):
         self.state_file = state_file
         # VMState.key -> device -> tracker
         self.trackers: dict[str, dict[str, DiskHangTracker]] = {}
+        #: The VM of each key in ``trackers``: how far its stream is read (`VMState.read_through`).
+        self._vms: dict[str, VMState] = {}
         self.histogram = _Histogram()
         self._saved: dict[str, Any] = self._load()
         self._last_written_key: object = None
@@ -165,6 +167,7 @@ class HangTracking(EventSink, HangView):
 
     def on_disks(self, vm: VMState, now: float) -> None:
         self._changed(vm.key)
+        self._vms[vm.key] = vm
         devs = self.trackers.setdefault(vm.key, {})
         saved = self._saved.get(vm.key, {})
         for dev in list(devs):
@@ -269,6 +272,7 @@ class HangTracking(EventSink, HangView):
     def on_removed(self, vm: VMState, now: float) -> None:
         self._changed(vm.key)
         devs = self.trackers.pop(vm.key, {})
+        self._vms.pop(vm.key, None)
         for t in devs.values():
             t.on_vm_gone(now)
             self._drain(t)
@@ -281,11 +285,20 @@ class HangTracking(EventSink, HangView):
             for hang in tracker.drain_completed():
                 self.histogram.observe(hang)
 
+    def _read_through(self, key: str, now: float) -> float:
+        vm = self._vms.get(key)
+        return now if vm is None else vm.read_through(now)
+
     def tick(self, now: float) -> None:
-        for devs in self.trackers.values():
+        """Let silence end hangs: each VM's trackers are advanced to the time up to which its
+        stream is read, not to ``now`` (a reader behind in a storm is no silence)."""
+        for key, devs in self.trackers.items():
+            through: float | None = None
             for t in devs.values():
                 if t.active:  # an idle tracker has nothing to learn from the time
-                    t.advance(now)
+                    if through is None:
+                        through = self._read_through(key, now)
+                    t.advance(through)
                 self._drain(t)
         self.save()
         if self.on_change is not None:
@@ -329,11 +342,12 @@ class HangTracking(EventSink, HangView):
         for vm in vms:
             devs = self.trackers.get(vm.key, {})
             base = [vm.vm, *(vm.static_labels.get(k, "") for k in label_names[1:])]
+            through = vm.read_through(now)
             for dev in sorted(vm.disks):
                 t = devs.get(dev)
                 if t is None:
                     continue
-                t.advance(now)
+                t.advance(through)
                 labels = [*base, dev]
                 hang.add_metric(labels, 1 if t.hanging else 0)
                 duration.add_metric(labels, t.duration(now))
@@ -369,9 +383,12 @@ class HangTracking(EventSink, HangView):
             if entry is None or entry.vm is not vm or entry.key != key or entry.volatile:
                 devs = self.trackers.get(vm.key, {})
                 used = [(dev, devs[dev]) for dev in sorted(vm.disks) if dev in devs]
+                through: float | None = None
                 for _dev, t in used:
                     if t.active:
-                        t.advance(now)
+                        if through is None:
+                            through = vm.read_through(now)
+                        t.advance(through)
                     self._drain(t)
                 # Label text depends on the VM's identity only: a hanging VM is re-rendered at
                 # every scrape, its labels need not be.

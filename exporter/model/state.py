@@ -11,7 +11,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, status_after
 from exporter.model.policy import DiskPolicy, PolicyVerdict
@@ -50,6 +50,14 @@ _COUNTER_FIELDS = frozenset(
     }
 )
 _MISSING = object()
+
+
+class StreamClock(Protocol):
+    """How far a VM's event stream has been read (`ReadOnlyQMPClient.read_through`)."""
+
+    def read_through(self, now: float) -> float:
+        """The time up to which every event QEMU wrote has been handled (at most ``now``)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,10 @@ class VMState:
     _by_drive: dict[str, str] = field(default_factory=dict, repr=False)
     _by_qom: dict[str, str] = field(default_factory=dict, repr=False)
 
+    #: The live session's stream position, None when no session (or the source, libvirt, has
+    #: none): `read_through` is then ``now``.
+    stream: StreamClock | None = field(default=None, repr=False, compare=False)
+
     # Change versions for the scrape-time text cache (never equal for two different states).
     version: int = field(default=0, repr=False, compare=False)
     counters_version: int = field(default=0, repr=False, compare=False)
@@ -181,6 +193,12 @@ class VMState:
     def vm(self) -> str:
         """The `vm` label: QMP query-name when set, else the socket file's stem."""
         return self.name or self.stem
+
+    def read_through(self, now: float) -> float:
+        """The time up to which this VM's events are known to be handled: silence up to there
+        is silence, beyond it may be events not read yet (a reader behind in a storm)."""
+        stream = self.stream
+        return now if stream is None else stream.read_through(now)
 
     def set_disks(self, disks: dict[str, Disk]) -> None:
         self.disks = disks
