@@ -629,6 +629,7 @@ def storm(
     res.values[f"storm{label}_hwm_mb"] = hwm
     res.values[f"storm{label}_scrape_p99_ms"] = percentile(scrape_times, 99) * 1000
     res.values[f"storm{label}_scrape_max_ms"] = max(scrape_times, default=float("nan")) * 1000
+    res.values[f"storm{label}_scrapes_ms"] = [round(t * 1000) for t in scrape_times]
     res.values[f"storm{label}_events"] = delivered
     res.values[f"storm{label}_lost"] = delivered - got
     res.values[f"storm{label}_catchup_s"] = lag

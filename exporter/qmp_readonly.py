@@ -73,13 +73,11 @@ READ_BUFFER_BYTES = 1024 * 1024
 #: Bytes a reader takes from its buffer at a time, and between two turns of the loop while it
 #: has a backlog.  In a storm the exporter keeps up with, a reader finds only what arrived
 #: during one turn (less than this); with a backlog at 1000 VMs a turn is ~1000 x this many
-#: bytes (~18 events of ~230 B) x ~6 us, ~0.1 s, which a scrape needs a few of before it
-#: starts.  Line by line (qemu.qmp's readline, one await per line, a yield every 8 lines) the
-#: reader cost ~7 us/event more (docs/performance.md, round 3).
+#: bytes (~18 events of ~230 B) x ~6 us, ~0.1 s, which a scrape needs a couple of before its
+#: handler runs (readers then wait: `exporter.fairness`).  Line by line (qemu.qmp's readline,
+#: an await per line, a yield every 8 lines) the exporter spent 14.1 us/event, 10.8 with
+#: chunks (docs/performance.md, round 3).
 READ_CHUNK = 4096
-
-#: The same while a scrape is under way (`exporter.fairness`): ~4 events per reader per turn.
-SCRAPE_CHUNK = 1024
 
 #: json.dumps with non-default separators builds an encoder per call; every command is encoded.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -131,6 +129,7 @@ class ReadOnlyQMPClient(QMPClient):
         self._backlog = False
         self._waiting = False
         self._through = clock()
+        self._fd: int | None = None  # the socket's, cached by read_through
 
     def query(
         self,
@@ -213,8 +212,9 @@ class ReadOnlyQMPClient(QMPClient):
         that reached the socket during the current turn of the loop before the reader emptied
         its buffer is not seen here (at most one turn, well under the 2 s margin of a hang)."""
         if self._waiting and not self._partial:
-            fd = self.fileno()
-            if fd is None or fionread(fd) == 0:
+            if self._fd is None:
+                self._fd = self.fileno()  # once per connection: read at every tick and scrape
+            if self._fd is None or fionread(self._fd) == 0:
                 return now
         return min(now, self._through)
 
@@ -228,11 +228,13 @@ class ReadOnlyQMPClient(QMPClient):
         reader = self._reader
         assert reader is not None
         scrape = self._scrape_first
-        if self._backlog:
+        if scrape is not None and scrape.active():
+            await scrape.served()  # the events wait in the socket meanwhile (exporter.fairness)
+        elif self._backlog:
             # The last read filled its chunk: more is buffered, and handling it without a yield
             # would hold the loop for this connection's whole backlog (exporter.fairness).
             await asyncio.sleep(0)
-        size = SCRAPE_CHUNK if scrape is not None and scrape.active() else READ_CHUNK
+        size = READ_CHUNK
         self._waiting = True
         try:
             data = await reader.read(size)
