@@ -564,6 +564,11 @@ class VMWatcher:
         """Apply one QMP event.  Synchronous: events are applied in order, and the per-event
         work is O(1) whatever the fleet size.  Returns the disk a BLOCK_IO_ERROR matched."""
         typed = _decode(event, self.vm)
+        if type(typed) is BlockIOError and typed.device is not None:
+            # The storm's case, first and with the fewest steps (`_apply` in one go).
+            self.vm.received_io_error(typed)
+            self.sink.on_event(self.vm, typed)
+            return typed.device
         self.vm.received(typed)
         if (
             isinstance(typed, BlockIOError)

@@ -410,7 +410,12 @@ _versions = itertools.count(1)
 
 
 class _HangText:
-    """One VM's hang sample lines, per family of `HangTracking.collect` (histogram aside)."""
+    """One VM's hang sample lines, per family of `HangTracking.collect` (histogram aside).
+
+    A hanging disk's lines are re-rendered at every scrape (its duration grows), but only two
+    of its nine change with time: the others are kept per disk while its hang, deadline,
+    failing state and counts stay (``_DiskLines``).  In a storm, with all 4000 disks of 1000
+    VMs hanging, this was 46 % of a scrape's CPU (py-spy, 20,000 events/s, round 3)."""
 
     def __init__(
         self,
@@ -419,39 +424,71 @@ class _HangText:
         trackers: list[tuple[str, DiskHangTracker]],
         label_names: Sequence[str],
         now: float,
-        labels: dict[str, tuple[str, dict[HangOutcome, str]]],
+        labels: dict[str, _DiskLines],
     ) -> None:
         self.vm = vm
         self.key = key
-        #: Per device: its label text, and with each outcome (reused while the VM's identity
-        #: and the label names stay the same).
+        #: Per device: its label text and steady lines (reused while the VM's identity and
+        #: the label names stay the same).
         self.labels = labels
         self.volatile = any(t.hanging or t.failing for _dev, t in trackers)
         out: list[list[str]] = [[] for _ in range(7)]
         hang, duration, start, deadline, failing, total, seconds = out
-        disk_names = [*label_names, "device"]
-        outcome_names = [*disk_names, "outcome"]
-        base = [vm.vm, *(vm.static_labels.get(k, "") for k in label_names[1:])]
+        base: list[str] | None = None
         for dev, t in trackers:
             cached = labels.get(dev)
             if cached is None:
-                values = [*base, dev]
-                cached = labels[dev] = (
-                    label_text(disk_names, values),
-                    {o: label_text(outcome_names, [*values, o.value]) for o in HangOutcome},
-                )
-            dl, outcome_labels = cached
-            hang.append(f"qemu_block_io_hang{dl} {fmt_value(1 if t.hanging else 0)}\n")
+                if base is None:
+                    base = [vm.vm, *(vm.static_labels.get(k, "") for k in label_names[1:])]
+                cached = labels[dev] = _DiskLines([*label_names, "device"], [*base, dev])
+            steady = cached.steady(t)
+            dl = cached.dl
+            hang.append(steady[0])
             duration.append(f"qemu_block_io_hang_duration_seconds{dl} {fmt_value(t.duration(now))}\n")
-            if t.hang_start is not None:
-                v = fmt_value(t.hang_start)
-                start.append(f"qemu_block_io_hang_start_timestamp_seconds{dl} {v}\n")
-            if t.deadline is not None:
-                v = fmt_value(t.deadline)
-                deadline.append(f"qemu_block_io_hang_deadline_timestamp_seconds{dl} {v}\n")
-            failing.append(f"qemu_block_io_failing{dl} {fmt_value(1 if t.failing else 0)}\n")
-            for outcome, n in t.hangs_total.items():
-                total.append(f"qemu_block_io_hangs_total{outcome_labels[outcome]} {fmt_value(n)}\n")
-            v = fmt_value(t.hang_seconds_total(now))
-            seconds.append(f"qemu_block_io_hang_seconds_total{dl} {v}\n")
+            start.append(steady[1])
+            deadline.append(steady[2])
+            failing.append(steady[3])
+            total.append(steady[4])
+            seconds.append(f"qemu_block_io_hang_seconds_total{dl} {fmt_value(t.hang_seconds_total(now))}\n")
         self.lines = ["".join(lines) for lines in out]
+
+
+class _DiskLines:
+    """A disk's label text and the lines of its state that do not change with time."""
+
+    __slots__ = ("_key", "_outcomes", "_steady", "dl")
+
+    def __init__(self, names: list[str], values: list[str]) -> None:
+        self.dl = label_text(names, values)
+        self._outcomes = {o: label_text([*names, "outcome"], [*values, o.value]) for o in HangOutcome}
+        self._key: object = None
+        self._steady: tuple[str, str, str, str, str] = ("", "", "", "", "")
+
+    def steady(self, t: DiskHangTracker) -> tuple[str, str, str, str, str]:
+        """(hang, start, deadline, failing, hangs_total) lines; "" where there is no sample."""
+        key = (t.hang_start, t.deadline, t.failing, tuple(t.hangs_total.values()))
+        if key != self._key:
+            dl = self.dl
+            start = (
+                ""
+                if t.hang_start is None
+                else f"qemu_block_io_hang_start_timestamp_seconds{dl} {fmt_value(t.hang_start)}\n"
+            )
+            deadline = (
+                ""
+                if t.deadline is None
+                else f"qemu_block_io_hang_deadline_timestamp_seconds{dl} {fmt_value(t.deadline)}\n"
+            )
+            total = "".join(
+                f"qemu_block_io_hangs_total{self._outcomes[outcome]} {fmt_value(n)}\n"
+                for outcome, n in t.hangs_total.items()
+            )
+            self._steady = (
+                f"qemu_block_io_hang{dl} {fmt_value(1 if t.hanging else 0)}\n",
+                start,
+                deadline,
+                f"qemu_block_io_failing{dl} {fmt_value(1 if t.failing else 0)}\n",
+                total,
+            )
+            self._key = key
+        return self._steady

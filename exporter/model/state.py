@@ -233,6 +233,16 @@ class VMState:
         self.events[event.name] += 1
         self.touch_counters()
 
+    def received_io_error(self, event: BlockIOError) -> None:
+        """`received` and `apply` of a `BlockIOError` that matched a disk, at once: the event
+        path's common case in a storm (one version bump instead of two)."""
+        self.events[event.name] += 1
+        assert event.device is not None
+        self.io_errors[(event.device, event.operation, event.action)] += 1
+        if event.action == "stop":
+            self.status = "io-error"  # QEMU enters io-error before it sends STOP
+        object.__setattr__(self, "counters_version", next(_versions))
+
     def apply(self, event: VMEvent) -> None:
         """Apply what ``event`` says: IO errors by disk, the run state.  A `BlockIOError` that
         names no known disk counts as unmatched (sources first try a fresh disk list)."""
