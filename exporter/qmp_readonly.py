@@ -222,7 +222,7 @@ class ReadOnlyQMPClient(QMPClient):
         Hang tracking advances a VM's trackers only this far (`exporter.hang.tracking`): being
         behind in reading a storm must not look like silence, and silence ends a hang.  Data
         that reached the socket during the current turn of the loop before the reader emptied
-        its buffer is not seen here (at most one turn, well under the 2 s margin of a hang)."""
+        its buffer is not seen here (at most one turn, well under the 1 s default margin of a hang)."""
         if self._waiting and not self._partial:
             if self._fd is None:
                 self._fd = self.fileno()  # once per connection: read at every tick and scrape

@@ -251,7 +251,7 @@ def test_being_behind_in_reading_is_not_silence(
     sample_offsets: list[float],
     reads: list[tuple[float, float, float]],
 ) -> None:
-    """A reader arbitrarily far behind (up to 30 s, far beyond the 2 s margin) never splits one
+    """A reader arbitrarily far behind (up to 30 s, far beyond the 1 s default margin) never splits one
     continuous run of errors, because hang tracking advances a VM only as far as its stream is
     read (`VMState.read_through`) and a blockstats sample is stamped with the time its command
     was sent (QEMU wrote it later).  The hang is shown all along, and ends once the reader has
@@ -273,7 +273,7 @@ def test_being_behind_in_reading_is_not_silence(
     vm = _retry_vm(interval)
     reader = _ReaderPosition()
     vm.stream = reader
-    hangs = HangTracking(margin_s=2.0)
+    hangs = HangTracking(margin_s=1.0)
     hangs.on_disks(vm, T0 - 100)
     tracker = hangs.trackers[vm.key]["d0"]
     read = T0 - 100
@@ -305,7 +305,7 @@ def test_lag_split_a_hang_when_ticks_used_the_wall_clock() -> None:
     position: libvirt, or this exporter before round 3): silence was inferred from the lag,
     and one continuous hang became several.  Shows that the property test can fail."""
     vm = _retry_vm(0.1)
-    hangs = HangTracking(margin_s=2.0)
+    hangs = HangTracking(margin_s=1.0)
     hangs.on_disks(vm, T0 - 100)
     for k in range(100):  # 10 s of errors, every 100 ms, each read 5 s after it was written
         w = T0 + k * 0.1
