@@ -178,7 +178,7 @@ class Recorder:
         )
 
     def io_error_reason(self, *args: Any) -> None:
-        conn, dom, src_path, dev_alias, action, reason, opaque = args
+        _conn, dom, src_path, dev_alias, action, reason, opaque = args
         self._add(
             "io_error_reason",
             dom.name(),
@@ -194,7 +194,7 @@ class Recorder:
         )
 
     def io_error(self, *args: Any) -> None:
-        conn, dom, src_path, dev_alias, action, opaque = args
+        _conn, dom, src_path, dev_alias, action, _opaque = args
         self._add(
             "io_error",
             dom.name(),
