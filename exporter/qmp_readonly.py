@@ -16,9 +16,10 @@ connection's ``_reader``/``_writer``, and ``_on_message`` for what it does not o
 1000 VMs x 4 disks in an event storm, the library's path cost the exporter ~22 us of CPU per
 event (a `Message`, two queues and a task switch per event: round 1), then 14.1 us with events
 parsed once but still read a line at a time (an await and a buffer search per line, a yield
-every 8 lines), 10.8 us reading a chunk per wake-up with orjson (round 3).  The simplest loop
-that reads and decodes the same sockets' events costs 2.7 us/event on the same machine
-(bench/floor.py; docs/performance.md).  Greeting, negotiation and disconnect stay the library's.
+every 8 lines; 13.3 us in the final A/B runs), 10.8 us reading a chunk per wake-up with orjson,
+10.1 us with the rest of round 3.  The simplest loop that reads and decodes the same sockets'
+events costs 4.4-5.4 us/event on the same machine (bench/floor.py; docs/performance.md, round
+3).  Greeting, negotiation and disconnect stay the library's.
 """
 
 from __future__ import annotations
