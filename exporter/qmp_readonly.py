@@ -241,12 +241,14 @@ class ReadOnlyQMPClient(QMPClient):
         reader = self._reader
         assert reader is not None
         scrape = self._scrape_first
-        if scrape is not None and scrape.active():
-            await scrape.served()  # the events wait in the socket meanwhile (exporter.fairness)
-        elif self._backlog:
+        if self._backlog:
             # The last read filled its chunk: more is buffered, and handling it without a yield
-            # would hold the loop for this connection's whole backlog (exporter.fairness).
-            await asyncio.sleep(0)
+            # would hold the loop for this connection's whole backlog (exporter.fairness).  While
+            # a scrape is served, a reader with a backlog waits for it to be written.
+            if scrape is not None and scrape.active():
+                await scrape.served()  # the events wait in the socket meanwhile
+            else:
+                await asyncio.sleep(0)
         size = READ_CHUNK
         self._waiting = True
         try:
