@@ -553,6 +553,21 @@ def hang_latency(
     return worst * 1000, worst_start * 1000
 
 
+def hangs_per_disk(text: str) -> dict[tuple[str, str], float]:
+    """Completed hangs of every disk (all outcomes) from ``qemu_block_io_hangs_total``."""
+    out: dict[tuple[str, str], float] = {}
+    prefix = "qemu_block_io_hangs_total{"
+    for series, value in samples(text, prefix):
+        labels = dict(part.split("=", 1) for part in series[len(prefix) : -1].split(","))
+        key = (labels.get("vm", ""), labels.get("device", ""))
+        out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def hanging_disks(text: str) -> int:
+    return sum(1 for _s, v in samples(text, "qemu_block_io_hang{") if v == 1)
+
+
 def storm(
     args: argparse.Namespace,
     exp: Exporter,
@@ -562,10 +577,20 @@ def storm(
     in_flight: int,
 ) -> None:
     """Every disk fails with ``in_flight`` requests for ``--storm-seconds``; then all recover
-    and the exporter's count must equal the simulators'."""
+    and the exporter's count must equal the simulators'.
+
+    Also: the exporter's CPU per event counted in the window (µs/event), the worst scrape
+    during the storm, RSS (now and high-water), catch-up measured from the storm's end (link
+    up), and whether one continuous outage of a disk was counted as exactly one hang
+    (``split``: disks whose ``qemu_block_io_hangs_total`` grew by anything but 1, once every
+    hang has ended; being behind in reading must never look like recovery)."""
+    # Hangs of an earlier measurement (hang latency) end first: each disk starts idle.
+    wait_until(lambda: hanging_disks(exp.scrape()) == 0, 60, "earlier hangs over", step=0.5)
+    text = exp.scrape()
     before_sim = sum(fp.block_io_errors() for fp in fleets)
-    before_exp = io_error_total(exp.scrape())
-    disconnects0 = sum(v for _s, v in samples(exp.scrape(), "qemu_exporter_qmp_disconnects_total{"))
+    before_exp = io_error_total(text)
+    hangs0 = hangs_per_disk(text)
+    disconnects0 = sum(v for _s, v in samples(text, "qemu_exporter_qmp_disconnects_total{"))
     for fp in fleets:
         fp.link_all(up=False, in_flight=in_flight)
     time.sleep(1.0)  # ramp: the first attempts all come at once
@@ -574,6 +599,7 @@ def storm(
     e0 = io_error_total(exp.scrape())
     s0 = sum(fp.block_io_errors() for fp in fleets)
     scrape_times: list[float] = []
+    rss_max = 0.0
     while time.monotonic() - t0 < args.storm_seconds:
         t_s = time.perf_counter()
         try:
@@ -581,43 +607,65 @@ def storm(
             scrape_times += ts
         except OSError:  # a starved exporter: the scrape took longer than the storm
             scrape_times.append(time.perf_counter() - t_s)
+        rss_max = max(rss_max, proc_rss_mb(exp.pid)[0])
         time.sleep(args.storm_scrape_interval)
     s1 = sum(fp.block_io_errors() for fp in fleets)
     e1 = io_error_total(exp.scrape())
     t1 = time.monotonic()
     c1 = proc_cpu_seconds(exp.pid)
-    rss = proc_rss_mb(exp.pid)[0]
+    rss, hwm = proc_rss_mb(exp.pid)
     for fp in fleets:
         fp.link_all(up=True)
+    t_end = time.monotonic()
+    # The simulators' count right after the link came back: at most one further attempt per
+    # request was already under way.  Caught up = the exporter counted that many.
+    at_end = sum(fp.block_io_errors() for fp in fleets) - before_sim
+    lag = float("nan")
+    with contextlib.suppress(TimeoutError):
+        # An overloaded exporter answers scrapes late while it works through the backlog.
+        wait_until(
+            lambda: io_error_total(exp.scrape(timeout=120)) - before_exp >= at_end,
+            180,
+            "exporter catch-up",
+            step=0.05,
+        )
+        lag = time.monotonic() - t_end
     # The next attempt of every held request succeeds; then no more events.
-    time.sleep(args.interval_settle)
+    time.sleep(max(0.0, args.interval_settle - (time.monotonic() - t_end)))
     after_sim = sum(fp.block_io_errors() for fp in fleets)
     delivered = after_sim - before_sim
-    lag = float("nan")
-    got = 0
     with contextlib.suppress(TimeoutError):
-        t_end = time.monotonic()
-        # An overloaded exporter answers scrapes late while it works through the backlog.
         wait_until(
             lambda: io_error_total(exp.scrape(timeout=120)) - before_exp >= delivered,
             180,
-            "exporter catch-up",
+            "exporter count",
             step=0.1,
         )
-        lag = time.monotonic() - t_end
+    # Every hang ends by silence (expected spacing + margin after the last error).
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: hanging_disks(exp.scrape(timeout=120)) == 0, 60, "hangs over", step=0.5)
     text = exp.scrape(timeout=120)
     got = io_error_total(text) - before_exp
     disconnects = sum(v for _s, v in samples(text, "qemu_exporter_qmp_disconnects_total{"))
+    hangs1 = hangs_per_disk(text)
+    grew = {k: v - hangs0.get(k, 0.0) for k, v in hangs1.items()}
     dt = t1 - t0
+    processed = e1 - e0
     res.values[f"storm{label}_offered_eps"] = (s1 - s0) / dt
-    res.values[f"storm{label}_processed_eps"] = (e1 - e0) / dt
+    res.values[f"storm{label}_processed_eps"] = processed / dt
     res.values[f"storm{label}_cpu"] = (c1 - c0) / dt
-    res.values[f"storm{label}_rss_mb"] = rss
+    res.values[f"storm{label}_us_per_event"] = (c1 - c0) / processed * 1e6 if processed else float("nan")
+    res.values[f"storm{label}_rss_mb"] = max(rss, rss_max)
+    res.values[f"storm{label}_hwm_mb"] = hwm
     res.values[f"storm{label}_scrape_p99_ms"] = percentile(scrape_times, 99) * 1000
+    res.values[f"storm{label}_scrape_max_ms"] = max(scrape_times, default=float("nan")) * 1000
+    res.values[f"storm{label}_scrapes_ms"] = [round(t * 1000) for t in scrape_times]
     res.values[f"storm{label}_events"] = delivered
     res.values[f"storm{label}_lost"] = delivered - got
     res.values[f"storm{label}_catchup_s"] = lag
     res.values[f"storm{label}_disconnects"] = int(disconnects - disconnects0)
+    res.values[f"storm{label}_hangs"] = int(sum(grew.values()))
+    res.values[f"storm{label}_split"] = sum(1 for v in grew.values() if v != 1)
 
 
 def run_fast_storm(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> None:
@@ -626,6 +674,64 @@ def run_fast_storm(args: argparse.Namespace, n: int, workdir: Path, res: Result)
         wait_connected(exp, n, args.connect_timeout)
         wait_blockstats(exp, n * args.disks)
         storm(args, exp, fleets, res, "100ms", args.fast_in_flight)
+
+
+def run_floor(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> None:
+    """The fast storm read by `bench.floor` instead of the exporter: the simplest loop that
+    reads and decodes the same events, on this machine (its CPU per event is the floor)."""
+    spec = FleetSpec(n, args.disks, interval_ms=args.fast_interval_ms, fleets=args.fleets)
+    out = workdir / "floor.json"
+
+    def counts() -> dict[str, int]:
+        try:
+            data: dict[str, int] = json.loads(out.read_text())
+        except (OSError, ValueError):
+            return {"connected": 0, "events": 0}
+        return data
+
+    with running_fleet(spec, workdir) as fleets:
+        log = (workdir / "floor.log").open("wb")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.floor",
+                "--glob",
+                str(workdir / "f*" / "*.qmp"),
+                "--out",
+                str(out),
+                "--decoder",
+                args.floor_decoder,
+            ],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(lambda: counts()["connected"] >= n, args.connect_timeout, "floor connected")
+            before_sim = sum(fp.block_io_errors() for fp in fleets)
+            before = counts()["events"]
+            for fp in fleets:
+                fp.link_all(up=False, in_flight=args.fast_in_flight)
+            time.sleep(1.0)
+            t0, c0, e0 = time.monotonic(), proc_cpu_seconds(proc.pid), counts()["events"]
+            s0 = sum(fp.block_io_errors() for fp in fleets)
+            time.sleep(args.storm_seconds)
+            s1 = sum(fp.block_io_errors() for fp in fleets)
+            t1, c1, e1 = time.monotonic(), proc_cpu_seconds(proc.pid), counts()["events"]
+            for fp in fleets:
+                fp.link_all(up=True)
+            time.sleep(args.interval_settle)
+            delivered = sum(fp.block_io_errors() for fp in fleets) - before_sim
+            wait_until(lambda: counts()["events"] - before >= delivered, 180, "floor catch-up")
+        finally:
+            stop_process(proc)
+            log.close()
+    dt = t1 - t0
+    res.values["floor_offered_eps"] = (s1 - s0) / dt
+    res.values["floor_processed_eps"] = (e1 - e0) / dt
+    res.values["floor_cpu"] = (c1 - c0) / dt
+    res.values["floor_us_per_event"] = (c1 - c0) / (e1 - e0) * 1e6 if e1 > e0 else float("nan")
 
 
 def run_hung(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> None:
@@ -699,19 +805,33 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("storm1s_offered_eps", "1s storm ev/s", "{:.0f}"),
     ("storm1s_processed_eps", "1s processed ev/s", "{:.0f}"),
     ("storm1s_cpu", "1s CPU", "{:.2f}"),
+    ("storm1s_us_per_event", "1s CPU us/event", "{:.1f}"),
     ("storm1s_rss_mb", "1s RSS MB", "{:.0f}"),
+    ("storm1s_hwm_mb", "1s RSS high-water MB", "{:.0f}"),
     ("storm1s_scrape_p99_ms", "1s scrape p99 ms", "{:.0f}"),
+    ("storm1s_scrape_max_ms", "1s scrape max ms", "{:.0f}"),
     ("storm1s_lost", "1s lost", "{:d}"),
     ("storm1s_catchup_s", "1s catch-up s", "{:.1f}"),
     ("storm1s_disconnects", "1s disconn", "{:d}"),
+    ("storm1s_hangs", "1s hangs counted", "{:d}"),
+    ("storm1s_split", "1s disks not 1 hang", "{:d}"),
     ("storm100ms_offered_eps", "100ms storm ev/s", "{:.0f}"),
     ("storm100ms_processed_eps", "100ms processed ev/s", "{:.0f}"),
     ("storm100ms_cpu", "100ms CPU", "{:.2f}"),
+    ("storm100ms_us_per_event", "100ms CPU us/event", "{:.1f}"),
     ("storm100ms_rss_mb", "100ms RSS MB", "{:.0f}"),
+    ("storm100ms_hwm_mb", "100ms RSS high-water MB", "{:.0f}"),
     ("storm100ms_scrape_p99_ms", "100ms scrape p99 ms", "{:.0f}"),
+    ("storm100ms_scrape_max_ms", "100ms scrape max ms", "{:.0f}"),
     ("storm100ms_lost", "100ms lost", "{:d}"),
     ("storm100ms_catchup_s", "100ms catch-up s", "{:.1f}"),
     ("storm100ms_disconnects", "100ms disconn", "{:d}"),
+    ("storm100ms_hangs", "100ms hangs counted", "{:d}"),
+    ("storm100ms_split", "100ms disks not 1 hang", "{:d}"),
+    ("floor_offered_eps", "floor: storm ev/s", "{:.0f}"),
+    ("floor_processed_eps", "floor: read ev/s", "{:.0f}"),
+    ("floor_cpu", "floor: CPU", "{:.2f}"),
+    ("floor_us_per_event", "floor: CPU us/event", "{:.1f}"),
     ("hung_rest_cpu", "hung CPU rest", "{:.3f}"),
     ("hung_scrape_p50_ms", "hung p50 ms", "{:.1f}"),
     ("hung_scrape_p99_ms", "hung p99 ms", "{:.1f}"),
@@ -731,6 +851,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("storm100ms_error", "storm100ms: error", "{}"),
     ("hung_error", "hung: error", "{}"),
     ("prometheus_error", "prometheus: error", "{}"),
+    ("floor_error", "floor: error", "{}"),
 ]
 
 
@@ -794,10 +915,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scenarios",
         default="healthy,storm100ms,hung",
-        help="which of healthy (connect, scrapes, rest, hang, 1 s storm), storm100ms, hung, prometheus",
+        help="which of healthy (connect, scrapes, rest, hang, 1 s storm), storm100ms, hung, prometheus, "
+        "floor (the fast storm read by bench.floor instead of the exporter)",
     )
     p.add_argument("--prom-interval", type=float, default=5.0, help="Prometheus scrape interval, s")
     p.add_argument("--prom-scrapes", type=int, default=12, help="Prometheus scrapes to wait for")
+    p.add_argument("--floor-decoder", choices=("orjson", "json"), default="orjson")
     p.add_argument("--json", metavar="FILE", help="also write the raw results here")
     p.add_argument("--workdir", help="keep sockets, fleet files and logs here (default: temporary)")
     return p
@@ -817,6 +940,7 @@ def main(argv: list[str] | None = None) -> int:
             ("storm100ms", run_fast_storm),
             ("hung", run_hung),
             ("prometheus", run_prometheus),
+            ("floor", run_floor),
         ):
             if name not in scenarios or (name == "hung" and "healthy" not in scenarios):
                 continue

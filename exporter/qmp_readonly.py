@@ -9,15 +9,31 @@ guest's fate.  A message can leave by two doors, and `check_allowed` guards both
   and checks it before anything is written.
 
 Both raise `ForbiddenCommand` rather than send.
+
+It is also the one module that uses qemu.qmp's private parts (contract:
+tests/unit/test_qmp_contract.py): the reader's bottom half ``_bh_recv_message``, the
+connection's ``_reader``/``_writer``, and ``_on_message`` for what it does not own.  Why: at
+1000 VMs x 4 disks in an event storm, the library's path cost the exporter ~22 us of CPU per
+event (a `Message`, two queues and a task switch per event: round 1), then 14.1 us with events
+parsed once but still read a line at a time (an await and a buffer search per line, a yield
+every 8 lines; 13.3 us in the final A/B runs), 10.8 us reading a chunk per wake-up with orjson,
+10.1 us with the rest of round 3.  The simplest loop that reads and decodes the same sockets'
+events costs 4.4-5.4 us/event on the same machine (bench/floor.py; docs/performance.md, round
+3).  Greeting, negotiation and disconnect stay the library's.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import json
+import termios
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, Runstate
 from qemu.qmp.message import Message
 from qemu.qmp.models import ErrorResponse
@@ -66,9 +82,14 @@ _DRAIN_SECONDS = 5.0
 #: disks, is a few hundred KiB.
 READ_BUFFER_BYTES = 1024 * 1024
 
-#: Lines a reader handles before it lets the rest of the loop run: in a storm every one of
-#: 1000 readers has a full buffer, and a turn of the loop is ~1000 x this x ~13 us.
-_LINES_PER_TURN = 8
+#: Bytes a reader takes from its buffer at a time, and between two turns of the loop while it
+#: has a backlog.  In a storm the exporter keeps up with, a reader finds only what arrived
+#: during one turn (less than this); with a backlog at 1000 VMs a turn is ~1000 x this many
+#: bytes (~18 events of ~230 B) x ~6 us, ~0.1 s, which a scrape needs a couple of before its
+#: handler runs (readers then wait: `exporter.fairness`).  Line by line (qemu.qmp's readline,
+#: an await per line, a yield every 8 lines) the exporter spent 14.1 us/event, 10.8 with
+#: chunks (docs/performance.md, round 3).
+READ_CHUNK = 4096
 
 #: json.dumps with non-default separators builds an encoder per call; every command is encoded.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -100,17 +121,27 @@ class ReadOnlyQMPClient(QMPClient):
         name: str | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         scrape_first: ScrapeFirst | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(name, readbuflen=READ_BUFFER_BYTES)
         self._on_event_cb = on_event
         self._scrape_first = scrape_first
+        self._clock = clock
         self._queries: dict[
             str, tuple[dict[str, object], asyncio.Future[object], Callable[[object], None] | None]
         ] = {}
         self._query_seq = 0
         #: Lines received from QEMU so far: proof of life while a reply is awaited.
         self.lines_received = 0
-        self._unyielded = 0  # lines handled since the reader last gave the loop back
+        # Reader state (`_bh_recv_message`): the start of a line not complete yet, whether
+        # the last read filled its chunk (more may be buffered), whether the reader is blocked
+        # waiting for data, and the time up to which the stream is known to be handled.
+        self._partial: list[bytes] = []
+        self._partial_len = 0
+        self._backlog = False
+        self._waiting = False
+        self._through = clock()
+        self._fd: int | None = None  # the socket's, cached by read_through
 
     def query(
         self,
@@ -183,31 +214,93 @@ class ReadOnlyQMPClient(QMPClient):
             )
         return True
 
+    def read_through(self, now: float) -> float:
+        """The time up to which this session's stream is known to be read and handled: ``now``
+        while the reader waits for data with nothing unread (its buffer empty, nothing in the
+        kernel socket buffer), else the last time it had handled everything it had received.
+
+        Hang tracking advances a VM's trackers only this far (`exporter.hang.tracking`): being
+        behind in reading a storm must not look like silence, and silence ends a hang.  Data
+        that reached the socket during the current turn of the loop before the reader emptied
+        its buffer is not seen here (at most one turn, well under the 1 s default margin of a hang)."""
+        if self._waiting and not self._partial:
+            if self._fd is None:
+                self._fd = self.fileno()  # once per connection: read at every tick and scrape
+            if self._fd is None or _unread(self._fd) == 0:
+                return now
+        return min(now, self._through)
+
     async def _bh_recv_message(self) -> None:
-        # A buffered line is read without suspending: without these yields one reader could
-        # hold the loop for its whole buffer (exporter.fairness).
-        self._unyielded += 1
-        if self._unyielded >= _LINES_PER_TURN or (
-            self._scrape_first is not None and self._scrape_first.active()
-        ):
-            self._unyielded = 0
-            await asyncio.sleep(0)
-        msg_bytes = await self._readline()
-        self.lines_received += 1
+        """Read what is buffered (up to a chunk), then handle every complete line in it.
+
+        One call per chunk, not per line: qemu.qmp's ``readline`` costs an await and a
+        buffer search per line.  Lines are decoded with orjson (stdlib json if orjson refuses,
+        e.g. NaN or an integer beyond 64 bits), events go to ``on_event`` and replies to
+        `query` synchronously, in stream order; anything else takes the library's path."""
+        reader = self._reader
+        assert reader is not None
+        scrape = self._scrape_first
+        if self._backlog:
+            # The last read filled its chunk: more is buffered, and handling it without a yield
+            # would hold the loop for this connection's whole backlog (exporter.fairness).  While
+            # a scrape is served, a reader with a backlog waits for it to be written.
+            if scrape is not None and scrape.active():
+                await scrape.served()  # the events wait in the socket meanwhile
+            else:
+                await asyncio.sleep(0)
+        size = READ_CHUNK
+        self._waiting = True
         try:
-            obj = json.loads(msg_bytes)
-        except ValueError:
-            obj = None  # not JSON: the library's path below reports it as it always did
-        if isinstance(obj, dict):
-            handler = self._on_event_cb
-            if "event" in obj:  # how qemu.qmp routes events, too
-                if handler is not None:
-                    handler(obj)
-                    return
-            elif self._resolve_query(obj):
-                return
-        msg = self._cb_inbound(Message(msg_bytes, eager=True))
-        await self._on_message(msg)
+            data = await reader.read(size)
+        finally:
+            self._waiting = False
+        if not data:
+            if self._partial:  # QEMU's last line, cut by the end of the stream
+                line = b"".join(self._partial)
+                self._partial, self._partial_len = [], 0
+                self.lines_received += 1
+                await self._handle_lines([line])
+            raise EOFError
+        drained = len(data) < size
+        got = self._clock()
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        if self._partial and lines:
+            self._partial.append(lines[0])
+            lines[0] = b"".join(self._partial)
+            self._partial, self._partial_len = [], 0
+        if tail:
+            self._partial.append(tail)
+            self._partial_len += len(tail)
+            if self._partial_len > READ_BUFFER_BYTES:
+                raise ValueError(f"QMP line longer than {READ_BUFFER_BYTES} bytes")
+        self._backlog = not drained
+        self.lines_received += len(lines)
+        await self._handle_lines(lines)
+        if drained and not self._partial:
+            self._through = got
+
+    async def _handle_lines(self, lines: list[bytes]) -> None:
+        handler = self._on_event_cb
+        resolve = self._resolve_query
+        loads = orjson.loads
+        for line in lines:
+            try:
+                obj = loads(line)
+            except orjson.JSONDecodeError:
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None  # not JSON: the library's path below reports it as it always did
+            if type(obj) is dict:
+                if "event" in obj:  # how qemu.qmp routes events, too
+                    if handler is not None:
+                        handler(obj)
+                        continue
+                elif resolve(obj):
+                    continue
+            msg = self._cb_inbound(Message(line, eager=True))
+            await self._on_message(msg)
 
     async def execute(
         self, cmd: str, arguments: Mapping[str, object] | None = None, oob: bool = False
@@ -241,3 +334,17 @@ class ReadOnlyQMPClient(QMPClient):
         # The base hook formats every message for a debug log even when debug is off; with
         # event storms of tens of thousands of messages per second that is pure waste.
         return msg
+
+
+#: `_unread`'s ioctl buffer: one for all (the event loop's thread only).
+_FIONREAD_BUF = array.array("i", [0])
+
+
+def _unread(fd: int) -> int:
+    """`exporter.liveness.fionread` without an allocation: `ReadOnlyQMPClient.read_through`
+    asks it for every VM at every tick and scrape (2.5 % of the exporter's CPU in a storm)."""
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, _FIONREAD_BUF)
+    except OSError:
+        return 0
+    return _FIONREAD_BUF[0]

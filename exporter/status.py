@@ -159,8 +159,8 @@ def build_status(
             t = trackers.get(dev)
             is_hanging = is_failing = False
             if t is not None:
-                if t.active:
-                    t.advance(now)  # as a scrape does: silence may have ended the hang
+                if t.active:  # as a scrape does: silence up to what was read may end a hang
+                    t.advance(vm.read_through(now))
                 is_hanging, is_failing = t.hanging, t.failing
             if details:
                 disks_out.append(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.registry import CollectorRegistry
 
@@ -45,3 +48,26 @@ async def test_every_served_scrape_is_reported_done() -> None:
             await resp.read()
             assert sf._open == 0
             assert not sf.active()
+
+
+async def test_readers_wait_while_a_scrape_is_served() -> None:
+    sf = ScrapeFirst()
+    await asyncio.wait_for(sf.served(), 1)  # no scrape: at once
+    sf.scrape_started()
+    waiter = asyncio.create_task(sf.served())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    sf.scrape_done()
+    await asyncio.wait_for(waiter, 1)
+
+
+async def test_readers_wait_no_longer_than_the_window() -> None:
+    sf = ScrapeFirst(window=0.05)
+    sf.scrape_started()  # its connection drops: never done
+    t0 = time.monotonic()
+    await asyncio.wait_for(sf.served(), 5)
+    assert time.monotonic() - t0 >= 0.04
+    sf.scrape_started()  # a later scrape waits again, for its own window
+    assert sf.active()
+    await asyncio.wait_for(sf.served(), 5)

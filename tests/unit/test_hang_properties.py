@@ -9,7 +9,12 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from exporter.config import PolicyConfig
 from exporter.hang.machine import DiskHangTracker, HangOutcome
+from exporter.hang.tracking import HangTracking
+from exporter.model.events import BlockIOError
+from exporter.model.policy import DiskPolicy, verify
+from exporter.model.state import BlockStats, Disk, VMState
 
 T0 = 1_700_000_000.0
 
@@ -209,3 +214,102 @@ def test_a_continuous_error_run_is_one_hang_in_any_interleaving(
     (hang,) = tr.drain_completed()
     assert hang.start == errors[0]
     assert errors[-1] <= hang.end <= end_true + margin + interval
+
+
+class _ReaderPosition:
+    """Where a QMP reader stands in its stream, as `ReadOnlyQMPClient.read_through` reports
+    it (`exporter.model.state.StreamClock`): ``now`` while it waits with nothing unread, else
+    the last time it had handled everything it had received."""
+
+    def __init__(self) -> None:
+        self.through = T0 - 100
+        self.waiting = False
+
+    def read_through(self, now: float) -> float:
+        return now if self.waiting else min(now, self.through)
+
+
+def _retry_vm(interval: float) -> VMState:
+    vm = VMState.qmp("/run/lag/vm0.qmp")
+    p = DiskPolicy("retry", "retry", round(interval * 1000), 0, True)
+    vm.set_disks({"d0": Disk("d0", "drive0", "node0", "d0", "q", "virtio-blk", p, verify(p, PolicyConfig()))})
+    return vm
+
+
+@settings(max_examples=int(os.environ.get("HANG_EXAMPLES", "300")), deadline=None)
+@given(
+    st.sampled_from([0.1, 0.2, 1.0]),
+    st.lists(st.floats(0.001, 1.0), min_size=1, max_size=40),
+    st.lists(st.floats(-3.0, 45.0), max_size=20),
+    st.lists(
+        st.tuples(st.floats(0.0, 30.0), st.floats(0.0, 1.0), st.floats(0.0, 0.5)), min_size=70, max_size=70
+    ),
+)
+def test_being_behind_in_reading_is_not_silence(
+    interval: float,
+    gaps: list[float],
+    sample_offsets: list[float],
+    reads: list[tuple[float, float, float]],
+) -> None:
+    """A reader arbitrarily far behind (up to 30 s, far beyond the 1 s default margin) never splits one
+    continuous run of errors, because hang tracking advances a VM only as far as its stream is
+    read (`VMState.read_through`) and a blockstats sample is stamped with the time its command
+    was sent (QEMU wrote it later).  The hang is shown all along, and ends once the reader has
+    caught up and the disk is silent."""
+    errors, t = [], T0
+    for g in gaps:
+        errors.append(t)
+        t += g * interval  # never more than the interval apart: continuous
+    end_true = errors[-1] + interval
+
+    def ok_ops(w: float) -> int:
+        done = max(0.0, min(w, T0) - (T0 - 100))
+        if w > end_true:
+            done += w - end_true
+        return int(done / IO_EVERY)
+
+    stream = [(w, "error") for w in errors] + [(T0 + off, "stats") for off in sample_offsets]
+    stream.sort(key=lambda item: item[0])
+    vm = _retry_vm(interval)
+    reader = _ReaderPosition()
+    vm.stream = reader
+    hangs = HangTracking(margin_s=1.0)
+    hangs.on_disks(vm, T0 - 100)
+    tracker = hangs.trackers[vm.key]["d0"]
+    read = T0 - 100
+    for (w, kind), (lag, known, send_delay) in zip(stream, reads, strict=False):
+        read = max(read, w + lag)  # each line read in order, no earlier than written
+        # The tick between lines: the reader has handled everything before this line, and
+        # knows it at best up to this line's write time (it has not read it yet).
+        reader.through = max(reader.through, reader.through + known * (min(read, w) - reader.through))
+        hangs.tick(read)
+        if errors[0] < w <= errors[-1]:
+            assert tracker.hanging, "a continuous hang ended while the reader was behind"
+        if kind == "error":
+            hangs.on_event(vm, BlockIOError(w, "d0", "write", "retry"))
+        else:
+            vm.blockstats["d0"] = BlockStats(read_ops=ok_ops(w))
+            hangs.on_blockstats(vm, w - send_delay)  # stamped when sent: before QEMU wrote it
+    reader.waiting = True  # caught up: nothing unread, silence is silence now
+    hangs.tick(max(read, errors[-1]) + 100)
+    assert not tracker.hanging
+    assert dict(tracker.hangs_total) == {
+        HangOutcome.RECOVERED: 1,
+        HangOutcome.TIMED_OUT: 0,
+        HangOutcome.VM_GONE: 0,
+    }
+
+
+def test_lag_split_a_hang_when_ticks_used_the_wall_clock() -> None:
+    """The case above with a reader 5 s behind and ticks at wall-clock time (no stream
+    position: libvirt, or this exporter before round 3): silence was inferred from the lag,
+    and one continuous hang became several.  Shows that the property test can fail."""
+    vm = _retry_vm(0.1)
+    hangs = HangTracking(margin_s=1.0)
+    hangs.on_disks(vm, T0 - 100)
+    for k in range(100):  # 10 s of errors, every 100 ms, each read 5 s after it was written
+        w = T0 + k * 0.1
+        hangs.tick(w + 5.0)
+        hangs.on_event(vm, BlockIOError(w, "d0", "write", "retry"))
+    hangs.tick(T0 + 100)
+    assert hangs.trackers[vm.key]["d0"].hangs_total[HangOutcome.RECOVERED] > 1
