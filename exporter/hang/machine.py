@@ -83,9 +83,10 @@ Order of inputs
 ===============
 Inputs must be fed in the order QEMU wrote them: events and ``query-blockstats`` replies share
 one ordered stream on a QMP socket.  Events carry QEMU's timestamps, replies do not: a sample
-is stamped when the exporter read it, which under load is later than the events QEMU wrote
-after it.  So a sample fed before an event is taken to precede that event whatever its stamp
-(its time is moved to just before the event's): otherwise a reply written just before the
+is stamped by the exporter (when its command was sent), which need not be earlier than the
+timestamps of events QEMU wrote after the reply.  So a sample fed before an event is taken to
+precede that event whatever its
+stamp (its time is moved to just before the event's): otherwise a reply written just before the
 first error of an outage but read after it would count as a sample inside the hang, and the
 next sample, whose count still includes IO completed before the outage, as recovery.
 
@@ -354,7 +355,7 @@ class DiskHangTracker:
     def on_blockstats(self, ts: float, ok_ops: int) -> None:
         """A ``query-blockstats`` sample taken at ``ts``: ``ok_ops`` is the sum of successful
         ``rd_operations + wr_operations + flush_operations`` (QEMU counts failures separately).
-        ``ts`` is when the reply was read: QEMU wrote it no later.  Feed samples and events in
+        ``ts`` is the exporter's stamp of the sample (the QMP source: when its command was sent).  Feed samples and events in
         the order QEMU wrote them (a sample fed before an event precedes it, see `on_io_error`).
 
         A rise means some IO succeeded between the previous sample and this one.  QEMU resets
