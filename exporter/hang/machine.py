@@ -355,8 +355,9 @@ class DiskHangTracker:
     def on_blockstats(self, ts: float, ok_ops: int) -> None:
         """A ``query-blockstats`` sample taken at ``ts``: ``ok_ops`` is the sum of successful
         ``rd_operations + wr_operations + flush_operations`` (QEMU counts failures separately).
-        ``ts`` is the exporter's stamp of the sample (the QMP source: when its command was sent).  Feed samples and events in
-        the order QEMU wrote them (a sample fed before an event precedes it, see `on_io_error`).
+        ``ts`` is the exporter's stamp of the sample (the QMP source: when its command was
+        sent).  Feed samples and events in the order QEMU wrote them (a sample fed before an
+        event precedes it, see `on_io_error`).
 
         A rise means some IO succeeded between the previous sample and this one.  QEMU resets
         its per-disk timeout clock on any successful IO, so this ends a hang (``recovered``)
