@@ -22,13 +22,25 @@ import pytest
 from qemu.qmp import QMPClient
 
 from tests.e2e.lab import Lab, io_error_counts, nbd_disk_args, plain_qmp, wait_guest, watching_disk
-from tests.harness import Metrics, wait_for
+from tests.harness import ExporterProcess, Metrics, wait_for
 
 pytestmark = pytest.mark.qemu
 
 VM = "stopvm"
 DEVICE = "virtio-disk0"
 OUTAGE = 1.5  # seconds the storage stays down once the VM is paused
+
+
+async def _recovered(exp: ExporterProcess, timeout: float, what: str) -> Metrics:
+    """Wait until the disk's one hang ended ``recovered`` and it hangs no more."""
+    return await exp.wait_metrics(
+        lambda m: (
+            m.value("qemu_block_io_hangs_total", vm=VM, device=DEVICE, outcome="recovered") == 1
+            and m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 0
+        ),
+        timeout=timeout,
+        what=what,
+    )
 
 
 def _stop_events(m: Metrics) -> int:
@@ -98,14 +110,7 @@ async def test_stop_policy_pauses_and_cont_resumes(lab: Lab, layout: str) -> Non
         assert m.value("qemu_vm_status", vm=VM, status="io-error") in (None, 0)
         # The guest's held request was retried and IO goes on.
         await wait_guest(vm, lambda _s: "WRWR" in vm.debug_output()[stalled_at:], what="guest IO after cont")
-        m = await exp.wait_metrics(
-            lambda m: (
-                m.value("qemu_block_io_hangs_total", vm=VM, device=DEVICE, outcome="recovered") == 1
-                and m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 0
-            ),
-            timeout=10,
-            what="the hang to end recovered",
-        )
+        m = await _recovered(exp, 10, "the hang to end recovered")
         assert _stop_events(m) == 1, io_error_counts(m, VM, DEVICE)
         assert m.value("qemu_qmp_up", vm=VM) == 1
         for outcome in ("timed_out", "vm_gone"):
@@ -203,14 +208,7 @@ async def test_vm_already_paused_on_io_error_when_the_exporter_starts(lab: Lab) 
 
         storage.recover()
         await mgmt.execute("cont")
-        m = await exp.wait_metrics(
-            lambda m: (
-                m.value("qemu_block_io_hangs_total", vm=VM, device=DEVICE, outcome="recovered") == 1
-                and m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 0
-            ),
-            timeout=15,
-            what="the hang to end recovered after cont",
-        )
+        m = await _recovered(exp, 15, "the hang to end recovered after cont")
         assert m.value("qemu_vm_status", vm=VM, status="running") == 1
 
 
@@ -218,7 +216,6 @@ async def test_exporter_restarted_mid_hang_keeps_one_hang(lab: Lab) -> None:
     """The exporter restarted (state file kept) in the middle of a real hang: one hang, its
     original start, its full length."""
     from tests.e2e.lab import exporter_config
-    from tests.harness import ExporterProcess
 
     storage = lab.storage()
     vm = lab.vm(nbd_disk_args(storage, DEVICE, "werror=stop,rerror=stop"), name=VM)
@@ -254,14 +251,7 @@ async def test_exporter_restarted_mid_hang_keeps_one_hang(lab: Lab) -> None:
         assert m.value("qemu_block_io_hang_start_timestamp_seconds", vm=VM, device=DEVICE) == start
         storage.recover()
         await mgmt.execute("cont")
-        m = await second.wait_metrics(
-            lambda m: (
-                m.value("qemu_block_io_hangs_total", vm=VM, device=DEVICE, outcome="recovered") == 1
-                and m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 0
-            ),
-            timeout=15,
-            what="one hang, recovered",
-        )
+        m = await _recovered(second, 15, "one hang, recovered")
         await mgmt.execute("query-status")  # every earlier event is in the listener now
         stamps: dict[str, float] = {}
         for event in mgmt.events.clear():

@@ -14,7 +14,7 @@ import yaml
 
 from qmpsim import DiskSpec, SimVM
 from tests.harness import REPO, ExporterProcess, wait_for
-from tests.integration.test_exporter_sim import FAST, running
+from tests.integration.test_exporter_sim import FAST, retry_disk, running
 
 XML = REPO / "tests" / "fixtures" / "libvirt-xml"
 
@@ -42,15 +42,7 @@ def rows(r: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
 
 
 def retry(id: str, timeout_ms: int = 10_000, **kw: Any) -> DiskSpec:
-    return DiskSpec(
-        id=id,
-        werror="retry",
-        rerror="retry",
-        retry_interval_ms=1000,
-        retry_timeout_ms=timeout_ms,
-        in_flight=0,
-        **kw,
-    )
+    return retry_disk(id, retry_timeout_ms=timeout_ms, **kw)
 
 
 def good(d: Path) -> SimVM:

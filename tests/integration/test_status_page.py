@@ -25,7 +25,7 @@ import aiohttp
 from qmpsim import DiskSpec, SimVM
 from tests.conftest import require_binary
 from tests.harness import REPO, ExporterProcess, wait_for
-from tests.integration.test_exporter_sim import FAST, running
+from tests.integration.test_exporter_sim import FAST, retry_disk, running
 
 #: A VM name only a hostile or careless operator would choose: must show as text, never as markup.
 EVIL = 'evil<b>"vm"</b>&amp;'
@@ -139,14 +139,7 @@ def _has(items: list[dict[str, Any]], vm: str, device: str | None = None) -> boo
 
 
 def retry(id: str, timeout_ms: int) -> DiskSpec:
-    return DiskSpec(
-        id=id,
-        werror="retry",
-        rerror="retry",
-        retry_interval_ms=1000,
-        retry_timeout_ms=timeout_ms,
-        in_flight=0,
-    )
+    return retry_disk(id, retry_timeout_ms=timeout_ms)
 
 
 async def test_status_page_in_a_browser(short_tmp: Path, tmp_path: Path) -> None:
