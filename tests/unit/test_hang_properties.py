@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -165,6 +166,30 @@ def test_steady_outage_recovers_once_near_truth(
 IO_EVERY = 0.01  # a busy guest: one successful IO every 10 ms while the storage works
 
 
+def continuous_outage(
+    interval: float, gaps: list[float], sample_offsets: list[float]
+) -> tuple[list[float], float, list[tuple[float, str]], Callable[[float], int]]:
+    """One outage as QEMU writes it: errors never more than ``interval`` apart (continuous),
+    blockstats replies at ``T0 + offset``, all in QEMU's order (a tie: either order is
+    possible); ``ok_ops(w)`` is the successful IOs completed before ``w``, none during the
+    outage.  Returns (error times, true end, stream, ok_ops)."""
+    errors, t = [], T0
+    for g in gaps:
+        errors.append(t)
+        t += g * interval
+    end_true = errors[-1] + interval  # the next attempt succeeds
+
+    def ok_ops(w: float) -> int:
+        done = max(0.0, min(w, T0) - (T0 - 100))
+        if w > end_true:
+            done += w - end_true
+        return int(done / IO_EVERY)
+
+    stream = [(w, "error") for w in errors] + [(T0 + off, "stats") for off in sample_offsets]
+    stream.sort(key=lambda item: item[0])
+    return errors, end_true, stream, ok_ops
+
+
 @settings(max_examples=int(os.environ.get("HANG_EXAMPLES", "300")), deadline=None)
 @given(
     st.sampled_from([0.2, 1.0]),
@@ -180,21 +205,7 @@ def test_a_continuous_error_run_is_one_hang_in_any_interleaving(
     However the replies fall between the errors and however late they are read (less than the
     margin: lag is not silence here), one continuous run of errors is exactly one hang."""
     margin = 1.0
-    errors, t = [], T0
-    for g in gaps:
-        errors.append(t)
-        t += g * interval  # never more than the interval apart: continuous
-    end_true = errors[-1] + interval  # the next attempt succeeds
-
-    def ok_ops(w: float) -> int:
-        """Successful IOs completed before ``w``: none during the outage."""
-        done = max(0.0, min(w, T0) - (T0 - 100))
-        if w > end_true:
-            done += w - end_true
-        return int(done / IO_EVERY)
-
-    stream = [(w, "error") for w in errors] + [(T0 + off, "stats") for off in sample_offsets]
-    stream.sort(key=lambda item: item[0])  # QEMU's order (a tie: either order is possible)
+    errors, end_true, stream, ok_ops = continuous_outage(interval, gaps, sample_offsets)
     tr = DiskHangTracker(interval, 0.0, margin)
     read = T0 - 100
     for (w, kind), lag in zip(stream, lags, strict=False):
@@ -256,20 +267,7 @@ def test_being_behind_in_reading_is_not_silence(
     read (`VMState.read_through`) and a blockstats sample is stamped with the time its command
     was sent (QEMU wrote it later).  The hang is shown all along, and ends once the reader has
     caught up and the disk is silent."""
-    errors, t = [], T0
-    for g in gaps:
-        errors.append(t)
-        t += g * interval  # never more than the interval apart: continuous
-    end_true = errors[-1] + interval
-
-    def ok_ops(w: float) -> int:
-        done = max(0.0, min(w, T0) - (T0 - 100))
-        if w > end_true:
-            done += w - end_true
-        return int(done / IO_EVERY)
-
-    stream = [(w, "error") for w in errors] + [(T0 + off, "stats") for off in sample_offsets]
-    stream.sort(key=lambda item: item[0])
+    errors, _end_true, stream, ok_ops = continuous_outage(interval, gaps, sample_offsets)
     vm = _retry_vm(interval)
     reader = _ReaderPosition()
     vm.stream = reader
