@@ -280,9 +280,7 @@ class LibvirtSource:
                 self._end_session()
             if established:
                 backoff = qc.backoff_initial_seconds
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(random.uniform(backoff / 2, backoff)):
-                    await asyncio.Event().wait()
+            await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(backoff * 2, qc.backoff_max_seconds)
 
     # -- one connection ----------------------------------------------------------------

@@ -236,40 +236,19 @@ def render(status: Mapping[str, Any], telemetry_path: str = "/metrics") -> str:
         f'<span class="{"warn" if s["vms_down"] else "ok"}">{s["vms_down"]} down</span>',
         f"<span>{s['vms_up']}/{s['vms']} VMs up, {s['disks']} disks</span>",
     ]
-    parts: list[str] = []
-    if status["backends"]:
-        parts.append(
-            _section(
-                "backends",
-                "Storage backends with hanging or failing disks",
-                len(status["backends"]),
-                _backends(status["backends"]),
-            )
-        )
-    if status["hanging"]:
-        parts.append(_section("hanging", "Hanging now", len(status["hanging"]), _hanging(status["hanging"])))
-    if status["failing"]:
-        parts.append(
-            _section(
-                "failing",
-                "Failing: retry_timeout passed, errors reach the guest",
-                len(status["failing"]),
-                _failing(status["failing"]),
-            )
-        )
-    if status["paused"]:
-        parts.append(
-            _section("paused", "Paused on io-error", len(status["paused"]), _paused(status["paused"]))
-        )
-    if status["violations"]:
-        parts.append(
-            _section(
-                "violations",
-                "Disks violating the retry policy",
-                len(status["violations"]),
-                _violations(status["violations"]),
-            )
-        )
+    # Problems first, worst kind first: a failing storage backend explains the rest.
+    problems: tuple[tuple[str, str, Callable[[list[dict[str, Any]]], str]], ...] = (
+        ("backends", "Storage backends with hanging or failing disks", _backends),
+        ("hanging", "Hanging now", _hanging),
+        ("failing", "Failing: retry_timeout passed, errors reach the guest", _failing),
+        ("paused", "Paused on io-error", _paused),
+        ("violations", "Disks violating the retry policy", _violations),
+    )
+    parts = [
+        _section(key, title, len(status[key]), body(status[key]))
+        for key, title, body in problems
+        if status[key]
+    ]
     down_conns = [c for c in status["connections"] if not c["up"]]
     if status["down"] or down_conns:
         parts.append(
