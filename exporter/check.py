@@ -35,10 +35,10 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, NoReturn
+from typing import Any
 
 from exporter import __version__
-from exporter.cli import LIBVIRT_MISSING
+from exporter.cli import LIBVIRT_MISSING, OneLineParser
 from exporter.config import Config, ConfigError, PolicyConfig, load_file, validate_libvirt_uri
 from exporter.libvirt_watch import model_disks
 from exporter.libvirt_xml import parse_domain
@@ -296,13 +296,8 @@ def table(answer: Answer, policy: PolicyConfig) -> str:
 # --- command line -------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{PROG}: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="One-shot check: does every disk run the QEMU retry policy, and does any hang now? "
         "Exit 0 compliant, 1 not (or not provably), 2 bad usage or nothing readable.",

@@ -45,14 +45,15 @@ _HEALTH_FLAGS = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus a message; operators want one line that names the flag."""
+
     def error(self, message: str) -> NoReturn:
-        # argparse prints usage plus a message; operators want one line that names the flag.
-        self.exit(2, f"{PROG}: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Prometheus exporter for QEMU disk IO hangs, over QMP.")
+    p = OneLineParser(prog=PROG, description="Prometheus exporter for QEMU disk IO hangs, over QMP.")
     p.add_argument("--config.file", dest="config_file", metavar="PATH", help="YAML configuration file")
     p.add_argument(
         "--web.config.file",
