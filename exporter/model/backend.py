@@ -550,7 +550,7 @@ def _mapping(value: object) -> Mapping[str, Any]:
 def _listify(value: Any) -> Any:
     if isinstance(value, dict):
         value = {k: _listify(v) for k, v in value.items()}
-        if value and all(k.isdigit() for k in value):
+        if value and all(k.isascii() and k.isdigit() for k in value):  # QEMU: ASCII only
             return [value[k] for k in sorted(value, key=int)]
     elif isinstance(value, list):
         return [_listify(v) for v in value]
