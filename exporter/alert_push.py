@@ -58,8 +58,7 @@ was sent, and
   and jitter while the Alertmanager is down.
 
 Self-metrics (registered only when alerting is configured; :meth:`AlertPusher.collect`):
-``qemu_exporter_alert_pushes_total{alertmanager,result}`` and
-``qemu_exporter_alert_push_dropped_total{alertmanager}``.
+`exporter.metrics.ALERT_PUSHES` and `exporter.metrics.ALERT_PUSH_DROPPED`.
 """
 
 from __future__ import annotations
@@ -77,7 +76,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import aiohttp
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from exporter.alert_defs import (
@@ -93,6 +92,7 @@ from exporter.alert_defs import (
     runbook_url,
     timeout_fraction_annotations,
 )
+from exporter.metrics import ALERT_PUSH_DROPPED, ALERT_PUSHES
 
 __all__ = [
     "ALERT_HANG",
@@ -180,7 +180,7 @@ class OpenHang:
     #: retry_timeout in seconds; 0 = never times out.
     retry_timeout: float
     #: retry_interval in seconds; None when the disk shows none (no
-    #: ``qemu_block_retry_interval_seconds`` series: the rule then uses its seconds alone).
+    #: `exporter.metrics.RETRY_INTERVAL` series: the rule then uses its seconds alone).
     retry_interval: float | None = None
 
 
@@ -314,7 +314,7 @@ def open_hangs(
     """Snapshot of the open hangs: ``trackers`` is ``HangTracking.trackers`` (VM key -> device ->
     DiskHangTracker), ``vms`` the watched VMs for the VM name, static labels and disks.
     Disks of VMs not watched any more are left out (the metrics leave them out too).  A disk
-    whose policy shows no retry_interval (no ``qemu_block_retry_interval_seconds`` series) gets
+    whose policy shows no retry_interval (no `exporter.metrics.RETRY_INTERVAL` series) gets
     ``retry_interval=None``, as the rule sees it; otherwise the tracker's (the same value)."""
     out: list[OpenHang] = []
     for vm in vms:
@@ -561,23 +561,16 @@ class AlertPusher(Collector):
 
     # -- metrics -------------------------------------------------------------------------
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        pushes = CounterMetricFamily(
-            "qemu_exporter_alert_pushes",
-            "POSTs of alerts to Alertmanager by result.",
-            labels=["alertmanager", "result"],
-        )
-        dropped = CounterMetricFamily(
-            "qemu_exporter_alert_push_dropped",
-            "Alert updates dropped because the queue for an unreachable Alertmanager was full.",
-            labels=["alertmanager"],
-        )
-        for t in self._targets:
-            for result, n in t.results.items():
-                pushes.add_metric([t.name, result], n)
-            dropped.add_metric([t.name], t.dropped)
-        yield pushes
-        yield dropped
+    def collect(self) -> list[Metric]:
+        return [
+            ALERT_PUSHES.metric(
+                ALERT_PUSHES.labels,
+                [((t.name, result), n) for t in self._targets for result, n in t.results.items()],
+            ),
+            ALERT_PUSH_DROPPED.metric(
+                ALERT_PUSH_DROPPED.labels, [((t.name,), t.dropped) for t in self._targets]
+            ),
+        ]
 
     # -- introspection (tests, debugging) ------------------------------------------------
 

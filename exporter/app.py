@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.alert_push import AlertPusher, open_hangs
@@ -22,8 +21,8 @@ from exporter.gc_tuning import freeze_long_lived
 from exporter.hang.tracking import HangTracking
 from exporter.libvirt_watch import LibvirtSource
 from exporter.liveness import Liveness, LivenessCollector, qmp_sources, watchdog
-from exporter.metrics import ConnectionCollector, ExporterCollector
-from exporter.model.sink import EventSink, SinkGroup
+from exporter.metrics import ConnectionCollector, ExporterCollector, Registry
+from exporter.model.sink import SinkGroup
 from exporter.model.state import VMState, one_per_vm
 from exporter.sd_notify import Notifier
 from exporter.status import build_status
@@ -32,19 +31,6 @@ from exporter.web import make_app
 from exporter.webconfig import WebConfig, auth_middleware
 
 log = logging.getLogger("exporter")
-
-
-class _PrerenderAfterPoll(EventSink):
-    """Each periodic poll's changes are rendered right away (`ExporterCollector.prerender`)."""
-
-    def __init__(self, collector: ExporterCollector) -> None:
-        self.collector = collector
-
-    def on_blockstats(self, vm: VMState, now: float) -> None:
-        # Not the first sample of a session (vm.up is set after it): when a whole fleet
-        # connects, the next scrape renders everything once anyway.
-        if vm.up:
-            self.collector.prerender(vm)
 
 
 class Exporter:
@@ -62,11 +48,11 @@ class Exporter:
             hangs=self.hangs,
             clock=clock,
         )
-        sink = SinkGroup(self.hangs, _PrerenderAfterPoll(collector))
+        sink = SinkGroup(self.hangs, collector)
         backends = BackendResolver(config)
         self.discovery = Discovery(config, sink, clock, self.scrape_first, backends)
         self.libvirt = [LibvirtSource(uri, config, sink, clock, backends) for uri in config.libvirt.uris]
-        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry = Registry()
         self.registry.register(collector)
         if self.libvirt:
             self.registry.register(ConnectionCollector(lambda: [s.state for s in self.libvirt]))

@@ -6,7 +6,7 @@ one ``glob`` and one ``stat`` per socket.
 
 * A socket found by a glob that disappears takes its VM's series with it.
 * An explicitly configured socket is always watched: while it is missing the VM shows
-  ``qemu_qmp_up 0``, because an operator said it should exist.
+  `exporter.metrics.QMP_UP` 0, because an operator said it should exist.
 * A socket file that is re-created (new inode: QEMU restarted) wakes its watcher at once
   instead of letting it finish its backoff.
 """

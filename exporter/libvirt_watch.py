@@ -40,7 +40,7 @@ from exporter.model.backend import source_from_libvirt
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
 from exporter.model.policy import verify
 from exporter.model.sink import EventSink
-from exporter.model.state import BlockStats, ConnectionState, Disk, VMState
+from exporter.model.state import BlockStats, ConnectionState, Disk, Part, VMState
 from exporter.storage import BackendResolver
 
 log = logging.getLogger("exporter.libvirt")
@@ -509,7 +509,7 @@ class LibvirtSource:
             alias = d.targets.get(target)
             if alias is not None and alias in vm.disks:
                 vm.blockstats[alias] = bs
-        vm.touch_stats()
+        vm.changed(Part.STATS)
         self.sink.on_blockstats(vm, now)
 
     async def _poll(self, conn: Any) -> None:

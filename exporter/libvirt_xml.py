@@ -100,7 +100,7 @@ class DiskSource:
     volume: str | None = None
 
     def describe(self) -> str:
-        """One bounded line for ``qemu_block_device_info``: ``nbd://127.0.0.1:10809/export``,
+        """One bounded line for `exporter.metrics.DEVICE_INFO`: ``nbd://127.0.0.1:10809/export``,
         ``file:/var/lib/img.raw``, ``volume:pool/vol``..."""
         if self.protocol is not None:
             hosts = ",".join(self.hosts)

@@ -21,7 +21,7 @@ QEMU it watches during exactly the outage it exists for.  So it must be noticed 
   loop sends nothing, so systemd restarts it after ``WatchdogSec``; a loop that is late at every
   heartbeat sends nothing either; a single spike that has passed does not withhold pings, or a
   transient stall longer than ``WatchdogSec/2 - window`` would become a restart.
-* `LivenessCollector`: ``qemu_exporter_event_loop_lag_seconds``.
+* `LivenessCollector`: `exporter.metrics.LOOP_LAG`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from qemu.qmp import Runstate
 
+from exporter.metrics import LOOP_LAG
 from exporter.sd_notify import Notifier
 
 if TYPE_CHECKING:
@@ -280,19 +281,13 @@ class Liveness:
 
 
 class LivenessCollector:
-    """``qemu_exporter_event_loop_lag_seconds``: a small collector of its own, beside the main
-    one in `exporter.metrics`."""
+    """`exporter.metrics.LOOP_LAG`: a small collector of its own, beside the main one."""
 
     def __init__(self, liveness: Liveness) -> None:
         self.liveness = liveness
 
-    def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            "qemu_exporter_event_loop_lag_seconds",
-            "Largest delay of the exporter's event-loop heartbeat within the recent window "
-            "(health.loop_lag_window_seconds): how long no QMP socket was read.",
-            value=self.liveness.recent_lag(),
-        )
+    def collect(self) -> list[Metric]:
+        return [LOOP_LAG.metric((), [((), self.liveness.recent_lag())])]
 
 
 async def watchdog(notifier: Notifier, liveness: Liveness) -> None:

@@ -1,8 +1,25 @@
-"""Prometheus metrics, rendered at scrape time from the in-memory state.
+"""Every metric the exporter exposes, declared once, and the one renderer that writes them.
 
-A custom collector in the style of ``prometheus_client``'s: `collect()` walks the state that the
-QMP sessions keep and yields metric families.  It never awaits anything, so a scrape costs the
-same whether QEMU answers or not.  docs/metrics.md documents every family yielded here.
+Each family is a `Family` (name, help, type, which labels) in the declarations below; the
+functions after them (``_identity``, ``_counters``, ``_stats``, ``_hang_*``, ``*_samples``)
+say how its samples are read from the model.  Both ways out of a scrape use those samples:
+
+* `ExporterCollector.collect` turns them into prometheus_client families (what
+  ``generate_latest`` formats: the reference, and the path for the rarely used ``dots`` and
+  ``values`` escapings);
+* `ExporterCollector.render` turns them into exposition lines with `_Lines`, cached per VM and
+  per part of its state, re-rendered only when that part changed (`VMState.changed`,
+  `HangTracking.version`), and joins the cached lines family by family.  prometheus_client
+  formats every sample of every scrape (~3 us each: 110,000 series at 1000 VMs x 4 disks took
+  ~0.5 s in the text format, 1.2-2.1 s in OpenMetrics); the cached path 15-25 ms
+  (docs/performance.md).
+
+The two are byte-equal (tests/integration/test_bench_smoke.py, for 17 Accept headers) because
+the sample lines are the same in both formats for every family rendered per VM (checked against
+prometheus_client 0.26's two encoders: both write ``name{labels} floatToGoString(value)``, labels
+sorted, values escaped alike; no ``_created`` sample, no timestamp, no exemplar).  Only headers
+(`family_header`), host-wide families (formatted by prometheus_client at each scrape: a few
+series) and OpenMetrics' ``# EOF`` differ.  docs/metrics.md documents every family.
 """
 
 from __future__ import annotations
@@ -10,9 +27,12 @@ from __future__ import annotations
 import math
 import platform
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextvars import ContextVar
+from dataclasses import dataclass, field
+from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
-from typing import Literal
+from itertools import chain
+from operator import itemgetter
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -27,105 +47,411 @@ from prometheus_client.openmetrics.exposition import (
     escape_label_name,
     escape_metric_name,
 )
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
-from exporter.model.state import BlockStats, ConnectionState, VMState
+from exporter.model.sink import EventSink
+from exporter.model.state import ConnectionState, Part, VMState
 
-# (suffix-less name, help, attribute of BlockStats, type)
-_BLOCKSTATS: tuple[tuple[str, str, str, str], ...] = (
-    (
-        "qemu_block_read_bytes",
-        "Bytes read by the guest (query-blockstats rd_bytes).",
-        "read_bytes",
-        "counter",
-    ),
-    (
-        "qemu_block_written_bytes",
-        "Bytes written by the guest (wr_bytes).",
-        "written_bytes",
-        "counter",
-    ),
-    (
-        "qemu_block_read_operations",
-        "Read operations completed (rd_operations).",
-        "read_ops",
-        "counter",
-    ),
-    (
-        "qemu_block_write_operations",
-        "Write operations completed (wr_operations).",
-        "write_ops",
-        "counter",
-    ),
-    (
-        "qemu_block_flush_operations",
-        "Flush operations completed (flush_operations).",
-        "flush_ops",
-        "counter",
-    ),
-    (
-        "qemu_block_failed_read_operations",
-        "Failed read operations (failed_rd_operations).",
-        "failed_read_ops",
-        "counter",
-    ),
-    (
-        "qemu_block_failed_write_operations",
-        "Failed write operations (failed_wr_operations).",
-        "failed_write_ops",
-        "counter",
-    ),
-    (
-        "qemu_block_failed_flush_operations",
-        "Failed flush operations (failed_flush_operations).",
-        "failed_flush_ops",
-        "counter",
-    ),
-    (
-        "qemu_block_read_time_seconds",
-        "Total time spent on reads (rd_total_time_ns).",
-        "read_time_s",
-        "counter",
-    ),
-    (
-        "qemu_block_write_time_seconds",
-        "Total time spent on writes (wr_total_time_ns).",
-        "write_time_s",
-        "counter",
-    ),
-    (
-        "qemu_block_flush_time_seconds",
-        "Total time spent on flushes (flush_total_time_ns).",
-        "flush_time_s",
-        "counter",
-    ),
+if TYPE_CHECKING:
+    from exporter.hang.blast import BackendCounts
+    from exporter.hang.machine import DiskHangTracker
+
+# --- declarations -------------------------------------------------------------------------
+
+
+class Scope(Enum):
+    """Which labels a family's samples carry before its own."""
+
+    HOST = "host"  # none: host-wide aggregates
+    VM = "vm"  # vm, then the configured static labels
+    DISK = "disk"  # those, then device
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Family:
+    """One metric family.  ``labels`` are its own, after those of its ``scope``."""
+
+    name: str
+    help: str
+    type: Literal["gauge", "counter", "histogram"]
+    scope: Scope
+    labels: tuple[str, ...] = ()
+    #: The name its samples carry (counters: ``_total``).
+    sample_name: str = field(init=False)
+    #: Equal for two families whose samples carry the same label names.
+    label_key: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sample_name", self.name + "_total" if self.type == "counter" else self.name)
+        object.__setattr__(self, "label_key", ",".join((self.scope.value, *self.labels)))
+
+    def label_names(self, base: Sequence[str] = ()) -> list[str]:
+        """Every label name, given the VM's (``vm`` and static labels)."""
+        if self.scope is Scope.HOST:
+            return list(self.labels)
+        if self.scope is Scope.VM:
+            return [*base, *self.labels]
+        return [*base, "device", *self.labels]
+
+    def metric(
+        self, label_names: Sequence[str], samples: Iterable[tuple[Sequence[str], float]] = ()
+    ) -> Metric:
+        """A prometheus_client family with ``samples`` (label values, value)."""
+        cls = CounterMetricFamily if self.type == "counter" else GaugeMetricFamily
+        m = cls(self.name, self.help, labels=label_names)
+        for values, value in samples:
+            m.add_metric(values, value)
+        return m
+
+
+def _gauge(name: str, help: str, scope: Scope, *labels: str) -> Family:
+    return Family(name, help, "gauge", scope, labels)
+
+
+def _counter(name: str, help: str, scope: Scope, *labels: str) -> Family:
+    return Family(name, help, "counter", scope, labels)
+
+
+HOST, VM, DISK = Scope.HOST, Scope.VM, Scope.DISK
+
+BUILD_INFO = _gauge(
+    "qemu_exporter_build_info",
+    "Build information of qemu-iohang-exporter.",
+    HOST,
+    "version",
+    "python_version",
+    "qemu_qmp_version",
+)
+VMS = _gauge("qemu_exporter_vms", "QMP sockets currently watched.", HOST)
+
+# A VM's identity, run state and disks (`_identity`).
+QMP_UP = _gauge("qemu_qmp_up", "1 when the QMP session is established and answering.", VM)
+VM_INFO = _gauge("qemu_vm_info", "VM metadata from QMP.", VM, "uuid", "qemu_version", "socket")
+VM_STATUS = _gauge("qemu_vm_status", "Current run state of the VM (query-status).", VM, "status")
+RETRY_FEATURE = _gauge("qemu_vm_retry_feature", "1 when this QEMU supports the retry error policy.", VM)
+DEVICE_INFO = _gauge(
+    "qemu_block_device_info",
+    "Guest disk, its error policy as read with qom-get, and its storage backend.",
+    DISK,
+    "drive",
+    "node_name",
+    "qdev_type",
+    "werror",
+    "rerror",
+    "backend",
+)
+RETRY_INTERVAL = _gauge("qemu_block_retry_interval_seconds", "retry_interval of the disk device.", DISK)
+RETRY_TIMEOUT = _gauge(
+    "qemu_block_retry_timeout_seconds", "retry_timeout of the disk device; 0 means never.", DISK
+)
+POLICY_OK = _gauge("qemu_block_retry_policy_ok", "1 when the disk satisfies the required retry policy.", DISK)
+POLICY_VIOLATION = _gauge(
+    "qemu_block_retry_policy_violation", "1 for each retry policy rule the disk fails.", DISK, "rule"
 )
 
+# A VM's counters (`_counters`).
+IO_ERROR_EVENTS = _counter(
+    "qemu_block_io_error_events", "BLOCK_IO_ERROR events received.", DISK, "operation", "action"
+)
+CONNECT_ATTEMPTS = _counter("qemu_exporter_qmp_connect_attempts", "QMP connection attempts.", VM)
+CONNECT_ERRORS = _counter(
+    "qemu_exporter_qmp_connect_errors", "Failed QMP connection attempts by reason.", VM, "reason"
+)
+DISCONNECTS = _counter("qemu_exporter_qmp_disconnects", "Established QMP sessions that ended.", VM)
+COMMAND_ERRORS = _counter("qemu_exporter_qmp_command_errors", "Failed QMP commands.", VM, "command", "reason")
+QMP_EVENTS = _counter("qemu_exporter_qmp_events", "QMP events received.", VM, "event")
+UNMATCHED = _counter(
+    "qemu_exporter_io_error_events_unmatched", "BLOCK_IO_ERROR events that matched no known disk.", VM
+)
+INTERNAL_ERRORS = _counter(
+    "qemu_exporter_internal_errors", "Unexpected errors in a QMP watcher (each logged).", VM
+)
 
-def _dist_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
+# A VM's query-blockstats sample (`_stats`), with the BlockStats attribute each one shows.
+BLOCKSTATS: tuple[tuple[Family, str], ...] = (
+    (
+        _counter("qemu_block_read_bytes", "Bytes read by the guest (query-blockstats rd_bytes).", DISK),
+        "read_bytes",
+    ),
+    (_counter("qemu_block_written_bytes", "Bytes written by the guest (wr_bytes).", DISK), "written_bytes"),
+    (_counter("qemu_block_read_operations", "Read operations completed (rd_operations).", DISK), "read_ops"),
+    (
+        _counter("qemu_block_write_operations", "Write operations completed (wr_operations).", DISK),
+        "write_ops",
+    ),
+    (
+        _counter("qemu_block_flush_operations", "Flush operations completed (flush_operations).", DISK),
+        "flush_ops",
+    ),
+    (
+        _counter("qemu_block_failed_read_operations", "Failed read operations (failed_rd_operations).", DISK),
+        "failed_read_ops",
+    ),
+    (
+        _counter(
+            "qemu_block_failed_write_operations", "Failed write operations (failed_wr_operations).", DISK
+        ),
+        "failed_write_ops",
+    ),
+    (
+        _counter(
+            "qemu_block_failed_flush_operations", "Failed flush operations (failed_flush_operations).", DISK
+        ),
+        "failed_flush_ops",
+    ),
+    (
+        _counter("qemu_block_read_time_seconds", "Total time spent on reads (rd_total_time_ns).", DISK),
+        "read_time_s",
+    ),
+    (
+        _counter("qemu_block_write_time_seconds", "Total time spent on writes (wr_total_time_ns).", DISK),
+        "write_time_s",
+    ),
+    (
+        _counter("qemu_block_flush_time_seconds", "Total time spent on flushes (flush_total_time_ns).", DISK),
+        "flush_time_s",
+    ),
+)
+IDLE = _gauge("qemu_block_idle_seconds", "Time since the last IO on the disk (idle_time_ns).", DISK)
+
+# A disk's hang (`_hang_steady`: what changes with its state; `_hang_timed`: with time too).
+HANG = _gauge("qemu_block_io_hang", "1 while IO on the disk is hanging.", DISK)
+HANG_DURATION = _gauge(
+    "qemu_block_io_hang_duration_seconds", "Age of the current IO hang, 0 when none.", DISK
+)
+HANG_START = _gauge(
+    "qemu_block_io_hang_start_timestamp_seconds", "Unix time the current IO hang started.", DISK
+)
+HANG_DEADLINE = _gauge(
+    "qemu_block_io_hang_deadline_timestamp_seconds",
+    "Unix time the current IO hang reaches retry_timeout.",
+    DISK,
+)
+FAILING = _gauge("qemu_block_io_failing", "1 while IO errors reach the guest (after a timeout).", DISK)
+HANGS = _counter("qemu_block_io_hangs", "Completed IO hangs by outcome.", DISK, "outcome")
+HANG_SECONDS = _counter(
+    "qemu_block_io_hang_seconds", "Seconds spent in IO hangs (completed and current).", DISK
+)
+HANG_COMPLETED = Family(
+    "qemu_block_io_hang_completed_duration_seconds",
+    "Durations of completed IO hangs on this host, by outcome.",
+    "histogram",
+    HOST,
+    ("outcome",),
+)
+
+# The blast radius: per storage backend (`exporter.hang.blast`), no vm label, so that
+# ``sum by (backend)`` over every host gives the fleet-wide picture.
+BACKEND_DISKS = _gauge(
+    "qemu_storage_backend_disks",
+    "Disks on the storage backend (of VMs whose session is up).",
+    HOST,
+    "backend",
+)
+BACKEND_HANGING = _gauge(
+    "qemu_storage_backend_hanging_disks",
+    "Disks on the storage backend whose IO is hanging now.",
+    HOST,
+    "backend",
+)
+BACKEND_FAILING = _gauge(
+    "qemu_storage_backend_failing_disks",
+    "Disks on the storage backend whose IO errors reach the guest now (after a timeout).",
+    HOST,
+    "backend",
+)
+BACKEND_AFFECTED_VMS = _gauge(
+    "qemu_storage_backend_affected_vms",
+    "VMs with at least one hanging or failing disk on the storage backend.",
+    HOST,
+    "backend",
+)
+
+# Other collectors' families (libvirt connections, alert push, liveness).
+LIBVIRT_UP = _gauge(
+    "qemu_libvirt_up", "1 while the libvirt connection is open and its events flow.", HOST, "uri"
+)
+LIBVIRT_CONNECT_ERRORS = _counter(
+    "qemu_exporter_libvirt_connect_errors",
+    "Failed libvirt connection attempts by reason.",
+    HOST,
+    "uri",
+    "reason",
+)
+LIBVIRT_CALL_ERRORS = _counter(
+    "qemu_exporter_libvirt_call_errors",
+    "libvirt calls that failed or timed out (each re-opens the connection).",
+    HOST,
+    "uri",
+    "call",
+    "reason",
+)
+ALERT_PUSHES = _counter(
+    "qemu_exporter_alert_pushes", "POSTs of alerts to Alertmanager by result.", HOST, "alertmanager", "result"
+)
+ALERT_PUSH_DROPPED = _counter(
+    "qemu_exporter_alert_push_dropped",
+    "Alert updates dropped because the queue for an unreachable Alertmanager was full.",
+    HOST,
+    "alertmanager",
+)
+LOOP_LAG = _gauge(
+    "qemu_exporter_event_loop_lag_seconds",
+    "Largest delay of the exporter's event-loop heartbeat within the recent window "
+    "(health.loop_lag_window_seconds): how long no QMP socket was read.",
+    HOST,
+)
+
+# --- how each family is read from the model ------------------------------------------------
+
+#: One sample: its family, the values of the labels after the VM's own (device first for a
+#: DISK family, then the family's labels), and its value.
+Sample = tuple[Family, tuple[str, ...], float]
 
 
-# --- fast text exposition -----------------------------------------------------------------
-#
-# prometheus_client formats every sample of every scrape (~3 us each: 110,000 series for 1000 VMs
-# x 4 disks take ~0.5 s in the text format, 1.2-2.1 s in OpenMetrics).  `generate_text` and
-# `generate_openmetrics` return the same bytes as its two `generate_latest`, but
-# `ExporterCollector` renders each VM's lines only when that VM changed (`VMState.version` &c.)
-# and concatenates cached per-VM chunks family by family.  docs/performance.md has the numbers.
-#
-# The sample lines are the same in both formats for every family we pre-render (checked against
-# prometheus_client 0.26's two encoders: both write ``name{labels} floatToGoString(value)``,
-# labels sorted, values escaped alike; our counters carry no ``_created`` sample, and no sample
-# has a timestamp or exemplar), so one cached chunk serves both.  What differs is only written
-# per family or per page: the ``# HELP``/``# TYPE`` lines (`family_header`), the families that
-# prometheus_client formats itself (build info, the hang histogram, other collectors'), and the
-# final ``# EOF``.
+def _identity(vm: VMState) -> Iterator[Sample]:
+    yield QMP_UP, (), 1 if vm.up else 0
+    if not vm.up:
+        return  # no stale series for a VM whose QEMU is gone
+    yield VM_INFO, (vm.uuid, vm.qemu_version, vm.socket), 1
+    if vm.status:
+        yield VM_STATUS, (vm.status,), 1
+    if vm.retry_feature is not None:  # unknown through libvirt unless a disk retries
+        yield RETRY_FEATURE, (), 1 if vm.retry_feature else 0
+    for dev in sorted(vm.disks):
+        d = vm.disks[dev]
+        p = d.policy
+        yield DEVICE_INFO, (dev, d.drive, d.node_name, d.qdev_type, p.werror, p.rerror, d.backend), 1
+        if p.retry_interval_ms is not None:
+            yield RETRY_INTERVAL, (dev,), p.retry_interval_ms / 1000.0
+        if p.retry_timeout_ms is not None:
+            yield RETRY_TIMEOUT, (dev,), p.retry_timeout_ms / 1000.0
+        yield POLICY_OK, (dev,), 1 if d.verdict.ok else 0
+        for rule in d.verdict.violations:
+            yield POLICY_VIOLATION, (dev, rule.value), 1
+
+
+def _counters(vm: VMState) -> Iterator[Sample]:
+    if vm.up:
+        for (dev, op, action), n in sorted(vm.io_errors.items()):
+            if dev in vm.disks:
+                yield IO_ERROR_EVENTS, (dev, op, action), n
+    yield CONNECT_ATTEMPTS, (), vm.connect_attempts
+    for reason, n in sorted(vm.connect_errors.items()):
+        yield CONNECT_ERRORS, (reason,), n
+    yield DISCONNECTS, (), vm.disconnects
+    for (command, reason), n in sorted(vm.command_errors.items()):
+        yield COMMAND_ERRORS, (command, reason), n
+    for event, n in sorted(vm.events.items()):
+        yield QMP_EVENTS, (event,), n
+    yield UNMATCHED, (), vm.unmatched_io_errors
+    yield INTERNAL_ERRORS, (), vm.internal_errors
+
+
+def _stats(vm: VMState) -> Iterator[Sample]:
+    if not vm.up:
+        return
+    for dev in sorted(vm.disks):
+        st = vm.blockstats.get(dev)
+        if st is None:
+            continue
+        labels = (dev,)
+        for family, attr in BLOCKSTATS:
+            yield family, labels, getattr(st, attr)
+        if st.idle_s is not None:
+            yield IDLE, labels, st.idle_s
+
+
+def _hang_steady(dev: str, t: DiskHangTracker) -> Iterator[Sample]:
+    labels = (dev,)
+    yield HANG, labels, 1 if t.hanging else 0
+    if t.hang_start is not None:
+        yield HANG_START, labels, t.hang_start
+    if t.deadline is not None:
+        yield HANG_DEADLINE, labels, t.deadline
+    yield FAILING, labels, 1 if t.failing else 0
+    for outcome, n in t.hangs_total.items():
+        yield HANGS, (dev, outcome.value), n
+
+
+def _hang_timed(dev: str, t: DiskHangTracker, now: float) -> Iterator[Sample]:
+    yield HANG_DURATION, (dev,), t.duration(now)
+    yield HANG_SECONDS, (dev,), t.hang_seconds_total(now)
+
+
+def _steady_key(t: DiskHangTracker) -> object:
+    """Changes whenever what `_hang_steady` reads changes."""
+    return (t.hang_start, t.deadline, t.failing, tuple(t.hangs_total.values()))
+
+
+def build_info_metric(build: Sequence[str]) -> Metric:
+    return BUILD_INFO.metric(BUILD_INFO.labels, [(build, 1)])
+
+
+def backend_metrics(counts: dict[str, BackendCounts]) -> list[Metric]:
+    """The four per-backend gauges (`exporter.hang.blast.backend_counts`)."""
+    rows = [((b,), counts[b]) for b in sorted(counts)]
+    return [
+        BACKEND_DISKS.metric(BACKEND_DISKS.labels, [(b, c.disks) for b, c in rows]),
+        BACKEND_HANGING.metric(BACKEND_HANGING.labels, [(b, c.hanging) for b, c in rows]),
+        BACKEND_FAILING.metric(BACKEND_FAILING.labels, [(b, c.failing) for b, c in rows]),
+        BACKEND_AFFECTED_VMS.metric(BACKEND_AFFECTED_VMS.labels, [(b, c.vms) for b, c in rows]),
+    ]
+
+
+def connection_metrics(connections: Sequence[ConnectionState]) -> list[Metric]:
+    """The libvirt connections' families (a few series)."""
+    conns = sorted(connections, key=lambda c: c.uri)
+    return [
+        LIBVIRT_UP.metric(LIBVIRT_UP.labels, [((c.uri,), 1 if c.up else 0) for c in conns]),
+        LIBVIRT_CONNECT_ERRORS.metric(
+            LIBVIRT_CONNECT_ERRORS.labels,
+            [((c.uri, reason), n) for c in conns for reason, n in sorted(c.connect_errors.items())],
+        ),
+        LIBVIRT_CALL_ERRORS.metric(
+            LIBVIRT_CALL_ERRORS.labels,
+            [
+                ((c.uri, call, reason), n)
+                for c in conns
+                for (call, reason), n in sorted(c.call_errors.items())
+            ],
+        ),
+    ]
+
+
+class ConnectionCollector:
+    """The libvirt connections (a few series: formatted by prometheus_client at each scrape)."""
+
+    def __init__(self, connections: Callable[[], Sequence[ConnectionState]]) -> None:
+        self._connections = connections
+
+    def collect(self) -> list[Metric]:
+        return connection_metrics(self._connections())
+
+
+class HangSource(Protocol):
+    """What the hang tracking (`exporter.hang.tracking.HangTracking`) gives a scrape."""
+
+    def version(self, key: str) -> int | None:
+        """Changes whenever the trackers of the VM with this key were fed anything."""
+        ...
+
+    def shown(self, vm: VMState, now: float) -> list[tuple[str, DiskHangTracker]]:
+        """``vm``'s (device, tracker) pairs by device, advanced as far as its stream is read."""
+        ...
+
+    def histogram_metric(self) -> Metric:
+        """`HANG_COMPLETED`, with what completed since the exporter started."""
+        ...
+
+    def backend_metrics(self, vms: Sequence[VMState]) -> list[Metric]:
+        """The per-backend families (`backend_metrics`) of the disks of ``vms``."""
+        ...
+
+
+# --- the exposition formats ----------------------------------------------------------------
 
 #: The two exposition formats.
 Format = Literal["text", "openmetrics"]
@@ -138,19 +464,7 @@ OPENMETRICS: Format = "openmetrics"
 #: doubles every underscore, and prometheus_client's OpenMetrics encoder prefixes sample names
 #: with ``U__`` under ``values``: those go through prometheus_client itself.
 _CACHED_ESCAPINGS = frozenset({UNDERSCORES, ALLOWUTF8})
-
-#: Set while `generate_text`/`generate_openmetrics` iterate the registry, to the format being
-#: written: collectors may then yield `PrerenderedText` in that format.
-_PRERENDER: ContextVar[Format | None] = ContextVar("prerender", default=None)
-
-
-class PrerenderedText(Metric):
-    """Exposition lines already in the format being written (seen only by `generate_text` and
-    `generate_openmetrics`)."""
-
-    def __init__(self, parts: list[str]) -> None:
-        super().__init__("prerendered", "", "untyped")
-        self.parts = parts
+_EOF = "# EOF\n"
 
 
 class _Families:
@@ -159,9 +473,6 @@ class _Families:
 
     def collect(self) -> Iterable[Metric]:
         return self._families
-
-
-_EOF = "# EOF\n"
 
 
 def format_families(families: Iterable[Metric], fmt: Format = TEXT) -> str:
@@ -173,25 +484,47 @@ def format_families(families: Iterable[Metric], fmt: Format = TEXT) -> str:
     return generate_latest(_Families(families)).decode("utf-8")
 
 
-def _generate(registry: Collector, fmt: Format) -> list[str]:
+class Rendered(Protocol):
+    """A collector that writes its own exposition text (faster than its `collect`)."""
+
+    def collect(self) -> Iterable[Metric]: ...
+
+    def render(self, fmt: Format) -> list[str]:
+        """Exactly what prometheus_client's encoder of ``fmt`` writes for `collect`."""
+        ...
+
+
+class Registry(CollectorRegistry):
+    """A prometheus_client registry that remembers its collectors in order, so that
+    `generate_text` and `generate_openmetrics` can ask those that render their own text."""
+
+    def __init__(self) -> None:
+        super().__init__(auto_describe=False)
+        self.collectors: list[Collector] = []
+
+    def register(self, collector: Collector) -> None:
+        super().register(collector)
+        self.collectors.append(collector)
+
+    def unregister(self, collector: Collector) -> None:
+        super().unregister(collector)
+        self.collectors.remove(collector)
+
+
+def _generate(registry: Registry, fmt: Format) -> list[str]:
     out: list[str] = []
-    token = _PRERENDER.set(fmt)
-    try:
-        for metric in registry.collect():
-            if isinstance(metric, PrerenderedText):
-                out.extend(metric.parts)
-            else:
-                out.append(format_families([metric], fmt))
-    finally:
-        _PRERENDER.reset(token)
+    for collector in registry.collectors:
+        render = getattr(collector, "render", None)
+        if render is not None:
+            out.extend(render(fmt))
+        else:
+            out.append(format_families(collector.collect(), fmt))
     return out
 
 
 def generate_text(registry: Collector, escaping: str = UNDERSCORES) -> bytes:
-    """Byte for byte `prometheus_client.exposition.generate_latest(registry, escaping)`:
-    collectors that can yield `PrerenderedText` do, every other metric is formatted by
-    prometheus_client."""
-    if escaping not in _CACHED_ESCAPINGS:
+    """Byte for byte `prometheus_client.exposition.generate_latest(registry, escaping)`."""
+    if not isinstance(registry, Registry) or escaping not in _CACHED_ESCAPINGS:
         return generate_latest(registry, escaping)
     return "".join(_generate(registry, TEXT)).encode("utf-8")
 
@@ -201,11 +534,11 @@ def generate_openmetrics(registry: Collector, escaping: str = UNDERSCORES, versi
     escaping, version)`, from the same cached lines as `generate_text`.
 
     Prometheus asks for OpenMetrics first (2.x and 3.x alike); prometheus_client's encoder took
-    1.2-2.1 s per scrape (p50) at 1000 VMs x 4 disks, this path 23-50 ms, what the text path
-    costs (docs/performance.md).  ``version`` only decides whether prometheus_client writes
-    native histogram samples (>= 2.0.0), which none of our families has; it is passed on to the
+    1.2-2.1 s per scrape (p50) at 1000 VMs x 4 disks, this path what the text path costs
+    (docs/performance.md).  ``version`` only decides whether prometheus_client writes native
+    histogram samples (>= 2.0.0), which none of our families has; it is passed on to the
     encoder for the families it formats."""
-    if escaping not in _CACHED_ESCAPINGS:
+    if not isinstance(registry, Registry) or escaping not in _CACHED_ESCAPINGS:
         page: bytes = openmetrics.generate_latest(registry, escaping, version)  # type: ignore[no-untyped-call]
         return page
     out = _generate(registry, OPENMETRICS)
@@ -262,438 +595,286 @@ def fmt_value(v: float) -> str:
     return text
 
 
-class HangView:
-    """What the hang tracker contributes to a scrape.  The default contributes nothing."""
-
-    def collect(self, vms: Sequence[VMState], label_names: Sequence[str], now: float) -> Iterable[Metric]:
-        return ()
-
-    def render(
-        self, vms: Sequence[VMState], label_names: Sequence[str], now: float, fmt: Format = TEXT
-    ) -> list[str]:
-        """The text of what `collect` yields, in ``fmt`` (override to cache)."""
-        return [format_families(self.collect(vms, label_names, now), fmt)]
+# --- the renderer ----------------------------------------------------------------------------
 
 
-class ConnectionCollector(Collector):
-    """The libvirt connections (a few series: formatted by prometheus_client at each scrape)."""
+class _Lines:
+    """Turns one VM's samples into exposition lines.  Label text is kept per (label names,
+    values) for as long as the VM's identity (its ``vm`` and static labels) stays: a hanging
+    disk's lines are rendered at every scrape, its labels once."""
 
-    def __init__(self, connections: Callable[[], Sequence[ConnectionState]]) -> None:
-        self._connections = connections
+    __slots__ = ("_base_names", "_base_values", "_labels")
 
-    def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(
-            "qemu_libvirt_up", "1 while the libvirt connection is open and its events flow.", labels=["uri"]
-        )
-        errors = CounterMetricFamily(
-            "qemu_exporter_libvirt_connect_errors",
-            "Failed libvirt connection attempts by reason.",
-            labels=["uri", "reason"],
-        )
-        calls = CounterMetricFamily(
-            "qemu_exporter_libvirt_call_errors",
-            "libvirt calls that failed or timed out (each re-opens the connection).",
-            labels=["uri", "call", "reason"],
-        )
-        for c in sorted(self._connections(), key=lambda c: c.uri):
-            up.add_metric([c.uri], 1 if c.up else 0)
-            for reason, n in sorted(c.connect_errors.items()):
-                errors.add_metric([c.uri, reason], n)
-            for (call, reason), n in sorted(c.call_errors.items()):
-                calls.add_metric([c.uri, call, reason], n)
-        yield from (up, errors, calls)
+    def __init__(self, base_names: Sequence[str], base_values: Sequence[str]) -> None:
+        self._base_names = base_names
+        self._base_values = base_values
+        self._labels: dict[tuple[str, tuple[str, ...]], str] = {}
+
+    def render(self, samples: Iterable[Sample]) -> dict[Family, str]:
+        """The lines of each family of ``samples`` (in sample order)."""
+        lines: dict[Family, list[str]] = {}
+        cache = self._labels
+        for family, values, value in samples:
+            key = (family.label_key, values)
+            text = cache.get(key)
+            if text is None:
+                names = family.label_names(self._base_names)
+                text = cache[key] = label_text(names, [*self._base_values, *values])
+            line = f"{family.sample_name}{text} {fmt_value(value)}\n"
+            got = lines.get(family)
+            if got is None:
+                lines[family] = [line]
+            else:
+                got.append(line)
+        return {family: "".join(got) for family, got in lines.items()}
 
 
-class ExporterCollector(Collector):
-    """Yields every exporter metric from the current state of the watched VMs."""
+#: Families per part of a VM's state, each rendered from its reader when that part changed.
+_PARTS: dict[Part, tuple[Family, ...]] = {
+    Part.IDENTITY: (
+        QMP_UP,
+        VM_INFO,
+        VM_STATUS,
+        RETRY_FEATURE,
+        DEVICE_INFO,
+        RETRY_INTERVAL,
+        RETRY_TIMEOUT,
+        POLICY_OK,
+        POLICY_VIOLATION,
+    ),
+    Part.COUNTERS: (
+        IO_ERROR_EVENTS,
+        CONNECT_ATTEMPTS,
+        CONNECT_ERRORS,
+        DISCONNECTS,
+        COMMAND_ERRORS,
+        QMP_EVENTS,
+        UNMATCHED,
+        INTERNAL_ERRORS,
+    ),
+    Part.STATS: (*(family for family, _attr in BLOCKSTATS), IDLE),
+}
+_READERS: dict[Part, Callable[[VMState], Iterator[Sample]]] = {
+    Part.IDENTITY: _identity,
+    Part.COUNTERS: _counters,
+    Part.STATS: _stats,
+}
+_HANG_STEADY = (HANG, HANG_START, HANG_DEADLINE, FAILING, HANGS)
+_HANG_TIMED = (HANG_DURATION, HANG_SECONDS)
+_HANG_FAMILIES = (HANG, HANG_DURATION, HANG_START, HANG_DEADLINE, FAILING, HANGS, HANG_SECONDS)
+
+#: The page, in order: the per-VM families before and after the hang view (itself followed by
+#: the host-wide families of `ExporterCollector._host_metrics`).
+_PAGE_BEFORE_HANGS: tuple[Family, ...] = (*_PARTS[Part.IDENTITY], IO_ERROR_EVENTS, *_PARTS[Part.STATS])
+_PAGE_AFTER_HANGS: tuple[Family, ...] = _PARTS[Part.COUNTERS][1:]
+
+#: Where each per-VM family's lines sit in `_VMText.text` (a list: joining a page reads 35
+#: families x 1000 VMs of it, at C speed with `operator.itemgetter`).
+_SLOT: dict[Family, int] = {
+    family: i for i, family in enumerate((*(f for part in _PARTS.values() for f in part), *_HANG_FAMILIES))
+}
+_HANG_STEADY_SLOTS = tuple(_SLOT[f] for f in _HANG_STEADY)
+_HANG_TIMED_SLOTS = tuple(_SLOT[f] for f in _HANG_TIMED)
+_REFRESH = tuple(
+    (part, VMState.version_attr(part), tuple(_SLOT[f] for f in families), _READERS[part])
+    for part, families in _PARTS.items()
+)
+
+
+class _VMText:
+    """One VM's cached lines per family (`_SLOT`), and the versions of its state they show."""
+
+    __slots__ = ("hang_key", "hang_state", "hang_volatile", "lines", "text", "versions", "vm")
+
+    def __init__(self, vm: VMState, base_names: Sequence[str], base_values: Sequence[str]) -> None:
+        self.vm = vm
+        self.lines = _Lines(base_names, base_values)
+        self.text: list[str] = [""] * len(_SLOT)
+        #: Per `Part`, the version of the VM's state its lines show.
+        self.versions: list[int] = [-1] * len(Part)
+        self.hang_key: object = None
+        self.hang_volatile = False
+        #: Per disk shown, the state its steady hang lines show (`_steady_key`).
+        self.hang_state: list[object] | None = None
+
+    def refresh(self) -> None:
+        """Re-render each part of the VM whose version moved.  (A new identity gets a new
+        `_VMText`: its label text may have changed.)"""
+        vm, text, versions = self.vm, self.text, self.versions
+        for part, attr, slots, reader in _REFRESH:
+            version = getattr(vm, attr)
+            if versions[part] != version:
+                versions[part] = version
+                for slot in slots:
+                    text[slot] = ""
+                for family, lines in self.lines.render(reader(vm)).items():
+                    text[_SLOT[family]] = lines
+
+    def refresh_hangs(self, hangs: HangSource, now: float) -> bool:
+        """Re-render the hang lines when the VM or its trackers changed, or a disk hangs or
+        fails (its duration grows).  Only the two `_HANG_TIMED` lines change with time: the
+        others are kept while the disks' states stay (a storm's scrape of 4000 hanging disks
+        spent 46 % of its CPU re-rendering them; py-spy, 20,000 events/s, round 3)."""
+        vm = self.vm
+        key = (vm.version, hangs.version(vm.key))
+        if key == self.hang_key and not self.hang_volatile:
+            return False  # idle: nothing shown of it depends on the passing time
+        self.hang_key = key
+        shown = hangs.shown(vm, now)
+        self.hang_volatile = any(t.active for _dev, t in shown)
+        text = self.text
+        state = [_steady_key(t) for _dev, t in shown]
+        if state != self.hang_state:
+            self.hang_state = state
+            for slot in _HANG_STEADY_SLOTS:
+                text[slot] = ""
+            for family, lines in self.lines.render(
+                chain.from_iterable(_hang_steady(d, t) for d, t in shown)
+            ).items():
+                text[_SLOT[family]] = lines
+        for slot in _HANG_TIMED_SLOTS:
+            text[slot] = ""
+        for family, lines in self.lines.render(
+            chain.from_iterable(_hang_timed(d, t, now) for d, t in shown)
+        ).items():
+            text[_SLOT[family]] = lines
+        return True
+
+
+class ExporterCollector(EventSink):
+    """Every per-VM metric, from the current state of the watched VMs: `collect` for
+    prometheus_client, `render` for the cached text (the same samples, the same bytes).
+
+    As an `EventSink` it renders a VM's new blockstats right after each poll: every VM is
+    polled every few seconds, so by the next scrape (15-60 s) all 4000 disks' blockstats of
+    1000 VMs changed; formatted in the scrape that was ~150 ms, formatted poll by poll it is
+    spread over the poll interval and the scrape only joins text."""
 
     def __init__(
         self,
         vms: Callable[[], Sequence[VMState]],
         static_label_names: Sequence[str] = (),
         *,
-        hangs: HangView | None = None,
+        hangs: HangSource | None = None,
         clock: Callable[[], float],
     ) -> None:
         self._vms = vms
         self._static = tuple(static_label_names)
-        self._hangs = hangs or HangView()
+        self._base_names = ["vm", *self._static]
+        self._hangs = hangs
         self._clock = clock
-        self._build = (
-            __version__,
-            platform.python_version(),
-            _dist_version("qemu.qmp"),
-        )
-        base = ["vm", *self._static]
-        self._base_names = base
-        self._disk_names = [*base, "device"]
+        self._build = (__version__, platform.python_version(), _dist_version("qemu.qmp"))
         self._cache: dict[int, _VMText] = {}
-        #: Per format: each family's header lines, and the build info family.
-        self._headers: dict[Format, dict[str, str]] = {}
-        self._build_text = {fmt: format_families([self._build_family()], fmt) for fmt in (TEXT, OPENMETRICS)}
-
-    def _build_family(self) -> GaugeMetricFamily:
-        build = GaugeMetricFamily(
-            "qemu_exporter_build_info",
-            "Build information of qemu-iohang-exporter.",
-            labels=["version", "python_version", "qemu_qmp_version"],
-        )
-        build.add_metric(list(self._build), 1)
-        return build
-
-    def prerender(self, vm: VMState) -> None:
-        """Render what changed of ``vm``'s lines now instead of at the next scrape.
-
-        Called after every poll: every VM is polled every few seconds, so by the time
-        Prometheus scrapes again (15-60 s) all 4000 disks' blockstats of 1000 VMs changed;
-        formatted in the scrape that was ~150 ms, formatted poll by poll it is spread over the
-        poll interval and the scrape only joins text."""
-        self._cache[id(vm)] = self._refreshed(vm)
-
-    def _refreshed(self, vm: VMState) -> _VMText:
-        """``vm``'s cached text, brought up to date (created if it has none)."""
-        entry = self._cache.get(id(vm))
-        if entry is None or entry.vm is not vm:  # id() of a VM that is gone may be reused
-            entry = _VMText(vm)
-        entry.refresh(self)
-        return entry
-
-    def _render(self, fmt: Format) -> list[str]:
-        """The text of `collect`'s families in ``fmt`` from per-VM chunks, re-rendered only
-        for VMs that changed since the previous scrape (the chunks serve both formats)."""
-        vms = sorted(self._vms(), key=lambda v: (v.vm, v.key))
-        h = self._headers.get(fmt)
-        if h is None:
-            h = self._headers[fmt] = {
-                name: family_header(name, doc, typ, fmt, unit) for name, doc, typ, unit in _vm_families()
-            }
-        cache: dict[int, _VMText] = {}
-        chunks: list[_VMText] = []
-        for vm in vms:
-            entry = cache[id(vm)] = self._refreshed(vm)
-            chunks.append(entry)
-        self._cache = cache
-
-        parts = [self._build_text[fmt], h["qemu_exporter_vms"]]
-        parts.append(f"qemu_exporter_vms {fmt_value(len(vms))}\n")
-        for i, name in enumerate(_IDENTITY_FAMILIES):
-            parts.append(h[name])
-            parts.extend(c.identity[i] for c in chunks)
-        parts.append(h["qemu_block_io_error_events"])
-        parts.extend(c.counters[0] for c in chunks)
-        for i, name in enumerate(_STATS_FAMILIES):
-            parts.append(h[name])
-            parts.extend(c.stats[i] for c in chunks)
-        parts.extend(self._hangs.render([v for v in vms if v.up], self._base_names, self._clock(), fmt))
-        for i, name in enumerate(_COUNTER_FAMILIES[1:], start=1):
-            parts.append(h[name])
-            parts.extend(c.counters[i] for c in chunks)
-        return parts
+        self._backends: list[Metric] | None = None
+        self._backend_keys: list[str] = []
+        self._headers: dict[Format, dict[Family, str]] = {}
+        self._build_text = {
+            fmt: format_families([build_info_metric(self._build)], fmt) for fmt in (TEXT, OPENMETRICS)
+        }
 
     def _base(self, vm: VMState) -> list[str]:
         return [vm.vm, *(vm.static_labels.get(k, "") for k in self._static)]
 
+    def _sorted(self) -> list[VMState]:
+        return sorted(self._vms(), key=lambda v: (v.vm, v.key))
+
+    def _entry(self, vm: VMState, cache: dict[int, _VMText]) -> _VMText:
+        """``vm``'s cached text (a new one when its labels changed), parts brought up to date."""
+        entry = cache.get(id(vm))
+        if entry is None or entry.vm is not vm or entry.versions[Part.IDENTITY] != vm.version:
+            # A new identity may mean new label values: start from empty label text (an
+            # id() of a VM that is gone may be reused, hence the `is` check).
+            entry = _VMText(vm, self._base_names, self._base(vm))
+        entry.refresh()
+        return entry
+
+    def on_blockstats(self, vm: VMState, now: float) -> None:
+        # Not the first sample of a session (vm.up is set after it): when a whole fleet
+        # connects, the next scrape renders everything once anyway.
+        if vm.up:
+            self._cache[id(vm)] = self._entry(vm, self._cache)
+
+    def _host_metrics(self, hangs: HangSource, shown: Sequence[VMState], recount: bool) -> list[Metric]:
+        """The histogram, and the per-backend counts.  Those depend on exactly what re-renders
+        a VM's hang lines (its disks, its trackers, its hanging or failing disks) and on which
+        VMs are shown: recounted only then, not over all 4000 disks of an idle host at every
+        scrape (~2.5 ms at 1000 VMs)."""
+        keys = [vm.key for vm in shown]
+        if recount or self._backends is None or keys != self._backend_keys:
+            self._backends = hangs.backend_metrics(shown)
+            self._backend_keys = keys
+        return [hangs.histogram_metric(), *self._backends]
+
+    def render(self, fmt: Format) -> list[str]:
+        """The text of `collect` in ``fmt``, from per-VM lines re-rendered only for the parts
+        of VMs that changed since the previous scrape (the lines serve both formats)."""
+        vms = self._sorted()
+        now = self._clock()
+        h = self._headers.get(fmt)
+        if h is None:
+            h = self._headers[fmt] = {
+                family: family_header(family.name, family.help, family.type, fmt)
+                for part in (*_PARTS.values(), _HANG_FAMILIES)
+                for family in part
+            }
+        cache: dict[int, _VMText] = {}
+        entries = [self._entry(vm, self._cache) for vm in vms]
+        for vm, entry in zip(vms, entries, strict=True):
+            cache[id(vm)] = entry
+        self._cache = cache
+        vms_line = f"{VMS.name} {fmt_value(len(vms))}\n"
+        parts = [self._build_text[fmt], family_header(VMS.name, VMS.help, VMS.type, fmt), vms_line]
+        texts = [e.text for e in entries]
+        for family in _PAGE_BEFORE_HANGS:
+            parts.append(h[family])
+            parts.extend(map(itemgetter(_SLOT[family]), texts))
+        if self._hangs is not None:
+            shown = [e for e in entries if e.vm.up]
+            rendered = [e.refresh_hangs(self._hangs, now) for e in shown]
+            shown_texts = [e.text for e in shown]
+            for family in _HANG_FAMILIES:
+                parts.append(h[family])
+                parts.extend(map(itemgetter(_SLOT[family]), shown_texts))
+            host = self._host_metrics(self._hangs, [e.vm for e in shown], any(rendered))
+            parts.append(format_families(host, fmt))
+        for family in _PAGE_AFTER_HANGS:
+            parts.append(h[family])
+            parts.extend(map(itemgetter(_SLOT[family]), texts))
+        return parts
+
     def collect(self) -> Iterator[Metric]:
-        fmt = _PRERENDER.get()
-        if fmt is not None:
-            yield PrerenderedText(self._render(fmt))
-            return
-        vms = sorted(self._vms(), key=lambda v: (v.vm, v.key))
-        base = ["vm", *self._static]
-        disk = [*base, "device"]
-
-        yield self._build_family()
-        yield GaugeMetricFamily("qemu_exporter_vms", "QMP sockets currently watched.", value=len(vms))
-
-        up = GaugeMetricFamily(
-            "qemu_qmp_up", "1 when the QMP session is established and answering.", labels=base
-        )
-        info = GaugeMetricFamily(
-            "qemu_vm_info",
-            "VM metadata from QMP.",
-            labels=[*base, "uuid", "qemu_version", "socket"],
-        )
-        status = GaugeMetricFamily(
-            "qemu_vm_status",
-            "Current run state of the VM (query-status).",
-            labels=[*base, "status"],
-        )
-        feature = GaugeMetricFamily(
-            "qemu_vm_retry_feature",
-            "1 when this QEMU supports the retry error policy.",
-            labels=base,
-        )
-        dev_info = GaugeMetricFamily(
-            "qemu_block_device_info",
-            "Guest disk, its error policy as read with qom-get, and its storage backend.",
-            labels=[*disk, "drive", "node_name", "qdev_type", "werror", "rerror", "backend"],
-        )
-        interval = GaugeMetricFamily(
-            "qemu_block_retry_interval_seconds", "retry_interval of the disk device.", labels=disk
-        )
-        timeout = GaugeMetricFamily(
-            "qemu_block_retry_timeout_seconds",
-            "retry_timeout of the disk device; 0 means never.",
-            labels=disk,
-        )
-        ok = GaugeMetricFamily(
-            "qemu_block_retry_policy_ok",
-            "1 when the disk satisfies the required retry policy.",
-            labels=disk,
-        )
-        viol = GaugeMetricFamily(
-            "qemu_block_retry_policy_violation",
-            "1 for each retry policy rule the disk fails.",
-            labels=[*disk, "rule"],
-        )
-        io_err = CounterMetricFamily(
-            "qemu_block_io_error_events",
-            "BLOCK_IO_ERROR events received.",
-            labels=[*disk, "operation", "action"],
-        )
-        stats = {
-            name: (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc, labels=disk)
-            for name, doc, _attr, kind in _BLOCKSTATS
+        vms = self._sorted()
+        now = self._clock()
+        samples: dict[Family, list[tuple[list[str], float]]] = {
+            family: [] for part in (*_PARTS.values(), _HANG_FAMILIES) for family in part
         }
-        idle = GaugeMetricFamily(
-            "qemu_block_idle_seconds",
-            "Time since the last IO on the disk (idle_time_ns).",
-            labels=disk,
-        )
-
-        attempts = CounterMetricFamily(
-            "qemu_exporter_qmp_connect_attempts", "QMP connection attempts.", labels=base
-        )
-        conn_err = CounterMetricFamily(
-            "qemu_exporter_qmp_connect_errors",
-            "Failed QMP connection attempts by reason.",
-            labels=[*base, "reason"],
-        )
-        disc = CounterMetricFamily(
-            "qemu_exporter_qmp_disconnects", "Established QMP sessions that ended.", labels=base
-        )
-        cmd_err = CounterMetricFamily(
-            "qemu_exporter_qmp_command_errors",
-            "Failed QMP commands.",
-            labels=[*base, "command", "reason"],
-        )
-        events = CounterMetricFamily(
-            "qemu_exporter_qmp_events", "QMP events received.", labels=[*base, "event"]
-        )
-        unmatched = CounterMetricFamily(
-            "qemu_exporter_io_error_events_unmatched",
-            "BLOCK_IO_ERROR events that matched no known disk.",
-            labels=base,
-        )
-
-        internal = CounterMetricFamily(
-            "qemu_exporter_internal_errors", "Unexpected errors in a QMP watcher (each logged).", labels=base
-        )
-
         for vm in vms:
-            b = self._base(vm)
-            up.add_metric(b, 1 if vm.up else 0)
-            attempts.add_metric(b, vm.connect_attempts)
-            for reason, n in sorted(vm.connect_errors.items()):
-                conn_err.add_metric([*b, reason], n)
-            disc.add_metric(b, vm.disconnects)
-            for (command, reason), n in sorted(vm.command_errors.items()):
-                cmd_err.add_metric([*b, command, reason], n)
-            for event, n in sorted(vm.events.items()):
-                events.add_metric([*b, event], n)
-            unmatched.add_metric(b, vm.unmatched_io_errors)
-            internal.add_metric(b, vm.internal_errors)
-            if not vm.up:
-                continue  # no stale series for a VM whose QEMU is gone
-            info.add_metric([*b, vm.uuid, vm.qemu_version, vm.socket], 1)
-            if vm.status:
-                status.add_metric([*b, vm.status], 1)
-            if vm.retry_feature is not None:  # unknown through libvirt unless a disk retries
-                feature.add_metric(b, 1 if vm.retry_feature else 0)
-            for dev in sorted(vm.disks):
-                d = vm.disks[dev]
-                db = [*b, dev]
-                p = d.policy
-                dev_info.add_metric(
-                    [*db, d.drive, d.node_name, d.qdev_type, p.werror, p.rerror, d.backend], 1
-                )
-                if p.retry_interval_ms is not None:
-                    interval.add_metric(db, p.retry_interval_ms / 1000.0)
-                if p.retry_timeout_ms is not None:
-                    timeout.add_metric(db, p.retry_timeout_ms / 1000.0)
-                ok.add_metric(db, 1 if d.verdict.ok else 0)
-                for rule in d.verdict.violations:
-                    viol.add_metric([*db, rule.value], 1)
-                st = vm.blockstats.get(dev)
-                if st is not None:
-                    _add_blockstats(stats, idle, db, st)
-            for (dev, op, action), n in sorted(vm.io_errors.items()):
-                if dev in vm.disks:
-                    io_err.add_metric([*b, dev, op, action], n)
+            base = self._base(vm)
+            for reader in _READERS.values():
+                for family, values, value in reader(vm):
+                    samples[family].append(([*base, *values], value))
+        shown = [vm for vm in vms if vm.up]
+        if self._hangs is not None:
+            for vm in shown:
+                base = self._base(vm)
+                for dev, t in self._hangs.shown(vm, now):
+                    for family, values, value in (*_hang_steady(dev, t), *_hang_timed(dev, t, now)):
+                        samples[family].append(([*base, *values], value))
 
-        yield from (up, info, status, feature, dev_info, interval, timeout, ok, viol, io_err)
-        yield from stats.values()
-        yield idle
-        yield from self._hangs.collect([v for v in vms if v.up], base, self._clock())
-        yield from (attempts, conn_err, disc, cmd_err, events, unmatched, internal)
+        def metric(family: Family) -> Metric:
+            return family.metric(family.label_names(self._base_names), samples[family])
+
+        yield build_info_metric(self._build)
+        yield VMS.metric((), [((), len(vms))])
+        yield from map(metric, _PAGE_BEFORE_HANGS)
+        if self._hangs is not None:
+            yield from map(metric, _HANG_FAMILIES)
+            yield from self._host_metrics(self._hangs, shown, recount=True)
+        yield from map(metric, _PAGE_AFTER_HANGS)
 
 
-def _add_blockstats(
-    families: dict[str, GaugeMetricFamily | CounterMetricFamily],
-    idle: GaugeMetricFamily,
-    labels: list[str],
-    st: BlockStats,
-) -> None:
-    for name, _doc, attr, _kind in _BLOCKSTATS:
-        families[name].add_metric(labels, getattr(st, attr))
-    if st.idle_s is not None:
-        idle.add_metric(labels, st.idle_s)
-
-
-# Per-VM families of `ExporterCollector.collect`, by the part of VMState they show.
-_IDENTITY_FAMILIES = (
-    "qemu_qmp_up",
-    "qemu_vm_info",
-    "qemu_vm_status",
-    "qemu_vm_retry_feature",
-    "qemu_block_device_info",
-    "qemu_block_retry_interval_seconds",
-    "qemu_block_retry_timeout_seconds",
-    "qemu_block_retry_policy_ok",
-    "qemu_block_retry_policy_violation",
-)
-_STATS_FAMILIES = (*(name for name, _doc, _attr, _kind in _BLOCKSTATS), "qemu_block_idle_seconds")
-# qemu_block_io_error_events first: it is yielded among the identity families.
-_COUNTER_FAMILIES = (
-    "qemu_block_io_error_events",
-    "qemu_exporter_qmp_connect_attempts",
-    "qemu_exporter_qmp_connect_errors",
-    "qemu_exporter_qmp_disconnects",
-    "qemu_exporter_qmp_command_errors",
-    "qemu_exporter_qmp_events",
-    "qemu_exporter_io_error_events_unmatched",
-    "qemu_exporter_internal_errors",
-)
-
-
-def _vm_families() -> list[tuple[str, str, str, str]]:
-    """(name, help, type, unit) of every family `collect` yields, read from `collect` itself so
-    the two can never disagree."""
-    collector = ExporterCollector(lambda: (), clock=lambda: 0.0)
-    token = _PRERENDER.set(None)
+def _dist_version(name: str) -> str:
     try:
-        return [(m.name, m.documentation, m.type, m.unit) for m in collector.collect()]
-    finally:
-        _PRERENDER.reset(token)
-
-
-class _VMText:
-    """One VM's sample lines, per family, for each part of its state; rebuilt when it changes."""
-
-    def __init__(self, vm: VMState) -> None:
-        self.vm = vm
-        self.identity_key: object = None
-        self.counters_key: object = None
-        self.stats_key: object = None
-        self.identity: list[str] = []
-        self.counters: list[str] = []
-        self.stats: list[str] = []
-
-    def refresh(self, c: ExporterCollector) -> None:
-        vm = self.vm
-        if self.identity_key != vm.version:
-            self.identity_key = vm.version
-            self._render_identity(c)
-        key = (vm.version, vm.counters_version)
-        if self.counters_key != key:
-            self.counters_key = key
-            self._render_counters(c)
-        key = (vm.version, vm.stats_version)
-        if self.stats_key != key:
-            self.stats_key = key
-            self._render_stats(c)
-
-    def _render_identity(self, c: ExporterCollector) -> None:
-        vm = self.vm
-        b = c._base(vm)
-        base = label_text(c._base_names, b)
-        out: list[list[str]] = [[] for _ in _IDENTITY_FAMILIES]
-        up, info, status, feature, dev_info, interval, timeout, ok, viol = out
-        up.append(f"qemu_qmp_up{base} {fmt_value(1 if vm.up else 0)}\n")
-        if vm.up:
-            names = [*c._base_names, "uuid", "qemu_version", "socket"]
-            info.append(f"qemu_vm_info{label_text(names, [*b, vm.uuid, vm.qemu_version, vm.socket])} 1.0\n")
-            if vm.status:
-                labels = label_text([*c._base_names, "status"], [*b, vm.status])
-                status.append(f"qemu_vm_status{labels} 1.0\n")
-            if vm.retry_feature is not None:
-                feature.append(f"qemu_vm_retry_feature{base} {fmt_value(1 if vm.retry_feature else 0)}\n")
-            info_names = [*c._disk_names, "drive", "node_name", "qdev_type", "werror", "rerror", "backend"]
-            rule_names = [*c._disk_names, "rule"]
-            for dev in sorted(vm.disks):
-                d = vm.disks[dev]
-                db = [*b, dev]
-                dl = label_text(c._disk_names, db)
-                p = d.policy
-                values = [*db, d.drive, d.node_name, d.qdev_type, p.werror, p.rerror, d.backend]
-                labels = label_text(info_names, values)
-                dev_info.append(f"qemu_block_device_info{labels} 1.0\n")
-                if p.retry_interval_ms is not None:
-                    v = fmt_value(p.retry_interval_ms / 1000.0)
-                    interval.append(f"qemu_block_retry_interval_seconds{dl} {v}\n")
-                if p.retry_timeout_ms is not None:
-                    v = fmt_value(p.retry_timeout_ms / 1000.0)
-                    timeout.append(f"qemu_block_retry_timeout_seconds{dl} {v}\n")
-                ok.append(f"qemu_block_retry_policy_ok{dl} {fmt_value(1 if d.verdict.ok else 0)}\n")
-                for rule in d.verdict.violations:
-                    labels = label_text(rule_names, [*db, rule.value])
-                    viol.append(f"qemu_block_retry_policy_violation{labels} 1.0\n")
-        self.identity = ["".join(lines) for lines in out]
-
-    def _render_counters(self, c: ExporterCollector) -> None:
-        vm = self.vm
-        b = c._base(vm)
-        base = label_text(c._base_names, b)
-        out: list[list[str]] = [[] for _ in _COUNTER_FAMILIES]
-        io_err, attempts, conn_err, disc, cmd_err, events, unmatched, internal = out
-        if vm.up:
-            names = [*c._disk_names, "operation", "action"]
-            for (dev, op, action), n in sorted(vm.io_errors.items()):
-                if dev in vm.disks:
-                    labels = label_text(names, [*b, dev, op, action])
-                    io_err.append(f"qemu_block_io_error_events_total{labels} {fmt_value(n)}\n")
-        attempts.append(f"qemu_exporter_qmp_connect_attempts_total{base} {fmt_value(vm.connect_attempts)}\n")
-        names = [*c._base_names, "reason"]
-        for reason, n in sorted(vm.connect_errors.items()):
-            labels = label_text(names, [*b, reason])
-            conn_err.append(f"qemu_exporter_qmp_connect_errors_total{labels} {fmt_value(n)}\n")
-        disc.append(f"qemu_exporter_qmp_disconnects_total{base} {fmt_value(vm.disconnects)}\n")
-        names = [*c._base_names, "command", "reason"]
-        for (command, reason), n in sorted(vm.command_errors.items()):
-            labels = label_text(names, [*b, command, reason])
-            cmd_err.append(f"qemu_exporter_qmp_command_errors_total{labels} {fmt_value(n)}\n")
-        names = [*c._base_names, "event"]
-        for event, n in sorted(vm.events.items()):
-            labels = label_text(names, [*b, event])
-            events.append(f"qemu_exporter_qmp_events_total{labels} {fmt_value(n)}\n")
-        v = fmt_value(vm.unmatched_io_errors)
-        unmatched.append(f"qemu_exporter_io_error_events_unmatched_total{base} {v}\n")
-        internal.append(f"qemu_exporter_internal_errors_total{base} {fmt_value(vm.internal_errors)}\n")
-        self.counters = ["".join(lines) for lines in out]
-
-    def _render_stats(self, c: ExporterCollector) -> None:
-        vm = self.vm
-        out: list[list[str]] = [[] for _ in _STATS_FAMILIES]
-        if vm.up:
-            b = c._base(vm)
-            for dev in sorted(vm.disks):
-                st = vm.blockstats.get(dev)
-                if st is None:
-                    continue
-                dl = label_text(c._disk_names, [*b, dev])
-                for i, (name, _doc, attr, kind) in enumerate(_BLOCKSTATS):
-                    sample = name + "_total" if kind == "counter" else name
-                    out[i].append(f"{sample}{dl} {fmt_value(getattr(st, attr))}\n")
-                if st.idle_s is not None:
-                    out[-1].append(f"qemu_block_idle_seconds{dl} {fmt_value(st.idle_s)}\n")
-        self.stats = ["".join(lines) for lines in out]
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"

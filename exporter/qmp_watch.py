@@ -29,7 +29,7 @@ from exporter.model.backend import source_from_query_block
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
 from exporter.model.policy import DiskPolicy, verify
 from exporter.model.sink import EventSink
-from exporter.model.state import BlockStats, Disk, VMState
+from exporter.model.state import BlockStats, Disk, Part, VMState
 from exporter.qmp_readonly import ReadOnlyQMPClient
 from exporter.storage import BackendResolver
 
@@ -237,7 +237,7 @@ class VMWatcher:
             reason = connect_error_reason(exc)
             vm.connect_errors[reason] += 1
             vm.last_connect_error = reason
-            vm.touch_counters()
+            vm.changed(Part.COUNTERS)
             self.sink.on_connect_failed(vm, self.clock(), reason)
             if reason != self._last_error_reason:
                 log.warning(
@@ -368,19 +368,19 @@ class VMWatcher:
                 watchdog.cancel()
         except ExecuteError:
             self.vm.command_errors[(command, "error")] += 1
-            self.vm.touch_counters()
+            self.vm.changed(Part.COUNTERS)
             raise
         except TimeoutError:
             self.vm.command_errors[(command, "timeout")] += 1
-            self.vm.touch_counters()
+            self.vm.changed(Part.COUNTERS)
             raise SessionLost(f"{command} timed out") from None
         except (ExecInterruptedError, StateError, EOFError, OSError) as exc:
             self.vm.command_errors[(command, "disconnected")] += 1
-            self.vm.touch_counters()
+            self.vm.changed(Part.COUNTERS)
             raise SessionLost(f"{command}: {exc}", closed=True) from None
         except ProtocolError as exc:  # e.g. a reply with neither "return" nor a proper "error"
             self.vm.command_errors[(command, "protocol")] += 1
-            self.vm.touch_counters()
+            self.vm.changed(Part.COUNTERS)
             raise SessionLost(f"{command}: {exc}") from None
 
     # -- reading QEMU ------------------------------------------------------------------
@@ -543,7 +543,7 @@ class VMWatcher:
             )
             if device is not None:
                 self.vm.blockstats[device] = parse_blockstats(entry["stats"])
-        self.vm.touch_stats()
+        self.vm.changed(Part.STATS)
         self.sink.on_blockstats(self.vm, sample.time)
 
     async def _poll_loop(self, client: ReadOnlyQMPClient) -> None:

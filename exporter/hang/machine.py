@@ -134,7 +134,7 @@ _NEG_INF: Final[float] = -math.inf
 
 
 class HangOutcome(StrEnum):
-    """How a hang ended (the ``outcome`` label of ``qemu_block_io_hangs_total``)."""
+    """How a hang ended (the ``outcome`` label of the completed-hang counter)."""
 
     #: Attempts stopped failing (inferred: QEMU emits nothing on recovery).
     RECOVERED = "recovered"

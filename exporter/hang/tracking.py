@@ -2,7 +2,7 @@
 
 * Feeds each disk's `DiskHangTracker` with the typed events of its VM (timestamps from QEMU),
   blockstats samples and session changes (`EventSink`), whichever source watches the VM.
-* Yields the hang metrics at scrape time (`HangView`).
+* Gives a scrape the trackers to show (`exporter.metrics.HangSource`).
 * Ticks twice a second: lets silence end hangs (QEMU announces no recovery), moves completed
   hangs into the host-wide histogram, and persists open hangs so that an exporter restart keeps
   a hang's start (atomic write: temp file, fsync, rename).
@@ -19,15 +19,15 @@ import math
 import os
 import tempfile
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import HistogramMetricFamily, Metric
 
-from exporter.hang.blast import backend_families
+from exporter.hang.blast import backend_counts
 from exporter.hang.machine import CompletedHang, DiskHangTracker, HangOutcome
-from exporter.metrics import TEXT, Format, HangView, family_header, fmt_value, format_families, label_text
+from exporter.metrics import HANG_COMPLETED, backend_metrics
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent
 from exporter.model.sink import EventSink
 from exporter.model.state import Disk, VMState
@@ -72,9 +72,7 @@ class _Histogram:
 
     def family(self) -> HistogramMetricFamily:
         h = HistogramMetricFamily(
-            "qemu_block_io_hang_completed_duration_seconds",
-            "Durations of completed IO hangs on this host, by outcome.",
-            labels=["outcome"],
+            HANG_COMPLETED.name, HANG_COMPLETED.help, labels=list(HANG_COMPLETED.labels)
         )
         for o in HangOutcome:
             buckets = [(_le(le), float(n)) for le, n in zip(HANG_BUCKETS, self.buckets[o], strict=True)]
@@ -87,7 +85,7 @@ def _le(v: float) -> str:
     return str(float(v))
 
 
-class HangTracking(EventSink, HangView):
+class HangTracking(EventSink):
     def __init__(self, margin_s: float, state_file: str | None = None) -> None:
         self.margin_s = margin_s
         self.state_file = state_file
@@ -103,12 +101,9 @@ class HangTracking(EventSink, HangView):
         self._task: asyncio.Task[None] | None = None
         #: Called with ``trackers`` after every tick and at once when a hang starts (alert push).
         self.on_change: Callable[[Mapping[str, Mapping[str, DiskHangTracker]]], None] | None = None
-        # Scrape-time text cache: per VM key, a version changed by every EventSink call, and
-        # the VM's rendered lines (see `render`).
+        #: Per VM key, a version changed by every EventSink call (`version`): the scrape's
+        #: text cache re-renders a VM's hang lines only when it moved.
         self._versions: dict[str, int] = {}
-        self._text: dict[str, _HangText] = {}
-        self._headers: dict[Format, list[str]] = {}
-        self._backends: list[GaugeMetricFamily] | None = None  # see `render`
 
     # -- persistence -------------------------------------------------------------------
 
@@ -336,117 +331,33 @@ class HangTracking(EventSink, HangView):
             except Exception:
                 log.exception("hang tracking tick failed")
 
-    # -- HangView ----------------------------------------------------------------------
+    # -- what a scrape shows (`exporter.metrics.HangSource`) ----------------------------------
 
-    def collect(self, vms: Sequence[VMState], label_names: Sequence[str], now: float) -> Iterable[Metric]:
-        disk = [*label_names, "device"]
-        hang = GaugeMetricFamily("qemu_block_io_hang", "1 while IO on the disk is hanging.", labels=disk)
-        duration = GaugeMetricFamily(
-            "qemu_block_io_hang_duration_seconds", "Age of the current IO hang, 0 when none.", labels=disk
-        )
-        start = GaugeMetricFamily(
-            "qemu_block_io_hang_start_timestamp_seconds",
-            "Unix time the current IO hang started.",
-            labels=disk,
-        )
-        deadline = GaugeMetricFamily(
-            "qemu_block_io_hang_deadline_timestamp_seconds",
-            "Unix time the current IO hang reaches retry_timeout.",
-            labels=disk,
-        )
-        failing = GaugeMetricFamily(
-            "qemu_block_io_failing", "1 while IO errors reach the guest (after a timeout).", labels=disk
-        )
-        total = CounterMetricFamily(
-            "qemu_block_io_hangs", "Completed IO hangs by outcome.", labels=[*disk, "outcome"]
-        )
-        seconds = CounterMetricFamily(
-            "qemu_block_io_hang_seconds", "Seconds spent in IO hangs (completed and current).", labels=disk
-        )
-        for vm in vms:
-            devs = self.trackers.get(vm.key, {})
-            base = [vm.vm, *(vm.static_labels.get(k, "") for k in label_names[1:])]
-            through = vm.read_through(now)
-            for dev in sorted(vm.disks):
-                t = devs.get(dev)
-                if t is None:
-                    continue
+    def version(self, key: str) -> int | None:
+        return self._versions.get(key)
+
+    def shown(self, vm: VMState, now: float) -> list[tuple[str, DiskHangTracker]]:
+        """``vm``'s trackers by device, advanced to the time up to which its stream is read
+        (an idle tracker has nothing to learn from the time), their completed hangs drained."""
+        devs = self.trackers.get(vm.key, {})
+        used = [(dev, devs[dev]) for dev in sorted(vm.disks) if dev in devs]
+        through: float | None = None
+        for dev, t in used:
+            if t.active:
+                if through is None:
+                    through = vm.read_through(now)
                 t.advance(through)
-                labels = [*base, dev]
-                hang.add_metric(labels, 1 if t.hanging else 0)
-                duration.add_metric(labels, t.duration(now))
-                if t.hang_start is not None:
-                    start.add_metric(labels, t.hang_start)
-                if t.deadline is not None:
-                    deadline.add_metric(labels, t.deadline)
-                failing.add_metric(labels, 1 if t.failing else 0)
-                for outcome, n in t.hangs_total.items():
-                    total.add_metric([*labels, outcome.value], n)
-                seconds.add_metric(labels, t.hang_seconds_total(now))
-        for key, devs in self.trackers.items():
-            for dev, t in devs.items():
-                self._drain(t, key, dev)
-        per_disk = [hang, duration, start, deadline, failing, total, seconds, self.histogram.family()]
-        return [*per_disk, *backend_families(vms, self.trackers)]
+            self._drain(t, vm.key, dev)
+        return used
 
-    def render(
-        self, vms: Sequence[VMState], label_names: Sequence[str], now: float, fmt: Format = TEXT
-    ) -> list[str]:
-        """The text of `collect` in ``fmt``, reusing a VM's lines while neither the VM nor its
-        trackers changed and none of its disks is hanging or failing (only those depend on
-        time).  The lines are the same in both formats; headers and histogram are not."""
-        headers = self._headers.get(fmt)
-        if headers is None:
-            headers = self._headers[fmt] = [
-                family_header(m.name, m.documentation, m.type, fmt, m.unit)
-                for m in list(self.collect([], label_names, now))[:_PER_DISK_FAMILIES]
-            ]
-        cache: dict[str, _HangText] = {}
-        chunks: list[_HangText] = []
-        names = tuple(label_names)
-        rendered = 0
-        for vm in vms:
-            key = (vm.version, self._versions.get(vm.key), names)
-            entry = self._text.get(vm.key)
-            # Unchanged and idle: its trackers have nothing to say about the passing time
-            # (`DiskHangTracker.advance` only ends hangs and failing periods), so neither they
-            # nor their lines are touched.  Most VMs of a host are in that case at any scrape.
-            if entry is None or entry.vm is not vm or entry.key != key or entry.volatile:
-                devs = self.trackers.get(vm.key, {})
-                used = [(dev, devs[dev]) for dev in sorted(vm.disks) if dev in devs]
-                through: float | None = None
-                for dev, t in used:
-                    if t.active:
-                        if through is None:
-                            through = vm.read_through(now)
-                        t.advance(through)
-                    self._drain(t, vm.key, dev)
-                # Label text depends on the VM's identity only: a hanging VM is re-rendered at
-                # every scrape, its labels need not be.
-                same_labels = entry is not None and entry.vm is vm and entry.key[0::2] == key[0::2]
-                labels = entry.labels if entry is not None and same_labels else {}
-                entry = _HangText(vm, key, used, label_names, now, labels)
-                rendered += 1
-            cache[vm.key] = entry
-            chunks.append(entry)
-        # The per-backend counts depend on exactly what re-renders a VM's lines (its disks, its
-        # trackers, its hanging or failing disks) and on which VMs are shown: recounted only
-        # then, not over all 4000 disks of an idle host at every scrape (~2.5 ms at 1000 VMs).
-        if rendered or self._backends is None or cache.keys() != self._text.keys():
-            self._backends = backend_families(vms, self.trackers)
-        self._text = cache
-        parts: list[str] = []
-        for i, header in enumerate(headers):
-            parts.append(header)
-            parts.extend(c.lines[i] for c in chunks)
-        parts.append(format_families([self.histogram.family(), *self._backends], fmt))
-        return parts
+    def histogram_metric(self) -> Metric:
+        return self.histogram.family()
+
+    def backend_metrics(self, vms: Sequence[VMState]) -> list[Metric]:
+        return backend_metrics(backend_counts(vms, self.trackers))
 
 
 _versions = itertools.count(1)
-#: Families of `HangTracking.collect` rendered per VM by `_HangText`; the histogram and the
-#: per-backend aggregates follow them, formatted at each scrape.
-_PER_DISK_FAMILIES = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,88 +367,3 @@ class RecentHang:
     vm: str
     device: str
     hang: CompletedHang
-
-
-class _HangText:
-    """One VM's hang sample lines, per family of `HangTracking.collect` (histogram aside).
-
-    A hanging disk's lines are re-rendered at every scrape (its duration grows), but only two
-    of its nine change with time: the others are kept per disk while its hang, deadline,
-    failing state and counts stay (``_DiskLines``).  In a storm, with all 4000 disks of 1000
-    VMs hanging, this was 46 % of a scrape's CPU (py-spy, 20,000 events/s, round 3)."""
-
-    def __init__(
-        self,
-        vm: VMState,
-        key: tuple[int, int | None, tuple[str, ...]],
-        trackers: list[tuple[str, DiskHangTracker]],
-        label_names: Sequence[str],
-        now: float,
-        labels: dict[str, _DiskLines],
-    ) -> None:
-        self.vm = vm
-        self.key = key
-        #: Per device: its label text and steady lines (reused while the VM's identity and
-        #: the label names stay the same).
-        self.labels = labels
-        self.volatile = any(t.hanging or t.failing for _dev, t in trackers)
-        out: list[list[str]] = [[] for _ in range(7)]
-        hang, duration, start, deadline, failing, total, seconds = out
-        base: list[str] | None = None
-        for dev, t in trackers:
-            cached = labels.get(dev)
-            if cached is None:
-                if base is None:
-                    base = [vm.vm, *(vm.static_labels.get(k, "") for k in label_names[1:])]
-                cached = labels[dev] = _DiskLines([*label_names, "device"], [*base, dev])
-            steady = cached.steady(t)
-            dl = cached.dl
-            hang.append(steady[0])
-            duration.append(f"qemu_block_io_hang_duration_seconds{dl} {fmt_value(t.duration(now))}\n")
-            start.append(steady[1])
-            deadline.append(steady[2])
-            failing.append(steady[3])
-            total.append(steady[4])
-            seconds.append(f"qemu_block_io_hang_seconds_total{dl} {fmt_value(t.hang_seconds_total(now))}\n")
-        self.lines = ["".join(lines) for lines in out]
-
-
-class _DiskLines:
-    """A disk's label text and the lines of its state that do not change with time."""
-
-    __slots__ = ("_key", "_outcomes", "_steady", "dl")
-
-    def __init__(self, names: list[str], values: list[str]) -> None:
-        self.dl = label_text(names, values)
-        self._outcomes = {o: label_text([*names, "outcome"], [*values, o.value]) for o in HangOutcome}
-        self._key: object = None
-        self._steady: tuple[str, str, str, str, str] = ("", "", "", "", "")
-
-    def steady(self, t: DiskHangTracker) -> tuple[str, str, str, str, str]:
-        """(hang, start, deadline, failing, hangs_total) lines; "" where there is no sample."""
-        key = (t.hang_start, t.deadline, t.failing, tuple(t.hangs_total.values()))
-        if key != self._key:
-            dl = self.dl
-            start = (
-                ""
-                if t.hang_start is None
-                else f"qemu_block_io_hang_start_timestamp_seconds{dl} {fmt_value(t.hang_start)}\n"
-            )
-            deadline = (
-                ""
-                if t.deadline is None
-                else f"qemu_block_io_hang_deadline_timestamp_seconds{dl} {fmt_value(t.deadline)}\n"
-            )
-            total = "".join(
-                f"qemu_block_io_hangs_total{self._outcomes[outcome]} {fmt_value(n)}\n"
-                for outcome, n in t.hangs_total.items()
-            )
-            self._steady = (
-                f"qemu_block_io_hang{dl} {fmt_value(1 if t.hanging else 0)}\n",
-                start,
-                deadline,
-                f"qemu_block_io_failing{dl} {fmt_value(1 if t.failing else 0)}\n",
-                total,
-            )
-            self._key = key
-        return self._steady

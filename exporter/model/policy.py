@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from exporter.config import PolicyConfig
+if TYPE_CHECKING:  # the config imports half the exporter; the model imports none of it
+    from exporter.config import PolicyConfig
 
 
 class Rule(StrEnum):

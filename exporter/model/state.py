@@ -11,45 +11,60 @@ import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Protocol
 
 from exporter.model.backend import UNKNOWN
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, status_after
 from exporter.model.policy import DiskPolicy, PolicyVerdict
 
-#: Versions of VMState parts (see `VMState.version`): one counter for all, so that a version
+#: Versions of VMState parts (see `VMState.changed`): one counter for all, so that a version
 #: never repeats, even across VMState objects.
 _versions = itertools.count(1)
 
-#: Fields whose assignment changes what a scrape shows about the VM's identity, run state and
-#: disks (`VMState.version`), its counters (`counters_version`) and its blockstats
-#: (`stats_version`).  In-place changes of the containers call `touch_counters`/`touch_stats`.
-_IDENTITY_FIELDS = frozenset(
-    {
-        "socket",
-        "static_labels",
-        "source",
-        "up",
-        "name",
-        "uuid",
-        "qemu_version",
-        "status",
-        "retry_feature",
-        "disks",
-    }
-)
-_COUNTER_FIELDS = frozenset(
-    {
-        "io_errors",
-        "connect_attempts",
-        "connect_errors",
-        "disconnects",
-        "command_errors",
-        "events",
-        "unmatched_io_errors",
-        "internal_errors",
-    }
-)
+
+class Part(IntEnum):
+    """The parts of a VM's state that a scrape shows, each rendered again only when it changed
+    (`exporter.metrics`)."""
+
+    IDENTITY = 0  # identity, run state, disks and their policy: also every label of the VM
+    COUNTERS = 1  # counters
+    STATS = 2  # the latest blockstats sample
+
+
+#: The part of the state each field belongs to: assigning it says `VMState.changed`.
+_PART_OF = {
+    **dict.fromkeys(
+        (
+            "socket",
+            "static_labels",
+            "source",
+            "up",
+            "name",
+            "uuid",
+            "qemu_version",
+            "status",
+            "retry_feature",
+            "disks",
+        ),
+        Part.IDENTITY,
+    ),
+    **dict.fromkeys(
+        (
+            "io_errors",
+            "connect_attempts",
+            "connect_errors",
+            "disconnects",
+            "command_errors",
+            "events",
+            "unmatched_io_errors",
+            "internal_errors",
+        ),
+        Part.COUNTERS,
+    ),
+    "blockstats": Part.STATS,
+}
+_VERSION_OF = {Part.IDENTITY: "version", Part.COUNTERS: "counters_version", Part.STATS: "stats_version"}
 _MISSING = object()
 
 
@@ -110,15 +125,15 @@ class VMState:
 
     ``key`` identifies the VM in the exporter's own bookkeeping (hang state file, caches): the
     QMP socket path, or ``libvirt:<uuid>``.  ``socket`` is what the ``socket`` label of
-    ``qemu_vm_info`` shows (the QMP socket, or the libvirt URI).
+    `exporter.metrics.VM_INFO` shows (the QMP socket, or the libvirt URI).
 
     Session data (identity, disks, stats) is cleared when the session ends so that a VM whose
     QEMU is gone leaves no stale series; counters live as long as the socket is watched.
 
-    Scrapes render each VM's text only when it changed (`exporter.metrics`): ``version``,
-    ``counters_version`` and ``stats_version`` change whenever a field of that part is assigned
-    a different value (``__setattr__``); code that changes a container in place (a Counter,
-    ``blockstats``) calls `touch_counters` or `touch_stats`.
+    Scrapes render each part of a VM's text (`Part`) only when it changed: `changed` is the one
+    way to say so.  Assigning a field calls it for the field's part (an identity field only when
+    its value differs); code that changes a container in place (a Counter, ``blockstats``)
+    calls it itself.
     """
 
     key: str
@@ -160,33 +175,30 @@ class VMState:
     #: none): `read_through` is then ``now``.
     stream: StreamClock | None = field(default=None, repr=False, compare=False)
 
-    # Change versions for the scrape-time text cache (never equal for two different states).
+    # Versions of the parts (`changed`): never equal for two different states.
     version: int = field(default=0, repr=False, compare=False)
     counters_version: int = field(default=0, repr=False, compare=False)
     stats_version: int = field(default=0, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _IDENTITY_FIELDS:
-            if getattr(self, name, _MISSING) != value:
-                object.__setattr__(self, "version", next(_versions))
-        elif name in _COUNTER_FIELDS:
-            object.__setattr__(self, "counters_version", next(_versions))
-        elif name == "blockstats":
-            object.__setattr__(self, "stats_version", next(_versions))
+        part = _PART_OF.get(name)
+        if part is not None and (part is not Part.IDENTITY or getattr(self, name, _MISSING) != value):
+            self.changed(part)
         object.__setattr__(self, name, value)
+
+    def changed(self, part: Part) -> None:
+        """What a scrape shows of ``part`` changed."""
+        object.__setattr__(self, _VERSION_OF[part], next(_versions))
+
+    @staticmethod
+    def version_attr(part: Part) -> str:
+        """The attribute that holds the version of ``part``."""
+        return _VERSION_OF[part]
 
     @classmethod
     def qmp(cls, path: str, static_labels: dict[str, str] | None = None) -> VMState:
         """The state of a VM watched through its QMP socket at ``path``."""
         return cls(key=path, socket=path, static_labels=static_labels or {})
-
-    def touch_counters(self) -> None:
-        """A counter container (io_errors, events, ...) was changed in place."""
-        object.__setattr__(self, "counters_version", next(_versions))
-
-    def touch_stats(self) -> None:
-        """``blockstats`` was changed in place."""
-        object.__setattr__(self, "stats_version", next(_versions))
 
     @property
     def stem(self) -> str:
@@ -218,7 +230,7 @@ class VMState:
         for dev in list(self.blockstats):
             if dev not in disks:
                 del self.blockstats[dev]
-                self.touch_stats()
+                self.changed(Part.STATS)
 
     def match_disk(self, data: Mapping[str, object]) -> str | None:
         """Find the disk a BLOCK_IO_ERROR is about (node-name, then drive id, then qom-path)."""
@@ -236,7 +248,7 @@ class VMState:
     def received(self, event: VMEvent) -> None:
         """Count ``event`` by name, as it arrives (`apply` may come later)."""
         self.events[event.name] += 1
-        self.touch_counters()
+        self.changed(Part.COUNTERS)
 
     def received_io_error(self, event: BlockIOError) -> None:
         """`received` and `apply` of a `BlockIOError` that matched a disk, at once: the event
@@ -246,7 +258,7 @@ class VMState:
         self.io_errors[(event.device, event.operation, event.action)] += 1
         if event.action == "stop":
             self.status = "io-error"  # QEMU enters io-error before it sends STOP
-        object.__setattr__(self, "counters_version", next(_versions))
+        self.changed(Part.COUNTERS)
 
     def apply(self, event: VMEvent) -> None:
         """Apply what ``event`` says: IO errors by disk, the run state.  A `BlockIOError` that
@@ -260,7 +272,7 @@ class VMState:
                     self.status = "io-error"  # QEMU enters io-error before it sends STOP
         elif isinstance(event, RunStateChange):
             self.status = status_after(event.name, self.status)
-        self.touch_counters()
+        self.changed(Part.COUNTERS)
 
     def end_session(self) -> None:
         """Forget what only a live session can vouch for."""
@@ -272,13 +284,13 @@ class VMState:
         self.io_failed = frozenset()
         self.set_disks({})
         self.blockstats.clear()
-        self.touch_stats()
+        self.changed(Part.STATS)
 
 
 @dataclass
 class ConnectionState:
     """One connection to a management daemon (libvirtd) that watches many VMs: what a scrape
-    shows about it (``qemu_libvirt_up`` and its error counters)."""
+    shows about it (`exporter.metrics.LIBVIRT_UP` and its error counters)."""
 
     uri: str
     up: bool = False

@@ -124,14 +124,13 @@ def test_cached_exposition_equals_prometheus_client() -> None:
 
     from prometheus_client import Counter, Info
     from prometheus_client.exposition import choose_encoder
-    from prometheus_client.registry import CollectorRegistry
 
     from exporter.config import PolicyConfig
     from exporter.hang.tracking import HangTracking
-    from exporter.metrics import ExporterCollector
+    from exporter.metrics import ExporterCollector, Registry, generate_text
     from exporter.model.events import BlockIOError
     from exporter.model.policy import DiskPolicy, verify
-    from exporter.model.state import BlockStats, Disk, VMState
+    from exporter.model.state import BlockStats, Disk, Part, VMState
     from exporter.web import negotiate
 
     rnd = random.Random(7)
@@ -163,12 +162,12 @@ def test_cached_exposition_equals_prometheus_client() -> None:
                 read_time_s=rnd.random() * 1e7,
                 idle_s=rnd.random() if j else None,
             )
-        vm.touch_stats()
+        vm.changed(Part.STATS)
         vm.io_errors[("virtio-disk0", "write", "retry")] += i
         vm.io_errors[("gone", "write", "retry")] += 1
         vm.events["BLOCK_IO_ERROR"] += i
         vm.command_errors[("qom-get", "error")] += 1
-        vm.touch_counters()
+        vm.changed(Part.COUNTERS)
         vms.append(vm)
     hangs = HangTracking(1.0)
     now = 1_700_000_000.0
@@ -176,7 +175,7 @@ def test_cached_exposition_equals_prometheus_client() -> None:
         if vm.up:
             hangs.on_disks(vm, now)
     clock = [now]
-    registry = CollectorRegistry(auto_describe=False)
+    registry = Registry()
     collector = ExporterCollector(lambda: vms, ("cluster",), hangs=hangs, clock=lambda: clock[0])
     registry.register(collector)
     Counter("other_requests", 'A "counter" of another library.', ["path"], registry=registry).labels(
@@ -190,6 +189,8 @@ def test_cached_exposition_equals_prometheus_client() -> None:
             theirs, their_type = choose_encoder(accept)
             assert our_type == their_type, accept
             assert ours(registry).decode() == theirs(registry).decode(), accept
+        # ... and the cached lines are what was compared, not a fallback to prometheus_client.
+        assert "".join(collector.render("text")) in generate_text(registry).decode()
 
     same()
     for k, vm in enumerate(vms[:12]):
@@ -199,19 +200,19 @@ def test_cached_exposition_equals_prometheus_client() -> None:
         clock[0] = now + dt
         same()
     vms[3].blockstats.clear()
-    vms[3].touch_stats()
-    # What a poll does: new blockstats, rendered at once (ExporterCollector.prerender); a
+    vms[3].changed(Part.STATS)
+    # What a poll does: new blockstats, rendered at once (ExporterCollector.on_blockstats); a
     # VM changed after its prerender must still show its latest state.
     for vm in vms[10:20]:
         vm.blockstats["virtio-disk0"] = BlockStats(write_ops=rnd.randint(0, 10**6))
-        vm.touch_stats()
-        collector.prerender(vm)
+        vm.changed(Part.STATS)
+        collector.on_blockstats(vm, now)
     vms[11].blockstats["virtio-disk2"] = BlockStats(flush_ops=7)
-    vms[11].touch_stats()
-    collector.prerender(vms[1])  # nothing of it changed
+    vms[11].changed(Part.STATS)
+    collector.on_blockstats(vms[1], now)  # nothing of it changed
     vms[4].status = "paused"
     vms[5].io_errors[("virtio-disk0", "read", "retry")] += 1
-    vms[5].touch_counters()
+    vms[5].changed(Part.COUNTERS)
     vms[6].end_session()
     vms[8].name = "renamed"
     del vms[9]

@@ -1,10 +1,12 @@
 """Per-backend aggregates (`exporter.hang.blast`): counted from real hang trackers, and the same
-text through both render paths of the hang view."""
+text through both ways a scrape is written."""
 
 from __future__ import annotations
 
+from prometheus_client import generate_latest
+
 from exporter.hang.tracking import HangTracking
-from exporter.metrics import format_families
+from exporter.metrics import ExporterCollector, Registry, generate_text
 from exporter.model.events import BlockIOError
 from exporter.model.policy import DiskPolicy, PolicyVerdict
 from exporter.model.state import Disk, VMState
@@ -61,9 +63,11 @@ def test_one_failing_backend_counts_its_disks_and_vms_only() -> None:
     c = vms[2]
     hangs.on_event(c, BlockIOError(now, "d0", "write", "report"))
 
-    collected = format_families(list(hangs.collect(vms, ["vm"], now + 0.5))[8:])
-    rendered = "".join(hangs.render(vms, ["vm"], now + 0.5))
-    assert collected in rendered  # the two paths agree (the aggregates close the hang view)
+    registry = Registry()
+    registry.register(ExporterCollector(lambda: vms, hangs=hangs, clock=lambda: now + 0.5))
+    rendered = generate_text(registry).decode()
+    collected = generate_latest(registry).decode()
+    assert rendered == collected  # the two paths agree
     assert samples(collected, "qemu_storage_backend_disks") == {
         "block:/dev/sda": 1,
         "nbd://s1:10809": 3,

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from exporter.config import Config, PolicyConfig, QMPConfig
 from exporter.hang.tracking import HangTracking
+from exporter.metrics import ExporterCollector
 from exporter.model.events import IO_ACTIONS, IO_OPERATIONS, KNOWN_EVENTS
 from exporter.model.policy import DiskPolicy, verify
 from exporter.model.state import BlockStats, Disk, VMState
@@ -124,7 +125,9 @@ def test_handle_event_never_raises_and_labels_stay_bounded(evs: list[dict[str, A
     assert_bounded(w.vm)
     hangs.tick(now + 1)
     hangs.tick(now + 100)
-    list(hangs.collect([w.vm], ["vm"], now + 100))
+    collector = ExporterCollector(lambda: [w.vm], hangs=hangs, clock=lambda: now + 100)
+    list(collector.collect())
+    collector.render("text")
 
 
 @settings(max_examples=300, deadline=None)
