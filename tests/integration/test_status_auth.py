@@ -13,10 +13,12 @@ import aiohttp
 import pytest
 
 from qmpsim import DiskSpec, SimVM
-from tests.harness import ExporterProcess, wait_for
 from tests.integration.test_check import check
-from tests.integration.test_exporter_sim import FAST, running
+from tests.integration.test_exporter_sim import running
 from tests.integration.test_web_tls_auth import HASH, PASSWORD, _auth, _self_signed, _trusting
+from tests.support.config import FAST
+from tests.support.exporter import ExporterProcess
+from tests.support.waits import wait_for
 
 
 class TLSExporter(ExporterProcess):

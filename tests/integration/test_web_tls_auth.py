@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +18,10 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.web import make_app
 from exporter.webconfig import WebConfig, auth_middleware, load_web_config
-from tests.conftest import require_binary
+from tests.support.binaries import require_binary
+from tests.support.exporter import ExporterProcess
+from tests.support.procs import REPO
+from tests.support.waits import wait_for
 
 PASSWORD = "s3cret:with colon"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
@@ -162,22 +166,11 @@ async def test_min_version_is_enforced(pki: Path) -> None:
 
 async def test_exporter_process_serves_tls_and_basic_auth(pki: Path, short_tmp: Path) -> None:
     """The real CLI with --web.config.file: HTTPS with basic auth, and a bad file exits 2."""
-    import signal
-    import sys
-
-    from tests.harness import REPO, ExporterProcess, wait_for
-
     _write_config(pki)
     exp = ExporterProcess(
         short_tmp, {"qmp": {"sockets": [str(short_tmp / "x.qmp")]}}, [f"--web.config.file={pki / 'web.yml'}"]
     )
-    exp.proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter", f"--config.file={exp.config_path}", *exp.extra_args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    exp._log = open(exp.log_path, "wb")  # noqa: SIM115 - closed by terminate()
+    exp.spawn()  # its readiness is polled over TLS below
     url = f"https://127.0.0.1:{exp.port}/metrics"
     try:
         async with aiohttp.ClientSession() as s:
@@ -200,7 +193,7 @@ async def test_exporter_process_serves_tls_and_basic_auth(pki: Path, short_tmp: 
                 async with s.get(url.replace("https", "http")) as r:
                     await r.read()
     finally:
-        assert exp.terminate(signal.SIGTERM) == 0
+        assert exp.stop() == 0
 
     bad = pki / "bad-web.yml"
     bad.write_text("basic_auth_users:\n  prometheus: not-a-hash\n")

@@ -17,8 +17,8 @@ from exporter.model.state import VMState
 from exporter.qmp_readonly import ALLOWED_COMMANDS, ForbiddenCommand, ReadOnlyQMPClient, check_allowed
 from exporter.qmp_watch import VMWatcher
 from tests.faults.servers import FakeConn, FakeQMP
-from tests.harness import REPO
-from tests.qemu import run_qemu
+from tests.support.procs import REPO
+from tests.support.qemu import run_qemu
 
 FORBIDDEN = [
     "cont",
