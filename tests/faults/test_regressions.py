@@ -16,9 +16,10 @@ from exporter.model.state import VMState
 from exporter.qmp_watch import VMWatcher
 from qmpsim import SimVM
 from tests.faults.common import Invariants, config, good_vm, state_changes, wait_good_up
-from tests.faults.servers import FakeConn, FakeQMP, io_error_event
+from tests.faults.servers import FakeConn, FakeQMP, Sends, io_error_event, watching
 from tests.faults.test_faults import retry_disk, sigterm_while_scraping, up
 from tests.support.exporter import ExporterProcess
+from tests.support.waits import wait_for
 
 
 # 1. VMWatcher.stop() can hang forever: cancellation swallowed (Python 3.11 asyncio.wait_for).
@@ -161,15 +162,18 @@ async def test_huge_event_timestamp(short_tmp: Path) -> None:
         assert m.sum("qemu_exporter_qmp_disconnects_total", vm="bigts") == 0
 
 
-# 6. A non-string event name (JSON array/object) raises TypeError in _handle_event
-#    (`name in _STATUS_EVENTS`, qmp_watch.py:470): internal error, session torn down.
-def test_non_string_event_name_in_process() -> None:
-    from tests.unit.test_qmp_messages_properties import watcher
+# 6. A non-string event name (JSON array/object) raised TypeError in the watcher's event
+#    handling (`name in _STATUS_EVENTS`): internal error, session torn down.
+async def test_non_string_event_name(short_tmp: Path) -> None:
+    odd = [{"event": [], "data": {}}, {"event": {"a": 1}}]
+    async with watching(Sends(str(short_tmp / "odd.qmp"), "odd", odd)) as w:
 
-    w, _ = watcher()
-    w._handle_event({"event": [], "data": {}})
-    w._handle_event({"event": {"a": 1}})
-    assert w.vm.events["other"] == 2
+        async def counted() -> bool:
+            return w.vm.events["other"] == 2
+
+        await wait_for(counted, 10, "both events counted as other")
+        assert w.vm.internal_errors == 0
+        assert w.vm.connect_attempts == 1  # the session survived them
 
 
 # 7. Integers beyond float range (valid JSON; a hostile or broken peer) raise OverflowError.
