@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.parse
@@ -108,11 +109,17 @@ def http_get(
     timeout: float = 30.0,
     headers: Mapping[str, str] | None = None,
     params: Mapping[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> bytes:
-    """GET ``http://127.0.0.1:PORT/PATH`` (blocking); the body of a 200, else HTTPStatusError."""
+    """GET ``http://127.0.0.1:PORT/PATH`` (``https`` with ``ssl_context``), blocking; the body
+    of a 200, else HTTPStatusError."""
     if params:
         path += "?" + urllib.parse.urlencode(params)
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = (
+        http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=ssl_context)
+        if ssl_context is not None
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    )
     try:
         conn.request("GET", path, headers=dict(headers or {}))
         r = conn.getresponse()
@@ -155,6 +162,10 @@ class Process:
         self.proc: subprocess.Popen[bytes] | None = None
         #: time.monotonic() when the process was spawned.
         self.spawned = 0.0
+        #: A server behind TLS: `url` is https, and the readiness probe trusts this context.
+        self.ssl_context: ssl.SSLContext | None = None
+        #: Headers of the readiness probe (e.g. basic auth).
+        self.ready_headers: dict[str, str] = {}
         self._log: IO[bytes] | None = None
 
     # -- what to run (overridden) ----------------------------------------------------------
@@ -173,7 +184,8 @@ class Process:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -189,7 +201,7 @@ class Process:
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
         try:
-            http_get(self.port, self.ready_path, timeout=2)
+            http_get(self.port, self.ready_path, 2, self.ready_headers, ssl_context=self.ssl_context)
         except (OSError, http.client.HTTPException, HTTPStatusError):
             return False
         return True
@@ -253,7 +265,7 @@ class Process:
     def get_sync(
         self, path: str, timeout: float = 30.0, headers: Mapping[str, str] | None = None, **params: str
     ) -> bytes:
-        return http_get(self.port, path, timeout, headers, params)
+        return http_get(self.port, path, timeout, headers, params, self.ssl_context)
 
     async def get_text(self, path: str) -> str:
         async with aiohttp.ClientSession() as s, s.get(self.url + path) as r:
