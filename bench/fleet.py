@@ -35,116 +35,63 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bench.prometheus import PROMETHEUS_2_ACCEPT, PrometheusServer, StaticPage
+from bench import prometheus
+from bench.prometheus import PROMETHEUS_2_ACCEPT, StaticPage
+from tests.support.config import exporter_config
+from tests.support.exporter import ExporterProcess
+from tests.support.procs import REPO, Process, cpu_seconds, http_post, rss_kib, stop_process
+from tests.support.scrape import count_equal, parse_series, sample_lines, sample_value, series_count, total
+from tests.support.waits import wait_until
 
 #: What the exporter answers Prometheus 2.x, and a client without Accept header (the static
 #: pages of `run_prometheus` are served with the same).
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores"
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-REPO = Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
 # --- processes ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (threads included) from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def proc_rss_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) in MiB."""
-    rss = hwm = 0.0
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) / 1024
-            elif line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) / 1024
-    return rss, hwm
+    return rss_kib(pid) / 1024, rss_kib(pid, "VmHWM") / 1024
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
-    """Poll ``check`` until true; return the time it took.  Raises TimeoutError."""
-    t0 = time.monotonic()
-    while True:
-        if check():
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(step)
+class FleetProcess(Process):
+    """One ``qmpsim run --fleet`` process with its control API (ready once the fleet is up)."""
 
+    name = "qmpsim"
+    ready_path = "/vms"
+    start_timeout = 120.0
+    stop_timeout = 20.0
 
-def http_get(port: int, path: str, timeout: float = 30.0, headers: dict[str, str] | None = None) -> bytes:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        r = conn.getresponse()
-        body = r.read()
-        if r.status != 200:
-            raise RuntimeError(f"GET {path}: {r.status} {body[:200]!r}")
-        return body
-    finally:
-        conn.close()
+    def __init__(self, workdir: Path, fleet_file: Path, k: int) -> None:
+        self.name = f"fleet{k}"
+        super().__init__(workdir)
+        self.fleet_file = fleet_file
 
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "qmpsim", "run", "--fleet", str(self.fleet_file),
+                "--control-listen", f"127.0.0.1:{self.port}"]  # fmt: skip
 
-def http_post(port: int, path: str, body: dict[str, Any]) -> Any:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-        r = conn.getresponse()
-        data = r.read()
-        if r.status != 200:
-            raise RuntimeError(f"POST {path}: {r.status} {data[:200]!r}")
-        return json.loads(data)
-    finally:
-        conn.close()
-
-
-@dataclass
-class FleetProcess:
-    """One ``qmpsim run --fleet`` process with its control API."""
-
-    proc: subprocess.Popen[bytes]
-    port_file: Path
-    log_path: Path
-    port: int = 0
-
-    def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"qmpsim exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-        if not self.port_file.exists():
-            return False
-        self.port = int(self.port_file.read_text().strip())
-        return True
+    @property
+    def cwd(self) -> Path:
+        return REPO
 
     def vms(self) -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = json.loads(http_get(self.port, "/vms"))
+        data: list[dict[str, Any]] = json.loads(self.get_sync("/vms"))
         return data
 
     def block_io_errors(self) -> int:
@@ -161,16 +108,6 @@ class FleetProcess:
         if in_flight is not None:
             body["in_flight"] = in_flight
         http_post(self.port, f"/vms/{vm}/disks/{disk}/link", body)
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass
@@ -223,133 +160,36 @@ def running_fleet(spec: FleetSpec, workdir: Path) -> Iterator[list[FleetProcess]
                 continue
             fleet_file = workdir / f"fleet{k}.yaml"
             fleet_file.write_text(yaml.safe_dump({"socket_dir": str(sdir), "vms": vms}))
-            port_file = workdir / f"fleet{k}.port"
-            port_file.unlink(missing_ok=True)
-            log_path = workdir / f"fleet{k}.log"
-            with log_path.open("wb") as log:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "qmpsim",
-                        "run",
-                        "--fleet",
-                        str(fleet_file),
-                        "--control-listen",
-                        "127.0.0.1:0",
-                        "--control-port-file",
-                        str(port_file),
-                    ],
-                    cwd=REPO,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            procs.append(FleetProcess(proc, port_file, log_path))
+            fp = FleetProcess(workdir, fleet_file, k)
+            procs.append(fp)
+            fp.spawn()
         for fp in procs:
-            wait_until(fp.ready, 120, "qmpsim fleet start")
+            wait_until(fp.ready, fp.start_timeout, "qmpsim fleet start")
         yield procs
     finally:
         for fp in procs:
-            stop_process(fp.proc)
+            fp.stop()
 
 
-class Exporter:
-    """The exporter CLI as a subprocess, watching ``<workdir>/f*/*.qmp``."""
-
-    def __init__(self, workdir: Path, extra_config: dict[str, Any] | None = None) -> None:
-        self.port = free_port()
-        cfg: dict[str, Any] = {
-            "web": {"listen_address": f"127.0.0.1:{self.port}"},
-            # info: one "QMP session established" line per VM, which is how `wait_connected`
-            # sees the fleet come up without scraping (a scrape is real work for the exporter).
-            "log": {"level": "info"},
-            "qmp": {"globs": [str(workdir / "f*" / "*.qmp")]},
-        }
-        for k, v in (extra_config or {}).items():
-            cfg.setdefault(k, {}).update(v)
-        self.config_path = workdir / "exporter.yml"
-        self.config_path.write_text(yaml.safe_dump(cfg))
-        self.log_path = workdir / "exporter.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.spawned = 0.0
-
-    def start(self) -> None:
-        with self.log_path.open("wb") as log:
-            self.spawned = time.monotonic()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "exporter", f"--config.file={self.config_path}"],
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"exporter exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-        try:
-            return http_get(self.port, "/healthz", timeout=2) == b"ok\n"
-        except OSError:
-            return False
-
-    def scrape(self, timeout: float = 30.0, accept: str | None = None) -> str:
-        return http_get(self.port, "/metrics", timeout, {"Accept": accept} if accept else None).decode()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
+def fleet_exporter(workdir: Path, extra_config: dict[str, Any] | None = None) -> ExporterProcess:
+    """The exporter watching ``<workdir>/f*/*.qmp``, at log level info: one "QMP session
+    established" line per VM, which is how `wait_connected` sees the fleet come up without
+    scraping (a scrape is real work for the exporter).  ``extra_config``: sections merged in."""
+    cfg = exporter_config(globs=[workdir / "f*" / "*.qmp"], intervals={}, log_level="info")
+    for k, v in (extra_config or {}).items():
+        cfg.setdefault(k, {}).update(v)
+    return ExporterProcess(workdir, cfg)
 
 
-@contextlib.contextmanager
-def running_exporter(workdir: Path) -> Iterator[Exporter]:
-    exp = Exporter(workdir)
-    exp.start()
-    try:
-        wait_until(exp.healthy, 30, "exporter /healthz")
-        yield exp
-    finally:
-        exp.stop()
-
-
-# --- reading /metrics --------------------------------------------------------------------
-
-
-def samples(text: str, prefix: str) -> list[tuple[str, float]]:
-    """(series, value) of every sample line starting with ``prefix``."""
-    out = []
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            series, _, value = line.rpartition(" ")
-            out.append((series, float(value)))
-    return out
+# --- reading /metrics (the fast path: pages are megabytes) -------------------------------
 
 
 def count_up(text: str) -> int:
-    return sum(1 for _s, v in samples(text, "qemu_qmp_up{") if v == 1)
+    return count_equal(text, "qemu_qmp_up", 1)
 
 
 def io_error_total(text: str) -> int:
-    return int(sum(v for _s, v in samples(text, "qemu_block_io_error_events_total{")))
-
-
-def series_count(text: str) -> int:
-    return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
-
-
-def sample_value(text: str, name: str, vm: str, device: str) -> float | None:
-    prefix, want = name + "{", {f'vm="{vm}"', f'device="{device}"'}
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            series, _, value = line.rpartition(" ")
-            if set(series[len(prefix) : -1].split(",")) == want:
-                return float(value)
-    return None
+    return int(total(text, "qemu_block_io_error_events_total"))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -374,20 +214,7 @@ def client_floor(text: str, runs: int = 10) -> float:
         if not line or line.startswith("#"):
             continue
         series, _, value = line.rpartition(" ")
-        name, brace, rest = series.partition("{")
-        labels: list[tuple[str, str]] = []
-        if brace:
-            body = rest[:-1]
-            while body:
-                k, _, body = body.partition('="')
-                end = 0
-                while True:  # find the closing quote, skipping escaped ones
-                    end = body.index('"', end)
-                    if body[end - 1] != "\\":
-                        break
-                    end += 1
-                labels.append((k, body[:end]))
-                body = body[end + 1 :].lstrip(",")
+        name, labels = parse_series(series)
         if name not in gauges:
             names = [k for k, _ in labels]
             gauges[name] = (Gauge(name, "floor", names, registry=registry), names)
@@ -413,7 +240,7 @@ class Result:
 
 
 def timed_scrapes(
-    exp: Exporter,
+    exp: ExporterProcess,
     n: int,
     gzip: bool = False,
     pause: float = 0.0,
@@ -443,12 +270,12 @@ def timed_scrapes(
 
 def cpu_window(pid: int, seconds: float) -> float:
     """Cores used by ``pid`` over the next ``seconds``."""
-    c0, t0 = proc_cpu_seconds(pid), time.monotonic()
+    c0, t0 = cpu_seconds(pid), time.monotonic()
     time.sleep(seconds)
-    return (proc_cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+    return (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
 
 
-def wait_connected(exp: Exporter, n: int, timeout: float) -> float:
+def wait_connected(exp: ExporterProcess, n: int, timeout: float) -> float:
     """Seconds from spawning the exporter until ``n`` VMs are connected.
 
     Watched in the exporter's log ("QMP session established", one line per VM), every 20 ms:
@@ -470,13 +297,13 @@ def wait_connected(exp: Exporter, n: int, timeout: float) -> float:
 
     wait_until(connected, timeout, f"{n} VMs connected", step=0.02)
     took = time.monotonic() - exp.spawned
-    wait_until(lambda: count_up(exp.scrape()) >= n, 30, f"{n} VMs showing qemu_qmp_up 1", step=0.5)
+    wait_until(lambda: count_up(exp.scrape_text()) >= n, 30, f"{n} VMs showing qemu_qmp_up 1", step=0.5)
     return took
 
 
-def wait_blockstats(exp: Exporter, n_disks: int, timeout: float = 60) -> None:
+def wait_blockstats(exp: ExporterProcess, n_disks: int, timeout: float = 60) -> None:
     wait_until(
-        lambda: len(samples(exp.scrape(), "qemu_block_read_bytes_total{")) >= n_disks,
+        lambda: len(sample_lines(exp.scrape_text(), "qemu_block_read_bytes_total")) >= n_disks,
         timeout,
         "blockstats of every disk",
         step=0.2,
@@ -485,7 +312,7 @@ def wait_blockstats(exp: Exporter, n_disks: int, timeout: float = 60) -> None:
 
 def run_healthy(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> None:
     spec = FleetSpec(n, args.disks, interval_ms=1000, fleets=args.fleets)
-    with running_fleet(spec, workdir) as fleets, running_exporter(workdir) as exp:
+    with running_fleet(spec, workdir) as fleets, fleet_exporter(workdir) as exp:
         res.values["connect_s"] = wait_connected(exp, n, args.connect_timeout)
         wait_blockstats(exp, n * args.disks)
         time.sleep(1.0)
@@ -517,7 +344,7 @@ def run_healthy(args: argparse.Namespace, n: int, workdir: Path, res: Result) ->
 
 
 def hang_latency(
-    args: argparse.Namespace, exp: Exporter, fleets: list[FleetProcess], n: int
+    args: argparse.Namespace, exp: ExporterProcess, fleets: list[FleetProcess], n: int
 ) -> tuple[float, float]:
     """Worst latency, over ``--hangs`` new hangs, from the first event's QEMU timestamp to a
     scrape that shows ``qemu_block_io_hang 1`` for the disk: to its response received (an
@@ -539,13 +366,13 @@ def hang_latency(
         started = 0.0
         while time.time() < deadline:
             started = time.time()
-            text = exp.scrape()
+            text = exp.scrape_text()
             seen = time.time()
             if hanging in text:
                 break
         else:
             raise TimeoutError(f"hang of {vm}/{disk} not visible within 10 s")
-        start = sample_value(text, "qemu_block_io_hang_start_timestamp_seconds", vm, disk)
+        start = sample_value(text, "qemu_block_io_hang_start_timestamp_seconds", device=disk, vm=vm)
         assert start is not None
         worst = max(worst, seen - start)
         worst_start = max(worst_start, started - start)
@@ -556,21 +383,20 @@ def hang_latency(
 def hangs_per_disk(text: str) -> dict[tuple[str, str], float]:
     """Completed hangs of every disk (all outcomes) from ``qemu_block_io_hangs_total``."""
     out: dict[tuple[str, str], float] = {}
-    prefix = "qemu_block_io_hangs_total{"
-    for series, value in samples(text, prefix):
-        labels = dict(part.split("=", 1) for part in series[len(prefix) : -1].split(","))
+    for series, value in sample_lines(text, "qemu_block_io_hangs_total"):
+        labels = dict(parse_series(series)[1])
         key = (labels.get("vm", ""), labels.get("device", ""))
         out[key] = out.get(key, 0.0) + value
     return out
 
 
 def hanging_disks(text: str) -> int:
-    return sum(1 for _s, v in samples(text, "qemu_block_io_hang{") if v == 1)
+    return count_equal(text, "qemu_block_io_hang", 1)
 
 
 def storm(
     args: argparse.Namespace,
-    exp: Exporter,
+    exp: ExporterProcess,
     fleets: list[FleetProcess],
     res: Result,
     label: str,
@@ -585,18 +411,18 @@ def storm(
     (``split``: disks whose ``qemu_block_io_hangs_total`` grew by anything but 1, once every
     hang has ended; being behind in reading must never look like recovery)."""
     # Hangs of an earlier measurement (hang latency) end first: each disk starts idle.
-    wait_until(lambda: hanging_disks(exp.scrape()) == 0, 60, "earlier hangs over", step=0.5)
-    text = exp.scrape()
+    wait_until(lambda: hanging_disks(exp.scrape_text()) == 0, 60, "earlier hangs over", step=0.5)
+    text = exp.scrape_text()
     before_sim = sum(fp.block_io_errors() for fp in fleets)
     before_exp = io_error_total(text)
     hangs0 = hangs_per_disk(text)
-    disconnects0 = sum(v for _s, v in samples(text, "qemu_exporter_qmp_disconnects_total{"))
+    disconnects0 = total(text, "qemu_exporter_qmp_disconnects_total")
     for fp in fleets:
         fp.link_all(up=False, in_flight=in_flight)
     time.sleep(1.0)  # ramp: the first attempts all come at once
     t0 = time.monotonic()
-    c0 = proc_cpu_seconds(exp.pid)
-    e0 = io_error_total(exp.scrape())
+    c0 = cpu_seconds(exp.pid)
+    e0 = io_error_total(exp.scrape_text())
     s0 = sum(fp.block_io_errors() for fp in fleets)
     scrape_times: list[float] = []
     rss_max = 0.0
@@ -610,9 +436,9 @@ def storm(
         rss_max = max(rss_max, proc_rss_mb(exp.pid)[0])
         time.sleep(args.storm_scrape_interval)
     s1 = sum(fp.block_io_errors() for fp in fleets)
-    e1 = io_error_total(exp.scrape())
+    e1 = io_error_total(exp.scrape_text())
     t1 = time.monotonic()
-    c1 = proc_cpu_seconds(exp.pid)
+    c1 = cpu_seconds(exp.pid)
     rss, hwm = proc_rss_mb(exp.pid)
     for fp in fleets:
         fp.link_all(up=True)
@@ -624,7 +450,7 @@ def storm(
     with contextlib.suppress(TimeoutError):
         # An overloaded exporter answers scrapes late while it works through the backlog.
         wait_until(
-            lambda: io_error_total(exp.scrape(timeout=120)) - before_exp >= at_end,
+            lambda: io_error_total(exp.scrape_text(timeout=120)) - before_exp >= at_end,
             180,
             "exporter catch-up",
             step=0.05,
@@ -636,17 +462,17 @@ def storm(
     delivered = after_sim - before_sim
     with contextlib.suppress(TimeoutError):
         wait_until(
-            lambda: io_error_total(exp.scrape(timeout=120)) - before_exp >= delivered,
+            lambda: io_error_total(exp.scrape_text(timeout=120)) - before_exp >= delivered,
             180,
             "exporter count",
             step=0.1,
         )
     # Every hang ends by silence (expected spacing + margin after the last error).
     with contextlib.suppress(TimeoutError):
-        wait_until(lambda: hanging_disks(exp.scrape(timeout=120)) == 0, 60, "hangs over", step=0.5)
-    text = exp.scrape(timeout=120)
+        wait_until(lambda: hanging_disks(exp.scrape_text(timeout=120)) == 0, 60, "hangs over", step=0.5)
+    text = exp.scrape_text(timeout=120)
     got = io_error_total(text) - before_exp
-    disconnects = sum(v for _s, v in samples(text, "qemu_exporter_qmp_disconnects_total{"))
+    disconnects = total(text, "qemu_exporter_qmp_disconnects_total")
     hangs1 = hangs_per_disk(text)
     grew = {k: v - hangs0.get(k, 0.0) for k, v in hangs1.items()}
     dt = t1 - t0
@@ -670,7 +496,7 @@ def storm(
 
 def run_fast_storm(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> None:
     spec = FleetSpec(n, args.disks, interval_ms=args.fast_interval_ms, fleets=args.fleets)
-    with running_fleet(spec, workdir) as fleets, running_exporter(workdir) as exp:
+    with running_fleet(spec, workdir) as fleets, fleet_exporter(workdir) as exp:
         wait_connected(exp, n, args.connect_timeout)
         wait_blockstats(exp, n * args.disks)
         storm(args, exp, fleets, res, "100ms", args.fast_in_flight)
@@ -714,11 +540,11 @@ def run_floor(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> N
             for fp in fleets:
                 fp.link_all(up=False, in_flight=args.fast_in_flight)
             time.sleep(1.0)
-            t0, c0, e0 = time.monotonic(), proc_cpu_seconds(proc.pid), counts()["events"]
+            t0, c0, e0 = time.monotonic(), cpu_seconds(proc.pid), counts()["events"]
             s0 = sum(fp.block_io_errors() for fp in fleets)
             time.sleep(args.storm_seconds)
             s1 = sum(fp.block_io_errors() for fp in fleets)
-            t1, c1, e1 = time.monotonic(), proc_cpu_seconds(proc.pid), counts()["events"]
+            t1, c1, e1 = time.monotonic(), cpu_seconds(proc.pid), counts()["events"]
             for fp in fleets:
                 fp.link_all(up=True)
             time.sleep(args.interval_settle)
@@ -737,7 +563,7 @@ def run_floor(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> N
 def run_hung(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> None:
     spec = FleetSpec(n, args.disks, hung_fraction=args.hung_fraction, fleets=args.fleets)
     healthy = n - len(spec.hung_names())
-    with running_fleet(spec, workdir), running_exporter(workdir) as exp:
+    with running_fleet(spec, workdir), fleet_exporter(workdir) as exp:
         wait_connected(exp, healthy, args.connect_timeout)
         wait_blockstats(exp, healthy * args.disks)
         # The same pause as the healthy run before its scrapes (1 s, then the CPU window):
@@ -755,28 +581,28 @@ def run_prometheus(args: argparse.Namespace, n: int, workdir: Path, res: Result)
     """A real Prometheus scraping the healthy fleet's exporter: what it reports about its own
     scrapes (decompression, parsing and storing included) and the exporter's CPU meanwhile."""
     spec = FleetSpec(n, args.disks, interval_ms=1000, fleets=args.fleets)
-    with running_fleet(spec, workdir) as _fleets, running_exporter(workdir) as exp:
+    with running_fleet(spec, workdir) as _fleets, fleet_exporter(workdir) as exp:
         wait_connected(exp, n, args.connect_timeout)
         wait_blockstats(exp, n * args.disks)
         time.sleep(1.0)  # the settle collection after connect (exporter/gc_tuning.py)
         target = f"127.0.0.1:{exp.port}"
         timeout = args.prom_scrapes * args.prom_interval * 3 + 60
-        with PrometheusServer(workdir / "prometheus", target, args.prom_interval) as prom:
-            c0, t0 = proc_cpu_seconds(exp.pid), time.monotonic()
-            report = prom.wait_scrapes(args.prom_scrapes, timeout)
-            res.values["prom_exporter_cpu"] = (proc_cpu_seconds(exp.pid) - c0) / (time.monotonic() - t0)
+        with prometheus.scraping(workdir / "prometheus", target, args.prom_interval) as prom:
+            c0, t0 = cpu_seconds(exp.pid), time.monotonic()
+            report = prometheus.wait_scrapes(prom, args.prom_scrapes, timeout)
+            res.values["prom_exporter_cpu"] = (cpu_seconds(exp.pid) - c0) / (time.monotonic() - t0)
         res.values.update(report)
         # Prometheus' own share: the same pages, served ready-made (bench.prometheus.StaticPage).
         pages = {
-            "om": (exp.scrape(accept=PROMETHEUS_2_ACCEPT), OPENMETRICS_CONTENT_TYPE),
-            "text": (exp.scrape(), TEXT_CONTENT_TYPE),
+            "om": (exp.scrape_text(accept=PROMETHEUS_2_ACCEPT), OPENMETRICS_CONTENT_TYPE),
+            "text": (exp.scrape_text(), TEXT_CONTENT_TYPE),
         }
     for kind, (page, content_type) in pages.items():
         with (
             StaticPage(page.encode(), content_type) as static,
-            PrometheusServer(workdir / f"prometheus-{kind}", static.target, args.prom_interval) as prom,
+            prometheus.scraping(workdir / f"prometheus-{kind}", static.target, args.prom_interval) as prom,
         ):
-            floor = prom.wait_scrapes(args.prom_scrapes, timeout)
+            floor = prometheus.wait_scrapes(prom, args.prom_scrapes, timeout)
         res.values[f"prom_static_{kind}_p50_ms"] = floor["prom_p50_ms"]
         res.values[f"prom_static_{kind}_max_ms"] = floor["prom_max_ms"]
         res.values[f"prom_static_{kind}_durations_ms"] = floor["prom_durations_ms"]

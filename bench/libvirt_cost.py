@@ -20,20 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.harness import ExporterProcess, Metrics
 from tests.libvirt.lab import DiskOptions, LabDomain, LibvirtLab, lab_workdir, running_libvirtd
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+from tests.support.exporter import ExporterProcess
+from tests.support.procs import cpu_seconds
+from tests.support.scrape import Metrics
 
 
 def add_domain(lab: LibvirtLab, sockets: Path) -> tuple[LabDomain, Path]:
@@ -42,7 +36,7 @@ def add_domain(lab: LibvirtLab, sockets: Path) -> tuple[LabDomain, Path]:
 
 
 def errors(m: Metrics) -> float:
-    return sum(s.value for s in m.find("qemu_block_io_error_events_total"))
+    return m.sum("qemu_block_io_error_events_total")
 
 
 async def measure(

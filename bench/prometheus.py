@@ -1,5 +1,5 @@
 """What a real Prometheus sends and sees: its Accept headers, and a Prometheus server scraping
-the fleet exporter (``python -m bench.fleet --prometheus``).
+the fleet exporter (``python -m bench.fleet --scenarios prometheus``).
 
 The Accept headers are those of Prometheus' ``scrape.acceptHeader`` with the default
 ``scrape_protocols``: 2.x lists OpenMetrics 1.0.0, OpenMetrics 0.0.1 and text 0.0.4; 3.x adds
@@ -11,21 +11,14 @@ what prometheus_client's negotiation (and the exporter's) answers with.
 from __future__ import annotations
 
 import gzip
-import http.client
 import http.server
-import json
-import shutil
-import signal
-import socket
-import subprocess
 import threading
-import time
-import urllib.parse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
+from tests.support.binaries import find_binary
+from tests.support.prometheus import Prometheus
+from tests.support.waits import wait_until
 
 #: Prometheus 2.x (2.42, Debian 12's, sends exactly this).
 PROMETHEUS_2_ACCEPT = (
@@ -41,122 +34,50 @@ PROMETHEUS_3_ACCEPT = (
 )
 
 
-class PrometheusServer:
+def scraping(workdir: Path, target: str, interval_s: float) -> Prometheus:
     """The ``prometheus`` binary (Debian's, installed by scripts/install-system-deps.sh)
-    scraping one target as job ``exporter``, on a free loopback port, in its own directory;
-    stopped (SIGTERM, then SIGKILL) when the ``with`` block ends.  Started like the pipeline
-    tests start it (tests/pipeline/procs.py)."""
+    scraping one target as job ``exporter`` every ``interval_s``, on a free loopback port, in
+    its own directory (`tests.support.prometheus.Prometheus`: ``with`` starts and stops it)."""
+    binary = find_binary("prometheus")
+    if binary is None:
+        raise RuntimeError("prometheus not found: run scripts/install-system-deps.sh")
+    config = {
+        "global": {"scrape_interval": f"{interval_s:g}s", "scrape_timeout": f"{interval_s:g}s"},
+        "scrape_configs": [{"job_name": "exporter", "static_configs": [{"targets": [target]}]}],
+    }
+    return Prometheus(workdir, config, binary=binary, log_level="info")
 
-    def __init__(self, workdir: Path, target: str, interval_s: float, binary: str = "prometheus") -> None:
-        path = shutil.which(binary)
-        if path is None:
-            raise RuntimeError(f"{binary} not found: run scripts/install-system-deps.sh")
-        self.binary = path
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.interval_s = interval_s
-        config = {
-            "global": {"scrape_interval": f"{interval_s:g}s", "scrape_timeout": f"{interval_s:g}s"},
-            "scrape_configs": [{"job_name": "exporter", "static_configs": [{"targets": [target]}]}],
-        }
-        self.config_path = workdir / "prometheus.yml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.log_path = workdir / "prometheus.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> PrometheusServer:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    self.binary,
-                    f"--config.file={self.config_path}",
-                    f"--storage.tsdb.path={self.workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                ],
-                cwd=self.workdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            self._wait(self._ready, 60, "prometheus /-/ready")
-        except BaseException:
-            self.stop()
-            raise
-        return self
+def series(prom: Prometheus, metric: str) -> list[tuple[float, float]]:
+    """Every stored (timestamp, value) of ``metric{job="exporter"}`` (one per scrape): the
+    instant query of a range selector returns the raw samples."""
+    result = prom.query_sync(f'{metric}{{job="exporter"}}[1h]')
+    return [(float(t), float(v)) for t, v in result[0]["values"]] if result else []
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def _get(self, path: str, **params: str) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request("GET", path + ("?" + urllib.parse.urlencode(params) if params else ""))
-            r = conn.getresponse()
-            return r.status, r.read()
-        finally:
-            conn.close()
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(
-                f"prometheus exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}"
-            )
-        try:
-            return self._get("/-/ready")[0] == 200
-        except OSError:
-            return False
-
-    @staticmethod
-    def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-            time.sleep(0.2)
-
-    def series(self, metric: str) -> list[tuple[float, float]]:
-        """Every stored (timestamp, value) of ``metric{job="exporter"}`` (one per scrape): the
-        instant query of a range selector returns the raw samples."""
-        status, body = self._get("/api/v1/query", query=f'{metric}{{job="exporter"}}[1h]')
-        doc: dict[str, Any] = json.loads(body)
-        if status != 200 or doc.get("status") != "success":
-            raise RuntimeError(f"query {metric}: {status} {body[:200]!r}")
-        result = doc["data"]["result"]
-        return [(float(t), float(v)) for t, v in result[0]["values"]] if result else []
-
-    def wait_scrapes(self, n: int, timeout: float) -> dict[str, Any]:
-        """Wait until Prometheus has scraped ``n`` times; report what it recorded: its
-        ``scrape_duration_seconds`` (first scrape apart: it creates every series in the TSDB
-        head) and ``scrape_samples_scraped``, and ``up``."""
-        self._wait(
-            lambda: len(self.series("scrape_duration_seconds")) >= n, timeout, f"{n} Prometheus scrapes"
-        )
-        durations = [v for _t, v in self.series("scrape_duration_seconds")]
-        samples = [v for _t, v in self.series("scrape_samples_scraped")]
-        up = [v for _t, v in self.series("up")]
-        rest = sorted(durations[1:]) or durations
-        return {
-            "prom_scrapes": len(durations),
-            "prom_up": min(up),
-            "prom_samples": samples[-1],
-            "prom_first_ms": durations[0] * 1000,
-            "prom_p50_ms": rest[len(rest) // 2] * 1000,
-            "prom_max_ms": rest[-1] * 1000,
-            "prom_durations_ms": [round(d * 1000, 1) for d in durations],
-        }
+def wait_scrapes(prom: Prometheus, n: int, timeout: float) -> dict[str, Any]:
+    """Wait until Prometheus has scraped ``n`` times; report what it recorded: its
+    ``scrape_duration_seconds`` (first scrape apart: it creates every series in the TSDB
+    head) and ``scrape_samples_scraped``, and ``up``."""
+    wait_until(
+        lambda: len(series(prom, "scrape_duration_seconds")) >= n,
+        timeout,
+        f"{n} Prometheus scrapes",
+        step=0.2,
+    )
+    durations = [v for _t, v in series(prom, "scrape_duration_seconds")]
+    samples = [v for _t, v in series(prom, "scrape_samples_scraped")]
+    up = [v for _t, v in series(prom, "up")]
+    rest = sorted(durations[1:]) or durations
+    return {
+        "prom_scrapes": len(durations),
+        "prom_up": min(up),
+        "prom_samples": samples[-1],
+        "prom_first_ms": durations[0] * 1000,
+        "prom_p50_ms": rest[len(rest) // 2] * 1000,
+        "prom_max_ms": rest[-1] * 1000,
+        "prom_durations_ms": [round(d * 1000, 1) for d in durations],
+    }
 
 
 class StaticPage:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
 import statistics
@@ -31,16 +30,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent.parent.absolute()))
 
 from qmpsim import DiskSpec, SimVM
-from tests.harness import ExporterProcess, Metrics, wait_for
-
-
-def proc_sample(pid: int) -> tuple[int, int]:
-    """(RSS in KiB, open file descriptors) of ``pid``."""
-    rss = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1])
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+from tests.support.exporter import ExporterProcess
+from tests.support.procs import open_fds, rss_kib
+from tests.support.scrape import Metrics
+from tests.support.waits import wait_for
 
 
 def make_vm(d: Path, i: int, disks: int) -> SimVM:
@@ -82,16 +75,14 @@ class Soak:
 
     def sample(self, exp: ExporterProcess, t0: float, m: Metrics) -> None:
         assert exp.proc is not None
-        rss, fds = proc_sample(exp.proc.pid)
+        rss, fds = rss_kib(exp.proc.pid), open_fds(exp.proc.pid)
         row = {
             "t": round(time.monotonic() - t0),
             "rss_kib": rss,
             "fds": fds,
-            "up": int(sum(s.value for s in m.find("qemu_qmp_up"))),
-            "events": int(
-                sum(s.value for s in m.find("qemu_exporter_qmp_events_total", event="BLOCK_IO_ERROR"))
-            ),
-            "internal_errors": int(sum(s.value for s in m.find("qemu_exporter_internal_errors_total"))),
+            "up": int(m.sum("qemu_qmp_up")),
+            "events": int(m.sum("qemu_exporter_qmp_events_total", event="BLOCK_IO_ERROR")),
+            "internal_errors": int(m.sum("qemu_exporter_internal_errors_total")),
         }
         self.samples.append(row)
         print(json.dumps(row), flush=True)
@@ -145,9 +136,7 @@ class Soak:
             "log": {"level": "info"},
         }
         async with ExporterProcess(self.d, cfg) as exp:
-            await exp.wait_metrics(
-                lambda m: sum(s.value for s in m.find("qemu_qmp_up")) == a.vms, timeout=60, what="every VM up"
-            )
+            await exp.wait_metrics(lambda m: m.sum("qemu_qmp_up") == a.vms, timeout=60, what="every VM up")
             t0 = time.monotonic()
             end = t0 + a.minutes * 60
             self.sample(exp, t0, await self.scrape(exp))

@@ -16,7 +16,6 @@ for the page, one row with its fix per disk.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import statistics
 import sys
@@ -25,22 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.fleet import Exporter, FleetSpec, running_fleet, wait_connected, wait_until
+from bench.fleet import FleetSpec, fleet_exporter, running_fleet, wait_connected
+from tests.support.procs import http_get
+from tests.support.waits import wait_until
 
 
 def timed_get(port: int, path: str) -> tuple[float, int]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        t0 = time.perf_counter()
-        conn.request("GET", path)
-        r = conn.getresponse()
-        body = r.read()
-        took = time.perf_counter() - t0
-        if r.status != 200:
-            raise RuntimeError(f"GET {path}: {r.status}")
-        return took, len(body)
-    finally:
-        conn.close()
+    """(seconds from connecting to the last byte, bytes) of one GET."""
+    t0 = time.perf_counter()
+    body = http_get(port, path)
+    return time.perf_counter() - t0, len(body)
 
 
 def measure(port: int, path: str, n: int) -> dict[str, Any]:
@@ -79,24 +72,19 @@ def main(argv: list[str] | None = None) -> int:
             extra: dict[str, Any] = {}
             if args.policy_max_timeout is not None:
                 extra["policy"] = {"max_timeout_seconds": args.policy_max_timeout}
-            exp = Exporter(workdir, extra)
-            exp.start()
-            try:
-                wait_until(exp.healthy, 30, "exporter /healthz")
+            with fleet_exporter(workdir, extra) as exp:
                 connect_s = wait_connected(exp, args.vms, timeout=300)
                 names = spec.names()[: args.hanging]
                 for i, name in enumerate(names):
                     fleets[i % len(fleets)].link(name, "virtio-disk0", up=False, in_flight=1)
 
                 def all_hanging() -> bool:
-                    st = json.loads(exp_get(exp.port, "/api/v1/status"))
+                    st = json.loads(exp.get_sync("/api/v1/status"))
                     return int(st["summary"]["disks_hanging"]) >= len(names)
 
                 wait_until(all_hanging, 60, f"{len(names)} disks hanging", step=0.5)
-                summary = json.loads(exp_get(exp.port, "/api/v1/status"))["summary"]
+                summary = json.loads(exp.get_sync("/api/v1/status"))["summary"]
                 results = [measure(exp.port, p, args.requests) for p in ("/", "/api/v1/status")]
-            finally:
-                exp.stop()
     print(
         f"status page at {args.vms} VMs x {args.disks} disks (connected in {connect_s:.1f} s): "
         f"{summary['disks_hanging']} hanging, {summary['disks_violating']} violating"
@@ -111,15 +99,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     return 0
-
-
-def exp_get(port: int, path: str) -> bytes:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", path)
-        return conn.getresponse().read()
-    finally:
-        conn.close()
 
 
 if __name__ == "__main__":

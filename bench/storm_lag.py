@@ -25,11 +25,12 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).parent.parent.absolute()))
 
 from bench.soak import make_vm
-from tests.harness import ExporterProcess, Metrics
+from tests.support.exporter import ExporterProcess
+from tests.support.scrape import Metrics
 
 
 def events(m: Metrics) -> int:
-    return int(sum(s.value for s in m.find("qemu_exporter_qmp_events_total", event="BLOCK_IO_ERROR")))
+    return int(m.sum("qemu_exporter_qmp_events_total", event="BLOCK_IO_ERROR"))
 
 
 async def run(args: argparse.Namespace, d: Path) -> dict[str, object]:
@@ -38,9 +39,7 @@ async def run(args: argparse.Namespace, d: Path) -> dict[str, object]:
         await vm.start()
     cfg = {"qmp": {"sockets": [vm.socket_path for vm in vms]}, "log": {"level": "info"}}
     async with ExporterProcess(d, cfg) as exp:
-        await exp.wait_metrics(
-            lambda m: sum(s.value for s in m.find("qemu_qmp_up")) == args.vms, timeout=120, what="every VM up"
-        )
+        await exp.wait_metrics(lambda m: m.sum("qemu_qmp_up") == args.vms, timeout=120, what="every VM up")
         before = events(await exp.scrape())
         for vm in vms:
             for disk in vm.disks:

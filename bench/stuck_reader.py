@@ -37,15 +37,11 @@ sys.path.insert(0, str(Path(__file__).parent.parent.absolute()))
 
 from tests.e2e.lab import nbd_disk_args
 from tests.guest.bootsector import guest_status, write_disk_image
-from tests.harness import ExporterProcess, Metrics
-from tests.qemu import FailingStorage, run_failing_storage, run_vm
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+from tests.support.exporter import ExporterProcess
+from tests.support.procs import rss_kib
+from tests.support.qemu import FailingStorage, run_failing_storage, run_vm
+from tests.support.scrape import Metrics
+from tests.support.waits import wait_until
 
 
 def fionread(sock: socket.socket) -> int:
@@ -86,7 +82,7 @@ async def stopped_exporter(
         assert exp.proc is not None
 
         def events(m: Metrics) -> float:
-            return sum(s.value for s in m.find("qemu_exporter_qmp_events_total"))
+            return m.sum("qemu_exporter_qmp_events_total")
 
         await exp.wait_metrics(lambda m: events(m) > 0, timeout=30, what="exporter counting events")
         before = events(await exp.scrape())
@@ -124,7 +120,7 @@ async def stopped_exporter(
             "event_loop_lag_seconds_after": m.value("qemu_exporter_event_loop_lag_seconds"),
         }
     finally:
-        exp.terminate()
+        exp.stop()
 
 
 def main() -> None:
@@ -147,11 +143,7 @@ def main() -> None:
             pid = vm.proc.pid
             assert vm.mon2 is not None
             # The guest must boot from working storage; then every request fails.
-            deadline = time.monotonic() + 30
-            while "W" not in guest_status(vm.debug_output()):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("guest did not start its IO loop")
-                time.sleep(0.05)
+            wait_until(lambda: "W" in guest_status(vm.debug_output()), 30, "the guest's IO loop")
             storage.fail()
             # Baseline: a client that reads everything, for the same time.
             reader = qmp_connect(vm.mon2)

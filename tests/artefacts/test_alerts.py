@@ -19,7 +19,7 @@ from tests.artefacts.artefacts import (
     metric_names_in,
     runbook_anchors,
 )
-from tests.conftest import require_binary
+from tests.support.binaries import require_binary
 
 GENERATOR = ROOT / "alerts" / "generate.py"
 PROMETHEUS_RULE = ROOT / "deploy" / "kubernetes" / "prometheusrule.yml"

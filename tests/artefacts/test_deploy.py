@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.artefacts.artefacts import ROOT, RULES_FILE
-from tests.conftest import require_binary
+from tests.support.binaries import require_binary
 
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "systemd" / "qemu-iohang-exporter.service"

@@ -11,7 +11,7 @@ import fnmatch
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from tests.harness import Metrics
+from tests.support.scrape import Metrics
 
 #: what ends every line QEMU sends
 QMP_TERMINATOR = b"\r\n"

@@ -25,7 +25,9 @@ from qemu.qmp import QMPClient
 from qmpsim import DiskSpec, SimVM
 from tests.conformance.compare import series, series_set_diff, value_diff
 from tests.e2e.lab import Lab, io_error_counts, nbd_disk_args, plain_qmp, wait_guest
-from tests.harness import ExporterProcess, Metrics, wait_for
+from tests.support.exporter import ExporterProcess
+from tests.support.scrape import Metrics
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -150,7 +152,7 @@ async def stop_scenario(lab: Lab, target: Target, device: str) -> Run:
         )
         await mgmt.execute("query-status")  # every earlier event is in the listener now
         record_events(run, mgmt)
-    exp.terminate()  # now: it would otherwise keep watching while the other side runs
+    exp.stop()  # now: it would otherwise keep watching while the other side runs
     return run
 
 
@@ -183,7 +185,7 @@ async def report_scenario(lab: Lab, target: Target, device: str) -> Run:
         return m
 
     run.after = await wait_for(settled, timeout=10, what=f"{target.side}: exporter counts to settle")
-    exp.terminate()
+    exp.stop()
     return run
 
 

@@ -21,7 +21,7 @@ import pytest
 from qmpsim import DiskSpec, SimVM
 from tests.conformance.compare import QMP_TERMINATOR, key_order_diff, shape_diff
 from tests.conformance.rawqmp import Line, RawQMP, raw_qmp
-from tests.qemu import blank_image, run_qemu
+from tests.support.qemu import blank_image, run_qemu
 
 pytestmark = pytest.mark.qemu
 

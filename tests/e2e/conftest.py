@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_binary
 from tests.e2e.lab import Lab
+from tests.support.binaries import require_binary
 
 
 @pytest.fixture
@@ -23,4 +23,4 @@ async def lab(short_tmp: Path) -> AsyncIterator[Lab]:
         finally:
             for exp in lab.exporters:
                 if exp.proc is not None:
-                    exp.terminate()
+                    exp.stop()

@@ -3,7 +3,7 @@ guests doing continuous IO, the exporter as a subprocess, and plain QMP clients 
 the management layer (libvirt).
 
 Every process is started through `Lab` (the ``lab`` fixture in conftest.py) and stopped at teardown, also when the test
-fails.  Waiting always polls a condition against a deadline (`tests.harness.wait_for`).
+fails.  Waiting always polls a condition against a deadline (`tests.support.waits`).
 """
 
 from __future__ import annotations
@@ -17,24 +17,11 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from tests.guest.bootsector import guest_status, write_disk_image
-from tests.harness import ExporterProcess, Metrics, wait_for
-from tests.qemu import FailingStorage, QemuVM, run_failing_storage, run_vm
-
-POLL = 0.5
-
-
-def exporter_config(*sockets: Path, **qmp: Any) -> dict[str, Any]:
-    """Exporter config watching ``sockets`` with short intervals."""
-    return {
-        "qmp": {
-            "sockets": [str(s) for s in sockets],
-            "poll_interval_seconds": POLL,
-            "refresh_interval_seconds": 5.0,
-            "discovery_interval_seconds": POLL,
-            "command_timeout_seconds": 5.0,
-            **qmp,
-        }
-    }
+from tests.support.config import REAL_QEMU, exporter_config
+from tests.support.exporter import ExporterProcess
+from tests.support.qemu import FailingStorage, QemuVM, run_failing_storage, run_vm
+from tests.support.scrape import Metrics
+from tests.support.waits import wait_for
 
 
 class Lab:
@@ -63,7 +50,7 @@ class Lab:
         """The exporter watching ``sockets`` (and/or ``globs=[...]``), with short intervals."""
         d = self.workdir / f"exporter{len(self.exporters)}"
         d.mkdir()
-        exp = ExporterProcess(d, exporter_config(*sockets, **qmp))
+        exp = ExporterProcess(d, exporter_config(*sockets, intervals=REAL_QEMU, **qmp))
         self.exporters.append(exp)  # registered before start: a failed start is cleaned up too
         await exp.start()
         return exp

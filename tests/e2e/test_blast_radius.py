@@ -16,7 +16,6 @@ everything clears.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,13 @@ import pytest
 
 from tests.artefacts.artefacts import RULES_FILE, dashboard_exprs, dashboard_files
 from tests.e2e.lab import Lab, plain_qmp, wait_guest
-from tests.harness import ExporterProcess, Metrics, wait_for
-from tests.pipeline.procs import Prometheus
 from tests.pipeline.test_pipeline import _substitute
-from tests.qemu import FailingStorage, QemuVM, blank_image
+from tests.support.binaries import require_binary
+from tests.support.exporter import ExporterProcess
+from tests.support.prometheus import Prometheus
+from tests.support.qemu import FailingStorage, QemuVM, blank_image
+from tests.support.scrape import Metrics
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -67,8 +69,7 @@ def _per_backend(m: Metrics, family: str) -> dict[str, float]:
 def _mount_of(path: Path) -> tuple[str, str]:
     """(source, fstype) of the filesystem ``path`` is on, as util-linux's findmnt tells: an
     account of the mount table independent of the exporter's."""
-    findmnt = shutil.which("findmnt")
-    assert findmnt, "findmnt (util-linux) is needed"
+    findmnt = require_binary("findmnt")
     out = subprocess.run(
         [findmnt, "-n", "-o", "SOURCE,FSTYPE", "--target", str(path)],
         capture_output=True,

@@ -24,7 +24,7 @@ from tests.e2e.lab import (
     wait_guest,
     watching_disk,
 )
-from tests.harness import wait_for
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -91,4 +91,4 @@ async def test_error_events_counted_exactly(lab: Lab, kind: str, device: str) ->
         what="disk no longer failing once IO succeeds",
     )
     assert m.value("qemu_block_io_hang", vm=VM, device=device) == 0
-    assert sum(s.value for s in m.find("qemu_block_io_hangs_total", vm=VM, device=device)) == 0
+    assert m.sum("qemu_block_io_hangs_total", vm=VM, device=device) == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.lab import Lab, io_error_counts, plain_qmp
-from tests.qemu import blank_image
+from tests.support.qemu import blank_image
 
 pytestmark = pytest.mark.qemu
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.lab import Lab, io_error_counts, wait_guest
-from tests.qemu import blank_image
+from tests.support.qemu import blank_image
 
 pytestmark = pytest.mark.qemu
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.lab import Lab, plain_qmp
-from tests.qemu import blank_image
+from tests.support.qemu import blank_image
 
 pytestmark = pytest.mark.qemu
 

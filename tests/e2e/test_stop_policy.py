@@ -22,7 +22,10 @@ import pytest
 from qemu.qmp import QMPClient
 
 from tests.e2e.lab import Lab, io_error_counts, nbd_disk_args, plain_qmp, wait_guest, watching_disk
-from tests.harness import ExporterProcess, Metrics, wait_for
+from tests.support.config import REAL_QEMU, exporter_config
+from tests.support.exporter import ExporterProcess
+from tests.support.scrape import Metrics
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -215,12 +218,13 @@ async def test_vm_already_paused_on_io_error_when_the_exporter_starts(lab: Lab) 
 async def test_exporter_restarted_mid_hang_keeps_one_hang(lab: Lab) -> None:
     """The exporter restarted (state file kept) in the middle of a real hang: one hang, its
     original start, its full length."""
-    from tests.e2e.lab import exporter_config
-
     storage = lab.storage()
     vm = lab.vm(nbd_disk_args(storage, DEVICE, "werror=stop,rerror=stop"), name=VM)
     assert vm.mon2 is not None
-    config = {**exporter_config(vm.qmp), "hang": {"state_file": str(lab.workdir / "hangs.json")}}
+    config = {
+        **exporter_config(vm.qmp, intervals=REAL_QEMU),
+        "hang": {"state_file": str(lab.workdir / "hangs.json")},
+    }
 
     async def exporter(n: int) -> ExporterProcess:
         d = lab.workdir / f"restart{n}"
@@ -240,7 +244,7 @@ async def test_exporter_restarted_mid_hang_keeps_one_hang(lab: Lab) -> None:
             lambda m: m.value("qemu_block_io_hang", vm=VM, device=DEVICE) == 1, timeout=15, what="the hang"
         )
         start = m.value("qemu_block_io_hang_start_timestamp_seconds", vm=VM, device=DEVICE)
-        assert first.terminate(signal.SIGTERM) == 0
+        assert first.stop(signal.SIGTERM) == 0
 
         second = await exporter(2)
         m = await second.wait_metrics(

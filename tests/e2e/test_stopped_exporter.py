@@ -13,7 +13,6 @@ import asyncio
 import os
 import signal
 from collections import Counter
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -21,27 +20,22 @@ import pytest
 from tests.e2e.lab import (
     Lab,
     ends_recovered,
-    exporter_config,
     io_error_counts,
     nbd_disk_args,
     plain_qmp,
     wait_guest,
     watching_disk,
 )
-from tests.harness import ExporterProcess, wait_for
+from tests.support.config import REAL_QEMU, exporter_config
+from tests.support.exporter import ExporterProcess
+from tests.support.procs import rss_kib
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.qemu
 
 VM = "stopvm"
 DEVICE = "virtio-disk0"
 STOP_SECONDS = 3.0
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 async def _healthz(exp: ExporterProcess) -> tuple[int, str]:
@@ -53,7 +47,7 @@ async def test_stopped_exporter_catches_up_and_reports_the_lag(lab: Lab) -> None
     storage = lab.storage()
     vm = lab.vm(nbd_disk_args(storage, DEVICE, "werror=report,rerror=report"), name=VM)
     assert vm.mon2 is not None
-    cfg = exporter_config(vm.qmp)
+    cfg = exporter_config(vm.qmp, intervals=REAL_QEMU)
     cfg["health"] = {"max_loop_lag_seconds": 1.0, "loop_lag_window_seconds": 3.0}
     d = lab.workdir / "exporter"
     d.mkdir()
@@ -71,7 +65,7 @@ async def test_stopped_exporter_catches_up_and_reports_the_lag(lab: Lab) -> None
 
         os.kill(exp.proc.pid, signal.SIGSTOP)
         try:
-            rss_before = _rss_kib(vm.proc.pid)
+            rss_before = rss_kib(vm.proc.pid)
             failed_before = vm.debug_output().count("w")
             # The stimulus: the exporter stays stopped while the guest keeps failing.
             await wait_guest(
@@ -79,7 +73,7 @@ async def test_stopped_exporter_catches_up_and_reports_the_lag(lab: Lab) -> None
             )
             # How long it stays stopped is the test's input, not a wait for something to happen.
             await asyncio.sleep(STOP_SECONDS)
-            rss_stopped = _rss_kib(vm.proc.pid)
+            rss_stopped = rss_kib(vm.proc.pid)
         finally:
             os.kill(exp.proc.pid, signal.SIGCONT)
         status, body = await _healthz(exp)

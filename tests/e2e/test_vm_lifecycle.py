@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.lab import Lab, nbd_disk_args, plain_qmp, wait_guest, watching_disk
-from tests.harness import ExporterProcess, Metrics
-from tests.qemu import FailingStorage, QemuVM
+from tests.support.exporter import ExporterProcess
+from tests.support.qemu import FailingStorage, QemuVM
+from tests.support.scrape import Metrics
 
 pytestmark = pytest.mark.qemu
 

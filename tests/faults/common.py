@@ -20,17 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from qmpsim import DiskSpec, SimVM
-from tests.harness import ExporterProcess, Metrics, wait_for
-
-FAULT_FAST: dict[str, Any] = {
-    "discovery_interval_seconds": 0.2,
-    "poll_interval_seconds": 0.3,
-    "refresh_interval_seconds": 2.0,
-    "connect_timeout_seconds": 1.0,
-    "command_timeout_seconds": 1.0,
-    "backoff_initial_seconds": 0.1,
-    "backoff_max_seconds": 0.3,
-}
+from tests.support.config import FAULT_FAST, exporter_config
+from tests.support.exporter import ExporterProcess
+from tests.support.scrape import Metrics
 
 #: A scrape slower than this is a stall (they take ~5 ms).
 MAX_SCRAPE_SECONDS = 0.5
@@ -52,7 +44,7 @@ def good_vm(d: Path, name: str = "good") -> SimVM:
 
 def config(d: Path, *sockets: str, **qmp: Any) -> dict[str, Any]:
     """Explicit sockets (watched even while missing) plus the healthy neighbour's."""
-    return {"qmp": {"sockets": [str(d / "good.qmp"), *sockets], **FAULT_FAST, **qmp}}
+    return exporter_config(d / "good.qmp", *sockets, intervals=FAULT_FAST, **qmp)
 
 
 def parse_log(text: str) -> list[dict[str, str]]:
@@ -81,10 +73,6 @@ def log_lines(exp: ExporterProcess, vm: str, msg: str | None = None) -> list[dic
 def state_changes(exp: ExporterProcess, vm: str) -> list[str]:
     """The watcher's log lines for ``vm``, as ``msg[:reason]``."""
     return [f["msg"] + (f":{f['reason']}" if "reason" in f else "") for f in log_lines(exp, vm)]
-
-
-def counter(m: Metrics, name: str, **labels: str) -> float:
-    return sum(s.value for s in m.find(name, **labels))
 
 
 class Invariants:
@@ -168,10 +156,7 @@ async def wait_value(
     exp: ExporterProcess, name: str, at_least: float, timeout: float = 10.0, **labels: str
 ) -> Metrics:
     return await exp.wait_metrics(
-        lambda m: counter(m, name, **labels) >= at_least,
+        lambda m: m.sum(name, **labels) >= at_least,
         timeout=timeout,
         what=f"{name}{labels} >= {at_least}",
     )
-
-
-__all__ = ["wait_for"]

@@ -6,6 +6,9 @@ hook: `greet` (what is sent on accept), `on_command` (how a command is answered:
 late, never, with garbage, by closing) or `after_established` (what happens once the exporter
 watches: an event flood, a 10 MB line, silence).  Connections are numbered from 1 so a fault
 can hit the first session only and let the exporter recover on the next one.
+
+`watching` runs a real `VMWatcher` in this process against such a server: the watcher's public
+seam (a QMP socket in, `VMState` and the sink out), for tests that feed it events or commands.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ import asyncio
 import contextlib
 import json
 import os
+import time
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
+
+from exporter.config import Config, QMPConfig
+from exporter.model.sink import EventSink
+from exporter.model.state import VMState
+from exporter.qmp_watch import VMWatcher
+from tests.support.waits import wait_for
 
 EOL = b"\r\n"
 DISK_QDEV = "/machine/peripheral/virtio-disk0/virtio-backend"
@@ -208,3 +219,45 @@ class FakeQMP:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+class Sends(FakeQMP):
+    """A healthy one-disk VM that sends ``events`` once watched.  `watched` is the connection
+    being watched: ``await srv.watched.send(event)`` sends more."""
+
+    def __init__(self, path: str, name: str, events: Iterable[dict[str, Any]] = ()) -> None:
+        super().__init__(path, name)
+        self.events = list(events)
+        self.watched: FakeConn | None = None
+
+    async def after_established(self, conn: FakeConn) -> None:
+        self.watched = conn
+        for ev in self.events:
+            await conn.send(ev)
+
+
+@contextlib.asynccontextmanager
+async def watching(srv: FakeQMP, sink: EventSink | None = None, **qmp: Any) -> AsyncIterator[VMWatcher]:
+    """``srv`` serving, and a `VMWatcher` of this process watching it (``qmp``: `QMPConfig`
+    fields over short defaults); entered once the first session is established, the watcher
+    stopped and the server closed on exit."""
+    fast: dict[str, Any] = {
+        "poll_interval_seconds": 0.2,
+        "command_timeout_seconds": 2,
+        "backoff_initial_seconds": 0.01,
+        "backoff_max_seconds": 0.05,
+    }
+    watcher = VMWatcher(
+        VMState.qmp(srv.path), Config(qmp=QMPConfig(**(fast | qmp))), sink=sink, clock=time.time
+    )
+    async with srv:
+        watcher.start()
+        try:
+
+            async def established() -> bool:
+                return watcher.vm.up and srv.established >= 1
+
+            await wait_for(established, 10, f"a session with {srv.name}")
+            yield watcher
+        finally:
+            await watcher.stop()

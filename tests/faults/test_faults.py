@@ -16,11 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,10 +28,8 @@ import pytest
 
 from qmpsim import DiskSpec, HungServer, SimVM
 from tests.faults.common import (
-    FAULT_FAST,
     Invariants,
     config,
-    counter,
     good_keeps_updating,
     good_vm,
     state_changes,
@@ -41,7 +37,12 @@ from tests.faults.common import (
     wait_value,
 )
 from tests.faults.servers import FakeConn, FakeQMP, io_error_event
-from tests.harness import REPO, ExporterProcess, Metrics, wait_for
+from tests.support.binaries import find_binary
+from tests.support.config import FAULT_FAST
+from tests.support.exporter import ExporterProcess
+from tests.support.procs import rss_kib, status_field
+from tests.support.scrape import Metrics
+from tests.support.waits import wait_for
 
 CONNECT_ERRORS = "qemu_exporter_qmp_connect_errors_total"
 COMMAND_ERRORS = "qemu_exporter_qmp_command_errors_total"
@@ -58,7 +59,7 @@ def up(m: Metrics, vm: str) -> float | None:
 def bounded_labels(m: Metrics) -> None:
     assert m.label_values(CONNECT_ERRORS, "reason") <= REASONS
     assert m.label_values(COMMAND_ERRORS, "reason") <= COMMAND_REASONS
-    assert sum(s.value for s in m.find("qemu_exporter_internal_errors_total")) == 0
+    assert m.sum("qemu_exporter_internal_errors_total") == 0
 
 
 def retry_disk(in_flight: int = 0, timeout_ms: int = 60000) -> DiskSpec:
@@ -96,8 +97,7 @@ async def test_qemu_killed_mid_hang(short_tmp: Path) -> None:
                 await victim.kill()
                 m = await exp.wait_metrics(
                     lambda m: (
-                        up(m, "victim") == 0
-                        and counter(m, CONNECT_ERRORS, vm="victim", reason="not_found") >= 3
+                        up(m, "victim") == 0 and m.sum(CONNECT_ERRORS, vm="victim", reason="not_found") >= 3
                     ),
                     what="victim down, retried",
                 )
@@ -106,7 +106,7 @@ async def test_qemu_killed_mid_hang(short_tmp: Path) -> None:
                     == (gone or 0) + 1
                 )
                 assert m.find("qemu_block_io_hang", vm="victim") == []
-                assert counter(m, DISCONNECTS, vm="victim") == 1
+                assert m.sum(DISCONNECTS, vm="victim") == 1
                 bounded_labels(m)
                 await good_keeps_updating(exp)
             changes = state_changes(exp, "victim")
@@ -137,7 +137,7 @@ async def test_socket_recreated_by_new_qemu(short_tmp: Path) -> None:
                 m = await exp.wait_metrics(
                     lambda m: m.value("qemu_block_io_hang", vm="phoenix", device="virtio-disk0") == 1
                 )
-                errors_before = counter(m, "qemu_block_io_error_events_total", vm="phoenix")
+                errors_before = m.sum("qemu_block_io_error_events_total", vm="phoenix")
                 await old.kill()
                 new = SimVM(
                     sock,
@@ -155,8 +155,8 @@ async def test_socket_recreated_by_new_qemu(short_tmp: Path) -> None:
                     timeout=5,
                     what="the new QEMU",
                 )
-                assert counter(m, DISCONNECTS, vm="phoenix") == 1
-                assert counter(m, "qemu_block_io_error_events_total", vm="phoenix") >= errors_before
+                assert m.sum(DISCONNECTS, vm="phoenix") == 1
+                assert m.sum("qemu_block_io_error_events_total", vm="phoenix") >= errors_before
                 # The old process's hang cannot go on in the new one.
                 m = await exp.wait_metrics(
                     lambda m: m.value("qemu_block_io_hang", vm="phoenix", device="virtio-disk0") == 0,
@@ -187,7 +187,7 @@ async def test_server_never_greets(short_tmp: Path) -> None:
             async with Invariants(exp):
                 m = await wait_value(exp, CONNECT_ERRORS, 3, vm="mute", reason="timeout")
                 assert up(m, "mute") == 0
-                assert counter(m, ATTEMPTS, vm="mute") >= 3
+                assert m.sum(ATTEMPTS, vm="mute") >= 3
                 assert hung.connections >= 3
                 bounded_labels(m)
                 await good_keeps_updating(exp)
@@ -228,24 +228,10 @@ async def test_malformed_and_oversized_greetings(short_tmp: Path) -> None:
             assert state_changes(exp, "garbage") == ["QMP connect failed:protocol"]
             assert state_changes(exp, "huge") == ["QMP connect failed:protocol"]
             assert exp.proc is not None
-            rss_kb = _rss_kb(exp.proc.pid)
+            rss_kb = rss_kib(exp.proc.pid)
             assert rss_kb < 300 * 1024, rss_kb
     finally:
         await good.kill()
-
-
-def _uids(pid: int) -> set[int]:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Uid:"):
-            return {int(x) for x in line.split()[1:]}
-    raise AssertionError("no Uid")
-
-
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 # -- faults inside a session -----------------------------------------------------------------
@@ -305,7 +291,7 @@ async def test_faults_mid_session(short_tmp: Path) -> None:
             async with Invariants(exp):
                 m = await exp.wait_metrics(
                     lambda m: all(
-                        up(m, k) == 1 and counter(m, DISCONNECTS, vm=k) == 1 and s.connections == 2
+                        up(m, k) == 1 and m.sum(DISCONNECTS, vm=k) == 1 and s.connections == 2
                         for k, s in zip(kinds, servers, strict=True)
                     ),
                     what="every VM dropped once and back",
@@ -317,7 +303,7 @@ async def test_faults_mid_session(short_tmp: Path) -> None:
                         for s in m.find(COMMAND_ERRORS, vm=kind)
                     }
                     assert got == want, (kind, got)
-                    assert counter(m, CONNECT_ERRORS, vm=kind) == 0
+                    assert m.sum(CONNECT_ERRORS, vm=kind) == 0
                 bounded_labels(m)
                 await good_keeps_updating(exp)
             for kind, (_reason, line) in kinds.items():
@@ -361,12 +347,10 @@ async def test_event_flood_while_connection_drops(short_tmp: Path) -> None:
             await wait_good_up(exp)
             async with Invariants(exp):
                 m = await exp.wait_metrics(
-                    lambda m: counter(m, DISCONNECTS, vm="flood") >= 1 and up(m, "flood") == 1,
+                    lambda m: m.sum(DISCONNECTS, vm="flood") >= 1 and up(m, "flood") == 1,
                     what="flood dropped and back",
                 )
-                assert (
-                    counter(m, "qemu_exporter_qmp_events_total", vm="flood", event="BLOCK_IO_ERROR") == FLOOD
-                )
+                assert m.sum("qemu_exporter_qmp_events_total", vm="flood", event="BLOCK_IO_ERROR") == FLOOD
                 assert (
                     m.value(
                         "qemu_block_io_error_events_total",
@@ -377,7 +361,7 @@ async def test_event_flood_while_connection_drops(short_tmp: Path) -> None:
                     )
                     == FLOOD
                 )
-                assert counter(m, "qemu_exporter_io_error_events_unmatched_total", vm="flood") == 0
+                assert m.sum("qemu_exporter_io_error_events_unmatched_total", vm="flood") == 0
                 hang = m.value("qemu_block_io_hang", vm="flood", device="virtio-disk0")
                 assert hang in (0, 1)
                 bounded_labels(m)
@@ -428,7 +412,7 @@ async def test_sigterm_during_scrapes(short_tmp: Path) -> None:
     try:
         await sigterm_while_scraping(exp)
     finally:
-        exp.terminate()
+        exp.stop()
 
 
 async def sigterm_while_scraping(exp: ExporterProcess) -> None:
@@ -464,32 +448,17 @@ class UnprivilegedExporter(ExporterProcess):
     """The exporter run as nobody:nogroup (``setpriv``), so file permissions apply to it: root
     has CAP_DAC_OVERRIDE, for which chmod 000 on a socket denies nothing."""
 
-    async def start(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                shutil.which("setpriv") or "setpriv",
-                f"--reuid={NOBODY}",
-                f"--regid={NOBODY}",
-                "--clear-groups",
-                "--inh-caps=-all",
-                sys.executable,
-                "-m",
-                "exporter",
-                f"--config.file={self.config_path}",
-                *self.extra_args,
-            ],
-            cwd=REPO,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        await wait_for(self._ready, timeout=15, what="exporter /healthz")
+    def argv(self) -> list[str]:
+        setpriv = find_binary("setpriv") or "setpriv"
+        drop = [f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all"]
+        return [setpriv, *drop, *self.command()]
+
+    def env(self) -> dict[str, str]:
+        return dict(super().env(), PYTHONDONTWRITEBYTECODE="1")  # nobody cannot write them
 
 
 async def test_permission_denied_on_socket(short_tmp: Path) -> None:
-    if os.geteuid() != 0 or not shutil.which("setpriv"):
+    if os.geteuid() != 0 or not find_binary("setpriv"):
         pytest.skip("needs root and setpriv to run the exporter as another user")
     sock = str(short_tmp / "locked.qmp")
     good, locked = good_vm(short_tmp), SimVM(sock, name="locked", disks=[retry_disk()])
@@ -504,7 +473,7 @@ async def test_permission_denied_on_socket(short_tmp: Path) -> None:
     try:
         async with UnprivilegedExporter(short_tmp, config(short_tmp, sock)) as exp:
             assert exp.proc is not None
-            assert _uids(exp.proc.pid) == {NOBODY}
+            assert {int(uid) for uid in status_field(exp.proc.pid, "Uid")} == {NOBODY}
             await wait_good_up(exp)
             async with Invariants(exp):
                 m = await wait_value(exp, CONNECT_ERRORS, 3, vm="locked", reason="permission")

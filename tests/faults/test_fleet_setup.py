@@ -16,7 +16,7 @@ from exporter.config import Config, QMPConfig
 from exporter.discovery import Discovery
 from exporter.model.sink import EventSink
 from tests.faults.servers import FakeConn, FakeQMP
-from tests.harness import wait_for
+from tests.support.waits import wait_for
 
 
 class SlowSetup(FakeQMP):

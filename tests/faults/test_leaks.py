@@ -15,14 +15,15 @@ confirm the cycles happened and nothing was an internal error.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 from typing import Any
 
-from tests.faults.common import config, counter
+from tests.faults.common import config
 from tests.faults.servers import FakeConn, FakeQMP, io_error_event
-from tests.harness import ExporterProcess, wait_for
+from tests.support.exporter import ExporterProcess
+from tests.support.procs import open_fds, rss_kib
+from tests.support.waits import wait_for
 
 WARMUP, CYCLES = 100, 1000
 RSS_TOLERANCE_KIB = 8 * 1024
@@ -37,11 +38,7 @@ class HangsUp(FakeQMP):
 
 
 def sample(pid: int) -> tuple[int, int]:
-    rss = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1])
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    return rss_kib(pid), open_fds(pid)
 
 
 def steady(pid: int) -> tuple[int, int]:
@@ -71,15 +68,15 @@ async def test_thousand_connect_disconnect_cycles_leak_nothing(short_tmp: Path) 
         print(f"leak check: fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} KiB over {CYCLES} cycles")
         assert abs(fds1 - fds0) <= FD_TOLERANCE, (fds0, fds1)
         assert rss1 - rss0 <= RSS_TOLERANCE_KIB, (rss0, rss1)
-        attempts = counter(m1, "qemu_exporter_qmp_connect_attempts_total") - counter(
-            m0, "qemu_exporter_qmp_connect_attempts_total"
+        attempts = m1.sum("qemu_exporter_qmp_connect_attempts_total") - m0.sum(
+            "qemu_exporter_qmp_connect_attempts_total"
         )
-        disconnects = counter(m1, "qemu_exporter_qmp_disconnects_total") - counter(
-            m0, "qemu_exporter_qmp_disconnects_total"
+        disconnects = m1.sum("qemu_exporter_qmp_disconnects_total") - m0.sum(
+            "qemu_exporter_qmp_disconnects_total"
         )
         assert attempts >= CYCLES * 0.9, attempts
         assert disconnects >= CYCLES * 0.4, disconnects
-        assert counter(m1, "qemu_exporter_internal_errors_total") == 0
+        assert m1.sum("qemu_exporter_internal_errors_total") == 0
         assert "Traceback" not in exp.log()
 
 
@@ -105,10 +102,10 @@ async def test_long_session_memory_does_not_grow_with_events(short_tmp: Path) ->
         assert exp.proc is not None
         rss0, _ = sample(exp.proc.pid)
         m = await exp.wait_metrics(
-            lambda m: counter(m, "qemu_exporter_qmp_events_total", vm="chatty") == 100_000, timeout=30
+            lambda m: m.sum("qemu_exporter_qmp_events_total", vm="chatty") == 100_000, timeout=30
         )
         rss1, _ = sample(exp.proc.pid)
         print(f"100,000 events: RSS {rss0} -> {rss1} KiB")
         assert rss1 - rss0 < 20 * 1024, f"RSS {rss0} -> {rss1} KiB after 100,000 events"
         assert m.value("qemu_qmp_up", vm="chatty") == 1
-        assert counter(m, "qemu_exporter_qmp_disconnects_total", vm="chatty") == 0
+        assert m.sum("qemu_exporter_qmp_disconnects_total", vm="chatty") == 0

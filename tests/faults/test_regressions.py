@@ -15,10 +15,11 @@ from exporter.config import Config, QMPConfig
 from exporter.model.state import VMState
 from exporter.qmp_watch import VMWatcher
 from qmpsim import SimVM
-from tests.faults.common import Invariants, config, counter, good_vm, state_changes, wait_good_up
-from tests.faults.servers import FakeConn, FakeQMP, io_error_event
+from tests.faults.common import Invariants, config, good_vm, state_changes, wait_good_up
+from tests.faults.servers import FakeConn, FakeQMP, Sends, io_error_event, watching
 from tests.faults.test_faults import retry_disk, sigterm_while_scraping, up
-from tests.harness import ExporterProcess
+from tests.support.exporter import ExporterProcess
+from tests.support.waits import wait_for
 
 
 # 1. VMWatcher.stop() can hang forever: cancellation swallowed (Python 3.11 asyncio.wait_for).
@@ -44,7 +45,7 @@ async def test_watcher_stop_always_returns() -> None:
 async def test_sigterm_with_many_watchers_exits(short_tmp: Path) -> None:
     missing = [str(short_tmp / f"missing{i}.qmp") for i in range(100)]
     async with ExporterProcess(short_tmp, config(short_tmp, *missing)) as exp:
-        await exp.wait_metrics(lambda m: counter(m, "qemu_exporter_qmp_connect_attempts_total") >= 300)
+        await exp.wait_metrics(lambda m: m.sum("qemu_exporter_qmp_connect_attempts_total") >= 300)
         await sigterm_while_scraping(exp)
 
 
@@ -62,7 +63,7 @@ async def test_identify_timeout_logged_once(short_tmp: Path) -> None:
         ExporterProcess(short_tmp, config(short_tmp, sock, command_timeout_seconds=0.3)) as exp,
     ):
         await exp.wait_metrics(
-            lambda m: counter(m, "qemu_exporter_qmp_command_errors_total", vm="mute2", reason="timeout") >= 4,
+            lambda m: m.sum("qemu_exporter_qmp_command_errors_total", vm="mute2", reason="timeout") >= 4,
             what="4 attempts",
         )
         assert srv.connections >= 4
@@ -89,19 +90,14 @@ async def test_malformed_reply_is_a_command_error(short_tmp: Path) -> None:
             try:
                 m = await exp.wait_metrics(
                     lambda m: (
-                        counter(
-                            m, "qemu_exporter_qmp_command_errors_total", vm="badreply", command="query-status"
-                        )
+                        m.sum("qemu_exporter_qmp_command_errors_total", vm="badreply", command="query-status")
                         >= 3
                     )
                 )
             finally:
                 print(exp.log()[-3000:])
-            assert counter(m, "qemu_exporter_internal_errors_total", vm="badreply") == 0
-            assert (
-                counter(m, "qemu_exporter_qmp_command_errors_total", vm="badreply", command="query-status")
-                >= 3
-            )
+            assert m.sum("qemu_exporter_internal_errors_total", vm="badreply") == 0
+            assert m.sum("qemu_exporter_qmp_command_errors_total", vm="badreply", command="query-status") >= 3
             assert "Traceback" not in exp.log()
     finally:
         await good.kill()
@@ -131,8 +127,7 @@ async def test_recreated_socket_wakes_watcher_even_with_same_inode(short_tmp: Pa
             # backoff after a session is 2.5-5 s: only a wake-up brings it back within 2 s
             await exp.wait_metrics(
                 lambda m: (
-                    up(m, "phoenix") == 1
-                    and counter(m, "qemu_exporter_qmp_disconnects_total", vm="phoenix") >= 1
+                    up(m, "phoenix") == 1 and m.sum("qemu_exporter_qmp_disconnects_total", vm="phoenix") >= 1
                 ),
                 timeout=2,
             )
@@ -159,23 +154,26 @@ async def test_huge_event_timestamp(short_tmp: Path) -> None:
     ):
         m = await exp.wait_metrics(
             lambda m: (
-                counter(m, "qemu_exporter_qmp_events_total", vm="bigts", event="BLOCK_IO_ERROR") == 1
+                m.sum("qemu_exporter_qmp_events_total", vm="bigts", event="BLOCK_IO_ERROR") == 1
                 and inv.scrapes >= 3
             )
         )
-        assert counter(m, "qemu_exporter_internal_errors_total", vm="bigts") == 0
-        assert counter(m, "qemu_exporter_qmp_disconnects_total", vm="bigts") == 0
+        assert m.sum("qemu_exporter_internal_errors_total", vm="bigts") == 0
+        assert m.sum("qemu_exporter_qmp_disconnects_total", vm="bigts") == 0
 
 
-# 6. A non-string event name (JSON array/object) raises TypeError in _handle_event
-#    (`name in _STATUS_EVENTS`, qmp_watch.py:470): internal error, session torn down.
-def test_non_string_event_name_in_process() -> None:
-    from tests.unit.test_qmp_messages_properties import watcher
+# 6. A non-string event name (JSON array/object) raised TypeError in the watcher's event
+#    handling (`name in _STATUS_EVENTS`): internal error, session torn down.
+async def test_non_string_event_name(short_tmp: Path) -> None:
+    odd = [{"event": [], "data": {}}, {"event": {"a": 1}}]
+    async with watching(Sends(str(short_tmp / "odd.qmp"), "odd", odd)) as w:
 
-    w, _ = watcher()
-    w._handle_event({"event": [], "data": {}})
-    w._handle_event({"event": {"a": 1}})
-    assert w.vm.events["other"] == 2
+        async def counted() -> bool:
+            return w.vm.events["other"] == 2
+
+        await wait_for(counted, 10, "both events counted as other")
+        assert w.vm.internal_errors == 0
+        assert w.vm.connect_attempts == 1  # the session survived them
 
 
 # 7. Integers beyond float range (valid JSON; a hostile or broken peer) raise OverflowError.
@@ -221,7 +219,7 @@ async def test_wrongly_typed_identity_replies(short_tmp: Path) -> None:
                 )
             )
             assert m.label_values("qemu_vm_info", "qemu_version", vm="badver") == {"0.0.0"}
-            assert counter(m, "qemu_exporter_internal_errors_total") == 0
+            assert m.sum("qemu_exporter_internal_errors_total") == 0
             assert a.connections == 1 and b.connections == 1
             assert "Traceback" not in exp.log()
     finally:

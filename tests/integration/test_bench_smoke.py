@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from bench.prometheus import PROMETHEUS_2_ACCEPT, PROMETHEUS_3_ACCEPT
-from tests.conftest import require_binary
-from tests.harness import REPO
+from tests.support.binaries import require_binary
+from tests.support.procs import REPO
 
 
 def test_fleet_benchmark_runs_and_prints_the_table(short_tmp: Path) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from qmpsim import DiskSpec, SimVM
-from tests.harness import ExporterProcess, Metrics
-from tests.integration.test_exporter_sim import FAST, running
+from tests.integration.test_exporter_sim import running
+from tests.support.config import FAST
+from tests.support.exporter import ExporterProcess
+from tests.support.scrape import Metrics
 
 POOL = "rbd://10.0.0.1:6789,10.0.0.2:6789/vms"
 NBD1 = "nbd://10.0.1.1:10809"

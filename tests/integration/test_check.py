@@ -13,8 +13,11 @@ from typing import Any
 import yaml
 
 from qmpsim import DiskSpec, SimVM
-from tests.harness import REPO, ExporterProcess, wait_for
-from tests.integration.test_exporter_sim import FAST, retry_disk, running
+from tests.integration.test_exporter_sim import retry_disk, running
+from tests.support.config import FAST
+from tests.support.exporter import ExporterProcess
+from tests.support.procs import REPO
+from tests.support.waits import wait_for
 
 XML = REPO / "tests" / "fixtures" / "libvirt-xml"
 

@@ -7,15 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import shutil
 import signal
 import sys
 from typing import Any
 
 import aiohttp
 
-from tests.conftest import require_binary
-from tests.harness import REPO, free_port, wait_for
+from tests.support.binaries import alertmanager_binary, require_binary
+from tests.support.procs import REPO, free_port
+from tests.support.waits import wait_for
 
 
 async def _get(url: str) -> Any:
@@ -26,8 +26,7 @@ async def _get(url: str) -> Any:
 
 async def test_demo_prints_the_status_page_first_and_alerts_fire() -> None:
     require_binary("prometheus")
-    if not any(shutil.which(n) for n in ("prometheus-alertmanager", "alertmanager")):
-        require_binary("prometheus-alertmanager")
+    alertmanager_binary()
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "scripts/demo.py", f"--port={port}", "--with-prometheus", "--duration=120",

@@ -9,18 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from qmpsim import DiskSpec, SimVM
-from tests.harness import ExporterProcess, Metrics
-
-FAST: dict[str, Any] = {
-    "discovery_interval_seconds": 0.2,
-    "poll_interval_seconds": 0.5,
-    "refresh_interval_seconds": 2.0,
-    "connect_timeout_seconds": 2.0,
-    "command_timeout_seconds": 2.0,
-    "backoff_initial_seconds": 0.1,
-    "backoff_max_seconds": 0.5,
-}
-
+from tests.support.config import FAST
+from tests.support.exporter import ExporterProcess
+from tests.support.scrape import Metrics
 
 #: The second disk of VM "good": RBD as QEMU names a -blockdev rbd node (a json: filename).
 RBD_FILENAME = (
@@ -322,7 +313,7 @@ async def test_io_error_events_are_counted_per_disk_operation_action(short_tmp: 
                 action="report",
             )
             assert m.value("qemu_exporter_io_error_events_unmatched_total", vm="vm") == 0
-            total = sum(s.value for s in m.find("qemu_block_io_error_events_total"))
+            total = m.sum("qemu_block_io_error_events_total")
             assert total == vm.event_count("BLOCK_IO_ERROR")
             assert m.value("qemu_exporter_qmp_events_total", vm="vm", event="BLOCK_IO_ERROR") == total
     finally:
@@ -421,7 +412,7 @@ async def test_a_clean_shutdown_ends_sessions_without_warnings(short_tmp: Path) 
             await vms[0].kill()  # QEMU going away is worth a warning
             await exp.wait_metrics(lambda m: m.value("qemu_qmp_up", vm="good") in (None, 0), what="good gone")
         finally:
-            assert exp.terminate(signal.SIGTERM) == 0
+            assert exp.stop(signal.SIGTERM) == 0
     ended = [line for line in exp.log().splitlines() if 'msg="QMP session ended"' in line]
     assert len(ended) == 1 and "level=warn" in ended[0] and "vm=good " in ended[0], ended
     assert "shutting down" in exp.log()

@@ -20,8 +20,6 @@ import aiohttp
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from bench.prometheus import PROMETHEUS_3_ACCEPT
-from tests.conftest import require_binary
-from tests.harness import REPO, ExporterProcess, Metrics
 from tests.integration.test_exporter_sim import (
     EXPECTED_VIOLATIONS,
     all_disks_seen,
@@ -29,6 +27,10 @@ from tests.integration.test_exporter_sim import (
     fleet_config,
     running,
 )
+from tests.support.binaries import require_binary
+from tests.support.exporter import ExporterProcess
+from tests.support.procs import REPO
+from tests.support.scrape import Metrics
 
 GOLDEN = REPO / "tests" / "golden" / "metrics.prom"
 GOLDEN_OPENMETRICS = REPO / "tests" / "golden" / "metrics.openmetrics"

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from qmpsim import DiskSpec, SimVM
-from tests.harness import ExporterProcess, Metrics
-from tests.integration.test_exporter_sim import FAST
+from tests.support.config import FAST
+from tests.support.exporter import ExporterProcess
+from tests.support.scrape import Metrics
 
 HANG_FAST: dict[str, Any] = {**FAST, "poll_interval_seconds": 1.0}
 
@@ -215,11 +216,11 @@ async def test_restart_mid_hang_keeps_its_start(short_tmp: Path) -> None:
         async def wait_persisted() -> bool:
             return persisted()
 
-        from tests.harness import wait_for
+        from tests.support.waits import wait_for
 
         await wait_for(wait_persisted, 5, "the open hang in the state file")
         await asyncio.sleep(max(0.0, t0 + 5 - time.time()))  # 5 s into the hang, as the issue says
-        exp.terminate(signal.SIGKILL)
+        exp.stop(signal.SIGKILL)
 
         exp2 = ExporterProcess(short_tmp, cfg)
         await exp2.start()
@@ -238,7 +239,7 @@ async def test_restart_mid_hang_keeps_its_start(short_tmp: Path) -> None:
             duration = v(m, "qemu_block_io_hang_seconds_total", "vm")
             assert duration is not None and abs(duration - 20) <= 1.5, duration
         finally:
-            exp2.terminate()
+            exp2.stop()
     finally:
         await vm.kill()
 
@@ -263,9 +264,7 @@ async def test_event_storm_loses_nothing(short_tmp: Path) -> None:
             for vm in vms:
                 for d in vm.disks:
                     vm.link_down(d, in_flight=10, operations=("write",))
-            await exp.wait_metrics(
-                lambda m: sum(s.value for s in m.find("qemu_block_io_hang")) == 100, timeout=10
-            )
+            await exp.wait_metrics(lambda m: m.sum("qemu_block_io_hang") == 100, timeout=10)
             await asyncio.sleep(3)  # let the storm run
             for vm in vms:
                 for d in vm.disks:
@@ -275,16 +274,13 @@ async def test_event_storm_loses_nothing(short_tmp: Path) -> None:
 
             def settled(m: Metrics) -> bool:
                 return all(
-                    sum(s.value for s in m.find("qemu_block_io_error_events_total", vm=name)) == n
-                    for name, n in sent.items()
+                    m.sum("qemu_block_io_error_events_total", vm=name) == n for name, n in sent.items()
                 )
 
             m = await exp.wait_metrics(settled, timeout=20, what="every event counted")
-            assert sum(s.value for s in m.find("qemu_exporter_io_error_events_unmatched_total")) == 0
+            assert m.sum("qemu_exporter_io_error_events_unmatched_total") == 0
             m = await exp.wait_metrics(
-                lambda m: (
-                    sum(s.value for s in m.find("qemu_block_io_hangs_total", outcome="recovered")) == 100
-                ),
+                lambda m: m.sum("qemu_block_io_hangs_total", outcome="recovered") == 100,
                 timeout=10,
                 what="100 recovered hangs",
             )

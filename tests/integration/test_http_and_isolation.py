@@ -13,8 +13,9 @@ import pytest
 from prometheus_client.exposition import choose_encoder
 
 from bench.prometheus import PROMETHEUS_2_ACCEPT, PROMETHEUS_3_ACCEPT
-from tests.harness import ExporterProcess, Metrics
-from tests.qemu import blank_image, run_qemu
+from tests.support.exporter import ExporterProcess
+from tests.support.qemu import blank_image, run_qemu
+from tests.support.scrape import Metrics
 
 FAST = {
     "discovery_interval_seconds": 0.2,
@@ -146,6 +147,6 @@ async def test_sigterm_exits_cleanly(short_tmp: Path) -> None:
     await exp.start()
     m: Metrics = await exp.scrape()
     assert m.value("qemu_exporter_vms") == 1
-    assert exp.terminate(signal.SIGTERM) == 0
+    assert exp.stop(signal.SIGTERM) == 0
     assert "shutting down" in exp.log()
     assert "Traceback" not in exp.log()

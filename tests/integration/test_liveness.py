@@ -29,7 +29,8 @@ from exporter.liveness import HealthConfig, Liveness, fionread, qmp_sources
 from exporter.model.state import VMState
 from exporter.qmp_watch import VMWatcher
 from tests.faults.servers import EOL, FakeConn, FakeQMP, io_error_event
-from tests.harness import ExporterProcess, wait_for
+from tests.support.exporter import ExporterProcess
+from tests.support.waits import wait_for
 
 WATCHDOG_USEC = 400_000  # pings every 0.2 s
 MISSING = {"qmp": {"sockets": ["/nonexistent/none.qmp"], "discovery_interval_seconds": 0.2}}
@@ -153,7 +154,7 @@ async def test_ready_then_watchdog_pings_stop_while_stopped_and_resume(short_tmp
             ended = time.monotonic()
             assert ended - stopped_at >= 2.0 + 1.0  # not at once: the window held it at 503
 
-            exp.terminate()
+            exp.stop()
             assert exp.proc.returncode == 0
             await rx.wait(lambda m: m == "STOPPING=1", 5, "STOPPING=1")
     finally:
@@ -173,7 +174,7 @@ async def test_abstract_notify_socket(short_tmp: Path) -> None:
         async with ExporterProcess(short_tmp, MISSING, env=env) as exp:
             await rx.wait(lambda m: "READY=1" in m.split("\n"), 10, "READY=1")
             await rx.wait(lambda m: m == "WATCHDOG=1", 3, "WATCHDOG=1")
-            exp.terminate()
+            exp.stop()
             await rx.wait(lambda m: m == "STOPPING=1", 5, "STOPPING=1")
     finally:
         await rx.close()

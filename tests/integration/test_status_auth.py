@@ -13,35 +13,11 @@ import aiohttp
 import pytest
 
 from qmpsim import DiskSpec, SimVM
-from tests.harness import ExporterProcess, wait_for
 from tests.integration.test_check import check
-from tests.integration.test_exporter_sim import FAST, running
-from tests.integration.test_web_tls_auth import HASH, PASSWORD, _auth, _self_signed, _trusting
-
-
-class TLSExporter(ExporterProcess):
-    """`ExporterProcess` whose readiness probe speaks TLS with the right credentials."""
-
-    def __init__(self, workdir: Path, config: dict[str, object], web_config: Path) -> None:
-        super().__init__(workdir, config, [f"--web.config.file={web_config}"])
-        self.ssl = _trusting(web_config.parent)
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    async def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"exporter exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            async with (
-                aiohttp.ClientSession() as s,
-                s.get(self.url + "/healthz", ssl=self.ssl, headers=_auth("prometheus", PASSWORD)) as r,
-            ):
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
+from tests.integration.test_exporter_sim import running
+from tests.integration.test_web_tls_auth import HASH, PASSWORD, _auth, _self_signed, tls_exporter
+from tests.support.config import FAST
+from tests.support.waits import wait_for
 
 
 @pytest.fixture
@@ -59,14 +35,14 @@ def web_config(tmp_path: Path) -> Path:
 async def test_status_behind_tls_and_basic_auth(short_tmp: Path, web_config: Path, path: str) -> None:
     vm = SimVM(str(short_tmp / "a.qmp"), name="a", disks=[DiskSpec(id="virtio-disk0", werror="stop")])
     cfg = {"qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST}}
-    async with running([vm]), TLSExporter(short_tmp, cfg, web_config) as exp, aiohttp.ClientSession() as s:
+    async with running([vm]), tls_exporter(short_tmp, cfg, web_config) as exp, aiohttp.ClientSession() as s:
         for headers in ({}, _auth("prometheus", "wrong")):
-            async with s.get(exp.url + path, ssl=exp.ssl, headers=headers) as r:
+            async with s.get(exp.url + path, ssl=exp.ssl_context, headers=headers) as r:
                 assert r.status == 401, (headers, r.status)
                 assert "werror_not_retry" not in await r.text()
 
         async def shown() -> str | None:
-            async with s.get(exp.url + path, ssl=exp.ssl, headers=_auth("prometheus", PASSWORD)) as r:
+            async with s.get(exp.url + path, ssl=exp.ssl_context, headers=_auth("prometheus", PASSWORD)) as r:
                 assert r.status == 200
                 text = await r.text()
                 return text if "werror_not_retry" in text else None
@@ -80,7 +56,7 @@ async def test_status_behind_tls_and_basic_auth(short_tmp: Path, web_config: Pat
 async def test_check_reads_the_exporter_over_tls_with_basic_auth(short_tmp: Path, web_config: Path) -> None:
     vm = SimVM(str(short_tmp / "a.qmp"), name="a", disks=[DiskSpec(id="virtio-disk0", werror="stop")])
     cfg = {"qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST}}
-    async with running([vm]), TLSExporter(short_tmp, cfg, web_config) as exp:
+    async with running([vm]), tls_exporter(short_tmp, cfg, web_config) as exp:
         ca = f"--exporter.ca-file={web_config.parent / 'server.crt'}"
         with_auth = f"https://prometheus:{urllib.parse.quote(PASSWORD, safe='')}@127.0.0.1:{exp.port}"
 

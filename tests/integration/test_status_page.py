@@ -23,9 +23,12 @@ from typing import Any
 import aiohttp
 
 from qmpsim import DiskSpec, SimVM
-from tests.conftest import require_binary
-from tests.harness import REPO, ExporterProcess, wait_for
-from tests.integration.test_exporter_sim import FAST, retry_disk, running
+from tests.integration.test_exporter_sim import retry_disk, running
+from tests.support.binaries import require_binary
+from tests.support.config import FAST
+from tests.support.exporter import ExporterProcess
+from tests.support.procs import REPO
+from tests.support.waits import wait_for
 
 #: A VM name only a hostile or careless operator would choose: must show as text, never as markup.
 EVIL = 'evil<b>"vm"</b>&amp;'

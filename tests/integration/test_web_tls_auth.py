@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.web import make_app
 from exporter.webconfig import WebConfig, auth_middleware, load_web_config
-from tests.conftest import require_binary
+from tests.support.binaries import require_binary
+from tests.support.exporter import ExporterProcess
+from tests.support.procs import REPO
 
 PASSWORD = "s3cret:with colon"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
@@ -33,6 +36,14 @@ def _self_signed(d: Path, name: str) -> None:
         ],
         cwd=d, check=True, capture_output=True,
     )  # fmt: skip
+
+
+def tls_exporter(workdir: Path, config: dict[str, object], web_config: Path) -> ExporterProcess:
+    """The exporter behind ``web_config``'s TLS and basic auth, its readiness probed with both."""
+    exp = ExporterProcess(workdir, config, [f"--web.config.file={web_config}"])
+    exp.ssl_context = _trusting(web_config.parent)
+    exp.ready_headers = _auth("prometheus", PASSWORD)
+    return exp
 
 
 @pytest.fixture(scope="module")
@@ -162,34 +173,12 @@ async def test_min_version_is_enforced(pki: Path) -> None:
 
 async def test_exporter_process_serves_tls_and_basic_auth(pki: Path, short_tmp: Path) -> None:
     """The real CLI with --web.config.file: HTTPS with basic auth, and a bad file exits 2."""
-    import signal
-    import sys
-
-    from tests.harness import REPO, ExporterProcess, wait_for
-
     _write_config(pki)
-    exp = ExporterProcess(
-        short_tmp, {"qmp": {"sockets": [str(short_tmp / "x.qmp")]}}, [f"--web.config.file={pki / 'web.yml'}"]
-    )
-    exp.proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter", f"--config.file={exp.config_path}", *exp.extra_args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    exp._log = open(exp.log_path, "wb")  # noqa: SIM115 - closed by terminate()
-    url = f"https://127.0.0.1:{exp.port}/metrics"
+    exp = tls_exporter(short_tmp, {"qmp": {"sockets": [str(short_tmp / "x.qmp")]}}, pki / "web.yml")
+    await exp.start()  # ready: /healthz answers over TLS, with the credentials
+    url = exp.url + "/metrics"
     try:
         async with aiohttp.ClientSession() as s:
-
-            async def up() -> bool:
-                try:
-                    async with s.get(url, ssl=_trusting(pki)) as r:
-                        return r.status in (200, 401)
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_for(up, 15, "the TLS listener")
             async with s.get(url, ssl=_trusting(pki)) as r:
                 assert r.status == 401
             async with s.get(url, ssl=_trusting(pki), headers=_auth("prometheus", PASSWORD)) as r:
@@ -200,7 +189,7 @@ async def test_exporter_process_serves_tls_and_basic_auth(pki: Path, short_tmp: 
                 async with s.get(url.replace("https", "http")) as r:
                     await r.read()
     finally:
-        assert exp.terminate(signal.SIGTERM) == 0
+        assert exp.stop() == 0
 
     bad = pki / "bad-web.yml"
     bad.write_text("basic_auth_users:\n  prometheus: not-a-hash\n")

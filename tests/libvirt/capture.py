@@ -36,6 +36,7 @@ import libvirt_qemu
 import libvirtaio
 
 from tests.libvirt.lab import DiskOptions, LabDomain, Libvirtd, LibvirtLab, lab_workdir, running_libvirtd
+from tests.support.waits import wait_for
 
 OUT = Path(__file__).resolve().parent.parent / "fixtures" / "libvirt-9.0"
 #: Events of one kind kept verbatim per domain (a report-policy storm sends hundreds).
@@ -199,14 +200,11 @@ class Recorder:
     async def wait(
         self, kind: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 20.0, what: str = ""
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.find(kind, lambda r: r["phase"] == self.phase and pred(r))
-            if found:
-                return found[0]
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no {kind} {what} in phase {self.phase}")
-            await asyncio.sleep(0.02)
+        async def found() -> dict[str, Any] | None:
+            records = self.find(kind, lambda r: r["phase"] == self.phase and pred(r))
+            return records[0] if records else None
+
+        return await wait_for(found, timeout, f"{kind} {what} in phase {self.phase}", step=0.02)
 
 
 def register_all(conn: libvirt.virConnect, rec: Recorder, tag: str) -> dict[str, int]:

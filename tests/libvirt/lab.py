@@ -9,7 +9,7 @@ reconnects, taints), so nothing here is simulated (facts in ``shared/docs/domain
   machine never touch each other's daemon; with ``QIH_LIBVIRT_LAB=system`` the machine's
   ``qemu:///system`` (reused when it answers).  It can SIGKILL the daemon and start it again
   while domains keep running (QEMU is not libvirtd's child: it survives).
-* `NbdStorage` is ``nbdkit`` on a free 127.0.0.1 port with the error filter: every request fails
+* `FailingStorage` (``tests.support.qemu``) is ``nbdkit`` on a free 127.0.0.1 port with the error filter: every request fails
   with EIO while its error file exists.
 * `LabDomain` is a ``<domain type='qemu'>`` (TCG, 32 MiB, no graphics) whose boot disk is that NBD
   export holding the project's IO-loop boot sector (``tests/guest/bootsector.py``): SeaBIOS boots
@@ -24,7 +24,6 @@ sleeps a fixed time.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import shutil
@@ -32,17 +31,16 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 from xml.sax.saxutils import quoteattr
 
-import pytest
-
-from tests.conftest import require_binary
 from tests.guest.bootsector import write_disk_image
+from tests.support.binaries import require_binary, skip_or_fail
+from tests.support.procs import read_pid
+from tests.support.qemu import FailingStorage
+from tests.support.waits import wait_until
 
 URI = "qemu:///system"
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
@@ -51,37 +49,6 @@ QEMU_RUN_DIR = Path("/run/libvirt/qemu")
 NAME_PREFIX = f"qihlab{os.getpid()}-"
 #: ``Domain id=3 is tainted: custom-monitor`` (libvirt's qemuDomainObjTaintMsg).
 TAINT_RE = re.compile(r"Domain id=\d+ is tainted: (\S+)")
-
-T = TypeVar("T")
-
-
-def _ci() -> bool:
-    return os.environ.get("CI") == "true"
-
-
-def require_sbin(name: str) -> str:
-    """``/usr/sbin/NAME`` (not on a non-root PATH), else `require_binary` (skip, or fail under CI)."""
-    path = Path("/usr/sbin") / name
-    return str(path) if os.access(path, os.X_OK) else require_binary(name)
-
-
-def skip_or_fail(msg: str) -> None:
-    """What a missing prerequisite means: a skip for a developer, a failure under ``CI=true``."""
-    if _ci():
-        pytest.fail(msg)
-    pytest.skip(msg)
-
-
-def poll(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Call ``check`` until it returns something other than None/False; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result is not None and result is not False:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def virsh(*args: str, uri: str = URI, timeout: float = 30.0, check: bool = True) -> str:
@@ -93,13 +60,6 @@ def virsh(*args: str, uri: str = URI, timeout: float = 30.0, check: bool = True)
     return proc.stdout
 
 
-def free_tcp_port() -> int:
-    """A port free on 127.0.0.1 right now (the caller retries if someone takes it first)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie (killed, not yet reaped by init) counts as gone."""
     try:
@@ -107,14 +67,6 @@ def pid_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except FileNotFoundError:
-        return None
-    return int(text) if text.isdigit() else None
 
 
 def fix_kvm_permissions() -> None:
@@ -197,11 +149,11 @@ class Libvirtd:
     @property
     def pid(self) -> int | None:
         """The pid of the libvirtd this object started (None when reused or not running)."""
-        pid = _read_pid(self.pid_file) if self.owned else None
+        pid = read_pid(self.pid_file) if self.owned else None
         return pid if pid is not None and pid_alive(pid) else None
 
     def virtlogd_pid(self) -> int | None:
-        pid = _read_pid(self.virtlogd_pid_file) if self.started_virtlogd else None
+        pid = read_pid(self.virtlogd_pid_file) if self.started_virtlogd else None
         return pid if pid is not None and pid_alive(pid) else None
 
     def log_tail(self, chars: int = 3000) -> str:
@@ -218,8 +170,8 @@ class Libvirtd:
 
     def start(self, timeout: float = 60.0) -> None:
         """Start virtlogd (unless it runs) and libvirtd, and wait until libvirtd answers."""
-        libvirtd = require_sbin("libvirtd")
-        virtlogd = require_sbin("virtlogd")
+        libvirtd = require_binary("libvirtd")
+        virtlogd = require_binary("virtlogd")
         fix_kvm_permissions()
         if self.private:
             prefix = self._private_namespace(virtlogd)
@@ -242,7 +194,9 @@ class Libvirtd:
             raise RuntimeError(f"libvirtd -d failed ({proc.returncode}): {proc.stderr}\n{self.log_tail()}")
         self.owned = True
         try:
-            poll(lambda: self.responsive(timeout=10.0), timeout, "libvirtd to answer `virsh version`", 0.1)
+            wait_until(
+                lambda: self.responsive(timeout=10.0), timeout, "libvirtd to answer `virsh version`", 0.1
+            )
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{self.log_tail()}") from None
 
@@ -262,8 +216,10 @@ class Libvirtd:
                 check=True, capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
             )  # fmt: skip
             self.started_virtlogd = True
-            pid = poll(self.virtlogd_pid, 15, "virtlogd to write its pid file")
-            poll(lambda: self._virtlogd_running(self.root / "run" / "virtlogd-sock"), 15, "virtlogd's socket")
+            pid = wait_until(self.virtlogd_pid, 15, "virtlogd to write its pid file")
+            wait_until(
+                lambda: self._virtlogd_running(self.root / "run" / "virtlogd-sock"), 15, "virtlogd's socket"
+            )
         return [require_binary("nsenter"), f"--mount=/proc/{pid}/ns/mnt", "--"]
 
     def _prepare_root(self) -> None:
@@ -288,7 +244,7 @@ class Libvirtd:
         """SIGKILL QEMUs our private daemon started and could not destroy (it was wedged): they
         would otherwise outlive the session, holding the private namespace."""
         for pid_file in self.qemu_run_dir.glob("*.pid"):
-            pid = _read_pid(pid_file)
+            pid = read_pid(pid_file)
             if pid is None or not pid_alive(pid):
                 continue
             with contextlib.suppress(OSError):
@@ -323,7 +279,7 @@ class Libvirtd:
         if pid is None:
             raise RuntimeError("libvirtd is not running")
         os.kill(pid, signal.SIGKILL)
-        poll(lambda: not pid_alive(pid), timeout, f"libvirtd {pid} to exit")
+        wait_until(lambda: not pid_alive(pid), timeout, f"libvirtd {pid} to exit")
         return pid
 
     def revive(self) -> None:
@@ -358,78 +314,11 @@ def _terminate(pid: int, timeout: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     try:
-        poll(lambda: not pid_alive(pid), timeout, f"process {pid} to exit")
+        wait_until(lambda: not pid_alive(pid), timeout, f"process {pid} to exit")
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        poll(lambda: not pid_alive(pid), timeout, f"process {pid} to exit after SIGKILL")
-
-
-def _listening_or_exited(proc: subprocess.Popen[bytes], pid_file: Path) -> bool:
-    return proc.poll() is not None or _read_pid(pid_file) is not None
-
-
-class NbdStorage:
-    """``nbdkit -i 127.0.0.1 -p PORT --filter=error file IMG``: EIO on every request while
-    ``error_file`` exists (delete it and the storage is back)."""
-
-    def __init__(self, image: Path, error_file: Path, log_path: Path) -> None:
-        self.image = image
-        self.error_file = error_file
-        self.log_path = log_path
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 15.0, attempts: int = 5) -> None:
-        """Listen on a free port; another process taking the port first means another try."""
-        nbdkit = require_binary("nbdkit")
-        pid_file = self.log_path.with_suffix(".pid")
-        for _ in range(attempts):
-            self.port = free_tcp_port()
-            pid_file.unlink(missing_ok=True)
-            with self.log_path.open("wb") as log:
-                self.proc = subprocess.Popen(
-                    [nbdkit, "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(self.port),
-                     "-P", str(pid_file), "--filter=error", "file", str(self.image),
-                     "error-rate=100%", f"error-file={self.error_file}"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                )  # fmt: skip
-            proc = self.proc
-            # nbdkit writes its PID file only once it listens.
-            poll(functools.partial(_listening_or_exited, proc, pid_file), timeout, "nbdkit to listen")
-            if proc.poll() is None:
-                return
-            if "Address already in use" not in self.log():
-                raise RuntimeError(f"nbdkit exited with {proc.returncode}: {self.log()}")
-        raise RuntimeError(f"nbdkit found no free port in {attempts} attempts: {self.log()}")
-
-    def fail(self) -> None:
-        self.error_file.touch()
-
-    def restore(self) -> None:
-        self.error_file.unlink(missing_ok=True)
-
-    @property
-    def failing(self) -> bool:
-        return self.error_file.exists()
-
-    def injected_errors(self) -> int:
-        """How many requests the error filter failed so far (it logs each one)."""
-        return self.log().count("injecting EIO error")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
+        wait_until(lambda: not pid_alive(pid), timeout, f"process {pid} to exit after SIGKILL")
 
 
 @dataclass(frozen=True)
@@ -523,7 +412,7 @@ def domain_xml(
 class LabDomain:
     """One defined and started domain with its failing storage."""
 
-    def __init__(self, name: str, storage: NbdStorage, libvirtd: Libvirtd, xml: str, target: str) -> None:
+    def __init__(self, name: str, storage: FailingStorage, libvirtd: Libvirtd, xml: str, target: str) -> None:
         self.name = name
         self.storage = storage
         self.libvirtd = libvirtd
@@ -539,7 +428,7 @@ class LabDomain:
         self.storage.fail()
 
     def restore_storage(self) -> None:
-        self.storage.restore()
+        self.storage.recover()
 
     def resume(self) -> None:
         self.virsh("resume", self.name)
@@ -570,7 +459,7 @@ class LabDomain:
             return current if current[0] == state and reason in (None, current[1]) else None
 
         try:
-            return poll(check, timeout, f"{self.name} to be {state} ({reason})", 0.05)
+            return wait_until(check, timeout, f"{self.name} to be {state} ({reason})", 0.05)
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}; now {self.domstate()}; log:\n{self.log_text()[-2000:]}") from None
 
@@ -583,7 +472,7 @@ class LabDomain:
 
     def qemu_pid(self) -> int | None:
         """QEMU's pid from libvirt's pid file (QEMU is not libvirtd's child)."""
-        return _read_pid(self.libvirtd.qemu_run_dir / f"{self.name}.pid")
+        return read_pid(self.libvirtd.qemu_run_dir / f"{self.name}.pid")
 
     def dumpxml(self) -> str:
         return self.virsh("dumpxml", self.name)
@@ -607,7 +496,7 @@ class LabDomain:
             stats = self.blkstat()
             return stats if stats.get("wr_req", 0) >= start + more else None
 
-        return poll(check, timeout, f"{self.name} to complete {more} writes", 0.1)
+        return wait_until(check, timeout, f"{self.name} to complete {more} writes", 0.1)
 
     def wait_injected_errors(self, more: int = 5, timeout: float = 30.0) -> int:
         """Wait until the storage failed ``more`` further requests of this guest."""
@@ -617,7 +506,7 @@ class LabDomain:
             count = self.storage.injected_errors()
             return count if count >= start + more else None
 
-        return poll(check, timeout, f"{more} more injected errors on {self.name}'s storage", 0.05)
+        return wait_until(check, timeout, f"{more} more injected errors on {self.name}'s storage", 0.05)
 
     @property
     def log_path(self) -> Path:
@@ -649,10 +538,11 @@ class LibvirtLab:
         self._count += 1
         return f"{NAME_PREFIX}{hint}{self._count}"
 
-    def storage(self, name: str, pause_us: int = 20_000) -> NbdStorage:
+    def storage(self, name: str, pause_us: int = 20_000) -> FailingStorage:
         """The boot image (IO-loop boot sector) behind nbdkit with the error filter."""
         image = write_disk_image(self.workdir / f"{name}.img", pause_us=pause_us)
-        storage = NbdStorage(image, self.workdir / f"{name}.fail", self.workdir / f"{name}.nbdkit.log")
+        # On TCP: QEMU runs as libvirt-qemu, which could not reach a socket under our directory.
+        storage = FailingStorage(image, self.workdir / f"{name}.fail", self.workdir / f"{name}.nbdkit.log")
         self._stack.callback(storage.stop)  # registered first: stopped after the domain is gone
         storage.start()
         return storage
@@ -753,7 +643,7 @@ def running_libvirtd(workdir: Path, private: bool | None = None) -> Iterator[Lib
     others (another session on the same machine reusing it).
     """
     for name in ("libvirtd", "virtlogd"):
-        require_sbin(name)
+        require_binary(name)
     for name in ("virsh", "nbdkit", "qemu-system-x86_64", "unshare", "nsenter"):
         require_binary(name)
     daemon = Libvirtd(workdir, private=private_lab_wanted() if private is None else private)

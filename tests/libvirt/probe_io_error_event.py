@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -24,13 +22,9 @@ import libvirt_qemu
 import libvirtaio
 
 from tests.libvirt.lab import DiskOptions, Libvirtd, LibvirtLab, lab_workdir, running_libvirtd
+from tests.support.procs import cpu_seconds
 
 FAIL_SECONDS = 8.0  # a measurement window, not a wait for anything
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def probe(lab: LibvirtLab, daemon: Libvirtd) -> None:

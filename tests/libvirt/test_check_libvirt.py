@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import REPO
 from tests.libvirt.lab import DiskOptions, LibvirtLab
+from tests.support.procs import REPO
 
 pytestmark = pytest.mark.libvirt
 

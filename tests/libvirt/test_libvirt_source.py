@@ -20,8 +20,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.harness import REPO, ExporterProcess, Metrics
 from tests.libvirt.lab import DiskOptions, LabDomain, LibvirtLab
+from tests.support.exporter import ExporterProcess
+from tests.support.procs import REPO
+from tests.support.scrape import Metrics
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.libvirt
 
@@ -33,10 +36,6 @@ def exporter_config(tmp: Path, uri: str) -> dict[str, Any]:
         "qmp": {"globs": [str(tmp / "*.qmp")], "poll_interval_seconds": 1, "backoff_max_seconds": 1},
         "hang": {"state_file": str(tmp / "hangs.json"), "recovery_margin_seconds": 1},
     }
-
-
-def value(m: Metrics, name: str, **labels: str) -> float:
-    return sum(s.value for s in m.find(name, **labels))
 
 
 _witness_loop = threading.Lock()
@@ -101,7 +100,7 @@ async def wait_metrics(exp: ExporterProcess, check: Any, what: str, timeout: flo
 
 def watched(m: Metrics, dom: LabDomain, device: str = "ua-boot") -> bool:
     return (
-        value(m, "qemu_qmp_up", vm=dom.name) == 1
+        m.sum("qemu_qmp_up", vm=dom.name) == 1
         and bool(m.find("qemu_block_device_info", vm=dom.name, device=device))
         and bool(m.find("qemu_block_read_operations_total", vm=dom.name, device=device))
     )
@@ -111,7 +110,7 @@ async def test_policy_state_and_stop_hang_through_libvirt(libvirt_lab: LibvirtLa
     dom = libvirt_lab.domain(DiskOptions(error_policy="stop"), hint="stop", second_disk=True)
     async with ExporterProcess(short_tmp, exporter_config(short_tmp, libvirt_lab.libvirtd.uri)) as exp:
         m = await wait_metrics(exp, lambda m: watched(m, dom), "the domain watched")
-        assert value(m, "qemu_libvirt_up", uri=libvirt_lab.libvirtd.uri) == 1
+        assert m.sum("qemu_libvirt_up", uri=libvirt_lab.libvirtd.uri) == 1
         info = m.find("qemu_block_device_info", vm=dom.name, device="ua-boot")[0].labels
         assert (info["werror"], info["rerror"], info["qdev_type"]) == ("stop", "stop", "virtio-blk")
         assert m.label_values("qemu_block_retry_policy_violation", "rule", vm=dom.name, device="ua-boot") == {
@@ -147,7 +146,7 @@ async def test_policy_state_and_stop_hang_through_libvirt(libvirt_lab: LibvirtLa
             m = await wait_metrics(
                 exp,
                 lambda m: (
-                    value(m, "qemu_block_io_hang", vm=dom.name, device="ua-boot") == 1
+                    m.sum("qemu_block_io_hang", vm=dom.name, device="ua-boot") == 1
                     and m.value("qemu_vm_status", vm=dom.name, status="io-error") == 1
                 ),
                 "the stop-policy hang",
@@ -162,7 +161,7 @@ async def test_policy_state_and_stop_hang_through_libvirt(libvirt_lab: LibvirtLa
             await wait_metrics(
                 exp,
                 lambda m: (
-                    value(m, "qemu_block_io_error_events_total", vm=dom.name, device="ua-boot", action="stop")
+                    m.sum("qemu_block_io_error_events_total", vm=dom.name, device="ua-boot", action="stop")
                     == len(witnessed)
                     >= 2
                 ),
@@ -174,16 +173,14 @@ async def test_policy_state_and_stop_hang_through_libvirt(libvirt_lab: LibvirtLa
             m = await wait_metrics(
                 exp,
                 lambda m: (
-                    value(m, "qemu_block_io_hangs_total", vm=dom.name, device="ua-boot", outcome="recovered")
+                    m.sum("qemu_block_io_hangs_total", vm=dom.name, device="ua-boot", outcome="recovered")
                     == 1
-                    and value(m, "qemu_block_io_hang", vm=dom.name, device="ua-boot") == 0
+                    and m.sum("qemu_block_io_hang", vm=dom.name, device="ua-boot") == 0
                 ),
                 "the hang ended by virsh resume",
             )
-            assert value(m, "qemu_block_io_error_events_total", vm=dom.name, device="ua-boot") == len(
-                witnessed
-            )
-            assert value(m, "qemu_block_io_hang_seconds_total", vm=dom.name, device="ua-boot") > 0
+            assert m.sum("qemu_block_io_error_events_total", vm=dom.name, device="ua-boot") == len(witnessed)
+            assert m.sum("qemu_block_io_hang_seconds_total", vm=dom.name, device="ua-boot") > 0
     assert dom.taints() == set(), dom.taint_lines()
 
 
@@ -199,14 +196,14 @@ async def test_report_policy_errors_counted_exactly(libvirt_lab: LibvirtLab, sho
             assert dom.domstate()[0] == "running"  # report: the guest sees errors, runs on
 
             def settled(m: Metrics) -> bool:
-                got = value(
-                    m, "qemu_block_io_error_events_total", vm=dom.name, device="ua-boot", action="report"
+                got = m.sum(
+                    "qemu_block_io_error_events_total", vm=dom.name, device="ua-boot", action="report"
                 )
                 return got == len(witnessed) >= 20
 
             m = await wait_metrics(exp, settled, "every report error counted, as the witness saw them")
-        assert value(m, "qemu_block_io_error_events_unmatched_total", vm=dom.name) == 0
-        assert value(m, "qemu_block_io_hang", vm=dom.name, device="ua-boot") == 0  # report is no hang
+        assert m.sum("qemu_block_io_error_events_unmatched_total", vm=dom.name) == 0
+        assert m.sum("qemu_block_io_hang", vm=dom.name, device="ua-boot") == 0  # report is no hang
     assert dom.taints() == set(), dom.taint_lines()
 
 
@@ -263,17 +260,17 @@ async def test_libvirtd_restarted_mid_hang_keeps_the_hang(libvirt_lab: LibvirtLa
         dom.fail_storage()
         dom.wait_state("paused", "I/O error")
         m = await wait_metrics(
-            exp, lambda m: value(m, "qemu_block_io_hang", vm=dom.name, device="ua-boot") == 1, "the hang"
+            exp, lambda m: m.sum("qemu_block_io_hang", vm=dom.name, device="ua-boot") == 1, "the hang"
         )
         start = m.value("qemu_block_io_hang_start_timestamp_seconds", vm=dom.name, device="ua-boot")
-        errors = value(m, "qemu_block_io_error_events_total", vm=dom.name, device="ua-boot")
+        errors = m.sum("qemu_block_io_error_events_total", vm=dom.name, device="ua-boot")
 
         libvirtd.kill()
         await wait_metrics(
             exp,
             lambda m: (
-                value(m, "qemu_libvirt_up", uri=libvirt_lab.libvirtd.uri) == 0
-                and value(m, "qemu_qmp_up", vm=dom.name) == 0
+                m.sum("qemu_libvirt_up", uri=libvirt_lab.libvirtd.uri) == 0
+                and m.sum("qemu_qmp_up", vm=dom.name) == 0
             ),
             "libvirt seen down",
         )
@@ -281,27 +278,27 @@ async def test_libvirtd_restarted_mid_hang_keeps_the_hang(libvirt_lab: LibvirtLa
         m = await wait_metrics(
             exp,
             lambda m: (
-                value(m, "qemu_libvirt_up", uri=libvirt_lab.libvirtd.uri) == 1
-                and value(m, "qemu_block_io_hang", vm=dom.name, device="ua-boot") == 1
+                m.sum("qemu_libvirt_up", uri=libvirt_lab.libvirtd.uri) == 1
+                and m.sum("qemu_block_io_hang", vm=dom.name, device="ua-boot") == 1
             ),
             "the hang seen again after the restart",
             timeout=30,
         )
         assert m.value("qemu_block_io_hang_start_timestamp_seconds", vm=dom.name, device="ua-boot") == start
-        assert value(m, "qemu_block_io_error_events_total", vm=dom.name, device="ua-boot") == errors
-        assert value(m, "qemu_block_io_hangs_total", vm=dom.name, device="ua-boot") == 0
+        assert m.sum("qemu_block_io_error_events_total", vm=dom.name, device="ua-boot") == errors
+        assert m.sum("qemu_block_io_hangs_total", vm=dom.name, device="ua-boot") == 0
 
         dom.restore_storage()
         dom.resume()
         m = await wait_metrics(
             exp,
             lambda m: (
-                value(m, "qemu_block_io_hangs_total", vm=dom.name, device="ua-boot", outcome="recovered") == 1
+                m.sum("qemu_block_io_hangs_total", vm=dom.name, device="ua-boot", outcome="recovered") == 1
             ),
             "one hang, recovered",
         )
-        assert value(m, "qemu_block_io_hangs_total", vm=dom.name, device="ua-boot") == 1
-        assert value(m, "qemu_exporter_libvirt_connect_errors_total", uri=libvirt_lab.libvirtd.uri) >= 0
+        assert m.sum("qemu_block_io_hangs_total", vm=dom.name, device="ua-boot") == 1
+        assert m.sum("qemu_exporter_libvirt_connect_errors_total", uri=libvirt_lab.libvirtd.uri) >= 0
     assert dom.taints() == set(), dom.taint_lines()
 
 
@@ -317,18 +314,18 @@ async def test_domain_already_paused_on_io_error_is_shown_hanging(
     async with ExporterProcess(short_tmp, exporter_config(short_tmp, libvirt_lab.libvirtd.uri)) as exp:
         m = await wait_metrics(
             exp,
-            lambda m: value(m, "qemu_block_io_hang", vm=dom.name, device="ua-boot") == 1,
+            lambda m: m.sum("qemu_block_io_hang", vm=dom.name, device="ua-boot") == 1,
             "the hang shown",
         )
         start = m.value("qemu_block_io_hang_start_timestamp_seconds", vm=dom.name, device="ua-boot")
         assert start is not None and t_seen <= start <= time.time()
-        assert value(m, "qemu_vm_status", vm=dom.name, status="io-error") == 1
+        assert m.sum("qemu_vm_status", vm=dom.name, status="io-error") == 1
         dom.restore_storage()
         dom.resume()
         await wait_metrics(
             exp,
             lambda m: (
-                value(m, "qemu_block_io_hangs_total", vm=dom.name, device="ua-boot", outcome="recovered") == 1
+                m.sum("qemu_block_io_hangs_total", vm=dom.name, device="ua-boot", outcome="recovered") == 1
             ),
             "the hang ended by virsh resume",
         )
@@ -353,27 +350,27 @@ async def test_a_stopped_libvirtd_never_delays_a_scrape(libvirt_lab: LibvirtLab,
         os.kill(pid, signal.SIGSTOP)
         try:
             worst = 0.0
-            deadline = time.monotonic() + 20
-            while True:
+
+            async def given_up() -> Metrics | None:
+                nonlocal worst
                 t0 = time.monotonic()
                 m = await exp.scrape()
-                worst = max(worst, time.monotonic() - t0)
-                if value(m, "qemu_libvirt_up", uri=libvirtd.uri) == 0:
-                    break
-                assert time.monotonic() < deadline, "the frozen libvirtd was never given up"
-                await asyncio.sleep(0.1)  # pace of the scrapes, not a synchronisation
-            assert value(m, "qemu_qmp_up", vm=dom.name) == 0
+                worst = max(worst, time.monotonic() - t0)  # every scrape stays fast meanwhile
+                return m if m.sum("qemu_libvirt_up", uri=libvirtd.uri) == 0 else None
+
+            m = await wait_for(given_up, 20, "the frozen libvirtd to be given up", step=0.1)
+            assert m.sum("qemu_qmp_up", vm=dom.name) == 0
             assert worst < 0.5, worst
         finally:
             os.kill(pid, signal.SIGCONT)
         await wait_metrics(
             exp,
-            lambda m: value(m, "qemu_libvirt_up", uri=libvirtd.uri) == 1 and watched(m, dom),
+            lambda m: m.sum("qemu_libvirt_up", uri=libvirtd.uri) == 1 and watched(m, dom),
             "libvirt back",
             timeout=30,
         )
         m = await exp.scrape()
-        assert value(m, "qemu_exporter_libvirt_call_errors_total", uri=libvirtd.uri, reason="timeout") >= 1
+        assert m.sum("qemu_exporter_libvirt_call_errors_total", uri=libvirtd.uri, reason="timeout") >= 1
 
 
 async def test_a_vm_seen_through_libvirt_and_a_second_monitor_is_reported_once(
@@ -389,7 +386,7 @@ async def test_a_vm_seen_through_libvirt_and_a_second_monitor_is_reported_once(
     async with ExporterProcess(short_tmp, config) as exp:
         m = await wait_metrics(exp, lambda m: watched(m, dom), "the domain watched")
         await wait_metrics(
-            exp, lambda m: value(m, "qemu_libvirt_up", uri=libvirt_lab.libvirtd.uri) == 1, "libvirt up"
+            exp, lambda m: m.sum("qemu_libvirt_up", uri=libvirt_lab.libvirtd.uri) == 1, "libvirt up"
         )
         (info,) = m.find("qemu_vm_info", vm=dom.name)
         assert info.labels["socket"] == str(sockets / "both.qmp")  # its QMP session reports it

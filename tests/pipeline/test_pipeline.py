@@ -33,9 +33,10 @@ from tests.artefacts.artefacts import (
     dashboard_files,
     used_metric_names,
 )
-from tests.harness import ExporterProcess, wait_for
-from tests.integration.test_exporter_sim import FAST
-from tests.pipeline.procs import Alertmanager, Prometheus, WebhookReceiver, alertmanager_config
+from tests.support.config import FAST
+from tests.support.exporter import ExporterProcess
+from tests.support.prometheus import Alertmanager, Prometheus, WebhookReceiver, alertmanager_config
+from tests.support.waits import wait_for
 
 JOB = "qemu-iohang"  # the rules select job="qemu-iohang": no selector change needed
 #: The issue's target: threshold crossing -> webhook.

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from qmpsim import DiskSpec, SimVM
-from tests.harness import ExporterProcess, wait_for
-from tests.integration.test_exporter_sim import FAST
-from tests.pipeline.procs import Alertmanager, WebhookReceiver, alertmanager_config
+from tests.support.config import FAST
+from tests.support.exporter import ExporterProcess
+from tests.support.prometheus import Alertmanager, WebhookReceiver, alertmanager_config
+from tests.support.waits import wait_for
 
 ALERT = "QemuIOHangApproachingTimeout"
 #: Far beyond the test: an alert still active in Alertmanager was not left to expire.
@@ -46,7 +47,7 @@ def _exporter_config(sock: Path, state: Path, am_url: str) -> dict[str, Any]:
 
 async def _pushes_ok(exp: ExporterProcess) -> float:
     m = await exp.scrape()
-    return sum(s.value for s in m.find("qemu_exporter_alert_pushes_total", result="success"))
+    return m.sum("qemu_exporter_alert_pushes_total", result="success")
 
 
 async def test_restart_neither_resolves_nor_refires_a_hang(short_tmp: Path) -> None:
@@ -88,7 +89,7 @@ async def test_restart_neither_resolves_nor_refires_a_hang(short_tmp: Path) -> N
             )
             before = await in_am()
             assert before is not None and before["status"]["state"] == "active"
-            assert exp1.terminate() == 0  # SIGTERM: a clean shutdown
+            assert exp1.stop() == 0  # SIGTERM: a clean shutdown
         assert "resolving pushed alert" not in exp1.log()
         assert "leaving pushed alerts firing" in exp1.log()
         # Still active in Alertmanager: nothing resolved it, and its endsAt is minutes away.
@@ -135,7 +136,7 @@ async def test_restart_neither_resolves_nor_refires_a_hang(short_tmp: Path) -> N
                 timeout=8,
                 what="the second hang's alert at the webhook",
             )
-            assert exp2.terminate() == 0
+            assert exp2.stop() == 0
         vm.link_up("virtio-disk0")  # the storage returns while nobody watches
 
         (short_tmp / "e3").mkdir()

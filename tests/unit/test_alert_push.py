@@ -30,9 +30,10 @@ from exporter.hang.machine import DiskHangTracker
 from exporter.model.policy import DiskPolicy, PolicyVerdict
 from exporter.model.state import Disk, VMState
 from tests.artefacts.artefacts import ROOT, RULES_FILE, alert_rules, load_module
-from tests.conftest import require_binary
-from tests.harness import free_port, wait_for
-from tests.pipeline.procs import Alertmanager, alertmanager_config
+from tests.support.binaries import require_binary
+from tests.support.procs import free_port
+from tests.support.prometheus import Alertmanager, alertmanager_config
+from tests.support.waits import wait_for
 
 CFG = AlertingConfig(alertmanager_urls=("http://127.0.0.1:1",), instance="hv1:9738", job="qemu-iohang")
 

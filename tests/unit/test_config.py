@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from exporter.config import DEFAULT_SOCKET_GLOB, ConfigError, load_file, parse
-from tests.harness import REPO
+from tests.support.procs import REPO
 
 GOOD = """
 web: {listen_address: "127.0.0.1:9999", telemetry_path: /m}

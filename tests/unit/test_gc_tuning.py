@@ -7,7 +7,7 @@ import contextlib
 import gc
 
 from exporter.gc_tuning import GC_DEFERRED_GEN2_THRESHOLD, freeze_long_lived
-from tests.harness import wait_for
+from tests.support.waits import wait_for
 
 
 async def test_defers_full_collections_while_changing_and_restores_them() -> None:

@@ -30,7 +30,7 @@ from exporter.liveness import (
     fionread,
 )
 from exporter.sd_notify import Notifier, watchdog_interval
-from tests.harness import REPO
+from tests.support.procs import REPO
 
 # --- heartbeat --------------------------------------------------------------------------------
 

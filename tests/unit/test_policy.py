@@ -80,7 +80,7 @@ def test_timeout_rules_do_not_pile_onto_disks_that_cannot_retry() -> None:
 
 
 def test_rule_values_are_the_documented_label_values() -> None:
-    from tests.harness import REPO
+    from tests.support.procs import REPO
 
     doc = (REPO / "docs" / "metrics.md").read_text()
     for rule in Rule:

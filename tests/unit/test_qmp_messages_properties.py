@@ -2,10 +2,10 @@
 
 Whatever a peer sends (random keys, wrong types, missing data, unicode, deep nesting, big
 integers), the functions that read QMP data never raise and every label they produce stays in
-its bounded set.  In-process on `VMWatcher._handle_event` (with the real hang tracker as sink),
-`VMState.match_disk`, `parse_blockstats` and `device_from_qdev`, and end to end through a real
-unix socket: a fake QEMU sends the generated events to a real `VMWatcher` (qemu.qmp client),
-which must count every one of them without an internal error.
+its bounded set.  In-process on `VMState.match_disk`, `parse_blockstats` and
+`device_from_qdev`; events through a real unix socket: a fake QEMU sends the generated events to
+a real `VMWatcher` (qemu.qmp client, the real hang tracker as sink), which must count every one
+of them without an internal error, both in one long session and right after connecting.
 
 Integers include values far beyond 64 bits (valid JSON that no float can hold) and event names
 may be any JSON value: both once raised (OverflowError, TypeError) and are regression-tested in
@@ -18,19 +18,24 @@ import asyncio
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.config import Config, PolicyConfig, QMPConfig
+from exporter.config import PolicyConfig
 from exporter.hang.tracking import HangTracking
 from exporter.metrics import ExporterCollector
-from exporter.model.events import IO_ACTIONS, IO_OPERATIONS, KNOWN_EVENTS
+from exporter.model.events import IO_ACTIONS, IO_OPERATIONS, KNOWN_EVENTS, VMEvent
 from exporter.model.policy import DiskPolicy, verify
+from exporter.model.sink import EventSink
 from exporter.model.state import BlockStats, Disk, VMState
 from exporter.qmp_watch import VMWatcher, device_from_qdev, parse_blockstats
-from tests.faults.servers import DISK_NODE, DISK_QDEV, FakeConn, FakeQMP
+from tests.faults.servers import DISK_NODE, DISK_QDEV, Sends, watching
+from tests.support.waits import wait_for
 
 INT64 = st.one_of(st.integers(min_value=-(2**63), max_value=2**64 - 1), st.integers(min_value=10**300))
 SCALARS = st.one_of(st.none(), st.booleans(), INT64, st.floats(allow_nan=False), st.text(max_size=20))
@@ -94,15 +99,6 @@ def disk() -> Disk:
     )
 
 
-def watcher() -> tuple[VMWatcher, HangTracking]:
-    vm = VMState.qmp("/run/x/vm.qmp")
-    vm.set_disks({"virtio-disk0": disk()})
-    vm.status = "running"
-    hangs = HangTracking(1.0)
-    hangs.on_disks(vm, time.time())
-    return VMWatcher(vm, Config(), sink=hangs, clock=time.time), hangs
-
-
 def assert_bounded(vm: VMState) -> None:
     assert set(vm.events) <= KNOWN_EVENTS | {"other"}
     for dev, op, action in vm.io_errors:
@@ -111,23 +107,6 @@ def assert_bounded(vm: VMState) -> None:
         assert action in IO_ACTIONS | {"other"}
     assert isinstance(vm.status, str)
     assert all(n >= 0 for n in vm.events.values())
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(events(), max_size=20))
-def test_handle_event_never_raises_and_labels_stay_bounded(evs: list[dict[str, Any]]) -> None:
-    w, hangs = watcher()
-    now = time.time()
-    for ev in evs:
-        device = w._handle_event(ev)
-        assert device is None or device in w.vm.disks
-    assert sum(w.vm.events.values()) == len(evs)
-    assert_bounded(w.vm)
-    hangs.tick(now + 1)
-    hangs.tick(now + 100)
-    collector = ExporterCollector(lambda: [w.vm], hangs=hangs, clock=lambda: now + 100)
-    list(collector.collect())
-    collector.render("text")
 
 
 @settings(max_examples=300, deadline=None)
@@ -166,50 +145,90 @@ def test_device_from_qdev_never_raises(qdev: str) -> None:
 # -- through a real socket -------------------------------------------------------------------
 
 
-class Sends(FakeQMP):
-    """A healthy one-disk VM that sends ``self.events`` once watched."""
+class CurrentTracker(EventSink):
+    """Hands what the watcher reports to `hangs`, a fresh hang tracker for each example."""
 
-    def __init__(self, path: str, name: str, events: list[dict[str, Any]]) -> None:
-        super().__init__(path, name)
-        self.events = events
+    def __init__(self) -> None:
+        self.hangs = HangTracking(1.0)
 
-    async def after_established(self, conn: FakeConn) -> None:
-        for ev in self.events:
-            await conn.send(ev)
+    def on_disks(self, vm: VMState, now: float) -> None:
+        self.hangs.on_disks(vm, now)
+
+    def on_event(self, vm: VMState, event: VMEvent) -> None:
+        self.hangs.on_event(vm, event)
+
+    def on_session_start(self, vm: VMState, now: float) -> None:
+        self.hangs.on_session_start(vm, now)
+
+    def on_session_end(self, vm: VMState, now: float, vm_gone: bool) -> None:
+        self.hangs.on_session_end(vm, now, vm_gone)
+
+
+async def until_counted(vm: VMState, n: int) -> None:
+    """Wait until ``vm`` has counted ``n`` events; fail at once if its session broke."""
+
+    async def counted() -> bool:
+        if vm.internal_errors or vm.connect_attempts != 1:
+            raise RuntimeError(
+                f"the session broke: {vm.internal_errors} internal errors, {vm.connect_attempts} connects"
+            )
+        return sum(vm.events.values()) >= n
+
+    await wait_for(counted, 10, f"{n} events counted", step=0.002)
+
+
+@pytest.fixture
+async def session(short_tmp: Path) -> AsyncIterator[tuple[VMWatcher, Sends, CurrentTracker]]:
+    """One session for every example of a test.  It polls only when an event asks for it, and
+    commands never time out: between examples the event loop stands still."""
+    sink, srv = CurrentTracker(), Sends(str(short_tmp / "vm.qmp"), "vm")
+    async with watching(srv, sink, poll_interval_seconds=3600, command_timeout_seconds=3600) as w:
+
+        async def watched() -> bool:
+            return srv.watched is not None
+
+        await wait_for(watched, 10, "the watched connection")
+        yield w, srv, sink
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(evs=st.lists(events(), max_size=20))
+async def test_events_never_break_a_session_and_labels_stay_bounded(
+    session: tuple[VMWatcher, Sends, CurrentTracker], evs: list[dict[str, Any]]
+) -> None:
+    """Every example's events go down the same session (what came before stays): each is
+    counted, none ends the session, labels stay bounded, and a fresh hang tracker fed them
+    ticks and collects."""
+    w, srv, sink = session
+    assert srv.watched is not None
+    now = time.time()
+    sink.hangs = HangTracking(1.0)
+    sink.hangs.on_disks(w.vm, now)
+    before = sum(w.vm.events.values())
+    for ev in evs:
+        await srv.watched.send(ev)
+    await until_counted(w.vm, before + len(evs))
+    assert sum(w.vm.events.values()) == before + len(evs)
+    assert_bounded(w.vm)
+    sink.hangs.tick(now + 1)
+    sink.hangs.tick(now + 100)
+    collector = ExporterCollector(lambda: [w.vm], hangs=sink.hangs, clock=lambda: now + 100)
+    list(collector.collect())
+    collector.render("text")
 
 
 async def _through_socket(evs: list[dict[str, Any]]) -> VMState:
-    d = tempfile.mkdtemp(prefix="qih-prop-", dir="/tmp")
-    path = os.path.join(d, "vm.qmp")
-    srv = Sends(path, "vm", evs)
-    cfg = Config(
-        qmp=QMPConfig(
-            poll_interval_seconds=0.2,
-            command_timeout_seconds=2,
-            backoff_initial_seconds=0.01,
-            backoff_max_seconds=0.05,
-        )
-    )
-    vm = VMState.qmp(path)
-    w = VMWatcher(vm, cfg, sink=HangTracking(1.0), clock=time.time)
-    async with srv:
-        w.start()
-        try:
-            deadline = time.monotonic() + 10
-            while sum(vm.events.values()) < len(evs) or srv.established < 1:
-                assert vm.internal_errors == 0
-                assert time.monotonic() < deadline, (dict(vm.events), len(evs))
-                await asyncio.sleep(0.01)
+    with tempfile.TemporaryDirectory(prefix="qih-prop-", dir="/tmp") as d:
+        async with watching(Sends(os.path.join(d, "vm.qmp"), "vm", evs), HangTracking(1.0)) as w:
+            await until_counted(w.vm, len(evs))
             await asyncio.sleep(0.05)  # anything more (a crash, a reconnect) would show now
-        finally:
-            await w.stop()
-    os.rmdir(d)
-    return vm
+        return w.vm
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(events(), min_size=1, max_size=30))
 def test_events_through_a_real_socket(evs: list[dict[str, Any]]) -> None:
+    """A fresh session per example: the events come right after it is established."""
     vm = asyncio.run(_through_socket(evs))
     assert sum(vm.events.values()) == len(evs)
     assert vm.internal_errors == 0

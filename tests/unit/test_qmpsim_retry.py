@@ -14,6 +14,7 @@ import aiohttp
 from qmpsim import DiskSpec, SimVM
 from qmpsim.control import start_control
 from qmpsim.fleet import Fleet, load_fleet
+from tests.support.waits import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,12 +100,12 @@ async def test_silent_recovery_and_clock_reset(short_tmp: Path) -> None:
         assert vm.event_count(device="virtio-disk0", action="retry") == 2
         vm.link_up("virtio-disk0")
         # the held requests succeed at the next retry timer; nothing is emitted
-        stats = (await c.cmd("query-blockstats"))[0]["stats"]
-        deadline = asyncio.get_running_loop().time() + 2
-        while stats["wr_operations"] <= before + 2:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.02)
-            stats = (await c.cmd("query-blockstats"))[0]["stats"]
+
+        async def written() -> dict[str, Any] | None:
+            stats: dict[str, Any] = (await c.cmd("query-blockstats"))[0]["stats"]
+            return stats if stats["wr_operations"] > before + 2 else None
+
+        stats = await wait_for(written, 2, "the held writes to succeed", step=0.02)
         assert stats["failed_wr_operations"] == 0
         count = vm.event_count("BLOCK_IO_ERROR")
         assert count == 2

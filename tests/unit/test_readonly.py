@@ -5,20 +5,18 @@ from __future__ import annotations
 import ast
 import contextlib
 import gc
-import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from qemu.qmp import ExecInterruptedError, ExecuteError, Runstate
 
-from exporter.config import Config
-from exporter.model.state import VMState
 from exporter.qmp_readonly import ALLOWED_COMMANDS, ForbiddenCommand, ReadOnlyQMPClient, check_allowed
-from exporter.qmp_watch import VMWatcher
-from tests.faults.servers import FakeConn, FakeQMP
-from tests.harness import REPO
-from tests.qemu import run_qemu
+from tests.faults.servers import FakeConn, FakeQMP, watching
+from tests.support.procs import REPO
+from tests.support.qemu import run_qemu
+from tests.support.waits import wait_for
 
 FORBIDDEN = [
     "cont",
@@ -159,25 +157,31 @@ async def test_query_pending_when_qemu_hangs_up_fails_with_exec_interrupted(shor
 
 
 async def test_commands_leave_no_cyclic_garbage(short_tmp: Path) -> None:
-    """Every command of every VM goes through `VMWatcher._cmd`: a reference cycle there is
-    ~90,000 objects for the cyclic GC to find when 1000 VMs connect (docs/performance.md)."""
-    sock = str(short_tmp / "gc.qmp")
-    async with FakeQMP(sock, "gc"):
-        watcher = VMWatcher(VMState.qmp(sock), Config(), clock=time.time)
-        client = ReadOnlyQMPClient("gc", on_event=watcher._on_qmp_event)
-        await client.connect(sock)
+    """Every command of every VM goes through one path in the watcher: a reference cycle there
+    is ~90,000 objects for the cyclic GC to find when 1000 VMs connect (docs/performance.md).
+    Measured over 50 polls of a watch session (query-status and query-blockstats each)."""
+    srv = FakeQMP(str(short_tmp / "gc.qmp"), "gc")
+
+    def polls() -> int:
+        return sum(conn.commands.count("query-blockstats") for conn in srv.conns)
+
+    def more_polls(n: int) -> Callable[[], Awaitable[bool]]:
+        target = polls() + n
+
+        async def polled() -> bool:
+            return polls() >= target
+
+        return polled
+
+    async with watching(srv, poll_interval_seconds=0.01):
+        await wait_for(more_polls(5), 10, "the first polls")
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
         try:
-            await watcher._cmd(client, "query-status")
+            await wait_for(more_polls(50), 10, "50 polls", step=0.01)
             gc.collect()
-            gc.set_debug(gc.DEBUG_SAVEALL)
-            try:
-                for _ in range(50):
-                    await watcher._cmd(client, "query-status")
-                gc.collect()
-                garbage = [type(o).__qualname__ for o in gc.garbage]
-            finally:
-                gc.set_debug(0)
-                gc.garbage.clear()
-            assert garbage == []
+            garbage = [type(o).__qualname__ for o in gc.garbage]
         finally:
-            await client.disconnect()
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert garbage == []

@@ -23,7 +23,7 @@ from exporter.webconfig import (
     parse_basic_authorization,
     parse_web_config,
 )
-from tests.conftest import require_binary
+from tests.support.binaries import require_binary
 
 # Cost 4 keeps the tests fast; the middleware does not care about the cost.
 ALICE_PW = "correct horse:battery"  # a ':' inside the password must survive parsing

@@ -1,15 +1,18 @@
-"""Start a real QEMU (Debian qemu-system-x86) for tests: no guest OS needed (domain.md §5)."""
+"""A real QEMU (Debian qemu-system-x86; no guest OS needed, domain.md §5) and nbdkit storage
+that fails on demand, for tests and benchmarks."""
 
 from __future__ import annotations
 
 import contextlib
-import os
+import functools
+import signal
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tests.conftest import require_binary
+from tests.support.binaries import require_binary
+from tests.support.procs import free_port, read_pid, stop_process
+from tests.support.waits import wait_until
 
 BASE_ARGS = (
     "-machine",
@@ -26,15 +29,15 @@ BASE_ARGS = (
 
 
 def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
+    """Wait until QEMU created ``path``; RuntimeError when QEMU exits first."""
+
+    def there() -> bool:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"qemu exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''!r}"
-            )
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear")
-        time.sleep(0.02)
+            stderr = proc.stderr.read() if proc.stderr else b""
+            raise RuntimeError(f"qemu exited with {proc.returncode}: {stderr!r}")
+        return path.exists()
+
+    wait_until(there, timeout, f"{path} to appear", step=0.02)
 
 
 @contextlib.contextmanager
@@ -60,9 +63,7 @@ def run_qemu(
         wait_socket(qmp_socket, proc)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        stop_process(proc, signal.SIGKILL)
         if proc.stderr:
             proc.stderr.close()
 
@@ -71,10 +72,6 @@ def blank_image(path: Path, size: int = 1 << 20) -> Path:
     with path.open("wb") as f:
         f.truncate(size)
     return path
-
-
-def env_ci() -> bool:
-    return os.environ.get("CI") == "true"
 
 
 # --- Storage that fails on demand, guests with continuous IO, extra monitors -------------------
@@ -97,29 +94,29 @@ def debugcon_args(log_path: Path) -> list[str]:
     return ["-chardev", f"file,id=dbg,path={log_path}", "-device", "isa-debugcon,iobase=0x402,chardev=dbg"]
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
-    """Terminate and reap ``proc`` (SIGKILL when it does not exit in time)."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait()
+def _listening_or_exited(proc: subprocess.Popen[bytes], pid_file: Path) -> bool:
+    return proc.poll() is not None or read_pid(pid_file) is not None
 
 
 class FailingStorage:
     """nbdkit serving a raw image through the error filter: EIO on every request while
-    ``error_file`` exists (domain.md §5)."""
+    ``error_file`` exists (domain.md §5).
 
-    def __init__(self, image: Path, socket_path: Path, error_file: Path, log_path: Path) -> None:
+    It listens on the unix socket ``socket_path``, or (None) on a free 127.0.0.1 TCP port
+    (`port`), which a QEMU running as another user (libvirt's) can reach too."""
+
+    def __init__(
+        self, image: Path, error_file: Path, log_path: Path, socket_path: Path | None = None
+    ) -> None:
         self.image = image
-        self.socket = socket_path
         self.error_file = error_file
         self.log_path = log_path
+        self.socket = socket_path
+        self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     def blockdev_arg(self, node_name: str = "nbd0") -> str:
+        assert self.socket is not None, "a TCP export: QEMU reaches it by port"
         return f"driver=nbd,node-name={node_name},server.type=unix,server.path={self.socket}"
 
     def fail(self) -> None:
@@ -128,39 +125,53 @@ class FailingStorage:
     def recover(self) -> None:
         self.error_file.unlink(missing_ok=True)
 
-    def start(self, timeout: float = 15.0) -> None:
+    @property
+    def failing(self) -> bool:
+        return self.error_file.exists()
+
+    def injected_errors(self) -> int:
+        """How many requests the error filter failed so far (it logs each one)."""
+        return self.log().count("injecting EIO error")
+
+    def start(self, timeout: float = 15.0, attempts: int = 5) -> None:
+        """Listen; on TCP, another process taking the free port first means another try."""
         nbdkit = require_binary("nbdkit")
-        self.socket.unlink(missing_ok=True)
-        pidfile = self.socket.with_suffix(".pid")
-        pidfile.unlink(missing_ok=True)
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [nbdkit, "-f", "-U", str(self.socket), "-P", str(pidfile), "--filter=error", "file",
-                 str(self.image), "error-rate=100%", f"error-file={self.error_file}"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        # nbdkit writes the PID file only once it listens on the socket.
-        deadline = time.monotonic() + timeout
-        while not (pidfile.exists() and pidfile.read_text().strip()):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nbdkit exited with {self.proc.returncode}: {self.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nbdkit did not start: {self.log()}")
-            time.sleep(0.02)
+        pid_file = self.log_path.with_suffix(".pid")
+        for _ in range(attempts):
+            if self.socket is not None:
+                self.socket.unlink(missing_ok=True)
+                listen = ["-U", str(self.socket)]
+            else:
+                self.port = free_port()
+                listen = ["-i", "127.0.0.1", "-p", str(self.port)]
+            pid_file.unlink(missing_ok=True)
+            with self.log_path.open("wb") as log:
+                self.proc = proc = subprocess.Popen(
+                    [nbdkit, "-f", "--exit-with-parent", *listen, "-P", str(pid_file), "--filter=error",
+                     "file", str(self.image), "error-rate=100%", f"error-file={self.error_file}"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            # nbdkit writes its PID file only once it listens.
+            wait_until(functools.partial(_listening_or_exited, proc, pid_file), timeout, "nbdkit to listen")
+            if proc.poll() is None:
+                return
+            if self.socket is not None or "Address already in use" not in self.log():
+                raise RuntimeError(f"nbdkit exited with {proc.returncode}: {self.log()[-2000:]}")
+        raise RuntimeError(f"nbdkit found no free port in {attempts} attempts: {self.log()[-2000:]}")
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_process(self.proc, timeout=5.0)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 @contextlib.contextmanager
 def run_failing_storage(workdir: Path, image: Path, name: str = "nbd") -> Iterator[FailingStorage]:
     """nbdkit with the error filter; stopped and reaped on exit."""
     storage = FailingStorage(
-        image, workdir / f"{name}.sock", workdir / f"{name}.fail", workdir / f"{name}.log"
+        image, workdir / f"{name}.fail", workdir / f"{name}.log", workdir / f"{name}.sock"
     )
     try:
         storage.start()
