@@ -20,6 +20,10 @@ prometheus_client 0.26's two encoders: both write ``name{labels} floatToGoString
 sorted, values escaped alike; no ``_created`` sample, no timestamp, no exemplar).  Only headers
 (`family_header`), host-wide families (formatted by prometheus_client at each scrape: a few
 series) and OpenMetrics' ``# EOF`` differ.  docs/metrics.md documents every family.
+
+A new per-VM metric: declare its `Family`, yield its samples from the reader of the part of
+`VMState` it shows, add it to that part in `_PARTS` (its place there is its place on the page),
+and document it in docs/metrics.md; the golden files (tests/golden) show the change.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
 from itertools import chain
 from operator import itemgetter
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -484,6 +488,7 @@ def format_families(families: Iterable[Metric], fmt: Format = TEXT) -> str:
     return generate_latest(_Families(families)).decode("utf-8")
 
 
+@runtime_checkable
 class Rendered(Protocol):
     """A collector that writes its own exposition text (faster than its `collect`)."""
 
@@ -514,9 +519,8 @@ class Registry(CollectorRegistry):
 def _generate(registry: Registry, fmt: Format) -> list[str]:
     out: list[str] = []
     for collector in registry.collectors:
-        render = getattr(collector, "render", None)
-        if render is not None:
-            out.extend(render(fmt))
+        if isinstance(collector, Rendered):
+            out.extend(collector.render(fmt))
         else:
             out.append(format_families(collector.collect(), fmt))
     return out
