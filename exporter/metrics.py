@@ -220,7 +220,8 @@ BLOCKSTATS: tuple[tuple[Family, str], ...] = (
 )
 IDLE = _gauge("qemu_block_idle_seconds", "Time since the last IO on the disk (idle_time_ns).", DISK)
 
-# A disk's hang (`_hang_steady`: what changes with its state; `_hang_timed`: with time too).
+# A disk's hang (`_hang_state`, `_hang_counts`: what changes with its state; `_hang_timed`: with
+# time too).
 HANG = _gauge("qemu_block_io_hang", "1 while IO on the disk is hanging.", DISK)
 HANG_DURATION = _gauge(
     "qemu_block_io_hang_duration_seconds", "Age of the current IO hang, 0 when none.", DISK
@@ -368,7 +369,7 @@ def _stats(vm: VMState) -> Iterator[Sample]:
             yield IDLE, labels, st.idle_s
 
 
-def _hang_steady(dev: str, t: DiskHangTracker) -> Iterator[Sample]:
+def _hang_state(dev: str, t: DiskHangTracker) -> Iterator[Sample]:
     labels = (dev,)
     yield HANG, labels, 1 if t.hanging else 0
     if t.hang_start is not None:
@@ -376,6 +377,9 @@ def _hang_steady(dev: str, t: DiskHangTracker) -> Iterator[Sample]:
     if t.deadline is not None:
         yield HANG_DEADLINE, labels, t.deadline
     yield FAILING, labels, 1 if t.failing else 0
+
+
+def _hang_counts(dev: str, t: DiskHangTracker) -> Iterator[Sample]:
     for outcome, n in t.hangs_total.items():
         yield HANGS, (dev, outcome.value), n
 
@@ -385,9 +389,14 @@ def _hang_timed(dev: str, t: DiskHangTracker, now: float) -> Iterator[Sample]:
     yield HANG_SECONDS, (dev,), t.hang_seconds_total(now)
 
 
-def _steady_key(t: DiskHangTracker) -> object:
-    """Changes whenever what `_hang_steady` reads changes."""
-    return (t.hang_start, t.deadline, t.failing, tuple(t.hangs_total.values()))
+def _state_key(t: DiskHangTracker) -> object:
+    """Changes whenever what `_hang_state` reads changes."""
+    return (t.hang_start, t.deadline, t.failing)
+
+
+def _counts_key(t: DiskHangTracker) -> object:
+    """Changes whenever what `_hang_counts` reads changes."""
+    return tuple(t.hangs_total.values())
 
 
 def build_info_metric(build: Sequence[str]) -> Metric:
@@ -663,7 +672,20 @@ _READERS: dict[Part, Callable[[VMState], Iterator[Sample]]] = {
     Part.COUNTERS: _counters,
     Part.STATS: _stats,
 }
-_HANG_STEADY = (HANG, HANG_START, HANG_DEADLINE, FAILING, HANGS)
+#: A disk's hang families in groups that change at different times: its state when a hang
+#: starts or ends, its counts when one ends (`_HANG_STEADY`, each kept while its key stays),
+#: and the two that change with time (`_HANG_TIMED`, rendered while a disk hangs or fails).
+_HANG_STEADY: tuple[
+    tuple[
+        tuple[Family, ...],
+        Callable[[DiskHangTracker], object],
+        Callable[[str, DiskHangTracker], Iterator[Sample]],
+    ],
+    ...,
+] = (
+    ((HANG, HANG_START, HANG_DEADLINE, FAILING), _state_key, _hang_state),
+    ((HANGS,), _counts_key, _hang_counts),
+)
 _HANG_TIMED = (HANG_DURATION, HANG_SECONDS)
 _HANG_FAMILIES = (HANG, HANG_DURATION, HANG_START, HANG_DEADLINE, FAILING, HANGS, HANG_SECONDS)
 
@@ -677,7 +699,7 @@ _PAGE_AFTER_HANGS: tuple[Family, ...] = _PARTS[Part.COUNTERS][1:]
 _SLOT: dict[Family, int] = {
     family: i for i, family in enumerate((*(f for part in _PARTS.values() for f in part), *_HANG_FAMILIES))
 }
-_HANG_STEADY_SLOTS = tuple(_SLOT[f] for f in _HANG_STEADY)
+_HANG_STEADY_SLOTS = tuple(tuple(_SLOT[f] for f in families) for families, _key, _reader in _HANG_STEADY)
 _HANG_TIMED_SLOTS = tuple(_SLOT[f] for f in _HANG_TIMED)
 _REFRESH = tuple(
     (part, VMState.version_attr(part), tuple(_SLOT[f] for f in families), _READERS[part])
@@ -698,8 +720,8 @@ class _VMText:
         self.versions: list[int] = [-1] * len(Part)
         self.hang_key: object = None
         self.hang_volatile = False
-        #: Per disk shown, the state its steady hang lines show (`_steady_key`).
-        self.hang_state: list[object] | None = None
+        #: Per group of `_HANG_STEADY`, the keys of the disks its lines show.
+        self.hang_state: list[list[object] | None] = [None] * len(_HANG_STEADY)
 
     def refresh(self) -> None:
         """Re-render each part of the VM whose version moved.  (A new identity gets a new
@@ -727,15 +749,18 @@ class _VMText:
         shown = hangs.shown(vm, now)
         self.hang_volatile = any(t.active for _dev, t in shown)
         text = self.text
-        state = [_steady_key(t) for _dev, t in shown]
-        if state != self.hang_state:
-            self.hang_state = state
-            for slot in _HANG_STEADY_SLOTS:
-                text[slot] = ""
-            for family, lines in self.lines.render(
-                chain.from_iterable(_hang_steady(d, t) for d, t in shown)
-            ).items():
-                text[_SLOT[family]] = lines
+        for group, (slots, (_families, key_of, reader)) in enumerate(
+            zip(_HANG_STEADY_SLOTS, _HANG_STEADY, strict=True)
+        ):
+            state = [key_of(t) for _dev, t in shown]
+            if state != self.hang_state[group]:
+                self.hang_state[group] = state
+                for slot in slots:
+                    text[slot] = ""
+                for family, lines in self.lines.render(
+                    chain.from_iterable(reader(d, t) for d, t in shown)
+                ).items():
+                    text[_SLOT[family]] = lines
         for slot in _HANG_TIMED_SLOTS:
             text[slot] = ""
         for family, lines in self.lines.render(
@@ -862,7 +887,11 @@ class ExporterCollector(EventSink):
             for vm in shown:
                 base = self._base(vm)
                 for dev, t in self._hangs.shown(vm, now):
-                    for family, values, value in (*_hang_steady(dev, t), *_hang_timed(dev, t, now)):
+                    for family, values, value in (
+                        *_hang_state(dev, t),
+                        *_hang_counts(dev, t),
+                        *_hang_timed(dev, t, now),
+                    ):
                         samples[family].append(([*base, *values], value))
 
         def metric(family: Family) -> Metric:
