@@ -39,6 +39,10 @@ HANG_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800,
 
 STATE_VERSION = 1
 
+#: Least time between two `HangTracking.on_change` calls for hangs that start (the alert push
+#: learns of a new hang at most this late; each call walks every tracker).
+CHANGE_COALESCE_S = 0.1
+
 #: Completed hangs kept per disk for the status page (`HangTracking.recent`), and for how long
 #: after its latest one ended: enough to tell "flapping" from "one outage", bounded in memory.
 RECENT_PER_DISK = 10
@@ -99,8 +103,10 @@ class HangTracking(EventSink):
         self._saved: dict[str, Any] = self._load()
         self._last_written_key: object = None
         self._task: asyncio.Task[None] | None = None
-        #: Called with ``trackers`` after every tick and at once when a hang starts (alert push).
+        #: Called with ``trackers`` after every tick and as soon as hangs start (alert push).
         self.on_change: Callable[[Mapping[str, Mapping[str, DiskHangTracker]]], None] | None = None
+        self._change_pending = False
+        self._last_told = -math.inf
         #: Per VM key, a version changed by every EventSink call (`version`): the scrape's
         #: text cache re-renders a VM's hang lines only when it moved.
         self._versions: dict[str, int] = {}
@@ -215,8 +221,7 @@ class HangTracking(EventSink):
         if vm.status == "io-error" and dev in vm.io_failed and not tracker.hanging:
             tracker.on_found_stopped(now)
             log.info("found VM paused on an IO error", extra={"vm": vm.vm, "device": dev})
-            if self.on_change is not None:
-                self.on_change(self.trackers)
+            self._hang_started()
 
     def on_event(self, vm: VMState, event: VMEvent) -> None:
         devs = self.trackers.get(vm.key)
@@ -231,8 +236,8 @@ class HangTracking(EventSink):
             if tracker is not None:
                 was_hanging = tracker.hanging
                 tracker.on_io_error(ts, event.action)
-                if not was_hanging and tracker.hanging and self.on_change is not None:
-                    self.on_change(self.trackers)
+                if not was_hanging and tracker.hanging:
+                    self._hang_started()
         elif isinstance(event, RunStateChange):
             if event.name == "STOP":
                 for t in devs.values():
@@ -283,6 +288,32 @@ class HangTracking(EventSink):
             self._drain(t, vm.key, dev)
         self._saved.pop(vm.key, None)
         self._vms.pop(vm.key, None)  # after the drain: the recent hangs keep the VM's name
+
+    def _hang_started(self) -> None:
+        """Tell `on_change` soon: at once after a quiet spell, then at most every
+        `CHANGE_COALESCE_S`, however many hangs start meanwhile.  `on_change` walks every tracker
+        (the alert push's snapshot of open hangs): called per hang start it was quadratic when a
+        host's storage failed, 4000 disks starting to hang held the loop for 17 s at 1000 VMs
+        (docs/performance.md, round 4)."""
+        if self.on_change is None or self._change_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # fed synchronously (tests, tools): no loop to wait on
+            self.on_change(self.trackers)
+            return
+        self._change_pending = True
+        at = self._last_told + CHANGE_COALESCE_S
+        if at <= loop.time():
+            loop.call_soon(self._tell_change)
+        else:
+            loop.call_at(at, self._tell_change)
+
+    def _tell_change(self) -> None:
+        self._change_pending = False
+        self._last_told = asyncio.get_running_loop().time()
+        if self.on_change is not None:
+            self.on_change(self.trackers)
 
     # -- ticking -----------------------------------------------------------------------
 
