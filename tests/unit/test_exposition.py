@@ -60,3 +60,28 @@ def test_an_uncomparable_version_is_answered_in_the_default_format() -> None:
     with pytest.raises(TypeError):
         choose_encoder(accept)
     assert negotiate(accept) == (generate_text, CONTENT_TYPE_PLAIN_0_0_4)
+
+
+def test_every_metric_is_declared_once_in_metrics_py() -> None:
+    """Each family is spelled in exactly one place in `exporter/`: its `Family` declaration
+    (issue 15).  A second spelling (a hand-written line, a copied collector) could drift."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import exporter.metrics as m
+
+    declared = [v.name for v in vars(m).values() if isinstance(v, m.Family)]
+    declared += [family.name for family, _attr in m.BLOCKSTATS]
+    assert len(declared) == len(set(declared))
+    names = set(declared) | {m.Family(n, "", "counter", m.Scope.HOST).sample_name for n in declared}
+    root = Path(m.__file__).parent
+    spelled: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for word in re.findall(r"\bqemu_\w+", node.value):
+                    if word in names:
+                        spelled.setdefault(word, []).append(f"{path.relative_to(root)}:{node.lineno}")
+    assert {name: where for name, where in spelled.items() if len(where) > 1} == {}
+    assert all(spelled[name][0].startswith("metrics.py:") for name in declared)
