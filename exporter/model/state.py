@@ -171,8 +171,8 @@ class VMState:
     _by_drive: dict[str, str] = field(default_factory=dict, repr=False)
     _by_qom: dict[str, str] = field(default_factory=dict, repr=False)
 
-    #: The live session's stream position, None when no session (or the source, libvirt, has
-    #: none): `read_through` is then ``now``.
+    #: How far the VM's events are handled (the QMP session's reader, libvirt's event hand-over),
+    #: None without a session: `read_through` is then ``now``.
     stream: StreamClock | None = field(default=None, repr=False, compare=False)
 
     # Versions of the parts (`changed`): never equal for two different states.
