@@ -288,14 +288,22 @@ class ReadOnlyQMPClient(QMPClient):
 
     def _received(self, nbytes: int) -> None:
         """`_Stream.buffer_updated`: ``nbytes`` arrived in `_READ_VIEW`.  Handled here, with
-        no task switch, unless the reader task has work in hand or more than a chunk came."""
+        no task switch, unless the reader task has work in hand, more than a chunk came, or a
+        scrape is being served.
+
+        During a scrape the reader task handles it, at its turn (not waiting for the scrape:
+        that is only for readers that are behind).  Handled here, every VM's events would be
+        handled in the turn's I/O callbacks, among them the scrape's: its response's writes
+        waited behind the handling of everything that arrived while the page was rendered (at
+        60,000 events/s, in-storm scrapes took ~50 ms longer, docs/performance.md, round 4)."""
         if not self._direct:
             self._backlog += _READ_VIEW[:nbytes]
             if len(self._backlog) > 2 * READ_BUFFER_BYTES and not self._paused:
                 self._paused = True  # the backlog waits in the socket (and in QEMU)
                 self._pause_reading()
             return
-        if nbytes > READ_CHUNK:
+        scrape = self._scrape_first
+        if nbytes > READ_CHUNK or (scrape is not None and scrape.active()):
             self._backlog += _READ_VIEW[:nbytes]
             self._to_task()
             return
@@ -344,6 +352,11 @@ class ReadOnlyQMPClient(QMPClient):
         if self._stream is None:
             raise RuntimeError("no stream installed")  # _establish_session installs it
         try:
+            # First let connect() return: it checks that the session is still running after the
+            # library started this task, and QEMU's last lines and the end of the stream may
+            # already be buffered; handled at once, the session would end before connect()
+            # returned, and it would fail (the events handed on lost with it).
+            await asyncio.sleep(0)
             await self._attach()
             loop = asyncio.get_running_loop()
             while True:
@@ -357,9 +370,10 @@ class ReadOnlyQMPClient(QMPClient):
 
     async def _drain(self) -> None:
         """Handle what `_received` left to the task, in stream order: held lines, then what is
-        pending, a chunk per turn of the loop (none while a scrape is served); then the end of
-        the stream, or back to handling data in the callback."""
+        pending, a chunk per turn of the loop while it is behind (none while a scrape is
+        served); then the end of the stream, or back to handling data in the callback."""
         scrape = self._scrape_first
+        behind = False
         while True:
             if self._failure is not None:
                 raise self._failure
@@ -367,19 +381,22 @@ class ReadOnlyQMPClient(QMPClient):
                 lines, self._held = self._held, []
                 await self._handle_lines(lines)
                 continue
-            if not self._backlog:
-                break
-            # A backlog: handling it without a yield would hold the loop for this connection's
-            # whole backlog (exporter.fairness).  While a scrape is served, it waits for it to
-            # be written (what arrives meanwhile waits in `_backlog`, then in the socket).
-            if scrape is not None and scrape.active():
-                await scrape.served()
-            else:
-                await asyncio.sleep(0)
-            if self._failure is not None:
-                raise self._failure
-            got = self._clock()
             backlog = self._backlog
+            if not backlog:
+                break
+            if behind or len(backlog) > READ_CHUNK:
+                # Behind: handling it all without a yield would hold the loop for this
+                # connection's whole backlog (exporter.fairness).  While a scrape is served, it
+                # waits for it to be written (what arrives meanwhile waits in `_backlog`, then
+                # in the socket).
+                if scrape is not None and scrape.active():
+                    await scrape.served()
+                else:
+                    await asyncio.sleep(0)
+                if self._failure is not None:
+                    raise self._failure
+            got = self._clock()
+            behind = len(backlog) >= READ_CHUNK  # a full chunk now: yield before the next
             data = bytes(memoryview(backlog)[:READ_CHUNK])
             del backlog[:READ_CHUNK]
             if self._paused and len(backlog) <= READ_BUFFER_BYTES:

@@ -158,6 +158,9 @@ class _EventsWithTheNegotiation(FakeQMP):
 
 @pytest.mark.parametrize("close_at_once", [False, True])
 async def test_what_follows_the_negotiation_is_read_first(short_tmp: Path, close_at_once: bool) -> None:
+    """In order, and connect() returns even when the stream ended with the negotiation (with
+    qemu.qmp's own reader it failed: the reader ended the session before connect() checked it,
+    and the events went with the failed connect)."""
     sock = str(short_tmp / "early.qmp")
     seconds: list[int] = []
     n = 3 if close_at_once else 5
@@ -262,3 +265,27 @@ def test_the_stream_feeds_the_stream_reader_until_attached() -> None:
     stream.buffer_updated(3)
     stream.connection_lost(None)
     assert got == [3, None] and inner.calls == [("eof", None), ("lost", None)]
+
+
+async def test_a_reader_that_is_not_behind_reads_during_a_scrape(short_tmp: Path) -> None:
+    """A new hang's first event must not wait for a scrape: handled by the reader task at its
+    turn (not in the transport's callback, where it would delay the scrape's own I/O)."""
+    sock = str(short_tmp / "one.qmp")
+    events: list[int] = []
+    scrape = ScrapeFirst()
+    srv = _Burst(sock, "one")
+    srv.burst = 1
+    async with srv:
+        client = ReadOnlyQMPClient(
+            "t", on_event=lambda e: events.append(e["timestamp"]["microseconds"]), scrape_first=scrape
+        )
+        await client.connect(sock)
+        try:
+            scrape.scrape_started()
+            async with asyncio.timeout(1):
+                assert await client.query("query-name") == {"name": "one"}
+            assert events == [0] and scrape.active()
+        finally:
+            scrape.scrape_done()
+            with contextlib.suppress(Exception):
+                await client.disconnect()
