@@ -5,14 +5,22 @@ guest from NBD storage with ``error_policy='report'`` and a second QMP monitor e
 exporter runs twice, once per mode, and the benchmark reports for each:
 
 * connect s: exporter start until every domain shows ``qemu_qmp_up 1``;
+* the exporter's CPU at rest (``--rest-seconds``: polls, no events);
 * then every domain's storage fails for ``--seconds``: events/s the exporter counted, the
   exporter's CPU and libvirtd's CPU (utime+stime from /proc, in cores) over that window.
 
 libvirtd handles every event on its own monitor in both modes; in libvirt mode it also forwards
 each one to the exporter.  The difference between the two libvirtd columns is the price of the
-forwarding.
+forwarding.  Also over the window: the events QEMU emitted (the requests nbdkit failed: one
+``BLOCK_IO_ERROR`` each with the report policy), the share of them the exporter counted, and
+the QEMU processes' CPU (the TCG guests that make the events compete for the same cores).
 
     .venv/bin/python -m bench.libvirt_cost --domains 4 --seconds 10
+    .venv/bin/python -m bench.libvirt_cost --sweep 4,8,16 --modes libvirt   # storm rates
+
+``--sweep`` measures at each number of domains in turn, starting the next ones in between
+(one libvirtd throughout): where the events counted stop growing with the events emitted is
+what the path delivers on this machine.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,11 +49,30 @@ def errors(m: Metrics) -> float:
     return m.sum("qemu_block_io_error_events_total")
 
 
+def injected(doms: list[LabDomain]) -> int:
+    return sum(dom.storage.injected_errors() for dom in doms)
+
+
+def qemu_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
 async def measure(
-    mode: str, config: dict[str, Any], workdir: Path, doms: list[LabDomain], libvirtd_pid: int, seconds: float
+    mode: str,
+    config: dict[str, Any],
+    workdir: Path,
+    doms: list[LabDomain],
+    libvirtd_pid: int,
+    seconds: float,
+    rest: float,
 ) -> dict[str, float]:
-    d = workdir / mode
+    d = workdir / f"{mode}-{len(doms)}"
     d.mkdir()
+    qemus = [pid for dom in doms if (pid := dom.qemu_pid()) is not None]
     t0 = time.monotonic()
     async with ExporterProcess(d, config) as exp:
         await exp.wait_metrics(
@@ -56,20 +85,27 @@ async def measure(
         )
         connect = time.monotonic() - t0
         assert exp.proc is not None
+        r0, rw0 = cpu_seconds(exp.proc.pid), time.monotonic()
+        await asyncio.sleep(rest)  # at rest: polls, not events
+        rest_cpu = (cpu_seconds(exp.proc.pid) - r0) / (time.monotonic() - rw0)
         for dom in doms:
             dom.fail_storage()
         await asyncio.sleep(1.0)  # ramp: every guest is failing IO in a loop
-        m0, c0, l0, w0 = (
+        m0, c0, l0, q0, i0, w0 = (
             errors(await exp.scrape()),
             cpu_seconds(exp.proc.pid),
             cpu_seconds(libvirtd_pid),
+            qemu_cpu(qemus),
+            injected(doms),
             time.monotonic(),
         )
         await asyncio.sleep(seconds)  # the measurement window itself
-        m1, c1, l1, w1 = (
+        m1, c1, l1, q1, i1, w1 = (
             errors(await exp.scrape()),
             cpu_seconds(exp.proc.pid),
             cpu_seconds(libvirtd_pid),
+            qemu_cpu(qemus),
+            injected(doms),
             time.monotonic(),
         )
         for dom in doms:
@@ -78,9 +114,15 @@ async def measure(
         return {
             "connect s": connect,
             "events/s": (m1 - m0) / wall,
+            "emitted events/s (nbdkit)": (i1 - i0) / wall,
+            "counted / emitted": (m1 - m0) / max(1, i1 - i0),
             "exporter CPU": (c1 - c0) / wall,
             "libvirtd CPU": (l1 - l0) / wall,
+            "QEMU CPU (all domains)": (q1 - q0) / wall,
+            "exporter CPU at rest": rest_cpu,
             "exporter µs/event": (c1 - c0) / max(1.0, m1 - m0) * 1e6,
+            "exporter µs/event above rest": ((c1 - c0) - rest_cpu * wall) / max(1.0, m1 - m0) * 1e6,
+            "libvirtd µs/event": (l1 - l0) / max(1.0, m1 - m0) * 1e6,
         }
 
 
@@ -88,7 +130,19 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--domains", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument(
+        "--rest-seconds", type=float, default=5.0, help="exporter CPU at rest, before the storage fails"
+    )
+    ap.add_argument(
+        "--sweep", help="comma-separated numbers of domains, measured in turn (instead of --domains)"
+    )
+    ap.add_argument(
+        "--modes", default="libvirt,qmp", help="libvirt (events through libvirtd), qmp (second monitor)"
+    )
     args = ap.parse_args()
+    counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.domains]
+    modes = args.modes.split(",")
+    columns: list[tuple[str, dict[str, float]]] = []
     with (
         lab_workdir("qib-lvd-") as ldir,
         running_libvirtd(ldir, private=True) as libvirtd,
@@ -99,23 +153,28 @@ async def main() -> None:
         sockets.mkdir()
         sockets.chmod(0o777)  # QEMU (libvirt-qemu) creates the second monitors here
         lab = LibvirtLab(libvirtd, workdir, stack)
-        doms = [add_domain(lab, sockets)[0] for _ in range(args.domains)]
+        doms: list[LabDomain] = []
         pid = libvirtd.pid
         assert pid is not None
         qmp = {"poll_interval_seconds": 5}
-        results = {
-            "libvirt": await measure(
-                "libvirt", {"libvirt": {"uri": libvirtd.uri}, "qmp": {"globs": [str(workdir / "none" / "*.qmp")], **qmp}},
-                workdir, doms, pid, args.seconds,
-            ),
-            "qmp": await measure(
-                "qmp", {"qmp": {"globs": [str(sockets / "*.qmp")], **qmp}}, workdir, doms, pid, args.seconds
-            ),
+        configs: dict[str, dict[str, Any]] = {
+            "libvirt": {"libvirt": {"uri": libvirtd.uri}, "qmp": {"globs": [str(workdir / "none" / "*.qmp")], **qmp}},
+            "qmp": {"qmp": {"globs": [str(sockets / "*.qmp")], **qmp}},
         }  # fmt: skip
-    print(f"{args.domains} domains, report policy, storage failing for {args.seconds:g} s")
-    print("| measure | libvirt mode | second QMP monitor |\n|---|---|---|")
-    for key in results["libvirt"]:
-        print(f"| {key} | {results['libvirt'][key]:.3g} | {results['qmp'][key]:.3g} |")
+        for n in counts:
+            while len(doms) < n:
+                doms.append(add_domain(lab, sockets)[0])
+            for mode in modes:
+                result = await measure(
+                    mode, configs[mode], workdir, doms, pid, args.seconds, args.rest_seconds
+                )
+                columns.append((f"{n} domains, {mode}", result))
+                print(f"{n} domains, {mode}: {result}", file=sys.stderr, flush=True)
+    print(f"report policy, storage failing for {args.seconds:g} s; load average {os.getloadavg()[0]:.2f}")
+    print("| measure | " + " | ".join(title for title, _ in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for key in columns[0][1]:
+        print(f"| {key} | " + " | ".join(f"{r[key]:.3g}" for _, r in columns) + " |")
 
 
 if __name__ == "__main__":

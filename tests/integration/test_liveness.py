@@ -216,7 +216,7 @@ async def test_stalled_reader_is_reported_through_the_qmp_hook(short_tmp: Path) 
     """A real `VMWatcher` session flooded by a peer; its transport stops reading (as asyncio's
     flow control does when it pauses a reader and nothing resumes it).  The loop runs on, the
     kernel buffer fills, no line is read: the detector names the VM; reading resumes: healthy.
-    (The pause reaches into asyncio's and qemu.qmp's private state: from outside the process a
+    (The pause reaches into the reader's and qemu.qmp's private state: from outside the process a
     reader cannot be stopped while its loop runs, which is the point of the detector.)"""
     path = str(short_tmp / "flood.qmp")
     cfg = Config(qmp=QMPConfig(sockets=(path,), poll_interval_seconds=600, command_timeout_seconds=600))
@@ -232,9 +232,9 @@ async def test_stalled_reader_is_reported_through_the_qmp_hook(short_tmp: Path) 
             client = w.client
             assert client is not None and client.fileno() is not None
             client._writer.transport.pause_reading()  # type: ignore[union-attr]
-            # In a flood asyncio's StreamReader may have paused the transport itself; it would
-            # resume it once its buffer is read.  Make the pause stick.
-            client._reader._paused = False  # type: ignore[union-attr]
+            # In a flood the reader may have paused the transport itself (its backlog is
+            # full); it would resume it once the backlog is handled.  Make the pause stick.
+            client._paused = False
             stalled = await wait_for(lambda: _async(live.problem()), 10, "stall reported")
             assert stalled.startswith("QMP reader stalled: vm=flood has "), stalled
             assert fionread(client.fileno() or -1) > 0
