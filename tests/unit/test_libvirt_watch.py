@@ -129,12 +129,13 @@ async def test_inbox_hands_a_burst_over_in_order_a_batch_per_turn() -> None:
     loop in order, a batch per turn, so other tasks (a scrape) run in between."""
     import asyncio
     import itertools
+    import time
 
-    from exporter.libvirt_watch import _Inbox
+    from exporter.libvirt_watch import EventInbox
 
     got: list[int] = []
-    inbox = _Inbox(asyncio.get_running_loop(), lambda item: got.append(item[0]))
-    n = _Inbox.BATCH * 3 + 5
+    inbox = EventInbox(asyncio.get_running_loop(), lambda item: got.append(item[0]), time.time)
+    n = EventInbox.BATCH * 3 + 5
     for i in range(n):  # all queued before the loop runs the first drain
         inbox.put((i,))
     seen: list[int] = []
@@ -144,4 +145,37 @@ async def test_inbox_hands_a_burst_over_in_order_a_batch_per_turn() -> None:
     seen.append(len(got))
     assert got == list(range(n))
     steps = [b - a for a, b in itertools.pairwise(seen) if b != a]
-    assert len(steps) >= 4 and max(steps) <= _Inbox.BATCH, steps
+    assert len(steps) >= 4 and max(steps) <= EventInbox.BATCH, steps
+
+
+async def test_events_waiting_in_the_inbox_hold_the_stream_position_back() -> None:
+    """The inbox is the libvirt VMs' stream position: the time its waiting events cover is not
+    silence (docs/hangs.md)."""
+    import asyncio
+    import threading
+
+    from exporter.libvirt_watch import EventInbox
+
+    loop = asyncio.get_running_loop()
+    clock = [100.0]
+    handled: list[tuple[object, ...]] = []
+    inbox = EventInbox(loop, handled.append, lambda: clock[0])
+    assert inbox.read_through(105.0) == 105.0  # nothing waits: read up to now
+
+    def libvirt_thread() -> None:  # libvirt's event thread, while the loop is busy
+        for i in range(EventInbox.BATCH + 10):
+            clock[0] = 101.0 + i / 1000
+            inbox.put(("qemu", i))
+
+    t = threading.Thread(target=libvirt_thread)
+    t.start()
+    t.join()
+    assert handled == []
+    assert inbox.read_through(105.0) == 101.0  # the oldest waiting event arrived then
+    await asyncio.sleep(0)  # one turn: one batch handled
+    assert len(handled) == EventInbox.BATCH
+    assert inbox.read_through(105.0) == 101.0 + EventInbox.BATCH / 1000  # the next one waiting
+    await asyncio.sleep(0)
+    assert len(handled) == EventInbox.BATCH + 10
+    assert inbox.read_through(105.0) == 105.0
+    assert [item[1] for item in handled] == list(range(EventInbox.BATCH + 10))  # in order
