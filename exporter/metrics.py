@@ -600,8 +600,6 @@ def label_text(names: Sequence[str], values: Sequence[str]) -> str:
 
 def fmt_value(v: float) -> str:
     """A sample value as generate_latest writes it."""
-    if type(v) is int and -1_000_000 < v < 1_000_000:  # most counters: no exponent below 1e6
-        return f"{v}.0"
     if v == 1:
         return "1.0"
     if v == 0 and math.copysign(1.0, v) == 1.0:
@@ -618,31 +616,24 @@ class _Lines:
     values) for as long as the VM's identity (its ``vm`` and static labels) stays: a hanging
     disk's lines are rendered at every scrape, its labels once."""
 
-    __slots__ = ("_base_names", "_base_values", "_labels", "_prefixes")
+    __slots__ = ("_base_names", "_base_values", "_labels")
 
     def __init__(self, base_names: Sequence[str], base_values: Sequence[str]) -> None:
         self._base_names = base_names
         self._base_values = base_values
-        #: Label text by (label names, values), and each sample's ``name{labels} `` by family.
         self._labels: dict[tuple[str, tuple[str, ...]], str] = {}
-        self._prefixes: dict[tuple[Family, tuple[str, ...]], str] = {}
-
-    def _prefix(self, family: Family, values: tuple[str, ...]) -> str:
-        key = (family.label_key, values)
-        text = self._labels.get(key)
-        if text is None:
-            names = family.label_names(self._base_names)
-            text = self._labels[key] = label_text(names, [*self._base_values, *values])
-        prefix = self._prefixes[(family, values)] = f"{family.sample_name}{text} "
-        return prefix
 
     def render(self, samples: Iterable[Sample]) -> dict[Family, str]:
         """The lines of each family of ``samples`` (in sample order)."""
         lines: dict[Family, list[str]] = {}
-        prefixes = self._prefixes
+        cache = self._labels
         for family, values, value in samples:
-            prefix = prefixes.get((family, values)) or self._prefix(family, values)
-            line = prefix + fmt_value(value) + "\n"
+            key = (family.label_key, values)
+            text = cache.get(key)
+            if text is None:
+                names = family.label_names(self._base_names)
+                text = cache[key] = label_text(names, [*self._base_values, *values])
+            line = f"{family.sample_name}{text} {fmt_value(value)}\n"
             got = lines.get(family)
             if got is None:
                 lines[family] = [line]
