@@ -1,7 +1,7 @@
 """Every metric the exporter exposes, declared once, and the one renderer that writes them.
 
 Each family is a `Family` (name, help, type, which labels) in the declarations below; the
-functions after them (``_identity``, ``_counters``, ``_stats``, ``_hang_*``, ``*_samples``)
+functions after them (``_identity``, ``_counters``, ``_stats``, ``_hang_*``, ``*_metric(s)``)
 say how its samples are read from the model.  Both ways out of a scrape use those samples:
 
 * `ExporterCollector.collect` turns them into prometheus_client families (what
@@ -11,8 +11,8 @@ say how its samples are read from the model.  Both ways out of a scrape use thos
   per part of its state, re-rendered only when that part changed (`VMState.changed`,
   `HangTracking.version`), and joins the cached lines family by family.  prometheus_client
   formats every sample of every scrape (~3 us each: 110,000 series at 1000 VMs x 4 disks took
-  ~0.5 s in the text format, 1.2-2.1 s in OpenMetrics); the cached path 15-25 ms
-  (docs/performance.md).
+  ~0.5 s in the text format, 1.2-2.1 s in OpenMetrics); the cached path 4-5 ms in-process
+  and 11-18 ms over HTTP at rest (`bench.render`, `bench.fleet`; docs/performance.md).
 
 The two are byte-equal (tests/integration/test_bench_smoke.py, for 17 Accept headers) because
 the sample lines are the same in both formats for every family rendered per VM (checked against
