@@ -807,9 +807,9 @@ class ExporterCollector(EventSink):
     def _sorted(self) -> list[VMState]:
         return sorted(self._vms(), key=lambda v: (v.vm, v.key))
 
-    def _entry(self, vm: VMState, cache: dict[int, _VMText]) -> _VMText:
+    def _entry(self, vm: VMState) -> _VMText:
         """``vm``'s cached text (a new one when its labels changed), parts brought up to date."""
-        entry = cache.get(id(vm))
+        entry = self._cache.get(id(vm))
         if entry is None or entry.vm is not vm or entry.versions[Part.IDENTITY] != vm.version:
             # A new identity may mean new label values: start from empty label text (an
             # id() of a VM that is gone may be reused, hence the `is` check).
@@ -821,7 +821,7 @@ class ExporterCollector(EventSink):
         # Not the first sample of a session (vm.up is set after it): when a whole fleet
         # connects, the next scrape renders everything once anyway.
         if vm.up:
-            self._cache[id(vm)] = self._entry(vm, self._cache)
+            self._cache[id(vm)] = self._entry(vm)
 
     def _host_metrics(self, hangs: HangSource, shown: Sequence[VMState], recount: bool) -> list[Metric]:
         """The histogram, and the per-backend counts.  Those depend on exactly what re-renders
@@ -846,11 +846,8 @@ class ExporterCollector(EventSink):
                 for part in (*_PARTS.values(), _HANG_FAMILIES)
                 for family in part
             }
-        cache: dict[int, _VMText] = {}
-        entries = [self._entry(vm, self._cache) for vm in vms]
-        for vm, entry in zip(vms, entries, strict=True):
-            cache[id(vm)] = entry
-        self._cache = cache
+        entries = [self._entry(vm) for vm in vms]
+        self._cache = {id(e.vm): e for e in entries}  # the VMs gone drop out
         vms_line = f"{VMS.name} {fmt_value(len(vms))}\n"
         parts = [self._build_text[fmt], family_header(VMS.name, VMS.help, VMS.type, fmt), vms_line]
         texts = [e.text for e in entries]
@@ -887,11 +884,8 @@ class ExporterCollector(EventSink):
             for vm in shown:
                 base = self._base(vm)
                 for dev, t in self._hangs.shown(vm, now):
-                    for family, values, value in (
-                        *_hang_state(dev, t),
-                        *_hang_counts(dev, t),
-                        *_hang_timed(dev, t, now),
-                    ):
+                    steady = (reader(dev, t) for _families, _key, reader in _HANG_STEADY)
+                    for family, values, value in chain(*steady, _hang_timed(dev, t, now)):
                         samples[family].append(([*base, *values], value))
 
         def metric(family: Family) -> Metric:

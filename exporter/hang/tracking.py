@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -338,17 +338,22 @@ class HangTracking(EventSink):
         vm = self._vms.get(key)
         return now if vm is None else vm.read_through(now)
 
+    def _advance(self, key: str, trackers: Iterable[tuple[str, DiskHangTracker]], now: float) -> None:
+        """Advance the VM's active trackers to the time up to which its stream is read, not to
+        ``now`` (a reader behind in a storm is no silence; an idle tracker has nothing to learn
+        from the time), and drain their completed hangs."""
+        through: float | None = None
+        for dev, t in trackers:
+            if t.active:
+                if through is None:
+                    through = self._read_through(key, now)
+                t.advance(through)
+            self._drain(t, key, dev)
+
     def tick(self, now: float) -> None:
-        """Let silence end hangs: each VM's trackers are advanced to the time up to which its
-        stream is read, not to ``now`` (a reader behind in a storm is no silence)."""
+        """Let silence end hangs (`_advance`), forget old recent hangs, persist, tell."""
         for key, devs in self.trackers.items():
-            through: float | None = None
-            for dev, t in devs.items():
-                if t.active:  # an idle tracker has nothing to learn from the time
-                    if through is None:
-                        through = self._read_through(key, now)
-                    t.advance(through)
-                self._drain(t, key, dev)
+            self._advance(key, devs.items(), now)
         self._forget_old(now)
         self.save()
         if self.on_change is not None:
@@ -368,17 +373,10 @@ class HangTracking(EventSink):
         return self._versions.get(key)
 
     def shown(self, vm: VMState, now: float) -> list[tuple[str, DiskHangTracker]]:
-        """``vm``'s trackers by device, advanced to the time up to which its stream is read
-        (an idle tracker has nothing to learn from the time), their completed hangs drained."""
+        """``vm``'s trackers by device, advanced (`_advance`)."""
         devs = self.trackers.get(vm.key, {})
         used = [(dev, devs[dev]) for dev in sorted(vm.disks) if dev in devs]
-        through: float | None = None
-        for dev, t in used:
-            if t.active:
-                if through is None:
-                    through = vm.read_through(now)
-                t.advance(through)
-            self._drain(t, vm.key, dev)
+        self._advance(vm.key, used, now)
         return used
 
     def histogram_metric(self) -> Metric:
