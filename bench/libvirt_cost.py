@@ -90,24 +90,24 @@ async def measure(
         rest_cpu = (cpu_seconds(exp.proc.pid) - r0) / (time.monotonic() - rw0)
         for dom in doms:
             dom.fail_storage()
+        pid = exp.proc.pid
+
+        async def snapshot() -> tuple[float, float, float, float, int, float]:
+            """Events counted; exporter, libvirtd and QEMU CPU seconds; errors injected; time."""
+            counted = errors(await exp.scrape())
+            return (
+                counted,
+                cpu_seconds(pid),
+                cpu_seconds(libvirtd_pid),
+                qemu_cpu(qemus),
+                injected(doms),
+                time.monotonic(),
+            )
+
         await asyncio.sleep(1.0)  # ramp: every guest is failing IO in a loop
-        m0, c0, l0, q0, i0, w0 = (
-            errors(await exp.scrape()),
-            cpu_seconds(exp.proc.pid),
-            cpu_seconds(libvirtd_pid),
-            qemu_cpu(qemus),
-            injected(doms),
-            time.monotonic(),
-        )
+        m0, c0, l0, q0, i0, w0 = await snapshot()
         await asyncio.sleep(seconds)  # the measurement window itself
-        m1, c1, l1, q1, i1, w1 = (
-            errors(await exp.scrape()),
-            cpu_seconds(exp.proc.pid),
-            cpu_seconds(libvirtd_pid),
-            qemu_cpu(qemus),
-            injected(doms),
-            time.monotonic(),
-        )
+        m1, c1, l1, q1, i1, w1 = await snapshot()
         for dom in doms:
             dom.restore_storage()
         wall = w1 - w0
