@@ -17,7 +17,7 @@ from exporter.alert_push import AlertPusher, open_hangs
 from exporter.config import Config, validate_listen_address
 from exporter.discovery import Discovery, static_label_names
 from exporter.fairness import ScrapeFirst
-from exporter.gc_tuning import freeze_long_lived
+from exporter.gc_tuning import Departures, freeze_long_lived
 from exporter.hang.tracking import HangTracking
 from exporter.libvirt_watch import LibvirtSource
 from exporter.liveness import Liveness, LivenessCollector, qmp_sources, watchdog
@@ -48,7 +48,8 @@ class Exporter:
             hangs=self.hangs,
             clock=clock,
         )
-        sink = SinkGroup(self.hangs, collector)
+        self._departures = Departures()
+        sink = SinkGroup(self.hangs, collector, self._departures)
         backends = BackendResolver(config)
         self.discovery = Discovery(config, sink, clock, self.scrape_first, backends)
         self.libvirt = [LibvirtSource(uri, config, sink, clock, backends) for uri in config.libvirt.uris]
@@ -109,7 +110,9 @@ class Exporter:
         for source in self.libvirt:
             source.start()
         self._hang_task = asyncio.create_task(self.hangs.run(self.clock), name="hang-tick")
-        self._gc_task = asyncio.create_task(freeze_long_lived(self._fleet_shape), name="gc-freeze")
+        self._gc_task = asyncio.create_task(
+            freeze_long_lived(self._fleet_shape, lambda: self._departures.count), name="gc-freeze"
+        )
         self._liveness_tasks = [
             asyncio.create_task(self.liveness.run(), name="liveness"),
             asyncio.create_task(watchdog(self.notifier, self.liveness), name="systemd-watchdog"),
