@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from qmpsim import DiskSpec, HungServer, SimVM
 from tests.faults.common import (
@@ -37,7 +36,7 @@ from tests.faults.common import (
     wait_value,
 )
 from tests.faults.servers import FakeConn, FakeQMP, io_error_event
-from tests.support.binaries import find_binary
+from tests.support.binaries import find_binary, skip_or_fail
 from tests.support.config import FAULT_FAST
 from tests.support.exporter import ExporterProcess
 from tests.support.procs import rss_kib, status_field
@@ -459,7 +458,7 @@ class UnprivilegedExporter(ExporterProcess):
 
 async def test_permission_denied_on_socket(short_tmp: Path) -> None:
     if os.geteuid() != 0 or not find_binary("setpriv"):
-        pytest.skip("needs root and setpriv to run the exporter as another user")
+        skip_or_fail("needs root and setpriv to run the exporter as another user")
     sock = str(short_tmp / "locked.qmp")
     good, locked = good_vm(short_tmp), SimVM(sock, name="locked", disks=[retry_disk()])
     await good.start()
