@@ -23,6 +23,9 @@ memory are read from ``/proc/PID``.  Per fleet size it measures (docs/performanc
   100 ms: events/s emitted by the simulators and processed by the exporter, exporter CPU and
   RSS, and the loss after the storm (simulator's BLOCK_IO_ERROR count minus the sum of
   ``qemu_block_io_error_events_total``; must be 0);
+* ``stormstart`` (``--scenarios stormstart``): the exporter started into the fast storm (every
+  disk already failing): connect time, time until every disk is shown hanging, then ``storm``'s
+  measurements (each disk one hang when the storage is back);
 * ``hung``: scrape p99 with ``--hung-fraction`` of the sockets accepting but never answering,
   as a ratio to the healthy run.
 """
@@ -94,8 +97,11 @@ class FleetProcess(Process):
         data: list[dict[str, Any]] = json.loads(self.get_sync("/vms"))
         return data
 
-    def block_io_errors(self) -> int:
-        return sum(int(v.get("block_io_errors", 0)) for v in self.vms() if not v.get("hung"))
+    def block_io_errors(self, delivered: bool = False) -> int:
+        """BLOCK_IO_ERROR events emitted; with ``delivered``, only those written to a connected
+        QMP client (a VM's events before the exporter connected reach nobody)."""
+        key = "block_io_errors_delivered" if delivered else "block_io_errors"
+        return sum(int(v.get(key, 0)) for v in self.vms() if not v.get("hung"))
 
     def link_all(self, up: bool, in_flight: int | None = None) -> int:
         body: dict[str, Any] = {"up": up}
@@ -401,25 +407,36 @@ def storm(
     res: Result,
     label: str,
     in_flight: int,
+    already_failing: bool = False,
 ) -> None:
     """Every disk fails with ``in_flight`` requests for ``--storm-seconds``; then all recover
-    and the exporter's count must equal the simulators'.
+    and the exporter's count must equal the simulators'.  ``already_failing``: the disks failed
+    before the exporter started (`run_storm_start`); the window starts now.
 
     Also: the exporter's CPU per event counted in the window (µs/event), the worst scrape
     during the storm, RSS (now and high-water), catch-up measured from the storm's end (link
     up), and whether one continuous outage of a disk was counted as exactly one hang
     (``split``: disks whose ``qemu_block_io_hangs_total`` grew by anything but 1, once every
     hang has ended; being behind in reading must never look like recovery)."""
-    # Hangs of an earlier measurement (hang latency) end first: each disk starts idle.
-    wait_until(lambda: hanging_disks(exp.scrape_text()) == 0, 60, "earlier hangs over", step=0.5)
+    if not already_failing:
+        # Hangs of an earlier measurement (hang latency) end first: each disk starts idle.
+        wait_until(lambda: hanging_disks(exp.scrape_text()) == 0, 60, "earlier hangs over", step=0.5)
     text = exp.scrape_text()
-    before_sim = sum(fp.block_io_errors() for fp in fleets)
-    before_exp = io_error_total(text)
+
+    def sim_count() -> int:
+        """Events the exporter must count: every one emitted, or, when it started into the
+        outage, every one written to it (QEMU sends a monitor with no client nothing)."""
+        return sum(fp.block_io_errors(delivered=already_failing) for fp in fleets)
+
+    # Started into the outage: everything written to it since it started.
+    before_sim = 0 if already_failing else sim_count()
+    before_exp = 0 if already_failing else io_error_total(text)
     hangs0 = hangs_per_disk(text)
     disconnects0 = total(text, "qemu_exporter_qmp_disconnects_total")
-    for fp in fleets:
-        fp.link_all(up=False, in_flight=in_flight)
-    time.sleep(1.0)  # ramp: the first attempts all come at once
+    if not already_failing:
+        for fp in fleets:
+            fp.link_all(up=False, in_flight=in_flight)
+        time.sleep(1.0)  # ramp: the first attempts all come at once
     t0 = time.monotonic()
     c0 = cpu_seconds(exp.pid)
     e0 = io_error_total(exp.scrape_text())
@@ -445,7 +462,7 @@ def storm(
     t_end = time.monotonic()
     # The simulators' count right after the link came back: at most one further attempt per
     # request was already under way.  Caught up = the exporter counted that many.
-    at_end = sum(fp.block_io_errors() for fp in fleets) - before_sim
+    at_end = sim_count() - before_sim
     lag = float("nan")
     with contextlib.suppress(TimeoutError):
         # An overloaded exporter answers scrapes late while it works through the backlog.
@@ -458,8 +475,7 @@ def storm(
         lag = time.monotonic() - t_end
     # The next attempt of every held request succeeds; then no more events.
     time.sleep(max(0.0, args.interval_settle - (time.monotonic() - t_end)))
-    after_sim = sum(fp.block_io_errors() for fp in fleets)
-    delivered = after_sim - before_sim
+    delivered = sim_count() - before_sim
     with contextlib.suppress(TimeoutError):
         wait_until(
             lambda: io_error_total(exp.scrape_text(timeout=120)) - before_exp >= delivered,
@@ -500,6 +516,31 @@ def run_fast_storm(args: argparse.Namespace, n: int, workdir: Path, res: Result)
         wait_connected(exp, n, args.connect_timeout)
         wait_blockstats(exp, n * args.disks)
         storm(args, exp, fleets, res, "100ms", args.fast_in_flight)
+
+
+def run_storm_start(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> None:
+    """The exporter (re)started into an outage: every disk already failing (the fast storm)
+    when it starts, as after a restart in the middle of an incident.  How long until every VM
+    is connected and every disk shown hanging, the first scrape after that, then `storm`'s
+    measurements from there: each disk one hang once the storage is back, nothing lost of what
+    QEMU sent once connected (events sent before are not replayed by QEMU: not counted)."""
+    spec = FleetSpec(n, args.disks, interval_ms=args.fast_interval_ms, fleets=args.fleets)
+    n_disks = n * args.disks
+    with running_fleet(spec, workdir) as fleets:
+        for fp in fleets:
+            fp.link_all(up=False, in_flight=args.fast_in_flight)
+        with fleet_exporter(workdir) as exp:
+            res.values["start_connect_s"] = wait_connected(exp, n, args.connect_timeout)
+            wait_until(
+                lambda: hanging_disks(exp.scrape_text(timeout=30)) >= n_disks,
+                60,
+                "every disk shown hanging",
+                step=0.1,
+            )
+            res.values["start_all_hanging_s"] = time.monotonic() - exp.spawned
+            ts, _ = timed_scrapes(exp, 1, gzip=True, accept=PROMETHEUS_2_ACCEPT)
+            res.values["start_first_scrape_ms"] = ts[0] * 1000
+            storm(args, exp, fleets, res, "start", args.fast_in_flight, already_failing=True)
 
 
 def run_floor(args: argparse.Namespace, n: int, workdir: Path, res: Result) -> None:
@@ -610,6 +651,29 @@ def run_prometheus(args: argparse.Namespace, n: int, workdir: Path, res: Result)
 
 # --- output ------------------------------------------------------------------------------
 
+
+def storm_columns(label: str) -> list[tuple[str, str, str]]:
+    """The rows `storm` writes under ``label``."""
+    return [
+        (f"storm{label}_{key}", f"{label} {title}", spec)
+        for key, title, spec in (
+            ("offered_eps", "storm ev/s", "{:.0f}"),
+            ("processed_eps", "processed ev/s", "{:.0f}"),
+            ("cpu", "CPU", "{:.2f}"),
+            ("us_per_event", "CPU us/event", "{:.1f}"),
+            ("rss_mb", "RSS MB", "{:.0f}"),
+            ("hwm_mb", "RSS high-water MB", "{:.0f}"),
+            ("scrape_p99_ms", "scrape p99 ms", "{:.0f}"),
+            ("scrape_max_ms", "scrape max ms", "{:.0f}"),
+            ("lost", "lost", "{:d}"),
+            ("catchup_s", "catch-up s", "{:.1f}"),
+            ("disconnects", "disconn", "{:d}"),
+            ("hangs", "hangs counted", "{:d}"),
+            ("split", "disks not 1 hang", "{:d}"),
+        )
+    ]
+
+
 COLUMNS: list[tuple[str, str, str]] = [
     ("connect_s", "connect s", "{:.2f}"),
     ("series", "series", "{:d}"),
@@ -628,32 +692,12 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("rest_cpu", "CPU rest", "{:.3f}"),
     ("hang_visible_ms", "hang visible ms", "{:.0f}"),
     ("hang_scrape_start_ms", "hang shown by a scrape started ms", "{:.0f}"),
-    ("storm1s_offered_eps", "1s storm ev/s", "{:.0f}"),
-    ("storm1s_processed_eps", "1s processed ev/s", "{:.0f}"),
-    ("storm1s_cpu", "1s CPU", "{:.2f}"),
-    ("storm1s_us_per_event", "1s CPU us/event", "{:.1f}"),
-    ("storm1s_rss_mb", "1s RSS MB", "{:.0f}"),
-    ("storm1s_hwm_mb", "1s RSS high-water MB", "{:.0f}"),
-    ("storm1s_scrape_p99_ms", "1s scrape p99 ms", "{:.0f}"),
-    ("storm1s_scrape_max_ms", "1s scrape max ms", "{:.0f}"),
-    ("storm1s_lost", "1s lost", "{:d}"),
-    ("storm1s_catchup_s", "1s catch-up s", "{:.1f}"),
-    ("storm1s_disconnects", "1s disconn", "{:d}"),
-    ("storm1s_hangs", "1s hangs counted", "{:d}"),
-    ("storm1s_split", "1s disks not 1 hang", "{:d}"),
-    ("storm100ms_offered_eps", "100ms storm ev/s", "{:.0f}"),
-    ("storm100ms_processed_eps", "100ms processed ev/s", "{:.0f}"),
-    ("storm100ms_cpu", "100ms CPU", "{:.2f}"),
-    ("storm100ms_us_per_event", "100ms CPU us/event", "{:.1f}"),
-    ("storm100ms_rss_mb", "100ms RSS MB", "{:.0f}"),
-    ("storm100ms_hwm_mb", "100ms RSS high-water MB", "{:.0f}"),
-    ("storm100ms_scrape_p99_ms", "100ms scrape p99 ms", "{:.0f}"),
-    ("storm100ms_scrape_max_ms", "100ms scrape max ms", "{:.0f}"),
-    ("storm100ms_lost", "100ms lost", "{:d}"),
-    ("storm100ms_catchup_s", "100ms catch-up s", "{:.1f}"),
-    ("storm100ms_disconnects", "100ms disconn", "{:d}"),
-    ("storm100ms_hangs", "100ms hangs counted", "{:d}"),
-    ("storm100ms_split", "100ms disks not 1 hang", "{:d}"),
+    *storm_columns("1s"),
+    *storm_columns("100ms"),
+    ("start_connect_s", "started into a storm: connect s", "{:.2f}"),
+    ("start_all_hanging_s", "started into a storm: every disk shown hanging s", "{:.2f}"),
+    ("start_first_scrape_ms", "started into a storm: first scrape ms", "{:.0f}"),
+    *storm_columns("start"),
     ("floor_offered_eps", "floor: storm ev/s", "{:.0f}"),
     ("floor_processed_eps", "floor: read ev/s", "{:.0f}"),
     ("floor_cpu", "floor: CPU", "{:.2f}"),
@@ -675,6 +719,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("prom_static_text_max_ms", "Prometheus, static text page: max ms", "{:.0f}"),
     ("healthy_error", "healthy: error", "{}"),
     ("storm100ms_error", "storm100ms: error", "{}"),
+    ("stormstart_error", "stormstart: error", "{}"),
     ("hung_error", "hung: error", "{}"),
     ("prometheus_error", "prometheus: error", "{}"),
     ("floor_error", "floor: error", "{}"),
@@ -741,8 +786,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scenarios",
         default="healthy,storm100ms,hung",
-        help="which of healthy (connect, scrapes, rest, hang, 1 s storm), storm100ms, hung, prometheus, "
-        "floor (the fast storm read by bench.floor instead of the exporter)",
+        help="which of healthy (connect, scrapes, rest, hang, 1 s storm), storm100ms, stormstart (the "
+        "exporter started into the fast storm), hung, prometheus, floor (the fast storm read by "
+        "bench.floor instead of the exporter)",
     )
     p.add_argument("--prom-interval", type=float, default=5.0, help="Prometheus scrape interval, s")
     p.add_argument("--prom-scrapes", type=int, default=12, help="Prometheus scrapes to wait for")
@@ -764,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in (
             ("healthy", run_healthy),
             ("storm100ms", run_fast_storm),
+            ("stormstart", run_storm_start),
             ("hung", run_hung),
             ("prometheus", run_prometheus),
             ("floor", run_floor),

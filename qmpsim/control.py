@@ -32,6 +32,7 @@ def _vm_summary(fleet: Fleet, name: str) -> dict[str, Any]:
         "retry_feature": vm.retry_feature,
         "disks": sorted(vm.disks),
         "block_io_errors": vm.event_count("BLOCK_IO_ERROR"),
+        "block_io_errors_delivered": vm.delivered_count("BLOCK_IO_ERROR"),
         "events": vm.event_count(None),
     }
 

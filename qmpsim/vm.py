@@ -364,6 +364,13 @@ class SimVM:
                 total += n
         return total
 
+    def delivered_count(self, event: str = "BLOCK_IO_ERROR") -> int:
+        """Events of this name written to negotiated clients, over every monitor: what a client
+        connected since before the first of them must have received."""
+        return sum(
+            n for m in self.monitors for (ev, _dev, _act, _op), n in m.delivered.items() if ev == event
+        )
+
     def event_counts(self) -> list[dict[str, Any]]:
         """All emitted-event counters, one dict per (event, device, action, operation)."""
         return [

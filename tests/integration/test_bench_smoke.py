@@ -60,6 +60,39 @@ def test_fleet_benchmark_runs_and_prints_the_table(short_tmp: Path) -> None:
     assert values["storm1s_disconnects"] == 0
 
 
+def test_fleet_benchmark_started_into_a_storm(short_tmp: Path) -> None:
+    """``--scenarios stormstart``: every disk already failing when the exporter starts; each is
+    shown hanging, then counted as one hang once the storage is back, nothing lost."""
+    out_json = short_tmp / "bench.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.fleet",
+            "--vms=20",
+            "--disks=2",
+            "--scenarios=stormstart",
+            "--storm-seconds=1.5",
+            "--interval-settle=1.5",
+            f"--json={out_json}",
+            f"--workdir={short_tmp}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    for row in ("started into a storm: every disk shown hanging s", "start disks not 1 hang"):
+        assert f"| {row} |" in r.stdout, r.stdout
+    values = json.loads(out_json.read_text())["results"][0]["values"]
+    assert not [k for k in values if k.endswith("_error")], values
+    assert values["stormstart_events"] > 0
+    assert values["stormstart_lost"] == 0  # of the events written to it since it started
+    assert values["stormstart_hangs"] == 20 * 2 and values["stormstart_split"] == 0
+    assert values["stormstart_disconnects"] == 0
+
+
 def test_fleet_benchmark_with_a_real_prometheus(short_tmp: Path) -> None:
     """``--scenarios prometheus`` runs the Prometheus binary against the exporter and against
     the static pages, and reads what it stored: every sample of the page, ``up`` 1."""
