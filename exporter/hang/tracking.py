@@ -4,8 +4,9 @@
   blockstats samples and session changes (`EventSink`), whichever source watches the VM.
 * Gives a scrape the trackers to show (`exporter.metrics.HangSource`).
 * Ticks twice a second: lets silence end hangs (QEMU announces no recovery), moves completed
-  hangs into the host-wide histogram, and persists open hangs so that an exporter restart keeps
-  a hang's start (atomic write: temp file, fsync, rename).
+  hangs into the host-wide histogram and the recent hangs, and persists both the open hangs (so
+  that an exporter restart keeps a hang's start) and the recent ones (the status page's
+  history) (atomic write: temp file, fsync, rename).
 """
 
 from __future__ import annotations
@@ -98,9 +99,10 @@ class HangTracking(EventSink):
         #: The VM of each key in ``trackers``: how far its stream is read (`VMState.read_through`).
         self._vms: dict[str, VMState] = {}
         self.histogram = _Histogram()
+        doc = self._load()
         #: (VMState.key, device) -> its latest completed hangs, oldest first (status page).
-        self.recent: dict[tuple[str, str], deque[RecentHang]] = {}
-        self._saved: dict[str, Any] = self._load()
+        self.recent: dict[tuple[str, str], deque[RecentHang]] = restore_recent(doc.get("recent"))
+        self._saved: dict[str, Any] = doc.get("disks", {})
         self._last_written_key: object = None
         self._task: asyncio.Task[None] | None = None
         #: Called with ``trackers`` after every tick and as soon as hangs start (alert push).
@@ -114,6 +116,8 @@ class HangTracking(EventSink):
     # -- persistence -------------------------------------------------------------------
 
     def _load(self) -> dict[str, Any]:
+        """The state file's document (``disks``: each tracker's snapshot; ``recent``: the
+        recent hangs, `save_recent`), or {} when there is none worth reading."""
         if not self.state_file:
             return {}
         try:
@@ -133,16 +137,16 @@ class HangTracking(EventSink):
         ):
             log.warning("ignoring hang state file of another format", extra={"path": self.state_file})
             return {}
-        disks: dict[str, Any] = doc["disks"]
-        return disks
+        return doc
 
     def _state_key(self) -> object:
         """What must be persisted changed?  Coarse on purpose: at most one write a second."""
-        return tuple(
+        trackers = tuple(
             (sock, dev, t.hang_start, t.failing, math.floor(t.last_error or 0), tuple(t.hangs_total.values()))
             for sock, devs in sorted(self.trackers.items())
             for dev, t in sorted(devs.items())
         )
+        return trackers, sum(map(len, self.recent.values()))
 
     def save(self) -> None:
         if not self.state_file:
@@ -153,7 +157,7 @@ class HangTracking(EventSink):
         disks = dict(self._saved)  # keep entries of VMs not connected right now
         for sock, devs in self.trackers.items():
             disks[sock] = {dev: t.snapshot() for dev, t in devs.items()}
-        doc = {"version": STATE_VERSION, "disks": disks}
+        doc = {"version": STATE_VERSION, "disks": disks, "recent": save_recent(self.recent)}
         directory = os.path.dirname(os.path.abspath(self.state_file))
         try:
             fd, tmp = tempfile.mkstemp(prefix=".hangs-", dir=directory)
@@ -387,6 +391,40 @@ class HangTracking(EventSink):
 
 
 _versions = itertools.count(1)
+
+
+def save_recent(rings: Mapping[tuple[str, str], Iterable[RecentHang]]) -> list[list[Any]]:
+    """The recent hangs as the state file keeps them: ``[key, device, vm, start, end,
+    outcome]`` each, so that the status page's history survives a restart (an upgrade in the
+    middle of an incident)."""
+    return [
+        [key, r.device, r.vm, r.hang.start, r.hang.end, r.hang.outcome.value]
+        for (key, _device), ring in rings.items()
+        for r in ring
+    ]
+
+
+def restore_recent(raw: object) -> dict[tuple[str, str], deque[RecentHang]]:
+    """`save_recent`'s list back as rings; an entry that is not one (a file from another
+    version, or edited) is left out, not fatal.  Old entries are dropped at the first tick."""
+    rings: dict[tuple[str, str], deque[RecentHang]] = {}
+    for item in raw if isinstance(raw, list) else ():
+        if not isinstance(item, list) or len(item) != 6:
+            continue
+        key, device, vm, start, end, outcome = item
+        if not all(isinstance(x, str) for x in (key, device, vm)):
+            continue
+        try:
+            hang = CompletedHang(float(start), float(end), HangOutcome(outcome))
+        except (TypeError, ValueError):
+            continue
+        if not (math.isfinite(hang.start) and math.isfinite(hang.end)) or hang.end < hang.start:
+            continue
+        ring = rings.get((key, device))
+        if ring is None:
+            ring = rings[(key, device)] = deque(maxlen=RECENT_PER_DISK)
+        ring.append(RecentHang(vm, device, hang))
+    return rings
 
 
 @dataclass(frozen=True, slots=True)

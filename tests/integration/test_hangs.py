@@ -240,6 +240,14 @@ async def test_restart_mid_hang_keeps_its_start(short_tmp: Path) -> None:
             assert duration is not None and abs(duration - 20) <= 1.5, duration
         finally:
             exp2.stop()
+        # Restarted once more (SIGTERM: the state is written on the way out): the status page
+        # still lists the hang that ended before, with its times.
+        async with ExporterProcess(short_tmp, cfg) as exp3:
+            recent = (await exp3.status())["recent_hangs"]
+            assert [(r["vm"], r["device"], r["outcome"]) for r in recent] == [
+                ("vm", "virtio-disk0", "recovered")
+            ]
+            assert abs(recent[0]["start"] - start) <= 1.0 and abs(recent[0]["duration_seconds"] - 20) <= 1.5
     finally:
         await vm.kill()
 

@@ -20,8 +20,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from qmpsim import DiskSpec, SimVM
 from tests.integration.test_exporter_sim import retry_disk, running
 from tests.support.binaries import require_binary
@@ -119,19 +117,11 @@ async def screenshot(tmp: Path, url: str, path: Path, size: str) -> None:
     await asyncio.to_thread(_screenshot, tmp, url, path, size)
 
 
-async def status_json(exp: ExporterProcess) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as s, s.get(exp.url + "/api/v1/status") as r:
-        assert r.status == 200
-        assert r.headers["Content-Type"].startswith("application/json")
-        data: dict[str, Any] = await r.json()
-        return data
-
-
 async def wait_status(
     exp: ExporterProcess, check: Callable[[dict[str, Any]], bool], what: str, timeout: float = 20
 ) -> dict[str, Any]:
     async def probe() -> dict[str, Any] | None:
-        st = await status_json(exp)
+        st = await exp.status()
         return st if check(st) else None
 
     return await wait_for(probe, timeout, what)

@@ -65,6 +65,14 @@ class ExporterProcess(Process):
             assert r.status == 200, await r.text()
             return Metrics(await r.text())
 
+    async def status(self) -> dict[str, Any]:
+        """``/api/v1/status`` (the status page's snapshot), parsed."""
+        async with aiohttp.ClientSession() as s, s.get(self.url + "/api/v1/status") as r:
+            assert r.status == 200, await r.text()
+            assert r.headers["Content-Type"].startswith("application/json")
+            data: dict[str, Any] = await r.json()
+            return data
+
     async def wait_metrics(
         self, check: Callable[[Metrics], bool], timeout: float = 10.0, what: str = "metrics"
     ) -> Metrics:

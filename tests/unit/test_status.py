@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 import re
+from pathlib import Path
 
 from exporter.config import PolicyConfig
 from exporter.hang.tracking import RECENT_PER_DISK, RECENT_WINDOW_S, HangTracking
@@ -121,6 +122,38 @@ def test_recent_hang_of_a_removed_vm_keeps_its_name() -> None:
     hangs.on_removed(v, T0 + 3)
     st = build_status([], hangs, PolicyConfig(), T0 + 4, [])
     assert [(r["vm"], r["outcome"]) for r in st["recent_hangs"]] == [("leaving", "vm_gone")]
+
+
+def test_recent_hangs_survive_a_restart_through_the_state_file(tmp_path: Path) -> None:
+    """The status page's history is in the state file: a restarted exporter lists the hangs
+    that ended before it, with their VM, device, times and outcome; what is not a recent hang
+    in the file is left out, not fatal."""
+    state = str(tmp_path / "hangs.json")
+    hangs = HangTracking(margin_s=1.0, state_file=state)
+    v = vm("flappy", disk("virtio-disk0"), disk("virtio-disk1"))
+    hangs.on_disks(v, T0)
+    hangs.on_event(v, BlockIOError(T0 + 1, "virtio-disk0", "write", "retry"))
+    hangs.tick(T0 + 5)  # silence: recovered
+    hangs.on_event(v, BlockIOError(T0 + 10, "virtio-disk1", "write", "retry"))
+    hangs.on_event(v, BlockIOError(T0 + 11, "virtio-disk1", "write", "report"))  # timed out
+    hangs.tick(T0 + 12)
+    before = build_status([v], hangs, PolicyConfig(), T0 + 13, [])["recent_hangs"]
+    assert [(r["device"], r["outcome"]) for r in before] == [
+        ("virtio-disk1", "timed_out"),
+        ("virtio-disk0", "recovered"),
+    ]
+
+    restarted = HangTracking(margin_s=1.0, state_file=state)
+    assert build_status([], restarted, PolicyConfig(), T0 + 13, [])["recent_hangs"] == before
+
+    doc = json.loads(Path(state).read_text())
+    doc["recent"] += [["k", "d", "vm"], ["k", "d", "vm", 1.0, 2.0, "exploded"], ["k", "d", 7, 1.0, 2.0, "recovered"],
+                      ["k", "d", "vm", "nan", 2.0, "recovered"], ["k", "d", "vm", 3.0, 2.0, "recovered"], "x"]  # fmt: skip
+    Path(state).write_text(json.dumps(doc))
+    again = HangTracking(margin_s=1.0, state_file=state)
+    assert build_status([], again, PolicyConfig(), T0 + 13, [])["recent_hangs"] == before
+    again.tick(T0 + 12 + RECENT_WINDOW_S + 1)  # an hour later: forgotten, as without a restart
+    assert again.recent == {}
 
 
 def test_seconds_text() -> None:
