@@ -537,6 +537,35 @@ def overview() -> d.Dashboard:
             hide=("Value",),
         ),
     ]
+    exporter: list[Panel] = [
+        graph(
+            "Exporter CPU",
+            [q(f"rate(process_cpu_seconds_total{{{HOST}}}[{RI}])", "{{instance}}")],
+            "CPU of each exporter process, in cores.  A host-wide storage outage is tens of thousands of BLOCK_IO_ERROR events a second: ~0.7 core at 75,000 events/s for 1000 VMs x 4 disks (docs/performance.md).",
+            w=6,
+        ),
+        graph(
+            "Exporter memory",
+            [q(f"process_resident_memory_bytes{{{HOST}}}", "{{instance}}")],
+            "Resident memory of each exporter process.  It grows with the fleet and with what it holds while it is behind in a storm.",
+            unit="bytes",
+            w=6,
+        ),
+        graph(
+            "QMP events handled",
+            [q(f"sum by (instance) (rate(qemu_exporter_qmp_events_total{{{HOST}}}[{RI}]))", "{{instance}}")],
+            "QMP events each exporter reads per second, all VMs and event names together.",
+            unit="ops",
+            w=6,
+        ),
+        graph(
+            "Event loop lag",
+            [q(f"qemu_exporter_event_loop_lag_seconds{{{HOST}}}", "{{instance}}")],
+            "Largest lateness of the exporter's heartbeat in the recent window: how long no QMP socket was read.  Milliseconds normally; above health.max_loop_lag_seconds (5 s) /healthz answers 503.",
+            unit="s",
+            w=6,
+        ),
+    ]
     return dashboard(
         OVERVIEW_UID,
         "QEMU IO hangs / overview",
@@ -548,6 +577,7 @@ def overview() -> d.Dashboard:
             "Hangs": hangs,
             "IO errors": io_errors,
             "Retry policy": policy,
+            "Exporter": exporter,
         },
     )
 

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.process_collector import ProcessCollector
 
 from exporter import __version__
 from exporter.alert_push import AlertPusher, open_hangs
@@ -64,6 +66,11 @@ class Exporter:
             self.hangs.on_change = lambda trackers: pusher.update(open_hangs(trackers, self.vms()))
         self.liveness = Liveness(config.health, lambda: qmp_sources(self.discovery.watchers.values()))
         self.registry.register(LivenessCollector(self.liveness))
+        # The exporter's own process (CPU, memory, fds, start time) and garbage collector, as
+        # every prometheus_client exporter shows them: what the exporter costs its host in a
+        # storm, and whether it restarted (docs/metrics.md).
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.notifier = Notifier()
         self._liveness_tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None

@@ -20,6 +20,7 @@ import aiohttp
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from bench.prometheus import PROMETHEUS_3_ACCEPT
+from tests.artefacts.artefacts import contract_metrics
 from tests.integration.test_exporter_sim import (
     EXPECTED_VIOLATIONS,
     all_disks_seen,
@@ -40,6 +41,8 @@ _VOLATILE = [
     (re.compile(r"^(qemu_exporter_build_info\{).*(\} )"), r"\1<build labels>\2"),
     (re.compile(r"^(qemu_block_idle_seconds\{.*\}) .*$"), r"\1 <seconds>"),
     (re.compile(r"^(qemu_exporter_event_loop_lag_seconds) .*$"), r"\1 <seconds>"),
+    # The process's own figures and its garbage collector's counts (prometheus_client's).
+    (re.compile(r"^(process_\w+|python_gc_\w+)(\{[^}]*\})? .*$"), r"\1\2 <value>"),
     (re.compile(r'socket="[^"]*/([^"/]+)"'), r'socket="<dir>/\1"'),
 ]
 
@@ -99,3 +102,11 @@ async def test_promtool_check_metrics_is_clean(short_tmp: Path) -> None:
     Metrics(text)  # parses
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
+
+
+def test_every_family_on_the_page_is_in_docs_metrics_md() -> None:
+    """docs/metrics.md is the contract dashboards and alerts are checked against: every family
+    of the golden page is listed there, with its type."""
+    documented = contract_metrics()
+    on_page = dict(re.findall(r"^# TYPE (\S+) (\S+)$", GOLDEN.read_text(), re.M))
+    assert on_page and {n: t for n, t in on_page.items() if documented.get(n) != t} == {}
