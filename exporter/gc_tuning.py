@@ -48,7 +48,7 @@ async def freeze_long_lived(
     went away since the last one (``departed``, a count that only grows): the cyclic garbage
     of dead sessions is then freed rather than kept forever, which bounds what a freeze can
     leak to one fleet change.  When none did (start-up, VMs added) it walks only what is
-    not frozen: the unfrozen walk at start-up took 150-320 ms at 1000 VMs x 4 disks and
+    not frozen: the unfrozen walk at start-up took 143-320 ms at 1000 VMs x 4 disks and
     freed ~20 objects; it fell on the first scrape of an outage the exporter started into
     (docs/performance.md, round 5).
     """
