@@ -172,8 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from exporter import logsetup
     from exporter.app import Exporter
+    from exporter.fd_limit import raise_soft_limit
 
     logsetup.setup(config.log_level, config.log_format)
+    raise_soft_limit()  # every watched socket is a descriptor (exporter.fd_limit)
     try:
         asyncio.run(Exporter(config, web_config=web_config).run_until_signal())
     except OSError as exc:  # e.g. the listen address is in use

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from exporter.config import Config
 from exporter.fairness import ScrapeFirst
+from exporter.fd_limit import FD_LIMIT, session_budget
 from exporter.model.sink import EventSink
 from exporter.model.state import VMState
 from exporter.qmp_watch import VMWatcher
@@ -82,9 +83,15 @@ class Discovery:
         clock: Callable[[], float],
         scrape_first: ScrapeFirst | None = None,
         backends: BackendResolver | None = None,
+        max_sessions: int | None = None,
     ) -> None:
         self.config = config
         self.scrape_first = scrape_first
+        #: QMP sessions the open-file limit leaves room for (`exporter.fd_limit`).
+        self.max_sessions = session_budget() if max_sessions is None else max_sessions
+        #: Sockets found but not watched for want of descriptors, in the order found.
+        self._over_limit: dict[str, None] = {}
+        self._waiting_logged = 0
         # One resolver (one mount table, read once per refresh interval) for every watcher.
         self.backends = backends or BackendResolver(config)
         self.sink = sink
@@ -118,6 +125,7 @@ class Discovery:
             if path not in found:
                 watcher = self.watchers.pop(path)
                 self._identity.pop(path, None)
+                self._over_limit.pop(path, None)
                 log.info("QMP socket gone", extra={"vm": watcher.vm.vm, "socket": path})
                 await watcher.stop()
                 self.sink.on_removed(watcher.vm, self.clock())
@@ -137,11 +145,37 @@ class Discovery:
                 self.watchers[path] = watcher
                 self._identity[path] = ident
                 log.info("QMP socket found", extra={"socket": path})
-                watcher.start()
+                self._over_limit[path] = None
             elif ident != self._identity.get(path):
                 self._identity[path] = ident
                 if ident is not None:
                     existing.poke()
+        self._start_within_fd_limit()
+
+    def _start_within_fd_limit(self) -> None:
+        """Start the watchers of new sockets while the open-file limit leaves room; the others
+        wait, shown down with reason ``fd_limit``, until sockets go away (`exporter.fd_limit`:
+        descriptors beyond the limit would leave none to accept a scrape)."""
+        room = self.max_sessions - (len(self.watchers) - len(self._over_limit))
+        waiting = 0
+        for path in list(self._over_limit):
+            watcher = self.watchers[path]
+            if room > 0:
+                room -= 1
+                del self._over_limit[path]
+                if watcher.vm.last_connect_error == FD_LIMIT:
+                    watcher.vm.last_connect_error = ""
+                watcher.start()
+            else:
+                waiting += 1
+                if watcher.vm.last_connect_error != FD_LIMIT:
+                    watcher.vm.last_connect_error = FD_LIMIT
+        if waiting and waiting != self._waiting_logged:  # a line per change, not per scan
+            log.error(
+                "QMP sockets not watched: the open-file limit is reached (raise LimitNOFILE)",
+                extra={"waiting": waiting, "watched": len(self.watchers) - waiting, "max": self.max_sessions},
+            )
+        self._waiting_logged = waiting
 
     async def run(self) -> None:
         while True:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import random
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -25,6 +26,7 @@ from qemu.qmp.protocol import StateError
 
 from exporter.config import Config
 from exporter.fairness import ScrapeFirst
+from exporter.fd_limit import FD_LIMIT
 from exporter.model.backend import source_from_query_block
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
 from exporter.model.policy import DiskPolicy, verify
@@ -65,6 +67,8 @@ def connect_error_reason(exc: BaseException) -> str:
         return "permission"
     if isinstance(inner, TimeoutError):
         return "timeout"
+    if isinstance(inner, OSError) and inner.errno in (errno.EMFILE, errno.ENFILE):
+        return FD_LIMIT  # this process's, or the system's, open-file limit (exporter.fd_limit)
     if isinstance(inner, EOFError | ConnectionResetError | BrokenPipeError):
         return "protocol"
     if isinstance(exc, ConnectError):  # greeting/negotiation errors wrap protocol problems

@@ -58,6 +58,7 @@ REASON_TEXT = {
     "permission": "permission denied on the socket",
     "timeout": "no QMP greeting (another client holds the monitor?)",
     "protocol": "QMP protocol error",
+    "fd_limit": "not watched: the exporter's open-file limit is reached (raise LimitNOFILE)",
     "other": "connect failed",
     "lost": "QMP session failed while reading",
     "connecting": "connecting",
