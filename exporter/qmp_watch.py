@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import logging
 import random
+import sys
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard, TypeVar
@@ -162,11 +163,11 @@ class VMWatcher:
         # Events and blockstats replies of the current session, in QEMU's order: held until
         # it is established (disks known), then applied as they arrive, from the client's
         # reader (`_on_qmp_event`, `_on_blockstats`).
-        self._held_events: list[dict[str, Any] | _StatsReply] = []
+        self._held_events: list[dict[str, Any] | HeldIOError | _StatsReply] = []
         self._events_live = False
         self._event_failure: BaseException | None = None
         self._event_failed = asyncio.Event()
-        self._unmatched: list[Mapping[str, Any]] = []  # BLOCK_IO_ERRORs awaiting a disk refresh
+        self._unmatched: list[Mapping[str, Any] | HeldIOError] = []  # BLOCK_IO_ERRORs awaiting a disk refresh
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -577,7 +578,7 @@ class VMWatcher:
     def _on_qmp_event(self, event: dict[str, Any]) -> None:
         """Called by the client's reader for every event, in order."""
         if not self._events_live:
-            self._held_events.append(event)
+            self._held_events.append(HeldIOError.hold(event))
             return
         try:
             self._handle_event(event)
@@ -593,7 +594,7 @@ class VMWatcher:
             self._apply_held(item)
         self._events_live = True
 
-    def _apply_held(self, item: dict[str, Any] | _StatsReply) -> None:
+    def _apply_held(self, item: dict[str, Any] | HeldIOError | _StatsReply) -> None:
         if isinstance(item, _StatsReply):
             self._apply_stats(item)
         else:
@@ -604,10 +605,11 @@ class VMWatcher:
         assert self._event_failure is not None
         raise self._event_failure
 
-    def _handle_event(self, event: Mapping[str, Any]) -> str | None:
-        """Apply one QMP event.  Synchronous: events are applied in order, and the per-event
-        work is O(1) whatever the fleet size.  Returns the disk a BLOCK_IO_ERROR matched."""
-        typed = _decode(event, self.vm)
+    def _handle_event(self, event: Mapping[str, Any] | HeldIOError) -> str | None:
+        """Apply one QMP event (as it came, or as held during connect).  Synchronous: events
+        are applied in order, and the per-event work is O(1) whatever the fleet size.  Returns
+        the disk a BLOCK_IO_ERROR matched."""
+        typed = decode_message(event, self.vm)
         if type(typed) is BlockIOError and typed.device is not None:
             # The storm's case, first and with the fewest steps (`_apply` in one go).
             self.vm.received_io_error(typed)
@@ -642,7 +644,9 @@ class VMWatcher:
         what still matches nothing is counted as unmatched."""
         pending, self._unmatched = self._unmatched, []
         for event in pending:
-            self._apply(_decode(event, self.vm))
+            self._apply(
+                event.typed(self.vm) if type(event) is HeldIOError else decode_message(event, self.vm)
+            )
 
 
 class _StatsRequest:
@@ -656,6 +660,55 @@ class _StatsRequest:
 
     def __call__(self, stats: object) -> None:
         self._watcher._on_blockstats(stats, self._sent)
+
+
+@dataclass(slots=True)
+class HeldIOError:
+    """A BLOCK_IO_ERROR held while its session is being established (its disks are not known
+    yet): only what `decode_message` reads of it, names interned.  An exporter started into a
+    storm holds ~50 events per VM: as decoded messages (three dicts each, ~1.2 KB) that was
+    ~25 MB of its 165-175 MB high-water at 1000 VMs x 4 disks (docs/performance.md, round 5)."""
+
+    seconds: object
+    microseconds: object
+    node_name: object
+    device: object
+    qom_path: object
+    operation: object
+    action: object
+
+    @staticmethod
+    def hold(event: dict[str, Any]) -> HeldIOError | dict[str, Any]:
+        """``event`` as held: a `HeldIOError` when it is a well-formed BLOCK_IO_ERROR, else
+        itself (rare: other events, malformed ones)."""
+        ts, data = event.get("timestamp"), event.get("data")
+        if event.get("event") != "BLOCK_IO_ERROR" or type(ts) is not dict or type(data) is not dict:
+            return event
+        get = data.get
+        return HeldIOError(
+            ts.get("seconds"),
+            ts.get("microseconds"),
+            _intern(get("node-name")),
+            _intern(get("device")),
+            _intern(get("qom-path")),
+            get("operation"),
+            get("action"),
+        )
+
+    def typed(self, vm: VMState) -> VMEvent:
+        """What `decode_message` makes of the message it was."""
+        data = {
+            "node-name": self.node_name,
+            "device": self.device,
+            "qom-path": self.qom_path,
+            "operation": self.operation,
+            "action": self.action,
+        }
+        return decode("BLOCK_IO_ERROR", data, event_time(self.seconds, self.microseconds), vm.match_disk)
+
+
+def _intern(value: object) -> object:
+    return sys.intern(value) if type(value) is str else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -704,8 +757,11 @@ async def _gather(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
         raise
 
 
-def _decode(event: Mapping[str, Any], vm: VMState) -> VMEvent:
-    """A QMP event message as the model's typed event."""
+def decode_message(event: Mapping[str, Any] | HeldIOError, vm: VMState) -> VMEvent:
+    """A QMP event message (or one held while its session was established) as the model's
+    typed event."""
+    if isinstance(event, HeldIOError):
+        return event.typed(vm)
     ts = event.get("timestamp")
     time = event_time(ts.get("seconds"), ts.get("microseconds")) if isinstance(ts, dict) else None
     return decode(event.get("event"), event.get("data"), time, vm.match_disk)

@@ -33,7 +33,7 @@ from exporter.model.events import IO_ACTIONS, IO_OPERATIONS, KNOWN_EVENTS, VMEve
 from exporter.model.policy import DiskPolicy, verify
 from exporter.model.sink import EventSink
 from exporter.model.state import BlockStats, Disk, VMState
-from exporter.qmp_watch import VMWatcher, device_from_qdev, parse_blockstats
+from exporter.qmp_watch import HeldIOError, VMWatcher, decode_message, device_from_qdev, parse_blockstats
 from tests.faults.servers import DISK_NODE, DISK_QDEV, Sends, watching
 from tests.support.waits import wait_for
 
@@ -234,3 +234,28 @@ def test_events_through_a_real_socket(evs: list[dict[str, Any]]) -> None:
     assert vm.internal_errors == 0
     assert vm.connect_attempts == 1  # one session: no event broke it
     assert_bounded(vm)
+
+
+#: Well-formed BLOCK_IO_ERRORs (what is held compactly), their fields hitting the disk or not.
+IO_ERRORS = st.fixed_dictionaries(
+    {
+        "event": st.just("BLOCK_IO_ERROR"),
+        "timestamp": st.dictionaries(st.sampled_from(["seconds", "microseconds"]), st.one_of(INT64, JSON)),
+        "data": st.dictionaries(KNOWN_KEYS, st.one_of(HITS, JSON), max_size=6),
+    }
+)
+
+
+@given(st.one_of(events(), IO_ERRORS))
+@settings(max_examples=500, deadline=None)
+def test_an_event_held_during_connect_decodes_as_it_came(event: dict[str, Any]) -> None:
+    """Events that arrive while a session is established are held compactly (`HeldIOError`,
+    names interned, unread fields dropped) and decoded once the disks are known: to exactly
+    what the message itself decodes to, matched disk included."""
+    vm = VMState.qmp("/run/vm.qmp")
+    vm.set_disks({"virtio-disk0": disk()})
+    held = HeldIOError.hold(event)
+    if isinstance(held, HeldIOError):
+        assert held.typed(vm) == decode_message(event, vm)
+    else:
+        assert held is event
