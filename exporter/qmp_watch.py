@@ -667,7 +667,7 @@ class HeldIOError:
     """A BLOCK_IO_ERROR held while its session is being established (its disks are not known
     yet): only what `decode_message` reads of it, names interned.  An exporter started into a
     storm holds ~50 events per VM: as decoded messages (three dicts each, ~1.2 KB) that was
-    ~25 MB of its 165-175 MB high-water at 1000 VMs x 4 disks (docs/performance.md, round 5)."""
+    ~30 MB of its 165-175 MB high-water at 1000 VMs x 4 disks (docs/performance.md, round 5)."""
 
     seconds: object
     microseconds: object
