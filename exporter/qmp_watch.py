@@ -644,9 +644,7 @@ class VMWatcher:
         what still matches nothing is counted as unmatched."""
         pending, self._unmatched = self._unmatched, []
         for event in pending:
-            self._apply(
-                event.typed(self.vm) if type(event) is HeldIOError else decode_message(event, self.vm)
-            )
+            self._apply(decode_message(event, self.vm))
 
 
 class _StatsRequest:
