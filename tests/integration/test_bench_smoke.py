@@ -10,39 +10,44 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench.prometheus import PROMETHEUS_2_ACCEPT, PROMETHEUS_3_ACCEPT
 from tests.support.binaries import require_binary
 from tests.support.procs import REPO
 
 
-def test_fleet_benchmark_runs_and_prints_the_table(short_tmp: Path) -> None:
-    out_json = short_tmp / "bench.json"
+def run_fleet_bench(tmp: Path, *args: str, timeout: float = 120) -> tuple[str, dict[str, Any]]:
+    """``python -m bench.fleet ARGS`` with its JSON and work files in ``tmp``: it must exit 0;
+    its table (stdout) and its values."""
+    out_json = tmp / "bench.json"
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.fleet",
-            "--vms=20",
-            "--disks=2",
-            "--scrapes=20",
-            "--rest-seconds=0.5",
-            "--storm-seconds=1.5",
-            "--interval-settle=1.5",
-            "--hangs=2",
-            "--floor-runs=2",
-            "--cold-scrapes=0",
-            f"--json={out_json}",
-            f"--workdir={short_tmp}",
-        ],
+        [sys.executable, "-m", "bench.fleet", *args, f"--json={out_json}", f"--workdir={tmp}"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.startswith("machine: nproc"), r.stdout
-    assert "| metric | 20 VMs x 2 disks |" in r.stdout
+    values: dict[str, Any] = json.loads(out_json.read_text())["results"][0]["values"]
+    return r.stdout, values
+
+
+def test_fleet_benchmark_runs_and_prints_the_table(short_tmp: Path) -> None:
+    stdout, values = run_fleet_bench(
+        short_tmp,
+        "--vms=20",
+        "--disks=2",
+        "--scrapes=20",
+        "--rest-seconds=0.5",
+        "--storm-seconds=1.5",
+        "--interval-settle=1.5",
+        "--hangs=2",
+        "--floor-runs=2",
+        "--cold-scrapes=0",
+    )
+    assert stdout.startswith("machine: nproc"), stdout
+    assert "| metric | 20 VMs x 2 disks |" in stdout
     for row in (
         "connect s",
         "scrape p99 ms",
@@ -51,8 +56,7 @@ def test_fleet_benchmark_runs_and_prints_the_table(short_tmp: Path) -> None:
         "1s lost",
         "hung/healthy p99",
     ):
-        assert f"| {row} |" in r.stdout, r.stdout
-    values = json.loads(out_json.read_text())["results"][0]["values"]
+        assert f"| {row} |" in stdout, stdout
     assert not [k for k in values if k.endswith("_error")], values
     assert values["series"] > 20 * 2 * 10
     assert values["storm1s_events"] > 0 and values["storm100ms_events"] > 0
@@ -63,29 +67,16 @@ def test_fleet_benchmark_runs_and_prints_the_table(short_tmp: Path) -> None:
 def test_fleet_benchmark_started_into_a_storm(short_tmp: Path) -> None:
     """``--scenarios stormstart``: every disk already failing when the exporter starts; each is
     shown hanging, then counted as one hang once the storage is back, nothing lost."""
-    out_json = short_tmp / "bench.json"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.fleet",
-            "--vms=20",
-            "--disks=2",
-            "--scenarios=stormstart",
-            "--storm-seconds=1.5",
-            "--interval-settle=1.5",
-            f"--json={out_json}",
-            f"--workdir={short_tmp}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    stdout, values = run_fleet_bench(
+        short_tmp,
+        "--vms=20",
+        "--disks=2",
+        "--scenarios=stormstart",
+        "--storm-seconds=1.5",
+        "--interval-settle=1.5",
     )
-    assert r.returncode == 0, r.stdout + r.stderr
     for row in ("started into a storm: every disk shown hanging s", "start disks not 1 hang"):
-        assert f"| {row} |" in r.stdout, r.stdout
-    values = json.loads(out_json.read_text())["results"][0]["values"]
+        assert f"| {row} |" in stdout, stdout
     assert not [k for k in values if k.endswith("_error")], values
     assert values["stormstart_events"] > 0
     assert values["stormstart_lost"] == 0  # of the events written to it since it started
@@ -97,27 +88,15 @@ def test_fleet_benchmark_with_a_real_prometheus(short_tmp: Path) -> None:
     """``--scenarios prometheus`` runs the Prometheus binary against the exporter and against
     the static pages, and reads what it stored: every sample of the page, ``up`` 1."""
     require_binary("prometheus")
-    out_json = short_tmp / "bench.json"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.fleet",
-            "--vms=10",
-            "--disks=2",
-            "--scenarios=prometheus",
-            "--prom-interval=1",
-            "--prom-scrapes=3",
-            f"--json={out_json}",
-            f"--workdir={short_tmp}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    _stdout, values = run_fleet_bench(
+        short_tmp,
+        "--vms=10",
+        "--disks=2",
+        "--scenarios=prometheus",
+        "--prom-interval=1",
+        "--prom-scrapes=3",
         timeout=180,
     )
-    assert r.returncode == 0, r.stdout + r.stderr
-    values = json.loads(out_json.read_text())["results"][0]["values"]
     assert "prometheus_error" not in values, values
     assert values["prom_up"] == 1 and values["prom_scrapes"] >= 3
     assert values["prom_samples"] > 10 * 2 * 10

@@ -13,6 +13,7 @@ from typing import Any
 
 from exporter.fd_limit import FD_RESERVE
 from qmpsim import DiskSpec, SimVM
+from tests.integration.test_exporter_sim import running
 from tests.support.binaries import require_binary
 from tests.support.config import FAST
 from tests.support.exporter import ExporterProcess
@@ -45,41 +46,31 @@ def up(m: Metrics) -> set[str]:
 
 
 async def test_sessions_stay_within_the_open_file_limit(short_tmp: Path) -> None:
-    vms = fleet(short_tmp)
-    for vm in vms:
-        await vm.start()
     cfg = {"qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST}}
     limit = FD_RESERVE + BUDGET
-    try:
-        async with LimitedExporter(short_tmp, cfg, soft=limit, hard=limit) as exp:
-            m = await exp.wait_metrics(lambda m: len(up(m)) == BUDGET, timeout=20, what=f"{BUDGET} VMs up")
-            st = await exp.status()
-            waiting = {d["vm"] for d in st["down"] if d["reason"] == "fd_limit"}
-            assert len(waiting) == N_VMS - BUDGET and not waiting & up(m), st["down"]
-            assert exp.log_path.read_text().count("the open-file limit is reached") == 1
-            # Sockets go away (VMs shut down): the waiting ones are watched in their place.
-            gone = sorted(up(m))[: N_VMS - BUDGET]
-            for vm in vms:
-                if vm.name in gone:
-                    await vm.kill()
-            m = await exp.wait_metrics(lambda m: waiting <= up(m), timeout=20, what="the waiting VMs watched")
-            assert len(up(m)) == BUDGET
-            assert not [d for d in (await exp.status())["down"] if d["reason"] == "fd_limit"]
-    finally:
+    async with (
+        running(fleet(short_tmp)) as vms,
+        LimitedExporter(short_tmp, cfg, soft=limit, hard=limit) as exp,
+    ):
+        m = await exp.wait_metrics(lambda m: len(up(m)) == BUDGET, timeout=20, what=f"{BUDGET} VMs up")
+        st = await exp.status()
+        waiting = {d["vm"] for d in st["down"] if d["reason"] == "fd_limit"}
+        assert len(waiting) == N_VMS - BUDGET and not waiting & up(m), st["down"]
+        assert exp.log_path.read_text().count("the open-file limit is reached") == 1
+        # Sockets go away (VMs shut down): the waiting ones are watched in their place.
+        gone = sorted(up(m))[: N_VMS - BUDGET]
         for vm in vms:
-            await vm.kill()
+            if vm.name in gone:
+                await vm.kill()
+        m = await exp.wait_metrics(lambda m: waiting <= up(m), timeout=20, what="the waiting VMs watched")
+        assert len(up(m)) == BUDGET
+        assert not [d for d in (await exp.status())["down"] if d["reason"] == "fd_limit"]
 
 
 async def test_the_soft_limit_is_raised_to_the_hard_one(short_tmp: Path) -> None:
-    vms = fleet(short_tmp)
-    for vm in vms:
-        await vm.start()
     cfg = {"qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST}}
-    try:
-        async with LimitedExporter(short_tmp, cfg, soft=FD_RESERVE + BUDGET, hard=4096) as exp:
-            m = await exp.wait_metrics(lambda m: len(up(m)) == N_VMS, timeout=20, what="every VM up")
-            assert not [d for d in (await exp.status())["down"] if d["reason"] == "fd_limit"]
-            assert m.value("process_max_fds") == 4096
-    finally:
-        for vm in vms:
-            await vm.kill()
+    exporter = LimitedExporter(short_tmp, cfg, soft=FD_RESERVE + BUDGET, hard=4096)
+    async with running(fleet(short_tmp)), exporter as exp:
+        m = await exp.wait_metrics(lambda m: len(up(m)) == N_VMS, timeout=20, what="every VM up")
+        assert not [d for d in (await exp.status())["down"] if d["reason"] == "fd_limit"]
+        assert m.value("process_max_fds") == 4096
