@@ -94,6 +94,19 @@ PRIVATE_DIRS = {
 }
 
 
+def ensure_mount_points() -> None:
+    """Create the directories the private daemon binds over where they are missing.
+
+    ``mount --bind`` needs its target to exist, and on a machine where no libvirtd ever ran
+    ``/run/libvirt`` does not (the packages' daemon or systemd-tmpfiles makes it at its first
+    start; ``/run`` is a tmpfs emptied at every boot).  An empty directory is all this adds to the
+    host: nothing is ever written into it outside the private namespace.
+    """
+    for target in map(Path, PRIVATE_DIRS.values()):
+        if not target.is_dir():
+            target.mkdir(mode=0o755, parents=True)
+
+
 class Libvirtd:
     """The libvirtd (and virtlogd) the tests talk to.
 
@@ -206,6 +219,7 @@ class Libvirtd:
         pid = self.virtlogd_pid()
         if pid is None:
             self._prepare_root()
+            ensure_mount_points()
             mounts = "".join(
                 f"mount --bind {self.root / name} {target}\n" for name, target in PRIVATE_DIRS.items()
             )

@@ -7,7 +7,13 @@ running while its IO fails; libvirtd can crash and come back while domains keep 
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
 from tests.libvirt.lab import DiskOptions, Libvirtd, LibvirtLab, pid_alive
+from tests.support.binaries import require_binary
 
 
 def test_stop_policy_pauses_on_io_error_and_resumes(libvirt_lab: LibvirtLab) -> None:
@@ -58,3 +64,36 @@ def test_libvirtd_killed_and_restarted_while_domain_runs(libvirtd: Libvirtd, lib
     dom.resume()
     dom.wait_state("running", "unpaused")
     dom.wait_io()
+
+
+#: Run inside a mount namespace whose ``/run`` is a new, empty tmpfs: the lab must start a
+#: daemon there, with nothing left behind by an earlier daemon, test run or person.
+_FRESH_RUN_SCRIPT = """
+import sys
+from pathlib import Path
+from tests.libvirt.lab import Libvirtd, lab_workdir
+assert not Path("/run/libvirt").exists(), "the fresh /run is not empty"
+with lab_workdir("qih-fresh-") as workdir:
+    daemon = Libvirtd(workdir, private=True)
+    try:
+        daemon.start(timeout=120)
+        print("responsive" if daemon.responsive() else "unresponsive")
+    finally:
+        daemon.stop()
+"""
+
+
+def test_lab_starts_where_no_libvirtd_ever_ran() -> None:
+    """On a machine that has just booted, or where libvirtd never ran, ``/run/libvirt`` does not
+    exist: the lab creates what it binds over instead of assuming a previous daemon left it."""
+    unshare = require_binary("unshare")
+    for name in ("libvirtd", "virtlogd", "virsh", "nsenter"):
+        require_binary(name)
+    repo = Path(__file__).resolve().parents[2]
+    script = f"mount -t tmpfs -o mode=755 tmpfs /run && exec {shlex.quote(sys.executable)} -c {shlex.quote(_FRESH_RUN_SCRIPT)}"
+    proc = subprocess.run(
+        [unshare, "--mount", "--propagation", "private", "sh", "-c", script],
+        cwd=repo, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"lab failed on a fresh /run ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    assert proc.stdout.split() == ["responsive"]
