@@ -8,7 +8,9 @@ IO-hang configuration as the source), and for automation.  Sources, any number o
   read-only QMP code (`VMWatcher.read_once`);
 * ``--libvirt.uri``: every running domain's live XML, parsed as the exporter's libvirt source
   does (`exporter.libvirt_xml`); a read-only connection, nothing changed or tainted;
-* ``--xml FILE``: domain XML files, running or not (a migration destination's definition);
+* ``--xml FILE``: domain XML files, running or not (a migration destination's definition, with
+  or without its ``<uuid>``), or files of bare ``<disk>`` elements as openEuler's documentation
+  gives them (a VM named after the file);
 * ``--exporter.url``: a running exporter's ``/api/v1/status``.  A QMP socket serves one client
   at a time, so on a host where the exporter watches the sockets this is how to ask.
 
@@ -35,13 +37,15 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from exporter import __version__
 from exporter.cli import LIBVIRT_MISSING, OneLineParser
 from exporter.config import Config, ConfigError, PolicyConfig, load_file, validate_libvirt_uri
-from exporter.libvirt_watch import model_disks
-from exporter.libvirt_xml import parse_domain
+from exporter.discovery import unmatched_reason
+from exporter.libvirt_watch import model_disks, quiet_libvirt_errors
+from exporter.libvirt_xml import Domain, parse_definition, parse_domain
 from exporter.model.policy import DiskPolicy, verify
 from exporter.model.state import Disk, VMState
 from exporter.qmp_watch import VMWatcher
@@ -60,6 +64,7 @@ class Row:
     vm: str
     source: str  # qmp:<socket>, libvirt:<uri>, xml:<file>, exporter:<url>
     device: str
+    uuid: str = ""  # "" where the source has none (a domain file not defined yet, bare disks)
     werror: str = ""
     rerror: str = ""
     retry_interval_ms: int | None = None
@@ -92,6 +97,7 @@ class Row:
     def as_json(self) -> dict[str, Any]:
         return {
             "vm": self.vm,
+            "uuid": self.uuid,
             "source": self.source,
             "device": self.device,
             "werror": self.werror,
@@ -113,6 +119,11 @@ class Answer:
     #: Sources that gave nothing at all: (source, why).
     errors: list[tuple[str, str]] = field(default_factory=list)
     vms_read: int = 0
+    #: Sources that answered but hold no VM: said on stderr (else "nothing could be read" would
+    #: not say why), yet no failure (an empty host is not a non-compliant one).
+    empty: list[tuple[str, str]] = field(default_factory=list)
+    #: False when no source was given and the exporter's default sockets/globs were read.
+    sources_given: bool = True
 
     def exit_code(self) -> int:
         if self.vms_read == 0:
@@ -120,10 +131,11 @@ class Answer:
         return 1 if self.errors or any(r.problems for r in self.rows) else 0
 
 
-def _disk_rows(vm: str, source: str, disks: Sequence[Disk], io_error: bool) -> list[Row]:
+def _disk_rows(vm: str, source: str, disks: Sequence[Disk], io_error: bool, uuid: str = "") -> list[Row]:
     rows = [
         Row(
             vm=vm,
+            uuid=uuid,
             source=source,
             device=d.device,
             werror=d.policy.werror,
@@ -135,7 +147,22 @@ def _disk_rows(vm: str, source: str, disks: Sequence[Disk], io_error: bool) -> l
         )
         for d in sorted(disks, key=lambda d: d.device)
     ]
-    return rows or [Row(vm=vm, source=source, device="-", paused_io_error=io_error)]
+    return rows or [Row(vm=vm, uuid=uuid, source=source, device="-", paused_io_error=io_error)]
+
+
+def _domain_rows(domain: Domain, source: str, config: Config, io_error: bool) -> list[Row]:
+    """A parsed domain's disks, and an unreadable row for each disk its XML gives a value QEMU
+    would refuse: a typo in ``error_policy`` must not leave the file looking compliant."""
+    disks = list(model_disks(domain, config).values())
+    bad = [
+        Row(
+            vm=domain.name, uuid=domain.uuid, source=source, device=s.alias or s.target or "?", error=s.reason
+        )
+        for s in domain.skipped
+    ]
+    if bad and not disks:
+        return bad
+    return sorted(_disk_rows(domain.name, source, disks, io_error, domain.uuid) + bad, key=lambda r: r.device)
 
 
 # --- sources ------------------------------------------------------------------------------
@@ -154,7 +181,7 @@ async def read_qmp(paths: Sequence[str], config: Config) -> list[Row]:
             if reason == "timeout":
                 text += "; where an exporter watches it, use --exporter.url"
             return [Row(vm=vm.vm, source=source, device="-", error=text)]
-        return _disk_rows(vm.vm, source, list(vm.disks.values()), vm.status == "io-error")
+        return _disk_rows(vm.vm, source, list(vm.disks.values()), vm.status == "io-error", vm.uuid)
 
     return [row for rows in await asyncio.gather(*(one(p) for p in paths)) for row in rows]
 
@@ -163,6 +190,7 @@ def read_libvirt(uri: str, config: Config) -> list[Row]:
     """Every running domain of ``uri``, from its live XML, over a read-only connection."""
     import libvirt
 
+    quiet_libvirt_errors()  # the error is reported once, as "--libvirt.uri URI: ..."
     conn = libvirt.openReadOnly(uri)
     try:
         rows: list[Row] = []
@@ -174,19 +202,18 @@ def read_libvirt(uri: str, config: Config) -> list[Row]:
                 continue
             state, reason = dom.state()
             io_error = state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR
-            rows += _disk_rows(
-                domain.name, f"libvirt:{uri}", list(model_disks(domain, config).values()), io_error
-            )
+            rows += _domain_rows(domain, f"libvirt:{uri}", config, io_error)
         return rows
     finally:
         conn.close()
 
 
 def read_xml(path: str, config: Config) -> list[Row]:
-    """A domain XML file: live (with aliases) or a definition that is not running."""
+    """A domain XML file: live (with aliases), a definition that is not running (perhaps not
+    even defined: no ``<uuid>``), or bare ``<disk>`` elements, named after the file."""
     with open(path, "rb") as f:
-        domain = parse_domain(f.read(), inactive=True)
-    return _disk_rows(domain.name, f"xml:{path}", list(model_disks(domain, config).values()), False)
+        domain = parse_definition(f.read(), name=Path(path).stem)
+    return _domain_rows(domain, f"xml:{path}", config, False)
 
 
 def status_url(url: str) -> str:
@@ -219,9 +246,12 @@ def read_exporter(url: str, policy: PolicyConfig, ca_file: str | None, timeout: 
     source = f"exporter:{status_url(url)}"
     for vm in doc["vms"]:
         name = str(vm.get("vm", "?"))
+        uuid = str(vm.get("uuid") or "")
         if not vm.get("up"):
             reason = next((d["reason"] for d in doc.get("down", []) if d.get("vm") == name), "down")
-            rows.append(Row(vm=name, source=source, device="-", error=REASON_TEXT.get(reason, reason)))
+            rows.append(
+                Row(vm=name, uuid=uuid, source=source, device="-", error=REASON_TEXT.get(reason, reason))
+            )
             continue
         io_error = vm.get("status") == "io-error"
         vm_rows = []
@@ -234,6 +264,7 @@ def read_exporter(url: str, policy: PolicyConfig, ca_file: str | None, timeout: 
             vm_rows.append(
                 Row(
                     vm=name,
+                    uuid=uuid,
                     source=source,
                     device=str(d.get("device")),
                     werror=w,
@@ -246,7 +277,7 @@ def read_exporter(url: str, policy: PolicyConfig, ca_file: str | None, timeout: 
                     paused_io_error=io_error,
                 )
             )
-        rows += vm_rows or [Row(vm=name, source=source, device="-", paused_io_error=io_error)]
+        rows += vm_rows or [Row(vm=name, uuid=uuid, source=source, device="-", paused_io_error=io_error)]
     return rows
 
 
@@ -337,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="extend",
         default=[],
         metavar="FILE",
-        help="domain XML files, running or not (e.g. a migration destination's definition)",
+        help="domain XML files, running or not (e.g. a migration destination's definition, <uuid> "
+        "optional), or files of bare <disk> elements (the VM is named after the file)",
     )
     p.add_argument(
         "--exporter.url",
@@ -366,39 +398,62 @@ async def gather(args: argparse.Namespace, config: Config) -> Answer:
 
     def add(rows: list[Row]) -> None:
         answer.rows.extend(rows)
-        answer.vms_read += len({r.vm for r in rows if not r.error})
+        # A VM is read unless the VM itself was unreadable (device "-"); a bad disk is its row.
+        answer.vms_read += len({r.vm for r in rows if not (r.error and r.device == "-")})
 
     sockets = list(dict.fromkeys(args.sockets))
     patterns = list(args.globs)
     any_source = sockets or patterns or args.libvirt_uris or args.xml_files or args.exporter_urls
+    glob_origin = "--qmp.glob"
     if not any_source:  # like the exporter: its config's sockets and globs, else the default glob
+        answer.sources_given = False
         default_sockets, default_globs = config.socket_patterns()
         sockets, patterns = list(default_sockets), list(default_globs)
+        glob_origin = "qmp.globs" if config.qmp.globs else "default --qmp.glob"
     for pattern in patterns:
         found = sorted(glob.glob(pattern))
         if not found:
-            answer.errors.append((f"--qmp.glob {pattern}", "no socket matches"))
+            why = unmatched_reason(pattern)
+            answer.errors.append(
+                (f"{glob_origin} {pattern}", "no socket matches" + (f" ({why})" if why else ""))
+            )
         sockets += [s for s in found if s not in sockets]
     if sockets:
         add(await read_qmp(sockets, config))
     for uri in args.libvirt_uris:
         try:
             async with asyncio.timeout(timeout * 4):
-                add(await asyncio.to_thread(read_libvirt, uri, config))
+                rows = await asyncio.to_thread(read_libvirt, uri, config)
         except Exception as exc:  # libvirtError, timeout: one line, the other sources still count
             answer.errors.append((f"--libvirt.uri {uri}", str(exc) or type(exc).__name__))
+            continue
+        if not rows:
+            answer.empty.append((f"--libvirt.uri {uri}", "no running domain"))
+        add(rows)
     for path in args.xml_files:
         try:
             add(read_xml(path, config))
         except (OSError, ValueError) as exc:
             answer.errors.append((f"--xml {path}", str(exc)))
     for url in args.exporter_urls:
+        source = f"--exporter.url {status_url_safe(url)}"
         try:
             rows = await asyncio.to_thread(read_exporter, url, config.policy, args.ca_file, timeout)
-            add(rows)
-        except (OSError, ValueError, urllib.error.URLError) as exc:
-            answer.errors.append((f"--exporter.url {status_url_safe(url)}", str(exc)))
+        except (OSError, ValueError) as exc:  # URLError is an OSError
+            answer.errors.append((source, _error_text(exc)))
+            continue
+        if not rows:
+            answer.empty.append((source, "the exporter watches no VM (yet)"))
+        add(rows)
     return answer
+
+
+def _error_text(exc: Exception) -> str:
+    """``[Errno 111] Connection refused``, not ``<urlopen error [Errno 111] Connection refused>``
+    (an HTTPError already says ``HTTP Error 401: Unauthorized``)."""
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        return str(exc.reason)
+    return str(exc)
 
 
 def status_url_safe(url: str) -> str:
@@ -438,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     answer = asyncio.run(gather(args, config))
     code = answer.exit_code()
-    for source, why in answer.errors:
+    for source, why in answer.errors + answer.empty:
         print(f"{PROG}: {source}: {why}", file=sys.stderr)
     if args.output == "json":
         doc = {
@@ -456,10 +511,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif answer.rows:
         sys.stdout.write(table(answer, config.policy))
     if code == 2:
-        print(
-            f"{PROG}: nothing could be read (give --qmp.socket, --qmp.glob, --libvirt.uri, --xml or --exporter.url)",
-            file=sys.stderr,
+        hint = (
+            ""
+            if answer.sources_given
+            else " (give --qmp.socket, --qmp.glob, --libvirt.uri, --xml or --exporter.url)"
         )
+        print(f"{PROG}: nothing could be read{hint}", file=sys.stderr)
     return code
 
 

@@ -47,6 +47,19 @@ def socket_identity(path: str) -> tuple[int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
+def unmatched_reason(pattern: str) -> str | None:
+    """Why a glob may match nothing, when the file system can tell: its directory is missing or
+    not readable by this user (``glob`` says neither; it just finds nothing)."""
+    directory = os.path.dirname(pattern)
+    if not directory or any(c in directory for c in "*?["):
+        return None
+    if not os.path.isdir(directory):
+        return f"{directory} does not exist"
+    if not os.access(directory, os.R_OK | os.X_OK):
+        return f"{directory} is not readable by this user"
+    return None
+
+
 def static_labels_for(path: str, config: Config) -> dict[str, str]:
     """Labels configured for ``path``: exact path entries win over glob patterns."""
     labels: dict[str, str] = {}
@@ -92,6 +105,7 @@ class Discovery:
         #: Sockets found but not watched for want of descriptors, in the order found.
         self._over_limit: dict[str, None] = {}
         self._waiting_logged = 0
+        self._announced = False
         # One resolver (one mount table, read once per refresh interval) for every watcher.
         self.backends = backends or BackendResolver(config)
         self.sink = sink
@@ -119,8 +133,26 @@ class Discovery:
             found[ap] = socket_identity(ap)
         return found
 
+    def _announce(self, found: dict[str, tuple[int, int, int] | None]) -> None:
+        """One line at the first scan: which globs and sockets are watched, and when none is
+        there yet, that and why it may be so.  (Each socket found later is logged by `sync`.)"""
+        explicit, globs = self.config.socket_patterns()
+        present = sum(1 for ident in found.values() if ident is not None)
+        fields: dict[str, object] = {"globs": ",".join(globs), "sockets": ",".join(explicit)}
+        if present:
+            log.info("watching QMP sockets", extra={**fields, "found": present})
+            return
+        reasons = [r for r in map(unmatched_reason, globs) if r is not None]
+        if reasons:
+            fields["reason"] = "; ".join(reasons)
+        fields["interval_seconds"] = self.config.qmp.discovery_interval_seconds
+        log.info("no QMP socket found yet: watching for them", extra=fields)
+
     async def sync(self) -> None:
         found = self.scan()
+        if not self._announced:
+            self._announced = True
+            self._announce(found)
         for path in list(self.watchers):
             if path not in found:
                 watcher = self.watchers.pop(path)
@@ -144,7 +176,11 @@ class Discovery:
                 )
                 self.watchers[path] = watcher
                 self._identity[path] = ident
-                log.info("QMP socket found", extra={"socket": path})
+                # A configured socket is watched even while missing: say which it is.
+                log.info(
+                    "QMP socket found" if ident else "QMP socket missing: watching for it",
+                    extra={"socket": path},
+                )
                 self._over_limit[path] = None
             elif ident != self._identity.get(path):
                 self._identity[path] = ident

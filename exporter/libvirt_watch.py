@@ -148,6 +148,15 @@ _loop_lock = threading.Lock()
 _loop_started = False
 
 
+def quiet_libvirt_errors() -> None:
+    """Stop libvirt-python printing ``libvirt: XML-RPC error : ...`` to stderr for every failed
+    call (each reconnect attempt while libvirtd is down): the error is still raised, and logged
+    once per state change in the configured log format."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
 def _ensure_event_loop() -> None:
     """libvirt needs an event loop registered before the first connection (for events,
     keepalive and the close callback); it runs in a daemon thread, never on asyncio's."""
@@ -157,6 +166,7 @@ def _ensure_event_loop() -> None:
     with _loop_lock:
         if _loop_started:
             return
+        quiet_libvirt_errors()
         libvirt.virEventRegisterDefaultImpl()
 
         def run() -> None:

@@ -17,14 +17,18 @@ what QMP mode reports and what `exporter.model.policy.verify` checks.  Each disk
 
 The XML comes from libvirtd, but it describes whatever an operator wrote: a disk with a value
 QEMU could not have accepted is skipped (and listed in `Domain.skipped` with the reason) rather
-than guessed at; XML that is not a domain at all raises `ValueError`.
+than guessed at; XML that is not a domain at all raises `ValueError`.  `parse_definition` reads
+what ``qemu-iohang-check --xml`` is given before a domain exists: a domain file without a
+``<uuid>``, or the bare ``<disk>`` elements openEuler's documentation shows.
 """
 
 from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from xml.parsers.expat import errors as expat_errors
 
 from exporter.model.policy import DiskPolicy
 
@@ -221,31 +225,97 @@ def parse_domain(xml: str | bytes, *, inactive: bool = False) -> Domain:
 
     ``inactive``: the XML may be a definition that is not running (``virsh dumpxml
     --inactive``, a migration destination's domain file), whose disks have no ``<alias>`` yet:
-    such a disk is named by its target (``vda``) instead of being skipped.
+    such a disk is named by its target (``vda``) instead of being skipped.  Such a file may also
+    lack the ``<uuid>`` (libvirt assigns one at ``virsh define``): the uuid is then "".
 
     Raises `ValueError` when the text is not well-formed XML, not a ``<domain>``, or lacks a
-    name or UUID.  A single odd disk never fails the whole domain: it lands in ``skipped``.
+    name or (live XML) a UUID.  A single odd disk never fails the whole domain: it lands in
+    ``skipped``.
     """
-    if len(xml) > MAX_XML_BYTES:
-        raise ValueError(f"domain XML is {len(xml)} bytes, more than {MAX_XML_BYTES}")
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise ValueError(f"domain XML is not well-formed: {exc}") from None
+    root = _parse(xml, fragments=False)
     if root.tag != "domain":
         raise ValueError(f"expected a <domain> element, got <{root.tag}>")
+    return _domain(root, inactive)
+
+
+def parse_definition(xml: str | bytes, name: str) -> Domain:
+    """Parse what an operator writes before a domain exists: a domain file (`parse_domain` with
+    ``inactive``), or bare ``<disk>`` elements as openEuler's documentation gives them (one
+    ``<disk>`` root, several top-level ``<disk>`` elements one after another, or a
+    ``<devices>`` block), checked before they are pasted into a domain.  Bare disks belong to
+    no domain: they are named ``name`` (the caller's choice, e.g. the file's name), uuid "".
+
+    Raises `ValueError` as `parse_domain` does, and when the text holds neither a domain nor a
+    ``<disk>``.
+    """
+    root = _parse(xml, fragments=True)
+    if root.tag == "domain":
+        return _domain(root, inactive=True)
+    if root.tag == "disk":
+        elems = [root]
+    elif root.tag in ("devices", _FRAGMENTS):
+        elems = root.findall("disk")
+    else:
+        elems = []
+    if not elems:
+        tags = [root.tag] if root.tag != _FRAGMENTS else [e.tag for e in root]
+        got = ", ".join(f"<{t}>" for t in dict.fromkeys(tags)) or "no element"
+        raise ValueError(f"expected one <domain> element or <disk> elements, got {got}")
+    disks, skipped = _disks(elems, {}, {}, inactive=True)
+    return Domain(name=_clip(name), uuid="", id=None, disks=disks, skipped=skipped)
+
+
+#: The element `_parse` wraps top-level fragments in (a name no libvirt element has).
+_FRAGMENTS = "_fragments_"
+_JUNK_AFTER_ROOT = expat_errors.codes[expat_errors.XML_ERROR_JUNK_AFTER_DOC_ELEMENT]
+_XML_DECL = re.compile(rb"^(\xef\xbb\xbf)?\s*<\?xml[^>]*\?>")
+_UUID = re.compile(r"[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}")
+
+
+def _parse(xml: str | bytes, *, fragments: bool) -> ET.Element:
+    """The root element.  ``fragments``: text holding several top-level elements (``<disk>``
+    after ``<disk>``, which is not an XML document) is parsed as the children of a `_FRAGMENTS`
+    element instead of being refused."""
+    what = "XML" if fragments else "domain XML"
+    if len(xml) > MAX_XML_BYTES:
+        raise ValueError(f"{what} is {len(xml)} bytes, more than {MAX_XML_BYTES}")
+    try:
+        return ET.fromstring(xml)
+    except ET.ParseError as exc:
+        if not (fragments and exc.code == _JUNK_AFTER_ROOT):
+            raise ValueError(f"{what} is not well-formed: {exc}") from None
+    data = xml.encode() if isinstance(xml, str) else xml
+    decl = _XML_DECL.match(data)  # must stay first: it names the encoding
+    head = decl.group(0) if decl else b""
+    try:
+        return ET.fromstring(
+            b"%s<%s>%s</%s>" % (head, _FRAGMENTS.encode(), data[len(head) :], _FRAGMENTS.encode())
+        )
+    except ET.ParseError as exc:
+        raise ValueError(f"{what} is not well-formed: {exc}") from None
+
+
+def _domain(root: ET.Element, inactive: bool) -> Domain:
     name = (root.findtext("name") or "").strip()
     if not name:
         raise ValueError("domain XML has no <name>")
     uuid = (root.findtext("uuid") or "").strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}", uuid):
+    if not _UUID.fullmatch(uuid) and (uuid or not inactive):
         raise ValueError(f"domain {name!r} has no valid <uuid> ({uuid[:40]!r})")
-    dom_id = _int_attr(root, "id")
-
     overrides, override_problems = _frontend_overrides(root)
+    disks, skipped = _disks(root.iterfind("devices/disk"), overrides, override_problems, inactive)
+    return Domain(name=_clip(name), uuid=uuid, id=_int_attr(root, "id"), disks=disks, skipped=skipped)
+
+
+def _disks(
+    elems: Iterable[ET.Element],
+    overrides: dict[str, _Override],
+    override_problems: dict[str, str],
+    inactive: bool,
+) -> tuple[tuple[Disk, ...], tuple[SkippedDisk, ...]]:
     disks: list[Disk] = []
     skipped: list[SkippedDisk] = []
-    for elem in root.iterfind("devices/disk"):
+    for elem in elems:
         target_el = elem.find("target")
         target = target_el.get("dev") if target_el is not None else None
         alias_el = elem.find("alias")
@@ -266,7 +336,7 @@ def parse_domain(xml: str | bytes, *, inactive: bool = False) -> Domain:
             disks.append(_disk(elem, alias, _clip(target), bus, device, overrides.get(alias, {})))
         except _BadDisk as exc:
             skipped.append(SkippedDisk(target=target, alias=alias, reason=str(exc)))
-    return Domain(name=_clip(name), uuid=uuid, id=dom_id, disks=tuple(disks), skipped=tuple(skipped))
+    return tuple(disks), tuple(skipped)
 
 
 def _int_attr(elem: ET.Element, attr: str) -> int | None:

@@ -144,6 +144,43 @@ async def test_socket_held_by_the_exporter_then_read_through_it(short_tmp: Path)
         assert line.split() == ["hang", "virtio-disk0", "retry/retry", "1s", "120s", "hanging", "-"]
 
 
+async def test_an_exporter_watching_nothing_or_not_there_says_so(short_tmp: Path) -> None:
+    cfg = {"qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST}}
+    async with ExporterProcess(short_tmp, cfg) as exp:
+        r = await acheck(f"--exporter.url={exp.url}")
+        url = exp.url
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"qemu-iohang-check: --exporter.url {url}/api/v1/status: the exporter watches no VM (yet)",
+        "qemu-iohang-check: nothing could be read",
+    ]
+    # Stopped: the socket error itself, not urllib's "<urlopen error ...>" wrapping.
+    r = await acheck(f"--exporter.url={url}")
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[0] == (
+        f"qemu-iohang-check: --exporter.url {url}/api/v1/status: [Errno 111] Connection refused"
+    )
+    # Beside a source that was read, an empty one is said but is no failure.
+    r = await acheck(f"--exporter.url={url}", "--xml", str(XML / "seed-disks.xml"))
+    assert r.returncode == 1  # an unreachable exporter is one
+    async with ExporterProcess(short_tmp, cfg) as exp:
+        r = await acheck(f"--exporter.url={exp.url}", "--xml", str(XML / "seed-disks.xml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "the exporter watches no VM (yet)" in r.stderr
+
+
+def test_libvirt_unreachable_said_once(short_tmp: Path) -> None:
+    """Not twice: libvirt-python also prints ``libvirt: XML-RPC error : ...`` unless told not to."""
+    sock = short_tmp / "no-libvirt-sock"
+    uri = f"qemu+unix:///system?socket={sock}"
+    r = check(f"--libvirt.uri={uri}")
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"qemu-iohang-check: --libvirt.uri {uri}: Failed to connect socket to '{sock}': No such file or directory",
+        "qemu-iohang-check: nothing could be read",
+    ]
+
+
 def test_xml_files_running_and_not() -> None:
     r = check("--xml", str(XML / "inactive-retry.xml"), str(XML / "openeuler-retry.xml"), "--output=json")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -158,6 +195,61 @@ def test_xml_files_running_and_not() -> None:
     ]
     r = check("--xml", str(XML / "override.xml"))
     assert r.returncode == 1 and "ua-disk1" in r.stdout and "rerror_not_retry" in r.stdout
+
+
+def test_seed_xml_verbatim_bare_disks_and_a_domain_without_uuid(tmp_path: Path) -> None:
+    """openEuler's documented <disk> examples (verbatim in the fixtures), on their own and in a
+    domain file written before `virsh define` (no <uuid>) beside a disk without the policy."""
+    r = check("--xml", str(XML / "seed-disks.xml"), "--output=json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [(x["vm"], x["uuid"], x["device"], x["werror"], x["rerror"], x["retry_interval_ms"],
+             x["retry_timeout_ms"], x["verdict"]) for x in rows(r)] == [
+        ("seed-disks", "", "sdb", "retry", "retry", 2000, 10000, "ok"),
+        ("seed-disks", "", "vdb", "retry", "retry", 2000, 10000, "ok"),
+    ]  # fmt: skip
+
+    # One <disk> as the file's root element: the VM is named after the file.
+    seed = (XML / "seed-disks.xml").read_text()
+    one = tmp_path / "dest-vdb.xml"
+    one.write_text(seed[seed.index("<disk type=") : seed.index("</disk>") + len("</disk>")] + "\n")
+    r = check("--xml", str(one))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[1].split() == ["dest-vdb", "vdb", "retry/retry", "2s", "10s", "ok", "-"]
+
+    r = check("--xml", str(XML / "seed-vm.xml"), "--output=json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr == ""
+    assert [(x["vm"], x["uuid"], x["device"], x["werror"], x["rerror"], x["verdict"], x["rules"])
+            for x in rows(r)] == [
+        ("seed-vm", "", "sdb", "retry", "retry", "ok", []),
+        ("seed-vm", "", "vda", "enospc", "report", "violation", ["werror_not_retry", "rerror_not_retry"]),
+        ("seed-vm", "", "vdb", "retry", "retry", "ok", []),
+    ]  # fmt: skip
+    r = check("--xml", str(XML / "seed-vm.xml"))
+    table = [line.split() for line in r.stdout.splitlines()[1:4]]
+    assert table == [
+        ["seed-vm", "sdb", "retry/retry", "2s", "10s", "ok", "-"],
+        ["seed-vm", "vda", "enospc/report", "-", "-", "violation", "werror_not_retry,rerror_not_retry"],
+        ["seed-vm", "vdb", "retry/retry", "2s", "10s", "ok", "-"],
+    ]
+
+
+def test_a_disk_qemu_would_refuse_is_not_compliant(tmp_path: Path) -> None:
+    """A typo in the policy must not leave the file looking compliant: the disk is unreadable."""
+    seed = (XML / "seed-disks.xml").read_text()
+    typo = tmp_path / "typo.xml"
+    typo.write_text(seed.replace("rerror_policy='retry'", "rerror_policy='retyr'", 1))
+    r = check("--xml", str(typo), "--output=json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert [(x["device"], x["verdict"], x["error"]) for x in rows(r)] == [
+        ("sdb", "ok", ""),
+        ("vdb", "unreadable", "rerror_policy='retyr' is not a libvirt error policy"),
+    ]
+    # Only the refused disk: read (exit 1, not "nothing could be read"), and not compliant.
+    typo.write_text(seed[: seed.index("</disk>") + len("</disk>")].replace("'retry'", "'retyr'", 1))
+    r = check("--xml", str(typo))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "unreadable" in r.stdout and "error_policy='retyr'" in r.stdout
 
 
 def test_exit_2_on_bad_usage_or_nothing_read(tmp_path: Path) -> None:
@@ -184,4 +276,12 @@ def test_exit_2_on_bad_usage_or_nothing_read(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump({"qmp": {"globs": [str(tmp_path / "*.qmp")]}}))
     r = check(f"--config.file={cfg}")
-    assert r.returncode == 2 and "no socket matches" in r.stderr
+    assert r.returncode == 2 and f"qmp.globs {tmp_path / '*.qmp'}: no socket matches\n" in r.stderr
+    assert "(give --qmp.socket" in r.stderr  # no source given: say which
+    # A glob whose directory is missing says so; with a source given, no list of flags.
+    r = check(f"--qmp.glob={tmp_path / 'run' / '*.qmp'}")
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"qemu-iohang-check: --qmp.glob {tmp_path / 'run' / '*.qmp'}: no socket matches ({tmp_path / 'run'} does not exist)",
+        "qemu-iohang-check: nothing could be read",
+    ]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from exporter.config import Config, PolicyConfig
 from exporter.libvirt_watch import blockstats_by_target, model_disks, qemu_version, run_state
-from exporter.libvirt_xml import parse_domain
+from exporter.libvirt_xml import parse_definition, parse_domain
 from exporter.model.policy import Rule
 from exporter.model.state import VMState
 
@@ -101,6 +101,10 @@ def test_real_libvirt_xml_fixture_parses() -> None:
     xmls = sorted(fixtures.glob("libvirt*/*.xml"))
     assert xmls, "no libvirt XML fixtures"
     for path in xmls:
+        if path.name in ("seed-disks.xml", "seed-vm.xml"):  # written before `virsh define`: no <uuid>
+            dom = parse_definition(path.read_text(), name=path.stem)
+            assert dom.name and not dom.uuid and dom.disks
+            continue
         dom = parse_domain(path.read_text())
         assert dom.name and dom.uuid
 

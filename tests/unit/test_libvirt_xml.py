@@ -7,6 +7,7 @@ written by ``tests/libvirt/capture.py``) and hand-written ``<qemu:override>`` ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from exporter.libvirt_xml import (
     DiskSource,
     Domain,
     node_index,
+    parse_definition,
     parse_domain,
 )
 from exporter.model.policy import DiskPolicy, Rule, verify
@@ -91,6 +93,73 @@ def test_openeuler_retry_defaults_when_timing_omitted() -> None:
     # openEuler's libvirt omits retry_interval/retry_timeout when 0; QEMU's defaults apply.
     d = one_disk("error_policy='retry'")
     assert (d.werror, d.rerror, d.retry_interval_ms, d.retry_timeout_ms) == ("retry", "retry", 1000, 0)
+
+
+# --- what an operator writes before the domain exists (parse_definition) --------------------
+
+SEED_DISKS = (XML / "seed-disks.xml").read_text()
+#: The seed's first example alone (virtio-blk), as a file whose root is that <disk>.
+SEED_VIRTIO_DISK = SEED_DISKS[SEED_DISKS.index("<disk type=") : SEED_DISKS.index("</disk>") + len("</disk>")]
+SEED_RETRY = ("retry", "retry", 2000, 10000)
+
+
+def policies(dom: Domain) -> list[tuple[str, str, str, int | None, int | None]]:
+    return [(d.alias, d.werror, d.rerror, d.retry_interval_ms, d.retry_timeout_ms) for d in dom.disks]
+
+
+def test_seed_bare_disks_named_after_the_caller() -> None:
+    # The documentation's two <disk> examples one after another: no root element, no domain.
+    dom = parse_definition(SEED_DISKS, name="seed-disks")
+    assert (dom.name, dom.uuid, dom.id, dom.skipped) == ("seed-disks", "", None, ())
+    assert policies(dom) == [("vdb", *SEED_RETRY), ("sdb", *SEED_RETRY)]
+    assert [(d.kind, d.source.describe()) for d in dom.disks] == [
+        ("virtio-blk", "block:/path/to/your/storage"),
+        ("scsi-hd", "block:/path/to/your/storage"),
+    ]
+    assert all(verify(d.policy(), PolicyConfig()).ok for d in dom.disks)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        SEED_VIRTIO_DISK,  # one <disk> root
+        f"<?xml version='1.0' encoding='UTF-8'?>\n{SEED_VIRTIO_DISK}\n",
+        f"<devices>{SEED_VIRTIO_DISK}<controller type='scsi' model='virtio-scsi'/></devices>",
+    ],
+)
+def test_one_bare_disk_or_a_devices_block(text: str) -> None:
+    assert policies(parse_definition(text.encode(), name="f")) == [("vdb", *SEED_RETRY)]
+
+
+def test_bare_disks_after_a_declaration_keep_its_encoding() -> None:
+    text = f"<?xml version='1.0' encoding='ISO-8859-1'?>{SEED_VIRTIO_DISK}{SEED_VIRTIO_DISK}"
+    text = text.replace("/path/to/your/storage", "/srv/caf\u00e9")
+    dom = parse_definition(text.encode("latin-1"), name="f")
+    assert [d.source.describe() for d in dom.disks] == ["block:/srv/caf\u00e9"] * 2
+
+
+def test_seed_domain_without_uuid() -> None:
+    text = (XML / "seed-vm.xml").read_text()
+    dom = parse_definition(text, name="ignored")  # a domain is named by its <name>
+    assert (dom.name, dom.uuid, dom.id) == ("seed-vm", "", None)
+    assert policies(dom) == [
+        ("vda", "enospc", "report", None, None),
+        ("vdb", *SEED_RETRY),
+        ("sdb", *SEED_RETRY),
+    ]
+    # The same file as a running domain's live XML would be broken: libvirt always gives a uuid.
+    with pytest.raises(ValueError, match="no valid <uuid>"):
+        parse_domain(text)
+    assert parse_domain(text, inactive=True) == dom
+
+
+def test_bare_disk_with_a_value_qemu_refuses_is_skipped_with_the_reason() -> None:
+    typo = SEED_VIRTIO_DISK.replace("error_policy='retry' rerror", "error_policy='retyr' rerror")
+    dom = parse_definition(typo + SEED_DISKS, name="f")
+    assert [d.alias for d in dom.disks] == ["vdb", "sdb"]
+    assert [(s.target, s.reason) for s in dom.skipped] == [
+        ("vdb", "error_policy='retyr' is not a libvirt error policy")
+    ]
 
 
 # --- upstream libvirt's <driver> -----------------------------------------------------------
@@ -259,20 +328,34 @@ def test_disk_without_alias_or_target_skipped() -> None:
     assert [s.reason.split(" ")[0:2] for s in dom.skipped] == [["no", "<alias"], ["no", "<target"]]
 
 
+def definition(text: str) -> Domain:
+    return parse_definition(text, name="f")
+
+
 @pytest.mark.parametrize(
-    ("text", "message"),
+    ("parse", "text", "message"),
     [
-        ("", "not well-formed"),
-        ("<domain><name>x</name>", "not well-formed"),
-        ("<network><name>x</name></network>", "expected a <domain>"),
-        ("<domain><uuid>0bbd3e5b-0977-42a1-8faa-419497c4871c</uuid></domain>", "no <name>"),
-        ("<domain><name>x</name></domain>", "no valid <uuid>"),
-        ("<domain><name>x</name><uuid>not-a-uuid</uuid></domain>", "no valid <uuid>"),
+        (parse_domain, "", "not well-formed"),
+        (parse_domain, "<domain><name>x</name>", "not well-formed"),
+        (parse_domain, "<network><name>x</name></network>", "expected a <domain>"),
+        (parse_domain, "<domain><uuid>0bbd3e5b-0977-42a1-8faa-419497c4871c</uuid></domain>", "no <name>"),
+        (parse_domain, "<domain><name>x</name></domain>", "no valid <uuid>"),
+        (parse_domain, "<domain><name>x</name><uuid>not-a-uuid</uuid></domain>", "no valid <uuid>"),
+        # What an operator writes before the domain exists: a domain (uuid optional) or disks.
+        (definition, "", "not well-formed"),
+        (definition, "<disk type='file'>", "not well-formed"),
+        (definition, SEED_VIRTIO_DISK + "<disk>", "not well-formed"),
+        (definition, "<network><name>x</name></network>", "got <network>"),
+        (definition, "<devices><interface type='network'/></devices>", "got <devices>"),
+        (definition, "<interface/><interface/>", "got <interface>"),
+        (definition, "<domain><name>a</name></domain><domain><name>b</name></domain>", "got <domain>"),
+        (definition, "<domain><name>x</name><uuid>not-a-uuid</uuid></domain>", "no valid <uuid>"),
+        (definition, "<domain><uuid>0bbd3e5b-0977-42a1-8faa-419497c4871c</uuid></domain>", "no <name>"),
     ],
 )
-def test_not_a_domain_raises_value_error(text: str, message: str) -> None:
+def test_not_a_domain_raises_value_error(parse: Callable[[str], Domain], text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        parse_domain(text)
+        parse(text)
 
 
 def test_entity_expansion_refused() -> None:
