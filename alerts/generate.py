@@ -163,9 +163,11 @@ def recording_rules(sel: str) -> list[dict[str, Any]]:
                 f"sum by (job, operation, action) (rate(qemu_block_io_error_events_total{{{sel}}}[{w}]))"
             ),
         },
+        # Disk-seconds of hanging per second: the rate of qemu_block_io_hang_seconds_total, read
+        # from the 0/1 gauge of the default page (the counter is an opt-in collector's).
         {
             "record": f"instance:qemu_block_io_hang_seconds:rate{w}",
-            "expr": f"sum by (job, instance) (rate(qemu_block_io_hang_seconds_total{{{sel}}}[{w}]))",
+            "expr": f"sum by (job, instance) (avg_over_time(qemu_block_io_hang{{{sel}}}[{w}]))",
         },
         # The blast radius: disks hanging or failing, and VMs affected, per storage backend over
         # every host (a hanging disk is not failing: a timed-out hang ends when failing starts).

@@ -56,6 +56,12 @@ Variable = Builder[dm.VariableModel]
 # --- queries ------------------------------------------------------------------------------------
 
 
+def needs(collector: str) -> str:
+    """What a panel's description says when its series are behind an opt-in collector
+    (`exporter.collectors`): the default page leaves them out, and the panel is empty."""
+    return f" Needs the exporter's --collector.{collector} (off by default; docs/metrics.md#collectors)."
+
+
 def q(expr: str, legend: str = "", ref: str = "A") -> prometheus.Dataquery:
     """A range query (time series)."""
     query = prometheus.Dataquery().datasource(DS).expr(expr).ref_id(ref).range()
@@ -371,7 +377,7 @@ def overview() -> d.Dashboard:
         big_number(
             "VMs with retry feature",
             f"sum(qemu_vm_retry_feature{{{HOST}}}) or vector(0)",
-            "VMs whose QEMU supports werror/rerror=retry.",
+            "VMs whose QEMU supports werror/rerror=retry." + needs("feature"),
             BLUE,
         ),
         big_number("Exporters up", f"sum(up{{{HOST}}})", "Exporter targets scraped successfully.", BLUE),
@@ -441,11 +447,11 @@ def overview() -> d.Dashboard:
             "Time spent hanging",
             [
                 q(
-                    f"sum by (instance) (rate(qemu_block_io_hang_seconds_total{{{HOST}}}[{RI}]))",
+                    f"sum by (instance) (avg_over_time(qemu_block_io_hang{{{HOST}}}[{RI}]))",
                     "{{instance}}",
                 )
             ],
-            "Disk-seconds of hanging IO per second, per host (2 = two disks hanging the whole time).",
+            "Disks hanging on average over the interval, per host: disk-seconds of hanging IO per second (2 = two disks hanging the whole time).",
         ),
     ]
     # Which storage fails, and what it takes down: summed by backend over the selected hosts
@@ -508,7 +514,8 @@ def overview() -> d.Dashboard:
                 )
                 for op, ref in (("read", "A"), ("write", "B"), ("flush", "C"))
             ],
-            "failed_*_operations of query-blockstats (virtio-blk counts only final reports, scsi-hd every attempt).",
+            "failed_*_operations of query-blockstats (virtio-blk counts only final reports, scsi-hd every attempt)."
+            + needs("blockstats"),
             unit="ops",
         ),
     ]
@@ -554,7 +561,7 @@ def overview() -> d.Dashboard:
         graph(
             "QMP events handled",
             [q(f"sum by (instance) (rate(qemu_exporter_qmp_events_total{{{HOST}}}[{RI}]))", "{{instance}}")],
-            "QMP events each exporter reads per second, all VMs and event names together.",
+            "QMP events each exporter reads per second, all VMs and event names together." + needs("session"),
             unit="ops",
             w=6,
         ),
@@ -614,7 +621,7 @@ def vm_dashboard() -> d.Dashboard:
         big_number(
             "Retry feature",
             f"max(qemu_vm_retry_feature{{{VM}}})",
-            "Whether this QEMU supports werror/rerror=retry.",
+            "Whether this QEMU supports werror/rerror=retry." + needs("feature"),
             steps((None, "orange"), (1, "green")),
             mappings=value_text({"0": ("no", "orange"), "1": ("yes", "green")}),
         ),
@@ -712,13 +719,14 @@ def vm_dashboard() -> d.Dashboard:
                 q(rate_by_device("qemu_block_read_bytes_total"), "{{device}} read", "A"),
                 q(rate_by_device("qemu_block_written_bytes_total"), "{{device}} write", "B"),
             ],
-            "Bytes per second (query-blockstats).",
+            "Bytes per second (query-blockstats)." + needs("blockstats"),
             unit="Bps",
         ),
         graph(
             "IOPS",
             by_operation(lambda op: rate_by_device(f"qemu_block_{op}_operations_total")),
-            "Operations per second. Stalls at 0 during a hang; resumes when the storage returns.",
+            "Operations per second. Stalls at 0 during a hang; resumes when the storage returns."
+            + needs("blockstats"),
             unit="iops",
         ),
         graph(
@@ -730,19 +738,20 @@ def vm_dashboard() -> d.Dashboard:
                     + rate_by_device(f"qemu_block_{op}_operations_total")
                 )
             ),
-            "Time per completed operation (total time / operations).",
+            "Time per completed operation (total time / operations)." + needs("blockstats"),
             unit="s",
         ),
         graph(
             "Failed operations",
             by_operation(lambda op: rate_by_device(f"qemu_block_failed_{op}_operations_total")),
-            "failed_*_operations (virtio-blk counts only final reports, scsi-hd every attempt).",
+            "failed_*_operations (virtio-blk counts only final reports, scsi-hd every attempt)."
+            + needs("blockstats"),
             unit="ops",
         ),
         graph(
             "Idle time",
             [q(f"max by (device) (qemu_block_idle_seconds{{{DISK}}})", "{{device}}")],
-            "Time since the last IO on the disk (idle_time_ns).",
+            "Time since the last IO on the disk (idle_time_ns)." + needs("blockstats"),
             unit="s",
             w=24,
             h=6,
@@ -768,7 +777,12 @@ def vm_dashboard() -> d.Dashboard:
         "QEMU IO hangs / VM",
         "One VM: disks and their error policy, hang timeline per disk, block statistics.",
         variables,
-        {"VM": vm, "Disks and policy": disks, "Hangs": hangs, "Block statistics": blockstats},
+        {
+            "VM": vm,
+            "Disks and policy": disks,
+            "Hangs": hangs,
+            "Block statistics (--collector.blockstats)": blockstats,
+        },
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.alert_push import AlertPusher, open_hangs
@@ -23,7 +24,7 @@ from exporter.gc_tuning import Departures, freeze_long_lived
 from exporter.hang.tracking import HangTracking
 from exporter.libvirt_watch import LibvirtSource
 from exporter.liveness import Liveness, LivenessCollector, qmp_sources, watchdog
-from exporter.metrics import ConnectionCollector, ExporterCollector, Registry
+from exporter.metrics import ConnectionCollector, DurationCollector, ExporterCollector, Registry
 from exporter.model.sink import SinkGroup
 from exporter.model.state import VMState, one_per_vm
 from exporter.sd_notify import Notifier
@@ -44,11 +45,13 @@ class Exporter:
         self.clock = clock
         self.hangs = HangTracking(config.hang.recovery_margin_seconds, config.hang.state_file)
         self.scrape_first = ScrapeFirst()
+        enabled = config.collectors.enabled
         collector = ExporterCollector(
             self.vms,
             static_label_names(config),
             hangs=self.hangs,
             clock=clock,
+            collectors=enabled,
         )
         self._departures = Departures()
         sink = SinkGroup(self.hangs, collector, self._departures)
@@ -57,8 +60,8 @@ class Exporter:
         self.libvirt = [LibvirtSource(uri, config, sink, clock, backends) for uri in config.libvirt.uris]
         self.registry = Registry()
         self.registry.register(collector)
-        if self.libvirt:
-            self.registry.register(ConnectionCollector(lambda: [s.state for s in self.libvirt]))
+        if self.libvirt and "libvirt" in enabled:
+            self.registry.register(ConnectionCollector(lambda: [s.state for s in self.libvirt]), "libvirt")
         self.alert_pusher: AlertPusher | None = None
         if config.alerting.enabled:
             pusher = self.alert_pusher = AlertPusher(config.alerting, clock)
@@ -69,8 +72,12 @@ class Exporter:
         # The exporter's own process (CPU, memory, fds, start time) and garbage collector, as
         # every prometheus_client exporter shows them: what the exporter costs its host in a
         # storm, and whether it restarted (docs/metrics.md).
-        ProcessCollector(registry=self.registry)
-        GCCollector(registry=self.registry)
+        if "process" in enabled:
+            self.registry.register(ProcessCollector(registry=None), "process")
+            # GCCollector insists on registering somewhere: a registry of its own, then ours.
+            self.registry.register(GCCollector(registry=CollectorRegistry()), "process")
+        self.registry.register(DurationCollector(self.registry))  # last: it shows the others' time
+        log.info("collectors", extra={"enabled": ",".join(sorted(enabled))})
         self.notifier = Notifier()
         self._liveness_tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None

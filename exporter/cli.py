@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from exporter import __version__
+from exporter.collectors import COLLECTORS, UnknownCollector
 from exporter.config import (
     LOG_FORMATS,
     LOG_LEVELS,
+    CollectorsConfig,
     Config,
     ConfigError,
     load_file,
@@ -53,7 +55,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="Prometheus exporter for QEMU disk IO hangs, over QMP.")
+    # No abbreviations: --collector.blockstat must not silently mean --collector.blockstats.
+    p = OneLineParser(
+        prog=PROG, description="Prometheus exporter for QEMU disk IO hangs, over QMP.", allow_abbrev=False
+    )
     p.add_argument("--config.file", dest="config_file", metavar="PATH", help="YAML configuration file")
     p.add_argument(
         "--web.config.file",
@@ -103,6 +108,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, key, meaning in _HEALTH_FLAGS:
         p.add_argument(f"--health.{flag}", dest=key, metavar="SECONDS", help=meaning)
+    for name, info in COLLECTORS.items():
+        state = "default on" if info.default else "default off"
+        p.add_argument(
+            f"--collector.{name}",
+            dest="collector_switches",
+            action="append_const",
+            const=(name, True),
+            help=f"enable the {name} collector: {info.help} ({state})",
+        )
+        p.add_argument(
+            f"--no-collector.{name}",
+            dest="collector_switches",
+            action="append_const",
+            const=(name, False),
+            help=argparse.SUPPRESS,
+        )
+    p.add_argument(
+        "--collector.disable-defaults",
+        dest="collectors_disable_defaults",
+        action="store_true",
+        help="start from no collector: only those enabled with --collector.NAME (or in the config file)",
+    )
     p.add_argument("--log.level", dest="log_level", choices=LOG_LEVELS, help="log level (default info)")
     p.add_argument("--log.format", dest="log_format", choices=LOG_FORMATS, help="log format (default logfmt)")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -136,6 +163,14 @@ def resolve(args: argparse.Namespace) -> Config:
         if getattr(args, key) is not None:
             seconds = _flag_seconds(f"--health.{flag}", getattr(args, key))
             cfg = dataclasses.replace(cfg, health=dataclasses.replace(cfg.health, **{key: seconds}))
+    if args.collector_switches or args.collectors_disable_defaults:
+        cfg = dataclasses.replace(
+            cfg,
+            collectors=CollectorsConfig(
+                cfg.collectors.switches + tuple(args.collector_switches or ()),
+                cfg.collectors.disable_defaults or args.collectors_disable_defaults,
+            ),
+        )
     if args.log_level is not None:
         cfg = dataclasses.replace(cfg, log_level=args.log_level)
     if args.log_format is not None:
@@ -153,8 +188,22 @@ def _flag_seconds(flag: str, value: str) -> float:
     return seconds
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """argparse, but an unknown ``--collector.NAME`` says which collectors exist."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        for prefix in ("--collector.", "--no-collector."):
+            if flag.startswith(prefix):
+                parser.error(f"{flag}: {UnknownCollector(flag.removeprefix(prefix))}")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from exporter.webconfig import load_web_config
 
     try:

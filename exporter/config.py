@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from exporter import collectors
 from exporter.alert_defs import runbook_base_url_problem
 from exporter.alert_push import FRACTION_ALERTS, AlertingConfig
 from exporter.liveness import HealthConfig
@@ -94,6 +95,19 @@ class MountsConfig:
 
 
 @dataclass(frozen=True)
+class CollectorsConfig:
+    """Which metric collectors are on (`exporter.collectors`): the defaults unless
+    ``disable_defaults``, then each switch in order (the file's, then the flags')."""
+
+    switches: tuple[tuple[str, bool], ...] = ()
+    disable_defaults: bool = False
+
+    @property
+    def enabled(self) -> frozenset[str]:
+        return collectors.resolve(dict(self.switches), self.disable_defaults)
+
+
+@dataclass(frozen=True)
 class Config:
     listen_address: str = DEFAULT_LISTEN_ADDRESS
     telemetry_path: str = "/metrics"
@@ -108,6 +122,7 @@ class Config:
     #: Operator rules naming disks' storage backends, tried in order before the derivation.
     backends: tuple[BackendRule, ...] = ()
     mounts: MountsConfig = field(default_factory=MountsConfig)
+    collectors: CollectorsConfig = field(default_factory=CollectorsConfig)
     source: str = "defaults"
 
     def socket_patterns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -227,7 +242,19 @@ def parse(doc: Any, source: str) -> Config:
     top = r.mapping(
         doc,
         "",
-        {"web", "qmp", "libvirt", "policy", "hang", "log", "alerting", "health", "backends", "mounts"},
+        {
+            "web",
+            "qmp",
+            "libvirt",
+            "policy",
+            "hang",
+            "log",
+            "alerting",
+            "health",
+            "backends",
+            "mounts",
+            "collectors",
+        },
     )
     cfg = Config(source=source)
 
@@ -264,7 +291,21 @@ def parse(doc: Any, source: str) -> Config:
     cfg = dataclasses.replace(cfg, health=_parse_health(r, top.get("health")))
     cfg = dataclasses.replace(cfg, backends=_parse_backends(r, top.get("backends")))
     cfg = dataclasses.replace(cfg, mounts=_parse_mounts(r, top.get("mounts")))
+    cfg = dataclasses.replace(cfg, collectors=_parse_collectors(r, top.get("collectors")))
     return dataclasses.replace(cfg, hang=hc)
+
+
+def _parse_collectors(r: _Reader, value: Any) -> CollectorsConfig:
+    """``collectors: {disable_defaults: false, blockstats: true, process: false}``: the flags
+    ``--collector.disable-defaults``, ``--collector.NAME`` and ``--no-collector.NAME``."""
+    section = r.mapping(value, "collectors", {"disable_defaults", *collectors.COLLECTORS})
+    switches = tuple(
+        (name, r.boolean(on, f"collectors.{name}"))
+        for name, on in section.items()
+        if name != "disable_defaults"
+    )
+    disable = r.boolean(section.get("disable_defaults", False), "collectors.disable_defaults")
+    return CollectorsConfig(switches, disable)
 
 
 def _parse_backends(r: _Reader, value: Any) -> tuple[BackendRule, ...]:

@@ -21,9 +21,10 @@ sorted, values escaped alike; no ``_created`` sample, no timestamp, no exemplar)
 (`family_header`), host-wide families (formatted by prometheus_client at each scrape: a few
 series) and OpenMetrics' ``# EOF`` differ.  docs/metrics.md documents every family.
 
-A new per-VM metric: declare its `Family`, yield its samples from the reader of the part of
-`VMState` it shows, add it to that part in `_PARTS` (its place there is its place on the page),
-and document it in docs/metrics.md; the golden files (tests/golden) show the change.
+A new per-VM metric: declare its `Family` with its collector (`exporter.collectors`), yield
+its samples from that collector's reader in `_READERS` (which names the part of `VMState` it
+shows; the readers' order is the page's), and document it in docs/metrics.md; the golden files
+(tests/golden) show the change.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
 from itertools import chain
 from operator import itemgetter
+from time import perf_counter
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from prometheus_client.core import (
@@ -55,6 +57,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
+from exporter.collectors import COLLECTORS
+from exporter.hang.machine import HangOutcome
 from exporter.model.sink import EventSink
 from exporter.model.state import ConnectionState, Part, VMState
 
@@ -82,6 +86,9 @@ class Family:
     type: Literal["gauge", "counter", "histogram"]
     scope: Scope
     labels: tuple[str, ...] = ()
+    #: The collector (`exporter.collectors`) that shows it; "" for the exporter's own few
+    #: families, always shown.
+    collector: str = ""
     #: The name its samples carry (counters: ``_total``).
     sample_name: str = field(init=False)
     #: Equal for two families whose samples carry the same label names.
@@ -110,12 +117,12 @@ class Family:
         return m
 
 
-def _gauge(name: str, help: str, scope: Scope, *labels: str) -> Family:
-    return Family(name, help, "gauge", scope, labels)
+def _gauge(name: str, help: str, scope: Scope, *labels: str, collector: str = "") -> Family:
+    return Family(name, help, "gauge", scope, labels, collector)
 
 
-def _counter(name: str, help: str, scope: Scope, *labels: str) -> Family:
-    return Family(name, help, "counter", scope, labels)
+def _counter(name: str, help: str, scope: Scope, *labels: str, collector: str = "") -> Family:
+    return Family(name, help, "counter", scope, labels, collector)
 
 
 HOST, VM, DISK = Scope.HOST, Scope.VM, Scope.DISK
@@ -129,12 +136,24 @@ BUILD_INFO = _gauge(
     "qemu_qmp_version",
 )
 VMS = _gauge("qemu_exporter_vms", "QMP sockets currently watched.", HOST)
+COLLECTOR_DURATION = _gauge(
+    "qemu_exporter_collector_duration_seconds",
+    "Time this scrape spent on each enabled collector (exporter.collectors).",
+    HOST,
+    "collector",
+)
 
-# A VM's identity, run state and disks (`_identity`).
-QMP_UP = _gauge("qemu_qmp_up", "1 when the QMP session is established and answering.", VM)
-VM_INFO = _gauge("qemu_vm_info", "VM metadata from QMP.", VM, "uuid", "qemu_version", "socket")
-VM_STATUS = _gauge("qemu_vm_status", "Current run state of the VM (query-status).", VM, "status")
-RETRY_FEATURE = _gauge("qemu_vm_retry_feature", "1 when this QEMU supports the retry error policy.", VM)
+# A VM's identity and run state (`_vm`), its policy (`_policy`, `_feature`).
+QMP_UP = _gauge("qemu_qmp_up", "1 when the QMP session is established and answering.", VM, collector="vm")
+VM_INFO = _gauge(
+    "qemu_vm_info", "VM metadata from QMP.", VM, "uuid", "qemu_version", "socket", collector="vm"
+)
+VM_STATUS = _gauge(
+    "qemu_vm_status", "Current run state of the VM (query-status).", VM, "status", collector="vm"
+)
+RETRY_FEATURE = _gauge(
+    "qemu_vm_retry_feature", "1 when this QEMU supports the retry error policy.", VM, collector="feature"
+)
 DEVICE_INFO = _gauge(
     "qemu_block_device_info",
     "Guest disk, its error policy as read with qom-get, and its storage backend.",
@@ -145,99 +164,169 @@ DEVICE_INFO = _gauge(
     "werror",
     "rerror",
     "backend",
+    collector="policy",
 )
-RETRY_INTERVAL = _gauge("qemu_block_retry_interval_seconds", "retry_interval of the disk device.", DISK)
+RETRY_INTERVAL = _gauge(
+    "qemu_block_retry_interval_seconds", "retry_interval of the disk device.", DISK, collector="policy"
+)
 RETRY_TIMEOUT = _gauge(
-    "qemu_block_retry_timeout_seconds", "retry_timeout of the disk device; 0 means never.", DISK
+    "qemu_block_retry_timeout_seconds",
+    "retry_timeout of the disk device; 0 means never.",
+    DISK,
+    collector="policy",
 )
-POLICY_OK = _gauge("qemu_block_retry_policy_ok", "1 when the disk satisfies the required retry policy.", DISK)
+POLICY_OK = _gauge(
+    "qemu_block_retry_policy_ok",
+    "1 when the disk satisfies the required retry policy.",
+    DISK,
+    collector="policy",
+)
 POLICY_VIOLATION = _gauge(
-    "qemu_block_retry_policy_violation", "1 for each retry policy rule the disk fails.", DISK, "rule"
+    "qemu_block_retry_policy_violation",
+    "1 for each retry policy rule the disk fails.",
+    DISK,
+    "rule",
+    collector="policy",
 )
 
-# A VM's counters (`_counters`).
+# A VM's counters: its disks' IO errors (`_io_errors`), its session's (`_session`).
 IO_ERROR_EVENTS = _counter(
-    "qemu_block_io_error_events", "BLOCK_IO_ERROR events received.", DISK, "operation", "action"
+    "qemu_block_io_error_events",
+    "BLOCK_IO_ERROR events received.",
+    DISK,
+    "operation",
+    "action",
+    collector="hang",
 )
-CONNECT_ATTEMPTS = _counter("qemu_exporter_qmp_connect_attempts", "QMP connection attempts.", VM)
+CONNECT_ATTEMPTS = _counter(
+    "qemu_exporter_qmp_connect_attempts", "QMP connection attempts.", VM, collector="session"
+)
 CONNECT_ERRORS = _counter(
-    "qemu_exporter_qmp_connect_errors", "Failed QMP connection attempts by reason.", VM, "reason"
+    "qemu_exporter_qmp_connect_errors",
+    "Failed QMP connection attempts by reason.",
+    VM,
+    "reason",
+    collector="session",
 )
-DISCONNECTS = _counter("qemu_exporter_qmp_disconnects", "Established QMP sessions that ended.", VM)
-COMMAND_ERRORS = _counter("qemu_exporter_qmp_command_errors", "Failed QMP commands.", VM, "command", "reason")
-QMP_EVENTS = _counter("qemu_exporter_qmp_events", "QMP events received.", VM, "event")
+DISCONNECTS = _counter(
+    "qemu_exporter_qmp_disconnects", "Established QMP sessions that ended.", VM, collector="session"
+)
+COMMAND_ERRORS = _counter(
+    "qemu_exporter_qmp_command_errors",
+    "Failed QMP commands.",
+    VM,
+    "command",
+    "reason",
+    collector="session",
+)
+QMP_EVENTS = _counter("qemu_exporter_qmp_events", "QMP events received.", VM, "event", collector="session")
 UNMATCHED = _counter(
-    "qemu_exporter_io_error_events_unmatched", "BLOCK_IO_ERROR events that matched no known disk.", VM
+    "qemu_exporter_io_error_events_unmatched",
+    "BLOCK_IO_ERROR events that matched no known disk.",
+    VM,
+    collector="session",
 )
 INTERNAL_ERRORS = _counter(
-    "qemu_exporter_internal_errors", "Unexpected errors in a QMP watcher (each logged).", VM
+    "qemu_exporter_internal_errors",
+    "Unexpected errors in a QMP watcher (each logged).",
+    VM,
+    collector="session",
 )
+
+
+def _stat(kind: Literal["gauge", "counter"], name: str, help: str) -> Family:
+    return Family(name, help, kind, DISK, (), "blockstats")
+
 
 # A VM's query-blockstats sample (`_stats`), with the BlockStats attribute each one shows.
 BLOCKSTATS: tuple[tuple[Family, str], ...] = (
     (
-        _counter("qemu_block_read_bytes", "Bytes read by the guest (query-blockstats rd_bytes).", DISK),
+        _stat("counter", "qemu_block_read_bytes", "Bytes read by the guest (query-blockstats rd_bytes)."),
         "read_bytes",
     ),
-    (_counter("qemu_block_written_bytes", "Bytes written by the guest (wr_bytes).", DISK), "written_bytes"),
-    (_counter("qemu_block_read_operations", "Read operations completed (rd_operations).", DISK), "read_ops"),
+    (_stat("counter", "qemu_block_written_bytes", "Bytes written by the guest (wr_bytes)."), "written_bytes"),
     (
-        _counter("qemu_block_write_operations", "Write operations completed (wr_operations).", DISK),
+        _stat("counter", "qemu_block_read_operations", "Read operations completed (rd_operations)."),
+        "read_ops",
+    ),
+    (
+        _stat("counter", "qemu_block_write_operations", "Write operations completed (wr_operations)."),
         "write_ops",
     ),
     (
-        _counter("qemu_block_flush_operations", "Flush operations completed (flush_operations).", DISK),
+        _stat("counter", "qemu_block_flush_operations", "Flush operations completed (flush_operations)."),
         "flush_ops",
     ),
     (
-        _counter("qemu_block_failed_read_operations", "Failed read operations (failed_rd_operations).", DISK),
+        _stat(
+            "counter", "qemu_block_failed_read_operations", "Failed read operations (failed_rd_operations)."
+        ),
         "failed_read_ops",
     ),
     (
-        _counter(
-            "qemu_block_failed_write_operations", "Failed write operations (failed_wr_operations).", DISK
+        _stat(
+            "counter", "qemu_block_failed_write_operations", "Failed write operations (failed_wr_operations)."
         ),
         "failed_write_ops",
     ),
     (
-        _counter(
-            "qemu_block_failed_flush_operations", "Failed flush operations (failed_flush_operations).", DISK
+        _stat(
+            "counter",
+            "qemu_block_failed_flush_operations",
+            "Failed flush operations (failed_flush_operations).",
         ),
         "failed_flush_ops",
     ),
     (
-        _counter("qemu_block_read_time_seconds", "Total time spent on reads (rd_total_time_ns).", DISK),
+        _stat("counter", "qemu_block_read_time_seconds", "Total time spent on reads (rd_total_time_ns)."),
         "read_time_s",
     ),
     (
-        _counter("qemu_block_write_time_seconds", "Total time spent on writes (wr_total_time_ns).", DISK),
+        _stat("counter", "qemu_block_write_time_seconds", "Total time spent on writes (wr_total_time_ns)."),
         "write_time_s",
     ),
     (
-        _counter("qemu_block_flush_time_seconds", "Total time spent on flushes (flush_total_time_ns).", DISK),
+        _stat(
+            "counter", "qemu_block_flush_time_seconds", "Total time spent on flushes (flush_total_time_ns)."
+        ),
         "flush_time_s",
     ),
 )
-IDLE = _gauge("qemu_block_idle_seconds", "Time since the last IO on the disk (idle_time_ns).", DISK)
+IDLE = _stat("gauge", "qemu_block_idle_seconds", "Time since the last IO on the disk (idle_time_ns).")
 
 # A disk's hang (`_hang_state`, `_hang_counts`: what changes with its state; `_hang_timed`: with
 # time too).
-HANG = _gauge("qemu_block_io_hang", "1 while IO on the disk is hanging.", DISK)
+HANG = _gauge("qemu_block_io_hang", "1 while IO on the disk is hanging.", DISK, collector="hang")
 HANG_DURATION = _gauge(
-    "qemu_block_io_hang_duration_seconds", "Age of the current IO hang, 0 when none.", DISK
+    "qemu_block_io_hang_duration_seconds",
+    "Age of the current IO hang, 0 when none.",
+    DISK,
+    collector="hang",
 )
 HANG_START = _gauge(
-    "qemu_block_io_hang_start_timestamp_seconds", "Unix time the current IO hang started.", DISK
+    "qemu_block_io_hang_start_timestamp_seconds",
+    "Unix time the current IO hang started.",
+    DISK,
+    collector="hang",
 )
 HANG_DEADLINE = _gauge(
     "qemu_block_io_hang_deadline_timestamp_seconds",
     "Unix time the current IO hang reaches retry_timeout.",
     DISK,
+    collector="hang",
 )
-FAILING = _gauge("qemu_block_io_failing", "1 while IO errors reach the guest (after a timeout).", DISK)
-HANGS = _counter("qemu_block_io_hangs", "Completed IO hangs by outcome.", DISK, "outcome")
+FAILING = _gauge(
+    "qemu_block_io_failing",
+    "1 while IO errors reach the guest (after a timeout).",
+    DISK,
+    collector="hang",
+)
+HANGS = _counter("qemu_block_io_hangs", "Completed IO hangs by outcome.", DISK, "outcome", collector="hang")
 HANG_SECONDS = _counter(
-    "qemu_block_io_hang_seconds", "Seconds spent in IO hangs (completed and current).", DISK
+    "qemu_block_io_hang_seconds",
+    "Seconds spent in IO hangs (completed and current).",
+    DISK,
+    collector="hangtime",
 )
 HANG_COMPLETED = Family(
     "qemu_block_io_hang_completed_duration_seconds",
@@ -245,6 +334,7 @@ HANG_COMPLETED = Family(
     "histogram",
     HOST,
     ("outcome",),
+    "hang",
 )
 
 # The blast radius: per storage backend (`exporter.hang.blast`), no vm label, so that
@@ -254,29 +344,37 @@ BACKEND_DISKS = _gauge(
     "Disks on the storage backend (of VMs whose session is up).",
     HOST,
     "backend",
+    collector="backend",
 )
 BACKEND_HANGING = _gauge(
     "qemu_storage_backend_hanging_disks",
     "Disks on the storage backend whose IO is hanging now.",
     HOST,
     "backend",
+    collector="backend",
 )
 BACKEND_FAILING = _gauge(
     "qemu_storage_backend_failing_disks",
     "Disks on the storage backend whose IO errors reach the guest now (after a timeout).",
     HOST,
     "backend",
+    collector="backend",
 )
 BACKEND_AFFECTED_VMS = _gauge(
     "qemu_storage_backend_affected_vms",
     "VMs with at least one hanging or failing disk on the storage backend.",
     HOST,
     "backend",
+    collector="backend",
 )
 
 # Other collectors' families (libvirt connections, alert push, liveness).
 LIBVIRT_UP = _gauge(
-    "qemu_libvirt_up", "1 while the libvirt connection is open and its events flow.", HOST, "uri"
+    "qemu_libvirt_up",
+    "1 while the libvirt connection is open and its events flow.",
+    HOST,
+    "uri",
+    collector="libvirt",
 )
 LIBVIRT_CONNECT_ERRORS = _counter(
     "qemu_exporter_libvirt_connect_errors",
@@ -284,6 +382,7 @@ LIBVIRT_CONNECT_ERRORS = _counter(
     HOST,
     "uri",
     "reason",
+    collector="libvirt",
 )
 LIBVIRT_CALL_ERRORS = _counter(
     "qemu_exporter_libvirt_call_errors",
@@ -292,6 +391,7 @@ LIBVIRT_CALL_ERRORS = _counter(
     "uri",
     "call",
     "reason",
+    collector="libvirt",
 )
 ALERT_PUSHES = _counter(
     "qemu_exporter_alert_pushes", "POSTs of alerts to Alertmanager by result.", HOST, "alertmanager", "result"
@@ -316,15 +416,23 @@ LOOP_LAG = _gauge(
 Sample = tuple[Family, tuple[str, ...], float]
 
 
-def _identity(vm: VMState) -> Iterator[Sample]:
+def _vm(vm: VMState) -> Iterator[Sample]:
     yield QMP_UP, (), 1 if vm.up else 0
     if not vm.up:
         return  # no stale series for a VM whose QEMU is gone
     yield VM_INFO, (vm.uuid, vm.qemu_version, vm.socket), 1
     if vm.status:
         yield VM_STATUS, (vm.status,), 1
-    if vm.retry_feature is not None:  # unknown through libvirt unless a disk retries
+
+
+def _feature(vm: VMState) -> Iterator[Sample]:
+    if vm.up and vm.retry_feature is not None:  # unknown through libvirt unless a disk retries
         yield RETRY_FEATURE, (), 1 if vm.retry_feature else 0
+
+
+def _policy(vm: VMState) -> Iterator[Sample]:
+    if not vm.up:
+        return
     for dev in sorted(vm.disks):
         d = vm.disks[dev]
         p = d.policy
@@ -338,11 +446,14 @@ def _identity(vm: VMState) -> Iterator[Sample]:
             yield POLICY_VIOLATION, (dev, rule.value), 1
 
 
-def _counters(vm: VMState) -> Iterator[Sample]:
+def _io_errors(vm: VMState) -> Iterator[Sample]:
     if vm.up:
         for (dev, op, action), n in sorted(vm.io_errors.items()):
             if dev in vm.disks:
                 yield IO_ERROR_EVENTS, (dev, op, action), n
+
+
+def _session(vm: VMState) -> Iterator[Sample]:
     yield CONNECT_ATTEMPTS, (), vm.connect_attempts
     for reason, n in sorted(vm.connect_errors.items()):
         yield CONNECT_ERRORS, (reason,), n
@@ -379,9 +490,17 @@ def _hang_state(dev: str, t: DiskHangTracker) -> Iterator[Sample]:
     yield FAILING, labels, 1 if t.failing else 0
 
 
+#: Outcomes shown from zero.  A ``vm_gone`` hang ends with its VM, whose series leave the page
+#: at that moment: a zero for it could never turn into a visible increase on the same series, so
+#: it is shown once it happened (a VM that comes back under the same socket) and costs a fleet
+#: nothing before.  ``timed_out`` from zero is what ``increase()`` in QemuIOHangTimedOut needs.
+_DENSE_OUTCOMES = frozenset({HangOutcome.RECOVERED, HangOutcome.TIMED_OUT})
+
+
 def _hang_counts(dev: str, t: DiskHangTracker) -> Iterator[Sample]:
     for outcome, n in t.hangs_total.items():
-        yield HANGS, (dev, outcome.value), n
+        if n or outcome in _DENSE_OUTCOMES:
+            yield HANGS, (dev, outcome.value), n
 
 
 def _hang_timed(dev: str, t: DiskHangTracker, now: float) -> Iterator[Sample]:
@@ -508,30 +627,64 @@ class Rendered(Protocol):
         ...
 
 
+@runtime_checkable
+class SelfTimed(Protocol):
+    """A collector serving several of `exporter.collectors`, which times each itself."""
+
+    durations: dict[str, float]
+
+
 class Registry(CollectorRegistry):
     """A prometheus_client registry that remembers its collectors in order, so that
-    `generate_text` and `generate_openmetrics` can ask those that render their own text."""
+    `generate_text` and `generate_openmetrics` can ask those that render their own text, and
+    times each by the name of the collector (`exporter.collectors`) it serves
+    (`DurationCollector` shows the times)."""
 
     def __init__(self) -> None:
         super().__init__(auto_describe=False)
         self.collectors: list[Collector] = []
+        self._names: dict[int, str] = {}
+        #: Seconds per collector name, of the page being generated (or the last one).
+        self.durations: dict[str, float] = {}
 
-    def register(self, collector: Collector) -> None:
+    def register(self, collector: Collector, name: str = "") -> None:
+        """Register ``collector``; with ``name``, its time counts as that collector's."""
         super().register(collector)
         self.collectors.append(collector)
+        if name:
+            self._names[id(collector)] = name
 
     def unregister(self, collector: Collector) -> None:
         super().unregister(collector)
         self.collectors.remove(collector)
+        self._names.pop(id(collector), None)
+
+    def _timed(self, collector: Collector, start: float) -> None:
+        if isinstance(collector, SelfTimed):
+            self.durations.update(collector.durations)
+        elif (name := self._names.get(id(collector))) is not None:
+            self.durations[name] = self.durations.get(name, 0.0) + perf_counter() - start
+
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client's `collect` (what its encoders read), each collector timed."""
+        self.durations = {}
+        for collector in list(self.collectors):
+            start = perf_counter()
+            metrics = list(collector.collect())
+            self._timed(collector, start)
+            yield from metrics
 
 
 def _generate(registry: Registry, fmt: Format) -> list[str]:
     out: list[str] = []
+    registry.durations = {}
     for collector in registry.collectors:
+        start = perf_counter()
         if isinstance(collector, Rendered):
             out.extend(collector.render(fmt))
         else:
             out.append(format_families(collector.collect(), fmt))
+        registry._timed(collector, start)
     return out
 
 
@@ -642,36 +795,46 @@ class _Lines:
         return {family: "".join(got) for family, got in lines.items()}
 
 
-#: Families per part of a VM's state, each rendered from its reader when that part changed.
-_PARTS: dict[Part, tuple[Family, ...]] = {
-    Part.IDENTITY: (
-        QMP_UP,
-        VM_INFO,
-        VM_STATUS,
-        RETRY_FEATURE,
-        DEVICE_INFO,
-        RETRY_INTERVAL,
-        RETRY_TIMEOUT,
-        POLICY_OK,
-        POLICY_VIOLATION,
+@dataclass(frozen=True, slots=True)
+class _Reader:
+    """How one collector's per-VM families are read: from which part of the VM's state (they
+    are re-rendered when its version moves)."""
+
+    part: Part
+    read: Callable[[VMState], Iterator[Sample]]
+    families: tuple[Family, ...]
+
+    @property
+    def collector(self) -> str:
+        return self.families[0].collector
+
+
+#: Every per-VM reader; their order, with `_HANG_FAMILIES` after `_PAGE_SPLIT` of them, is the
+#: order of the page.
+_READERS: tuple[_Reader, ...] = (
+    _Reader(Part.IDENTITY, _vm, (QMP_UP, VM_INFO, VM_STATUS)),
+    _Reader(Part.IDENTITY, _feature, (RETRY_FEATURE,)),
+    _Reader(
+        Part.IDENTITY, _policy, (DEVICE_INFO, RETRY_INTERVAL, RETRY_TIMEOUT, POLICY_OK, POLICY_VIOLATION)
     ),
-    Part.COUNTERS: (
-        IO_ERROR_EVENTS,
-        CONNECT_ATTEMPTS,
-        CONNECT_ERRORS,
-        DISCONNECTS,
-        COMMAND_ERRORS,
-        QMP_EVENTS,
-        UNMATCHED,
-        INTERNAL_ERRORS,
+    _Reader(Part.COUNTERS, _io_errors, (IO_ERROR_EVENTS,)),
+    _Reader(Part.STATS, _stats, (*(family for family, _attr in BLOCKSTATS), IDLE)),
+    _Reader(
+        Part.COUNTERS,
+        _session,
+        (
+            CONNECT_ATTEMPTS,
+            CONNECT_ERRORS,
+            DISCONNECTS,
+            COMMAND_ERRORS,
+            QMP_EVENTS,
+            UNMATCHED,
+            INTERNAL_ERRORS,
+        ),
     ),
-    Part.STATS: (*(family for family, _attr in BLOCKSTATS), IDLE),
-}
-_READERS: dict[Part, Callable[[VMState], Iterator[Sample]]] = {
-    Part.IDENTITY: _identity,
-    Part.COUNTERS: _counters,
-    Part.STATS: _stats,
-}
+)
+#: The readers whose families come before the hang view on the page (the rest come after it).
+_PAGE_SPLIT = 5
 #: A disk's hang families in groups that change at different times: its state when a hang
 #: starts or ends, its counts when one ends (`_HANG_STEADY`, each kept while its key stays),
 #: and the two that change with time (`_HANG_TIMED`, rendered while a disk hangs or fails).
@@ -688,59 +851,76 @@ _HANG_STEADY: tuple[
 )
 _HANG_TIMED = (HANG_DURATION, HANG_SECONDS)
 _HANG_FAMILIES = (HANG, HANG_DURATION, HANG_START, HANG_DEADLINE, FAILING, HANGS, HANG_SECONDS)
-
-#: The page, in order: the per-VM families before and after the hang view (itself followed by
-#: the host-wide families of `ExporterCollector._host_metrics`).
-_PAGE_BEFORE_HANGS: tuple[Family, ...] = (*_PARTS[Part.IDENTITY], IO_ERROR_EVENTS, *_PARTS[Part.STATS])
-_PAGE_AFTER_HANGS: tuple[Family, ...] = _PARTS[Part.COUNTERS][1:]
+_HANG_COLLECTORS = frozenset(f.collector for f in _HANG_FAMILIES)
 
 #: Where each per-VM family's lines sit in `_VMText.text` (a list: joining a page reads 35
 #: families x 1000 VMs of it, at C speed with `operator.itemgetter`).
 _SLOT: dict[Family, int] = {
-    family: i for i, family in enumerate((*(f for part in _PARTS.values() for f in part), *_HANG_FAMILIES))
+    family: i for i, family in enumerate((*(f for r in _READERS for f in r.families), *_HANG_FAMILIES))
 }
 _HANG_STEADY_SLOTS = tuple(tuple(_SLOT[f] for f in families) for families, _key, _reader in _HANG_STEADY)
 _HANG_TIMED_SLOTS = tuple(_SLOT[f] for f in _HANG_TIMED)
-_REFRESH = tuple(
-    (part, VMState.version_attr(part), tuple(_SLOT[f] for f in families), _READERS[part])
-    for part, families in _PARTS.items()
-)
+
+
+@dataclass(frozen=True, slots=True)
+class _Refresh:
+    """One enabled reader, as `_VMText.refresh` runs it."""
+
+    collector: str
+    version_attr: str
+    slots: tuple[int, ...]
+    read: Callable[[VMState], Iterator[Sample]]
+
+
+def _plan(readers: Iterable[_Reader]) -> tuple[_Refresh, ...]:
+    return tuple(
+        _Refresh(r.collector, VMState.version_attr(r.part), tuple(_SLOT[f] for f in r.families), r.read)
+        for r in readers
+    )
 
 
 class _VMText:
     """One VM's cached lines per family (`_SLOT`), and the versions of its state they show."""
 
-    __slots__ = ("hang_key", "hang_state", "hang_volatile", "lines", "text", "versions", "vm")
+    __slots__ = ("hang_key", "hang_state", "hang_volatile", "identity", "lines", "text", "versions", "vm")
 
-    def __init__(self, vm: VMState, base_names: Sequence[str], base_values: Sequence[str]) -> None:
+    def __init__(
+        self, vm: VMState, base_names: Sequence[str], base_values: Sequence[str], readers: int
+    ) -> None:
         self.vm = vm
+        #: The version of the VM's identity (its labels) this entry was made for.
+        self.identity = vm.version
         self.lines = _Lines(base_names, base_values)
         self.text: list[str] = [""] * len(_SLOT)
-        #: Per `Part`, the version of the VM's state its lines show.
-        self.versions: list[int] = [-1] * len(Part)
+        #: Per enabled reader, the version of the VM's state its lines show.
+        self.versions: list[int] = [-1] * readers
         self.hang_key: object = None
         self.hang_volatile = False
         #: Per group of `_HANG_STEADY`, the keys of the disks its lines show.
         self.hang_state: list[list[object] | None] = [None] * len(_HANG_STEADY)
 
-    def refresh(self) -> None:
-        """Re-render each part of the VM whose version moved.  (A new identity gets a new
-        `_VMText`: its label text may have changed.)"""
+    def refresh(self, plan: Sequence[_Refresh], durations: dict[str, float] | None = None) -> None:
+        """Re-render each reader's lines whose part of the VM moved, adding the time to its
+        collector's in ``durations``.  (A new identity gets a new `_VMText`: its label text may
+        have changed.)"""
         vm, text, versions = self.vm, self.text, self.versions
-        for part, attr, slots, reader in _REFRESH:
-            version = getattr(vm, attr)
-            if versions[part] != version:
-                versions[part] = version
-                for slot in slots:
+        for i, step in enumerate(plan):
+            version = getattr(vm, step.version_attr)
+            if versions[i] != version:
+                start = perf_counter()
+                versions[i] = version
+                for slot in step.slots:
                     text[slot] = ""
-                for family, lines in self.lines.render(reader(vm)).items():
+                for family, lines in self.lines.render(step.read(vm)).items():
                     text[_SLOT[family]] = lines
+                if durations is not None:
+                    durations[step.collector] += perf_counter() - start
 
     def refresh_hangs(self, hangs: HangSource, now: float) -> bool:
         """Re-render the hang lines when the VM or its trackers changed, or a disk hangs or
         fails (its duration grows).  Only the two `_HANG_TIMED` lines change with time: the
-        others are kept while the disks' states stay (a storm's scrape of 4000 hanging disks
-        spent 46 % of its CPU re-rendering them; py-spy, 20,000 events/s, round 3)."""
+        others are kept while the disks' states stay (in a storm, re-rendering 4000 hanging
+        disks' every line was half of a scrape's CPU)."""
         vm = self.vm
         key = (vm.version, hangs.version(vm.key))
         if key == self.hang_key and not self.hang_volatile:
@@ -771,8 +951,9 @@ class _VMText:
 
 
 class ExporterCollector(EventSink):
-    """Every per-VM metric, from the current state of the watched VMs: `collect` for
-    prometheus_client, `render` for the cached text (the same samples, the same bytes).
+    """Every per-VM metric of the enabled collectors, from the current state of the watched
+    VMs: `collect` for prometheus_client, `render` for the cached text (the same samples, the
+    same bytes).  ``durations`` holds, after each, the time it spent per collector.
 
     As an `EventSink` it renders a VM's new blockstats right after each poll: every VM is
     polled every few seconds, so by the next scrape (15-60 s) all 4000 disks' blockstats of
@@ -786,12 +967,29 @@ class ExporterCollector(EventSink):
         *,
         hangs: HangSource | None = None,
         clock: Callable[[], float],
+        collectors: Iterable[str] = COLLECTORS,
     ) -> None:
         self._vms = vms
         self._static = tuple(static_label_names)
         self._base_names = ["vm", *self._static]
         self._hangs = hangs
         self._clock = clock
+        enabled = frozenset(collectors)
+        readers = [r for r in _READERS if r.collector in enabled]
+        self._plan = _plan(readers)
+        self._before = tuple(f for r in readers if r in _READERS[:_PAGE_SPLIT] for f in r.families)
+        self._after = tuple(f for r in readers if r in _READERS[_PAGE_SPLIT:] for f in r.families)
+        self._hang_families = tuple(f for f in _HANG_FAMILIES if f.collector in enabled)
+        self._show_hangs = hangs is not None and bool(enabled & _HANG_COLLECTORS)
+        self._histogram = "hang" in enabled
+        self._backend = "backend" in enabled
+        #: The per-VM and per-host collectors this one serves (for `durations`).
+        self.names = sorted(
+            {r.collector for r in readers}
+            | ({f.collector for f in self._hang_families} if self._show_hangs else set())
+            | ({"backend"} if self._backend and hangs is not None else set())
+        )
+        self.durations: dict[str, float] = {}
         self._build = (__version__, platform.python_version(), _dist_version("qemu.qmp"))
         self._cache: dict[int, _VMText] = {}
         self._backends: list[Metric] | None = None
@@ -807,14 +1005,14 @@ class ExporterCollector(EventSink):
     def _sorted(self) -> list[VMState]:
         return sorted(self._vms(), key=lambda v: (v.vm, v.key))
 
-    def _entry(self, vm: VMState) -> _VMText:
+    def _entry(self, vm: VMState, durations: dict[str, float] | None = None) -> _VMText:
         """``vm``'s cached text (a new one when its labels changed), parts brought up to date."""
         entry = self._cache.get(id(vm))
-        if entry is None or entry.vm is not vm or entry.versions[Part.IDENTITY] != vm.version:
+        if entry is None or entry.vm is not vm or entry.identity != vm.version:
             # A new identity may mean new label values: start from empty label text (an
             # id() of a VM that is gone may be reused, hence the `is` check).
-            entry = _VMText(vm, self._base_names, self._base(vm))
-        entry.refresh()
+            entry = _VMText(vm, self._base_names, self._base(vm), len(self._plan))
+        entry.refresh(self._plan, durations)
         return entry
 
     def on_blockstats(self, vm: VMState, now: float) -> None:
@@ -828,76 +1026,106 @@ class ExporterCollector(EventSink):
         a VM's hang lines (its disks, its trackers, its hanging or failing disks) and on which
         VMs are shown: recounted only then, not over all 4000 disks of an idle host at every
         scrape (~2.5 ms at 1000 VMs)."""
+        out = [hangs.histogram_metric()] if self._histogram else []
+        if not self._backend:
+            return out
+        start = perf_counter()
         keys = [vm.key for vm in shown]
         if recount or self._backends is None or keys != self._backend_keys:
             self._backends = hangs.backend_metrics(shown)
             self._backend_keys = keys
-        return [hangs.histogram_metric(), *self._backends]
+        self.durations["backend"] += perf_counter() - start
+        return [*out, *self._backends]
+
+    def _join(
+        self, parts: list[str], h: dict[Family, str], families: Iterable[Family], texts: list[list[str]]
+    ) -> None:
+        durations = self.durations
+        for family in families:
+            start = perf_counter()
+            parts.append(h[family])
+            parts.extend(map(itemgetter(_SLOT[family]), texts))
+            durations[family.collector] += perf_counter() - start
 
     def render(self, fmt: Format) -> list[str]:
         """The text of `collect` in ``fmt``, from per-VM lines re-rendered only for the parts
         of VMs that changed since the previous scrape (the lines serve both formats)."""
+        self.durations = durations = dict.fromkeys(self.names, 0.0)
         vms = self._sorted()
         now = self._clock()
         h = self._headers.get(fmt)
         if h is None:
             h = self._headers[fmt] = {
-                family: family_header(family.name, family.help, family.type, fmt)
-                for part in (*_PARTS.values(), _HANG_FAMILIES)
-                for family in part
+                family: family_header(family.name, family.help, family.type, fmt) for family in _SLOT
             }
-        entries = [self._entry(vm) for vm in vms]
+        entries = [self._entry(vm, durations) for vm in vms]
         self._cache = {id(e.vm): e for e in entries}  # the VMs gone drop out
         vms_line = f"{VMS.name} {fmt_value(len(vms))}\n"
         parts = [self._build_text[fmt], family_header(VMS.name, VMS.help, VMS.type, fmt), vms_line]
         texts = [e.text for e in entries]
-        for family in _PAGE_BEFORE_HANGS:
-            parts.append(h[family])
-            parts.extend(map(itemgetter(_SLOT[family]), texts))
-        if self._hangs is not None:
+        self._join(parts, h, self._before, texts)
+        if self._show_hangs:
+            assert self._hangs is not None
+            start = perf_counter()
             shown = [e for e in entries if e.vm.up]
             rendered = [e.refresh_hangs(self._hangs, now) for e in shown]
-            shown_texts = [e.text for e in shown]
-            for family in _HANG_FAMILIES:
-                parts.append(h[family])
-                parts.extend(map(itemgetter(_SLOT[family]), shown_texts))
+            durations["hang" if "hang" in durations else "hangtime"] += perf_counter() - start
+            self._join(parts, h, self._hang_families, [e.text for e in shown])
+            start = perf_counter()
             host = self._host_metrics(self._hangs, [e.vm for e in shown], any(rendered))
-            parts.append(format_families(host, fmt))
-        for family in _PAGE_AFTER_HANGS:
-            parts.append(h[family])
-            parts.extend(map(itemgetter(_SLOT[family]), texts))
+            text = format_families(host, fmt)
+            if self._histogram:
+                durations["hang"] += perf_counter() - start
+            parts.append(text)
+        self._join(parts, h, self._after, texts)
         return parts
 
     def collect(self) -> Iterator[Metric]:
+        self.durations = durations = dict.fromkeys(self.names, 0.0)
         vms = self._sorted()
         now = self._clock()
-        samples: dict[Family, list[tuple[list[str], float]]] = {
-            family: [] for part in (*_PARTS.values(), _HANG_FAMILIES) for family in part
-        }
-        for vm in vms:
-            base = self._base(vm)
-            for reader in _READERS.values():
-                for family, values, value in reader(vm):
+        samples: dict[Family, list[tuple[list[str], float]]] = {family: [] for family in _SLOT}
+        for step in self._plan:
+            start = perf_counter()
+            for vm in vms:
+                base = self._base(vm)
+                for family, values, value in step.read(vm):
                     samples[family].append(([*base, *values], value))
+            durations[step.collector] += perf_counter() - start
         shown = [vm for vm in vms if vm.up]
-        if self._hangs is not None:
+        if self._show_hangs:
+            assert self._hangs is not None
+            start = perf_counter()
             for vm in shown:
                 base = self._base(vm)
                 for dev, t in self._hangs.shown(vm, now):
                     steady = (reader(dev, t) for _families, _key, reader in _HANG_STEADY)
                     for family, values, value in chain(*steady, _hang_timed(dev, t, now)):
                         samples[family].append(([*base, *values], value))
+            durations["hang" if "hang" in durations else "hangtime"] += perf_counter() - start
 
         def metric(family: Family) -> Metric:
             return family.metric(family.label_names(self._base_names), samples[family])
 
         yield build_info_metric(self._build)
         yield VMS.metric((), [((), len(vms))])
-        yield from map(metric, _PAGE_BEFORE_HANGS)
-        if self._hangs is not None:
-            yield from map(metric, _HANG_FAMILIES)
+        yield from map(metric, self._before)
+        if self._show_hangs:
+            assert self._hangs is not None
+            yield from map(metric, self._hang_families)
             yield from self._host_metrics(self._hangs, shown, recount=True)
-        yield from map(metric, _PAGE_AFTER_HANGS)
+        yield from map(metric, self._after)
+
+
+class DurationCollector:
+    """`COLLECTOR_DURATION`: what this scrape spent per collector, as `Registry` measured it (registered last, so that it sees every other collector's time)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def collect(self) -> list[Metric]:
+        d = self._registry.durations
+        return [COLLECTOR_DURATION.metric(COLLECTOR_DURATION.labels, [((n,), d[n]) for n in sorted(d)])]
 
 
 def _dist_version(name: str) -> str:

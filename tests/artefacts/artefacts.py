@@ -131,10 +131,10 @@ def dashboard_files() -> list[Path]:
     return sorted(DASHBOARD_DIR.glob("*.json"))
 
 
-def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for p in panels:
         yield p
-        yield from _panels(p.get("panels", []))
+        yield from iter_panels(p.get("panels", []))
 
 
 _LABEL_VALUES = re.compile(r"^\s*label_values\((.*),\s*[A-Za-z_][A-Za-z0-9_]*\s*\)\s*$", re.S)
@@ -144,7 +144,7 @@ _QUERY_RESULT = re.compile(r"^\s*query_result\((.*)\)\s*$", re.S)
 def dashboard_exprs(path: Path) -> Iterator[tuple[str, str]]:
     """(where, Grafana expression) for every panel target and template-variable query."""
     dash = json.loads(path.read_text())
-    for panel in _panels(dash.get("panels", [])):
+    for panel in iter_panels(dash.get("panels", [])):
         for t in panel.get("targets", []):
             if t.get("expr"):
                 yield (f"{path.name}: panel {panel.get('title')!r} ref {t.get('refId')}", t["expr"])

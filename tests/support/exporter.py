@@ -14,16 +14,22 @@ from typing import Any
 import aiohttp
 import yaml
 
+from exporter.collectors import COLLECTORS
 from tests.support.procs import REPO, Process, child_env
 from tests.support.scrape import Metrics
 from tests.support.waits import wait_for
+
+#: The ``collectors`` config section that turns every collector on (`exporter.collectors`).
+FULL_PAGE: dict[str, bool] = dict.fromkeys(COLLECTORS, True)
 
 
 class ExporterProcess(Process):
     """``python -m exporter --config.file=WORKDIR/exporter.yml``, listening on a free port.
 
-    ``config`` is the exporter's YAML config as a dict; ``web.listen_address`` is set here, and
-    ``log.level`` defaults to debug.  ``env`` is added to the child's environment (e.g.
+    ``config`` is the exporter's YAML config as a dict; ``web.listen_address`` is set here,
+    ``log.level`` defaults to debug, and every collector is on (`FULL_PAGE`: the tests of the
+    block statistics, the session counters... read them) unless ``config`` has a
+    ``collectors`` section: ``{"collectors": {}}`` runs the default page.  ``env`` is added to the child's environment (e.g.
     ``NOTIFY_SOCKET``, which is otherwise never inherited)."""
 
     name = "exporter"
@@ -41,6 +47,7 @@ class ExporterProcess(Process):
         cfg = dict(config)
         cfg["web"] = {**cfg.get("web", {}), "listen_address": f"127.0.0.1:{self.port}"}
         cfg["log"] = {"level": "debug", **cfg.get("log", {})}
+        cfg.setdefault("collectors", FULL_PAGE)
         self.config_path = workdir / "exporter.yml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.extra_args = list(extra_args)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.collectors import DEFAULT_COLLECTORS
 from exporter.config import DEFAULT_SOCKET_GLOB, ConfigError, load_file, parse
 from tests.support.procs import REPO
 
@@ -75,6 +76,10 @@ def test_default_glob_only_without_explicit_sockets() -> None:
         ("alerting: {runbook_base_url: 'https:///runbooks.md'}", "alerting.runbook_base_url"),
         ("alerting: {runbook_base_url: '//wiki/runbooks.md'}", "alerting.runbook_base_url"),
         ("alerting: {runbook_base_url: 'docs/run books.md'}", "alerting.runbook_base_url"),
+        ("collectors: {blockstat: true}", "collectors.blockstat"),
+        ("collectors: {blockstats: yes please}", "collectors.blockstats"),
+        ("collectors: {disable_defaults: 1}", "collectors.disable_defaults"),
+        ("collectors: [blockstats]", "collectors"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path: Path, doc: str, key: str) -> None:
@@ -137,6 +142,11 @@ def test_cli_missing_config_file(tmp_path: Path) -> None:
         (["--web.listen-address=nowhere"], "--web.listen-address"),
         (["--web.telemetry-path=metrics"], "--web.telemetry-path"),
         (["--no-such-flag"], "--no-such-flag"),
+        (
+            ["--collector.blockstat"],
+            "--collector.blockstat: 'blockstat' is not a collector (one of vm, policy",
+        ),
+        (["--no-collector.hangs"], "--no-collector.hangs: 'hangs' is not a collector"),
     ],
 )
 def test_cli_bad_flag_one_line_exit_2(args: list[str], needle: str) -> None:
@@ -151,3 +161,29 @@ def test_cli_version() -> None:
 
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"qemu-iohang-exporter {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("doc", "argv", "enabled"),
+    [
+        ("", [], DEFAULT_COLLECTORS),
+        ("", ["--collector.blockstats"], DEFAULT_COLLECTORS | {"blockstats"}),
+        (
+            "",
+            ["--no-collector.process", "--no-collector.libvirt"],
+            DEFAULT_COLLECTORS - {"process", "libvirt"},
+        ),
+        ("", ["--collector.disable-defaults", "--collector.hang"], {"hang"}),
+        ("collectors: {blockstats: true, vm: false}", [], DEFAULT_COLLECTORS - {"vm"} | {"blockstats"}),
+        # Flags win over the file, whichever way.
+        ("collectors: {blockstats: true}", ["--no-collector.blockstats"], DEFAULT_COLLECTORS),
+        ("collectors: {disable_defaults: true, session: true}", ["--collector.vm"], {"session", "vm"}),
+        ("collectors: {hang: false}", ["--collector.hang"], DEFAULT_COLLECTORS),
+    ],
+)
+def test_collectors_from_file_and_flags(tmp_path: Path, doc: str, argv: list[str], enabled: set[str]) -> None:
+    from exporter.cli import parse_args, resolve
+
+    p = tmp_path / "c.yml"
+    p.write_text(doc)
+    assert resolve(parse_args([f"--config.file={p}", *argv])).collectors.enabled == enabled
