@@ -156,7 +156,8 @@ def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
 
 def test_example_config_shape() -> None:
     cfg = yaml.safe_load(CONFIG.read_text())
-    assert set(cfg) == {"web", "qmp", "policy", "log"}
+    assert set(cfg) == {"web", "qmp", "policy", "log", "collectors"}
+    assert cfg["collectors"] == {"disable_defaults": False, "blockstats": False}
     assert cfg["web"]["listen_address"] == ":9738"
     assert cfg["qmp"]["globs"] == ["/run/qemu-iohang-exporter/*.qmp"]
     assert all(isinstance(v, dict) for v in cfg["qmp"]["labels"].values())
