@@ -186,6 +186,37 @@ def recording_rules(sel: str) -> list[dict[str, Any]]:
             "record": "job_backend:qemu_storage_backend_affected_vms:sum",
             "expr": f"sum by (job, backend) (qemu_storage_backend_affected_vms{{{sel}}})",
         },
+        {
+            "record": "job_backend:qemu_storage_backend_affected_hosts:count",
+            "expr": (
+                f"count by (job, backend) (\n  qemu_storage_backend_hanging_disks{{{sel}}}\n"
+                f"  + qemu_storage_backend_failing_disks{{{sel}}}\n  > 0\n)\n"
+            ),
+        },
+        *fleet_rules(sel),
+    ]
+
+
+def fleet_rules(sel: str) -> list[dict[str, Any]]:
+    """The whole fleet in one series each (docs/fleet.md): the host views above added up, so
+    that a fleet overview reads a few series instead of every host's.  Sums by job only: the
+    agents' external labels and any target label other than instance are left out."""
+    w = RATE_WINDOW
+    totals = [
+        ("instance:qemu_exporter_vms:sum", "job:qemu_exporter_vms:sum"),
+        ("instance:qemu_qmp_down:count", "job:qemu_qmp_down:count"),
+        ("instance:qemu_block_devices:count", "job:qemu_block_devices:count"),
+        ("instance:qemu_block_io_hang:sum", "job:qemu_block_io_hang:sum"),
+        ("instance:qemu_block_io_failing:sum", "job:qemu_block_io_failing:sum"),
+        ("instance:qemu_vm_io_error:sum", "job:qemu_vm_io_error:sum"),
+        (f"instance:qemu_block_io_hang_seconds:rate{w}", f"job:qemu_block_io_hang_seconds:rate{w}"),
+    ]
+    return [
+        # Exporters scraped successfully / configured: a host whose exporter is down or whose
+        # agent stopped writing is missing from every other fleet view.
+        {"record": "job:up:sum", "expr": f"sum by (job) (up{{{sel}}})"},
+        {"record": "job:up:count", "expr": f"count by (job) (up{{{sel}}})"},
+        *({"record": record, "expr": f"sum by (job) ({source}{{{sel}}})"} for source, record in totals),
     ]
 
 

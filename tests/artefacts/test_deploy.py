@@ -1,5 +1,5 @@
 """Deployment files: systemd unit, sysusers/tmpfiles, example config, container, Kubernetes,
-Prometheus and Alertmanager examples."""
+Prometheus and Alertmanager examples, the fleet's agent / central / Alertmanager cluster files."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import configparser
 import re
 import shutil
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.artefacts.artefacts import ROOT, RULES_FILE
-from tests.support.binaries import require_binary
+from tests.support import fleet
+from tests.support.binaries import alertmanager_binary, require_binary
 
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "systemd" / "qemu-iohang-exporter.service"
@@ -351,3 +353,147 @@ def test_systemd_libvirt_dropin() -> None:
     argv = [a for a in starts[1].split()[1:] if not a.startswith("--config.file=")]
     assert resolve(build_parser().parse_args(argv)).libvirt.uris == ("qemu:///system",)
     assert "SupplementaryGroups=libvirt" in text
+
+
+# --- the fleet: agents, central Prometheus, Alertmanager cluster (docs/fleet.md) ---------------
+
+
+@pytest.mark.promtool
+def test_promtool_check_fleet_configs(tmp_path: Path) -> None:
+    """The agent's config is valid in agent mode (where rules and alerting are refused), the
+    central one with the shipped rules beside it."""
+    promtool = require_binary("promtool")
+    shutil.copy(RULES_FILE, tmp_path / RULES_FILE.name)
+    for src, args, found in (
+        (fleet.AGENT_CONFIG, ["--agent"], None),
+        (fleet.CENTRAL_CONFIG, [], "1 rule files found"),
+    ):
+        shutil.copy(src, tmp_path / src.name)
+        r = subprocess.run(
+            [promtool, "check", "config", *args, str(tmp_path / src.name)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert found is None or found in r.stdout
+    # And the check can fail: rules in an agent's config.
+    bad = yaml.safe_load(fleet.AGENT_CONFIG.read_text()) | {"rule_files": [RULES_FILE.name]}
+    (tmp_path / "bad.yml").write_text(yaml.safe_dump(bad))
+    r = subprocess.run(
+        [promtool, "check", "config", "--agent", str(tmp_path / "bad.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("path", "binary", "needed"),
+    [
+        (fleet.AGENT_ARGS, "prometheus", {"--enable-feature=agent", "--storage.agent.path"}),
+        (fleet.CENTRAL_ARGS, "prometheus", {"--web.enable-remote-write-receiver"}),
+        (fleet.ALERTMANAGER_CLUSTER_ARGS, "alertmanager", {"--cluster.listen-address", "--cluster.peer"}),
+    ],
+    ids=lambda v: v.name if isinstance(v, Path) else None,
+)
+def test_debian_default_args(path: Path, binary: str, needed: set[str]) -> None:
+    """Each /etc/default file passes the flags its role needs, and the installed binary knows
+    every one of them (a misspelt flag stops the daemon at start)."""
+    args = fleet.default_args(path)
+    assert needed <= {a if a == "--enable-feature=agent" else fleet.flag_name(a) for a in args}
+    exe = alertmanager_binary() if binary == "alertmanager" else require_binary("prometheus")
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    known = set(re.findall(r"^\s+(--[a-z][a-z0-9.-]*)", r.stdout + r.stderr, re.M))
+    assert {"--config.file", "--web.listen-address"} <= known
+    assert {fleet.flag_name(a) for a in args} - known == set()
+
+
+def _commented_command(path: Path) -> str:
+    """The shell command a shipped file gives in its comments (the ``printf`` line, with its
+    continuation)."""
+    lines = [ln.strip().removeprefix("#").strip() for ln in path.read_text().splitlines()]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("printf "))
+    cmd = lines[start]
+    while cmd.endswith("\\"):
+        start += 1
+        cmd = cmd[:-1] + lines[start]
+    return cmd
+
+
+def _hostname() -> str:
+    return subprocess.run(["hostname", "-f"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_agent_targets_command(tmp_path: Path) -> None:
+    """The command agent.yml gives writes the targets file the agent reads: this host's
+    exporter, its instance the host's name (as the exporter's alerting.instance command)."""
+    agent = yaml.safe_load(fleet.AGENT_CONFIG.read_text())
+    (job,) = agent["scrape_configs"]
+    (sd,) = job["file_sd_configs"]
+    (path,) = sd["files"]
+    cmd = _commented_command(fleet.AGENT_CONFIG)
+    assert cmd.endswith(f"> {path}")
+    out = tmp_path / "targets.yml"
+    subprocess.run(["sh", "-c", cmd.replace(path, str(out))], check=True, timeout=30)
+    assert yaml.safe_load(out.read_text()) == [
+        {"targets": ["localhost:9738"], "labels": {"instance": _hostname()}}
+    ]
+    # The test support writes the same form, for several hosts.
+    fleet.write_targets(out, [("localhost:9738", _hostname()), ("hv2:9738", "hv2")])
+    assert yaml.safe_load(out.read_text())[0] == {
+        "targets": ["localhost:9738"],
+        "labels": {"instance": _hostname()},
+    }
+
+
+def test_fleet_exporter_config_needs_the_host(tmp_path: Path) -> None:
+    """As shipped, the fleet host's exporter config stops naming alerting.instance (the host's
+    name is the one thing it cannot know); with the line its command appends, it starts."""
+    import exporter.config as config
+
+    with pytest.raises(config.ConfigError, match=r"alerting\.instance"):
+        config.load_file(str(fleet.EXPORTER_FLEET_CONFIG))
+    cmd = _commented_command(fleet.EXPORTER_FLEET_CONFIG)
+    target = "/etc/qemu-iohang-exporter/config.yml"
+    assert cmd.endswith(f">> {target}")
+    copy = tmp_path / "config.yml"
+    shutil.copy(fleet.EXPORTER_FLEET_CONFIG, copy)
+    subprocess.run(["sh", "-c", cmd.replace(target, str(copy))], check=True, timeout=30)
+    cfg = config.load_file(str(copy))
+    assert cfg.alerting.enabled and cfg.alerting.instance == _hostname()
+    assert cfg.hang.state_file
+    example = yaml.safe_load(CONFIG.read_text())
+    assert cfg.telemetry_path == "/metrics"
+    fleet_cfg = yaml.safe_load(copy.read_text())
+    assert fleet_cfg["web"] == {"listen_address": example["web"]["listen_address"]}
+    assert fleet_cfg["qmp"]["globs"] == example["qmp"]["globs"]
+
+
+def test_fleet_files_agree() -> None:
+    """What must be equal across the fleet files is: the job and the agent's external labels
+    are those the exporter's push path sends (one alert, not two, in Alertmanager); every
+    Alertmanager the central Prometheus sends to is a cluster peer and gets the exporters'
+    pushes too; the agent writes where the central Prometheus receives."""
+    agent = yaml.safe_load(fleet.AGENT_CONFIG.read_text())
+    central = yaml.safe_load(fleet.CENTRAL_CONFIG.read_text())
+    exp = yaml.safe_load(fleet.EXPORTER_FLEET_CONFIG.read_text())["alerting"]
+    (job,) = agent["scrape_configs"]
+    assert job["job_name"] == exp["job"] == "qemu-iohang"
+    assert agent["global"]["external_labels"] == exp["external_labels"]
+    assert "external_labels" not in central["global"]  # they would reach every alert sent
+    assert "rule_files" not in agent and "alerting" not in agent
+    assert central["rule_files"] == [RULES_FILE.name]
+    assert all(j["job_name"] != "qemu-iohang" for j in central["scrape_configs"])
+    (rw,) = agent["remote_write"]
+    url = urllib.parse.urlsplit(rw["url"])
+    assert url.path == "/api/v1/write" and url.port == 9090
+    assert "--web.enable-remote-write-receiver" in fleet.default_args(fleet.CENTRAL_ARGS)
+    (ams,) = central["alerting"]["alertmanagers"]
+    (static,) = ams["static_configs"]
+    am_hosts = {t.rsplit(":", 1)[0] for t in static["targets"]}
+    assert len(am_hosts) >= 2
+    assert {urllib.parse.urlsplit(u).hostname for u in exp["alertmanager_urls"]} == am_hosts
+    peers = fleet.flag_values(fleet.default_args(fleet.ALERTMANAGER_CLUSTER_ARGS), "--cluster.peer")
+    assert {p.rsplit(":", 1)[0] for p in peers} == am_hosts

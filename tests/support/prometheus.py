@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ from tests.support.procs import Process, free_port
 
 class Prometheus(Process):
     """The ``prometheus`` binary (Debian's) with ``config`` and ``rule_files`` (name -> text,
-    written beside the config).  ``binary``: its path (default: found, or skip / fail)."""
+    written beside the config).  ``binary``: its path (default: found, or skip / fail).
+    ``extra_args`` are appended (``--web.enable-remote-write-receiver``); with
+    ``--enable-feature=agent`` among them it runs in agent mode (its own storage path, no
+    rules)."""
 
     name = "prometheus"
     start_timeout = 60.0
@@ -37,26 +41,39 @@ class Prometheus(Process):
         *,
         binary: str | None = None,
         log_level: str = "debug",
+        extra_args: Sequence[str] = (),
     ) -> None:
         super().__init__(workdir)
         self.binary = binary or require_binary("prometheus")
         self.log_level = log_level
+        self.extra_args = list(extra_args)
         for fname, text in (rule_files or {}).items():
             (workdir / fname).write_text(text)
         self.config_path = workdir / "prometheus.yml"
+        self.write_config(config)
+
+    @property
+    def agent(self) -> bool:
+        return "--enable-feature=agent" in self.extra_args or "--agent" in self.extra_args
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """(Re)write the config file; read at start (e.g. once `port` is known)."""
         self.config_path.write_text(yaml.safe_dump(config))
 
     def argv(self) -> list[str]:
-        return [
+        storage = "--storage.agent.path" if self.agent else "--storage.tsdb.path"
+        argv = [
             self.binary,
             f"--config.file={self.config_path}",
-            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"{storage}={self.workdir / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}",
             f"--log.level={self.log_level}",
+        ]
+        if not self.agent:  # agent mode refuses the flag: it has no rules
             # Resend firing alerts to Alertmanager every second (default 1m), so the pipeline
             # test does not depend on when the first send happened.
-            "--rules.alert.resend-delay=1s",
-        ]
+            argv.append("--rules.alert.resend-delay=1s")
+        return argv + self.extra_args
 
     @staticmethod
     def _result(expr: str, doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -74,15 +91,17 @@ class Prometheus(Process):
 
 
 class Alertmanager(Process):
-    """``prometheus-alertmanager`` (Debian) / ``alertmanager``, clustering off."""
+    """``prometheus-alertmanager`` (Debian) / ``alertmanager``; clustering off unless
+    ``cluster_args`` (``--cluster.listen-address=...``, ``--cluster.peer=...``) are given."""
 
     name = "alertmanager"
 
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any], cluster_args: Sequence[str] = ()) -> None:
         super().__init__(workdir)
         self.binary = alertmanager_binary()
         self.config_path = workdir / "alertmanager.yml"
         self.config_path.write_text(yaml.safe_dump(config))
+        self.cluster_args = list(cluster_args) or ["--cluster.listen-address="]
 
     def argv(self) -> list[str]:
         return [
@@ -90,7 +109,7 @@ class Alertmanager(Process):
             f"--config.file={self.config_path}",
             f"--storage.path={self.workdir / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}",
-            "--cluster.listen-address=",
+            *self.cluster_args,
             "--log.level=debug",
         ]
 
