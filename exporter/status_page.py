@@ -82,13 +82,13 @@ def _ms_text(ms: int | None, zero: str = "0") -> str:
     return "—" if ms is None else seconds_text(ms / 1000) if ms else zero
 
 
-def _time(ts: float | None) -> str:
+def _time(ts: float | None, shown: str = "%H:%M:%S") -> str:
     """A Unix time as UTC wall-clock time, with the full timestamp in ``datetime``."""
     if ts is None:
         return "—"
     t = time.gmtime(ts)
     iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", t)
-    return f'<time datetime="{iso}">{time.strftime("%H:%M:%S", t)}</time>'
+    return f'<time datetime="{iso}">{time.strftime(shown, t)}</time>'
 
 
 def _table(head: Sequence[str], rows: list[str]) -> str:
@@ -219,6 +219,10 @@ def _recent(items: list[dict[str, Any]]) -> str:
     return _table(["VM", "device", "started", "length", "outcome"], rows)
 
 
+#: The incidents span a day: their times show the date too.
+_DAY_TIME = "%b %d %H:%M:%S"
+
+
 def _incident_id(i: Mapping[str, Any]) -> str:
     """A stable id for an incident's ``<details>`` (kept open across refreshes)."""
     return f"incident-{int(i['start'] * 1000)}-{zlib.crc32(i['backend'].encode()):08x}"
@@ -246,7 +250,7 @@ def _incidents(items: list[dict[str, Any]]) -> str:
             saw = '<span class="good">none</span>'
         rows.append(
             f'<tr data-backend="{_esc(i["backend"])}"><td><code>{_esc(i["backend"])}</code></td>'
-            f'<td class="n">{_time(i["start"])}</td><td class="n">{seconds_text(i["duration_seconds"])}</td>'
+            f'<td class="n">{_time(i["start"], _DAY_TIME)}</td><td class="n">{seconds_text(i["duration_seconds"])}</td>'
             f'<td class="n">{i["disks"]}</td><td class="n">{i["vms"]}</td><td class="n">{i["recovered"]}</td>'
             f'<td class="n">{i["timed_out"]}</td><td>{saw}</td></tr>'
         )

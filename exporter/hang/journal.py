@@ -8,7 +8,7 @@ hang, when it completes (`HangTracking.on_completed`), becomes a `HangRecord` li
 File, cap and rotation
 ======================
 ``hang.journal_file`` (e.g. ``hangs.jsonl``) is appended to; before a line would take it past
-``hang.journal_max_bytes`` (default 16 MiB, ~50,000 hangs) it is renamed to ``hangs.jsonl.1``
+``hang.journal_max_bytes`` (default 16 MiB, ~58,000 hangs) it is renamed to ``hangs.jsonl.1``
 (replacing the previous one) and a new file is started.  So the journal takes at most twice the
 cap on disk and keeps at least the latest cap's worth of hangs.
 
@@ -62,7 +62,7 @@ from exporter.model.state import VMState
 
 log = logging.getLogger("exporter.hang.journal")
 
-#: Default cap of one journal file (``hang.journal_max_bytes``): ~330 bytes a record.
+#: Default cap of one journal file (``hang.journal_max_bytes``): ~290 bytes a record.
 DEFAULT_MAX_BYTES: Final[int] = 16 * 1024 * 1024
 #: Smallest cap accepted: a few hundred records.
 MIN_MAX_BYTES: Final[int] = 64 * 1024
