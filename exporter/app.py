@@ -165,8 +165,10 @@ class Exporter:
                     await task
         await self.discovery.stop()
         await asyncio.gather(*(source.stop() for source in self.libvirt))
-        # Open hangs survive the restart (the state file), hangs completed since the last tick
-        # reach the journal.
+        # Open hangs survive the restart (the state file); hangs completed since the last tick
+        # reach the recent hangs and the journal.  The alert push is not told: with every
+        # session ended it would see no open hang and resolve alerts the restart pushes again.
+        self.hangs.on_change = None
         self.hangs.tick(self.clock())
         if self.journal is not None:
             await self.journal.close()
