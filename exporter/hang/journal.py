@@ -209,8 +209,8 @@ class HangJournal(EventSink):
     def __init__(self, path: str, max_bytes: int, clock: Callable[[], float]) -> None:
         self.files = JournalFiles(path, max_bytes)
         self._clock = clock
-        #: (VMState.key, device) -> (vm, uuid, backend, source)
-        self._disks: dict[tuple[str, str], tuple[str, str, str, str]] = {}
+        #: VMState.key -> device -> (vm, uuid, backend, source)
+        self._disks: dict[str, dict[str, tuple[str, str, str, str]]] = {}
         self._pending: list[HangRecord] = []
         self._flushing = False
         self._task: asyncio.Task[None] | None = None
@@ -250,20 +250,21 @@ class HangJournal(EventSink):
     # -- identity of disks (EventSink) ---------------------------------------------------
 
     def on_disks(self, vm: VMState, now: float) -> None:
+        # Devices unplugged stay: their last hang may be drained later (a bounded leak).
+        known = self._disks.setdefault(vm.key, {})
         for dev, disk in vm.disks.items():
-            self._disks[(vm.key, dev)] = (vm.vm, vm.uuid, disk.backend or UNKNOWN, vm.source)
+            known[dev] = (vm.vm, vm.uuid, disk.backend or UNKNOWN, vm.source)
 
     def on_removed(self, vm: VMState, now: float) -> None:
         # After the hang tracking drained the VM's hangs (it is told first).
-        for k in [k for k in self._disks if k[0] == vm.key]:
-            del self._disks[k]
+        self._disks.pop(vm.key, None)
 
     # -- writing ------------------------------------------------------------------------
 
     def completed(self, key: str, device: str, hang: CompletedHang, retry_timeout_s: float) -> None:
         """A hang completed (`HangTracking.on_completed`): queue its record, and write it soon
         from a thread.  O(1) on the loop."""
-        vm, uuid, backend, source = self._disks.get((key, device), (key, "", UNKNOWN, "qmp"))
+        vm, uuid, backend, source = self._disks.get(key, {}).get(device, (key, "", UNKNOWN, "qmp"))
         record = HangRecord(
             vm=vm,
             uuid=uuid,
