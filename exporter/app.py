@@ -21,6 +21,7 @@ from exporter.config import Config, validate_listen_address
 from exporter.discovery import Discovery, static_label_names
 from exporter.fairness import ScrapeFirst
 from exporter.gc_tuning import Departures, freeze_long_lived
+from exporter.hang.journal import HangJournal
 from exporter.hang.tracking import HangTracking
 from exporter.libvirt_watch import LibvirtSource
 from exporter.liveness import Liveness, LivenessCollector, qmp_sources, watchdog
@@ -44,6 +45,11 @@ class Exporter:
         self.web_config = web_config or WebConfig()
         self.clock = clock
         self.hangs = HangTracking(config.hang.recovery_margin_seconds, config.hang.state_file)
+        #: Every completed hang in a file (`exporter.hang.journal`), when configured.
+        self.journal: HangJournal | None = None
+        if config.hang.journal_file:
+            self.journal = HangJournal(config.hang.journal_file, config.hang.journal_max_bytes, clock)
+            self.hangs.on_completed = self.journal.completed
         self.scrape_first = ScrapeFirst()
         enabled = config.collectors.enabled
         collector = ExporterCollector(
@@ -54,7 +60,8 @@ class Exporter:
             collectors=enabled,
         )
         self._departures = Departures()
-        sink = SinkGroup(self.hangs, collector, self._departures)
+        # The journal after the hang tracking: a VM's hangs are drained before it forgets the VM.
+        sink = SinkGroup(self.hangs, collector, self._departures, *filter(None, [self.journal]))
         backends = BackendResolver(config)
         self.discovery = Discovery(config, sink, clock, self.scrape_first, backends)
         self.libvirt = [LibvirtSource(uri, config, sink, clock, backends) for uri in config.libvirt.uris]
@@ -67,6 +74,8 @@ class Exporter:
             pusher = self.alert_pusher = AlertPusher(config.alerting, clock)
             self.registry.register(pusher)
             self.hangs.on_change = lambda trackers: pusher.update(open_hangs(trackers, self.vms()))
+        if self.journal is not None:
+            self.registry.register(self.journal)
         self.liveness = Liveness(config.health, lambda: qmp_sources(self.discovery.watchers.values()))
         self.registry.register(LivenessCollector(self.liveness))
         # The exporter's own process (CPU, memory, fds, start time) and garbage collector, as
@@ -93,7 +102,16 @@ class Exporter:
     def status(self, details: bool = True) -> dict[str, Any]:
         """What the status page and ``/api/v1/status`` show (`exporter.status`)."""
         conns = [s.state for s in self.libvirt]
-        return build_status(self.vms(), self.hangs, self.config.policy, self.clock(), conns, details=details)
+        incidents = self.journal.incidents_last_day() if self.journal is not None else None
+        return build_status(
+            self.vms(),
+            self.hangs,
+            self.config.policy,
+            self.clock(),
+            conns,
+            details=details,
+            incidents=incidents,
+        )
 
     def _fleet_shape(self) -> tuple[int, int]:
         vms = self.vms()
@@ -111,6 +129,8 @@ class Exporter:
             self.scrape_first,
             health=self.liveness.problem,
             status=self.status,
+            journal=self.journal,
+            clock=self.clock,
         )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -152,7 +172,13 @@ class Exporter:
                     await task
         await self.discovery.stop()
         await asyncio.gather(*(source.stop() for source in self.libvirt))
-        self.hangs.save()  # open hangs survive the restart
+        # Open hangs survive the restart (the state file); hangs completed since the last tick
+        # reach the recent hangs and the journal.  The alert push is not told: with every
+        # session ended it would see no open hang and resolve alerts the restart pushes again.
+        self.hangs.on_change = None
+        self.hangs.tick(self.clock())
+        if self.journal is not None:
+            await self.journal.close()
         if self.alert_pusher is not None:
             await self.alert_pusher.stop()
         if self._runner is not None:

@@ -26,21 +26,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import glob
 import json
-import ssl
 import sys
 import time
 import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from exporter import __version__
+from exporter.api_client import api_url, get_json, safe_url
 from exporter.cli import LIBVIRT_MISSING, OneLineParser
 from exporter.config import Config, ConfigError, PolicyConfig, load_file, validate_libvirt_uri
 from exporter.discovery import unmatched_reason
@@ -217,29 +214,13 @@ def read_xml(path: str, config: Config) -> list[Row]:
 
 
 def status_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL")
-    path = parts.path.rstrip("/")
-    if not path.endswith("/api/v1/status"):
-        path += "/api/v1/status"
-    netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, path, "", ""))
+    return api_url(url, "/api/v1/status")
 
 
 def read_exporter(url: str, policy: PolicyConfig, ca_file: str | None, timeout: float) -> list[Row]:
     """A running exporter's view (its ``/api/v1/status``), re-verified against our policy.
     Basic auth credentials may be given in the URL (``https://user:pass@host:9738``)."""
-    parts = urllib.parse.urlsplit(url)
-    req = urllib.request.Request(status_url(url), headers={"Accept": "application/json"})
-    if parts.username is not None:
-        creds = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        req.add_header("Authorization", "Basic " + base64.b64encode(creds.encode()).decode())
-    context = ssl.create_default_context(cafile=ca_file) if parts.scheme == "https" else None
-    with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
-        doc = json.load(resp)
+    doc = get_json(url, "/api/v1/status", ca_file, timeout)
     if not isinstance(doc, dict) or doc.get("schema") != 1 or not isinstance(doc.get("vms"), list):
         raise ValueError("not an exporter status document (schema 1)")
     rows: list[Row] = []
@@ -458,10 +439,7 @@ def _error_text(exc: Exception) -> str:
 
 def status_url_safe(url: str) -> str:
     """The URL without credentials, for messages."""
-    try:
-        return status_url(url)
-    except ValueError:
-        return url
+    return safe_url(url, "/api/v1/status")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

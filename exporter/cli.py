@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="where open hangs are persisted across restarts",
     )
+    p.add_argument(
+        "--hang.journal-file",
+        dest="journal_file",
+        metavar="PATH",
+        help="append every completed hang to this file as a JSON line (rotated to PATH.1 by size)",
+    )
     for flag, key, meaning in _HEALTH_FLAGS:
         p.add_argument(f"--health.{flag}", dest=key, metavar="SECONDS", help=meaning)
     for name, info in COLLECTORS.items():
@@ -159,6 +165,10 @@ def resolve(args: argparse.Namespace) -> Config:
         cfg = dataclasses.replace(cfg, libvirt=dataclasses.replace(cfg.libvirt, uris=uris))
     if args.state_file is not None:
         cfg = dataclasses.replace(cfg, hang=dataclasses.replace(cfg.hang, state_file=args.state_file))
+    if args.journal_file is not None:
+        if not args.journal_file:
+            raise ConfigError("flag", "--hang.journal-file", "expected a path")
+        cfg = dataclasses.replace(cfg, hang=dataclasses.replace(cfg.hang, journal_file=args.journal_file))
     for flag, key, _ in _HEALTH_FLAGS:
         if getattr(args, key) is not None:
             seconds = _flag_seconds(f"--health.{flag}", getattr(args, key))
@@ -222,11 +232,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from exporter import logsetup
     from exporter.app import Exporter
     from exporter.fd_limit import raise_soft_limit
+    from exporter.hang.journal import JournalError
 
     logsetup.setup(config.log_level, config.log_format)
     raise_soft_limit()  # every watched socket is a descriptor (exporter.fd_limit)
     try:
-        asyncio.run(Exporter(config, web_config=web_config).run_until_signal())
+        exporter = Exporter(config, web_config=web_config)
+    except JournalError as exc:  # e.g. its directory does not exist
+        where = (
+            "--hang.journal-file" if args.journal_file is not None else f"{config.source}: hang.journal_file"
+        )
+        print(f"{PROG}: {where}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(exporter.run_until_signal())
     except OSError as exc:  # e.g. the listen address is in use
         print(f"{PROG}: {config.listen_address}: {exc.strerror or exc}", file=sys.stderr)
         return 1

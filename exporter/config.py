@@ -21,6 +21,7 @@ import yaml
 from exporter import collectors
 from exporter.alert_defs import runbook_base_url_problem
 from exporter.alert_push import FRACTION_ALERTS, AlertingConfig
+from exporter.hang.journal import DEFAULT_MAX_BYTES, MIN_MAX_BYTES
 from exporter.liveness import HealthConfig
 from exporter.model.backend import MAX_BACKEND, BackendRule
 
@@ -82,6 +83,10 @@ class HangConfig:
     state_file: str | None = None
     # Extra silence, beyond the expected spacing of retries, before a hang counts as recovered.
     recovery_margin_seconds: float = 1.0
+    # Every completed hang as a JSON line (`exporter.hang.journal`); None: no journal.
+    journal_file: str | None = None
+    # Size of the journal file before it is rotated to journal_file + ".1".
+    journal_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -280,19 +285,35 @@ def parse(doc: Any, source: str) -> Config:
     cfg = dataclasses.replace(cfg, libvirt=_parse_libvirt(r, top.get("libvirt")))
     cfg = dataclasses.replace(cfg, policy=_parse_policy(r, top.get("policy")))
 
-    hang = r.mapping(top.get("hang"), "hang", {"state_file", "recovery_margin_seconds"})
-    hc = HangConfig()
-    if "state_file" in hang:
-        hc = dataclasses.replace(hc, state_file=r.string(hang["state_file"], "hang.state_file"))
-    if "recovery_margin_seconds" in hang:
-        margin = r.seconds(hang["recovery_margin_seconds"], "hang.recovery_margin_seconds")
-        hc = dataclasses.replace(hc, recovery_margin_seconds=margin)
+    hc = _parse_hang(r, top.get("hang"))
     cfg = dataclasses.replace(cfg, alerting=_parse_alerting(r, top.get("alerting")))
     cfg = dataclasses.replace(cfg, health=_parse_health(r, top.get("health")))
     cfg = dataclasses.replace(cfg, backends=_parse_backends(r, top.get("backends")))
     cfg = dataclasses.replace(cfg, mounts=_parse_mounts(r, top.get("mounts")))
     cfg = dataclasses.replace(cfg, collectors=_parse_collectors(r, top.get("collectors")))
     return dataclasses.replace(cfg, hang=hc)
+
+
+def _parse_hang(r: _Reader, value: Any) -> HangConfig:
+    hang = r.mapping(
+        value, "hang", {"state_file", "recovery_margin_seconds", "journal_file", "journal_max_bytes"}
+    )
+    hc = HangConfig()
+    if "state_file" in hang:
+        hc = dataclasses.replace(hc, state_file=r.string(hang["state_file"], "hang.state_file"))
+    if "recovery_margin_seconds" in hang:
+        margin = r.seconds(hang["recovery_margin_seconds"], "hang.recovery_margin_seconds")
+        hc = dataclasses.replace(hc, recovery_margin_seconds=margin)
+    if "journal_file" in hang:
+        hc = dataclasses.replace(hc, journal_file=r.string(hang["journal_file"], "hang.journal_file"))
+    if "journal_max_bytes" in hang:
+        n = hang["journal_max_bytes"]
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise r.fail("hang.journal_max_bytes", f"expected a whole number of bytes, got {_kind(n)}")
+        if n < MIN_MAX_BYTES:
+            raise r.fail("hang.journal_max_bytes", f"must be at least {MIN_MAX_BYTES} (64 KiB), got {n}")
+        hc = dataclasses.replace(hc, journal_max_bytes=n)
+    return hc
 
 
 def _parse_collectors(r: _Reader, value: Any) -> CollectorsConfig:

@@ -402,6 +402,27 @@ ALERT_PUSH_DROPPED = _counter(
     HOST,
     "alertmanager",
 )
+JOURNAL_RECORDS = _counter(
+    "qemu_exporter_hang_journal_records",
+    "Completed IO hangs written to the hang journal (hang.journal_file).",
+    HOST,
+)
+JOURNAL_DROPPED = _counter(
+    "qemu_exporter_hang_journal_dropped_records",
+    "Completed IO hangs never written to the hang journal: too many were waiting for a failing disk.",
+    HOST,
+)
+JOURNAL_WRITE_ERRORS = _counter(
+    "qemu_exporter_hang_journal_write_errors",
+    "Failed writes of the hang journal (each logged; the records are kept and retried).",
+    HOST,
+)
+JOURNAL_CORRUPT = _counter(
+    "qemu_exporter_hang_journal_corrupt_lines",
+    "Hang journal lines skipped when the journal was loaded at start (a line torn by a crash, "
+    "or not a record).",
+    HOST,
+)
 LOOP_LAG = _gauge(
     "qemu_exporter_event_loop_lag_seconds",
     "Largest delay of the exporter's event-loop heartbeat within the recent window "

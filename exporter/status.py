@@ -108,12 +108,14 @@ def build_status(
     connections: Iterable[ConnectionState] = (),
     *,
     details: bool = True,
+    incidents: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The snapshot of every watched VM at ``now`` (same clock as QEMU's event timestamps).
 
     Linear in disks plus recent hangs.  ``details``: include ``vms``, every VM with every disk
     (what scripts and ``qemu-iohang-check`` read); the HTML page does without, which halves the
-    work at 1000 VMs."""
+    work at 1000 VMs.  ``incidents``: the storage incidents of the last 24 h from the hang
+    journal (`exporter.hang.incidents`), shown only when the journal is on."""
     conns = {c.uri: c for c in connections}
     hanging: list[dict[str, Any]] = []
     failing: list[dict[str, Any]] = []
@@ -310,5 +312,6 @@ def build_status(
             "vms": compliant_vms,
         },
         "recent_hangs": recent,
+        **({"incidents": incidents} if incidents is not None else {}),
         **({"vms": fleet} if details else {}),
     }

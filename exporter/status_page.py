@@ -3,7 +3,8 @@
 No front-end framework and no build step: the exporter is a single Python process on a
 hypervisor, and the page must work in any browser behind the same TLS/basic auth as
 ``/metrics``.  Problems come first (hanging, failing, paused, violating, down), then the
-compliant fleet folded into ``<details>``, then the hangs of the last hour.  Every value that
+compliant fleet folded into ``<details>``, then the storage incidents of the last 24 h (with the
+hang journal, folded too) and the hangs of the last hour.  Every value that
 comes from a VM (names, devices, sockets, policy strings) is HTML-escaped: a VM name is chosen
 by whoever started the VM, not by the person reading the page.
 
@@ -18,6 +19,7 @@ import functools
 import html
 import json
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -80,13 +82,13 @@ def _ms_text(ms: int | None, zero: str = "0") -> str:
     return "—" if ms is None else seconds_text(ms / 1000) if ms else zero
 
 
-def _time(ts: float | None) -> str:
+def _time(ts: float | None, shown: str = "%H:%M:%S") -> str:
     """A Unix time as UTC wall-clock time, with the full timestamp in ``datetime``."""
     if ts is None:
         return "—"
     t = time.gmtime(ts)
     iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", t)
-    return f'<time datetime="{iso}">{time.strftime("%H:%M:%S", t)}</time>'
+    return f'<time datetime="{iso}">{time.strftime(shown, t)}</time>'
 
 
 def _table(head: Sequence[str], rows: list[str]) -> str:
@@ -217,6 +219,67 @@ def _recent(items: list[dict[str, Any]]) -> str:
     return _table(["VM", "device", "started", "length", "outcome"], rows)
 
 
+#: The incidents span a day: their times show the date too.
+_DAY_TIME = "%b %d %H:%M:%S"
+
+
+def _incident_id(i: Mapping[str, Any]) -> str:
+    """A stable id for an incident's ``<details>`` (kept open across refreshes)."""
+    return f"incident-{int(i['start'] * 1000)}-{zlib.crc32(i['backend'].encode()):08x}"
+
+
+def _incidents(items: list[dict[str, Any]]) -> str:
+    """The storage incidents of the last 24 h, folded: one row per incident, its guests that
+    saw IO errors folded again (an outage of a whole host lists thousands)."""
+    if not items:
+        return '<p class="mut">None.</p>'
+    rows = []
+    for i in items:
+        guests = i["guests_saw_errors"]
+        if guests:
+            names = "".join(
+                f"<li{_key(g['vm'], g['device'])}>{_esc(g['vm'])} {_esc(g['device'])} "
+                f'<span class="mut">at {_time(g["at"])}</span></li>'
+                for g in guests
+            )
+            saw = (
+                f'<details id="{_incident_id(i)}"><summary class="bad">{_plural(len(guests), "guest")}'
+                f'</summary><ul class="guests">{names}</ul></details>'
+            )
+        else:
+            saw = '<span class="good">none</span>'
+        rows.append(
+            f'<tr data-backend="{_esc(i["backend"])}"><td><code>{_esc(i["backend"])}</code></td>'
+            f'<td class="n">{_time(i["start"], _DAY_TIME)}</td><td class="n">{seconds_text(i["duration_seconds"])}</td>'
+            f'<td class="n">{i["disks"]}</td><td class="n">{i["vms"]}</td><td class="n">{i["recovered"]}</td>'
+            f'<td class="n">{i["timed_out"]}</td><td>{saw}</td></tr>'
+        )
+    hung = sum(i["disks"] for i in items)
+    saw_errors = sum(len(i["guests_saw_errors"]) for i in items)
+    summary = (
+        f"{_plural(len(items), 'incident')}: {_plural(hung, 'disk')} hung, "
+        f"{_plural(saw_errors, 'guest')} saw IO errors"
+    )
+    return (
+        f'<details id="incidents-24h"><summary>{summary}</summary>'
+        + _table(
+            [
+                "storage backend",
+                "from",
+                "lasted",
+                "disks",
+                "VMs",
+                "recovered",
+                "timed out",
+                "guests that saw IO errors",
+            ],
+            rows,
+        )
+        + '<p class="mut">From the hang journal; the same as <code>qemu-iohang-report</code> and '
+        '<a href="/api/v1/incidents">/api/v1/incidents</a>.</p></details>'
+    )
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -262,6 +325,11 @@ def render(status: Mapping[str, Any], telemetry_path: str = "/metrics") -> str:
     if not parts:
         parts.append('<p id="all-good" class="good">No problems: every disk complies and nothing hangs.</p>')
     parts.append(_section("fleet", "Compliant fleet", s["vms_compliant"], _compliant(status["compliant"], s)))
+    incidents = status.get("incidents")
+    if incidents is not None:
+        parts.append(
+            _section("incidents", "Storage incidents in the last 24 h", len(incidents), _incidents(incidents))
+        )
     recent = status["recent_hangs"]
     parts.append(
         _section(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -27,6 +28,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import __version__
 from exporter.fairness import ScrapeFirst
+from exporter.hang.journal import HangJournal
+from exporter.journal_api import journal_routes
 from exporter.metrics import generate_openmetrics, generate_text
 from exporter.status_page import status_routes
 
@@ -152,9 +155,12 @@ def make_app(
     scrape_first: ScrapeFirst | None = None,
     health: Callable[[], str | None] = lambda: None,
     status: Callable[[bool], Mapping[str, Any]] | None = None,
+    journal: HangJournal | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The HTTP app.  With ``status`` (a snapshot of `exporter.status`), ``/`` is the status
-    page and ``/api/v1/status`` its JSON; without, ``/`` is a plain landing page."""
+    page and ``/api/v1/status`` its JSON; without, ``/`` is a plain landing page.  With it too,
+    ``/api/v1/hangs`` and ``/api/v1/incidents`` read ``journal`` (`exporter.journal_api`)."""
     # Scrapes and probes send tiny requests: refuse bodies instead of buffering them.
     app = web.Application(client_max_size=4096, middlewares=middlewares)
     app[REGISTRY_KEY] = registry
@@ -165,6 +171,7 @@ def make_app(
     app.router.add_get("/healthz", healthz)
     if status is not None:
         status_routes(app, status, telemetry_path)
+        journal_routes(app, journal, clock)
     else:
         app.router.add_get("/", landing)
     return app

@@ -151,6 +151,9 @@ class CompletedHang:
     start: float
     end: float
     outcome: HangOutcome
+    #: ``BLOCK_IO_ERROR`` events of the hang: its failed attempts and the report that timed it
+    #: out (the hang journal's ``io_error_events``).
+    io_error_events: int = 0
 
     @property
     def duration(self) -> float:
@@ -187,6 +190,7 @@ class DiskHangTracker:
         "_completed",
         "_completed_s",
         "_counts",
+        "_events",
         "_failing",
         "_failing_since",
         "_gap_ref",
@@ -225,6 +229,7 @@ class DiskHangTracker:
         self._gap_ref: float | None = None  # previous error for gap measurement
         self._resume_ts: float | None = None  # RESUME with no error since
         self._stop_pause = False  # the hang paused the VM (stop policy)
+        self._events = 0  # BLOCK_IO_ERROR events of the hang (`CompletedHang.io_error_events`)
         # Silence is counted from here at the earliest (restore, reconnect, RESUME).
         self._anchor = _NEG_INF
         # VM / session.
@@ -298,6 +303,7 @@ class DiskHangTracker:
         earlier and unknown.  It ends like any ``stop`` hang (RESUME, then no further error)."""
         if self._start is None:
             self.on_io_error(ts, "stop")
+            self._events = 0  # no event of this hang was seen
 
     def on_stop(self, ts: float) -> None:
         """``STOP``: the VM is paused.  While paused no attempt runs (the disk is drained), so
@@ -488,6 +494,7 @@ class DiskHangTracker:
             "paused": self._paused,
             "stop_pause": self._stop_pause if hanging else False,
             "resume_ts": self._resume_ts if hanging else None,
+            "hang_events": self._events if hanging else 0,
             "failing": self._failing,
             "failing_since": self._failing_since if self._failing else None,
             "last_report": self._last_report if self._failing else None,
@@ -551,6 +558,8 @@ class DiskHangTracker:
                 tr._stop_pause = bool(data.get("stop_pause", False))
                 resume = _opt_num(data, "resume_ts")
                 tr._resume_ts = resume if resume is not None and resume >= last_err else None
+                events = data.get("hang_events", 0)
+                tr._events = events if type(events) is int and events > 0 else 0
             if data.get("failing"):
                 tr._failing = True
                 since = _opt_num(data, "failing_since")
@@ -606,12 +615,15 @@ class DiskHangTracker:
             self._gap_ref = t
             self._resume_ts = None
             self._stop_pause = False
+            self._events = 1
         elif t < self._start:
             # Out of order: an earlier attempt of this hang.  Move the start back (never before
             # the previous hang's end); the counters only grow from that.
             if t >= self._last_end:
                 self._start = t
+                self._events += 1
         else:
+            self._events += 1
             if self._gap_ref is not None and t > self._gap_ref:
                 self._spacing = max(self._spacing, t - self._gap_ref)
             if self._gap_ref is None or t > self._gap_ref:
@@ -631,6 +643,7 @@ class DiskHangTracker:
         if self._start is not None:
             if t < self._start:
                 return  # stale: precedes this hang
+            self._events += 1
             self._end(HangOutcome.TIMED_OUT, t)
             self._failing = True
             self._failing_since = t
@@ -653,7 +666,7 @@ class DiskHangTracker:
         end = max(min(end, self._clock), start, self._known)
         self._counts[outcome] += 1
         self._completed_s += end - start
-        self._completed.append(CompletedHang(start, end, outcome))
+        self._completed.append(CompletedHang(start, end, outcome, self._events))
         self._last_end = max(self._last_end, end)
         self._start = None
         self._resume_ts = None

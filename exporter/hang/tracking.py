@@ -4,7 +4,8 @@
   blockstats samples and session changes (`EventSink`), whichever source watches the VM.
 * Gives a scrape the trackers to show (`exporter.metrics.HangSource`).
 * Ticks twice a second: lets silence end hangs (QEMU announces no recovery), moves completed
-  hangs into the host-wide histogram and the recent hangs, and persists both the open hangs (so
+  hangs into the host-wide histogram, the recent hangs and the hang journal (`on_completed`),
+  and persists both the open hangs (so
   that an exporter restart keeps a hang's start) and the recent ones (the status page's
   history) (atomic write: temp file, fsync, rename).
 """
@@ -109,6 +110,9 @@ class HangTracking(EventSink):
         self.on_change: Callable[[Mapping[str, Mapping[str, DiskHangTracker]]], None] | None = None
         self._change_pending = False
         self._last_told = -math.inf
+        #: Called with (VMState.key, device, hang, retry_timeout_s) for each completed hang, as
+        #: it is drained (the hang journal, `exporter.hang.journal`).
+        self.on_completed: Callable[[str, str, CompletedHang, float], None] | None = None
         #: Per VM key, a version changed by every EventSink call (`version`): the scrape's
         #: text cache re-renders a VM's hang lines only when it moved.
         self._versions: dict[str, int] = {}
@@ -331,6 +335,8 @@ class HangTracking(EventSink):
             for hang in tracker.drain_completed():
                 self.histogram.observe(hang)
                 ring.append(RecentHang(vm, device, hang))
+                if self.on_completed is not None:
+                    self.on_completed(key, device, hang, tracker.retry_timeout_s)
 
     def _forget_old(self, now: float) -> None:
         """Drop the recent hangs of disks whose latest hang ended over `RECENT_WINDOW_S` ago."""

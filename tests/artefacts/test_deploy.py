@@ -4,6 +4,7 @@ Prometheus and Alertmanager examples, the fleet's agent / central / Alertmanager
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import shutil
 import subprocess
@@ -158,8 +159,13 @@ def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
 
 def test_example_config_shape() -> None:
     cfg = yaml.safe_load(CONFIG.read_text())
-    assert set(cfg) == {"web", "qmp", "policy", "log", "collectors"}
+    assert set(cfg) == {"web", "qmp", "policy", "hang", "log", "collectors"}
     assert cfg["collectors"] == {"disable_defaults": False, "blockstats": False}
+    # The state file and the hang journal in the unit's StateDirectory (its only writable path).
+    assert {k: os.path.dirname(v) for k, v in cfg["hang"].items()} == {
+        "state_file": "/var/lib/qemu-iohang-exporter",
+        "journal_file": "/var/lib/qemu-iohang-exporter",
+    }
     assert cfg["web"]["listen_address"] == ":9738"
     assert cfg["qmp"]["globs"] == ["/run/qemu-iohang-exporter/*.qmp"]
     assert all(isinstance(v, dict) for v in cfg["qmp"]["labels"].values())

@@ -229,3 +229,21 @@ def test_cached_exposition_equals_prometheus_client() -> None:
     vms[8].name = "renamed"
     del vms[9]
     same()
+
+
+def test_journal_benchmark_runs(tmp_path: Path) -> None:
+    """``python -m bench.journal`` (docs/incidents.md's figures) on a small fleet: it completes
+    every hang, writes every record, and reports each figure."""
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.journal", "--vms=20", "--disks=2", "--rounds=1", f"--dir={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    [one] = json.loads(r.stdout)["rounds"]
+    assert one["hangs"] == 40 and one["bytes"] == len((tmp_path / "hangs.jsonl").read_bytes())
+    assert len((tmp_path / "hangs.jsonl").read_bytes().splitlines()) == 40
+    for key in ("tick_with_journal_ms", "write_thread_ms", "loop_lag_max_ms", "inline_write_ms"):
+        assert one[key] >= 0

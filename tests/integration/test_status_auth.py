@@ -15,6 +15,7 @@ import pytest
 from qmpsim import DiskSpec, SimVM
 from tests.integration.test_check import check
 from tests.integration.test_exporter_sim import running
+from tests.integration.test_journal import report
 from tests.integration.test_web_tls_auth import HASH, PASSWORD, _auth, _self_signed, tls_exporter
 from tests.support.config import FAST
 from tests.support.waits import wait_for
@@ -73,3 +74,34 @@ async def test_check_reads_the_exporter_over_tls_with_basic_auth(short_tmp: Path
         r = await asyncio.to_thread(check, f"--exporter.url={with_auth}")  # CA not trusted
         assert r.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in r.stderr
         assert urllib.parse.quote(PASSWORD, safe="") not in r.stderr  # credentials never printed
+
+
+async def test_journal_endpoints_and_the_report_behind_tls_and_basic_auth(
+    short_tmp: Path, web_config: Path
+) -> None:
+    """/api/v1/hangs and /api/v1/incidents answer only with the password; qemu-iohang-report
+    reads them with the credentials in the URL and the CA file, and never prints them."""
+    cfg = {
+        "qmp": {"globs": [str(short_tmp / "*.qmp")], **FAST},
+        "hang": {"journal_file": str(short_tmp / "hangs.jsonl")},
+    }
+    async with tls_exporter(short_tmp, cfg, web_config) as exp, aiohttp.ClientSession() as s:
+        for path in ("/api/v1/hangs", "/api/v1/incidents"):
+            for headers in ({}, _auth("prometheus", "wrong")):
+                async with s.get(exp.url + path, ssl=exp.ssl_context, headers=headers) as r:
+                    assert r.status == 401, (path, headers, r.status)
+            async with s.get(exp.url + path, ssl=exp.ssl_context, headers=_auth("prometheus", PASSWORD)) as r:
+                assert r.status == 200 and (await r.json())["schema"] == 1
+        quoted = urllib.parse.quote(PASSWORD, safe="")
+        with_auth = f"https://prometheus:{quoted}@127.0.0.1:{exp.port}"
+        ca = f"--exporter.ca-file={web_config.parent / 'server.crt'}"
+        r = await asyncio.to_thread(report, f"--exporter.url={with_auth}", ca, "--output=json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["sources"] == [
+            {"source": f"127.0.0.1:{exp.port}", "read": True, "hangs": 0, "error": ""}
+        ]
+        r = await asyncio.to_thread(report, f"--exporter.url=https://127.0.0.1:{exp.port}", ca)
+        assert r.returncode == 2 and "HTTP 401" in r.stderr and "Not read" in r.stdout
+        r = await asyncio.to_thread(report, f"--exporter.url={with_auth}")  # CA not trusted
+        assert r.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in r.stderr
+        assert quoted not in r.stderr + r.stdout and PASSWORD not in r.stderr + r.stdout

@@ -22,7 +22,7 @@ qmp:
     "/run/vms/*.qmp": {tenant: blue}
   poll_interval_seconds: 2
 policy: {required: [werror], max_timeout_seconds: 60, require_nonzero_timeout: true}
-hang: {state_file: /var/lib/x/state.json}
+hang: {state_file: /var/lib/x/state.json, journal_file: /var/lib/x/hangs.jsonl, journal_max_bytes: 1048576}
 """
 
 
@@ -40,6 +40,7 @@ def test_full_config(tmp_path: Path) -> None:
     assert cfg.policy.max_timeout_seconds == 60.0
     assert cfg.policy.require_nonzero_timeout is True
     assert cfg.hang.state_file == "/var/lib/x/state.json"
+    assert (cfg.hang.journal_file, cfg.hang.journal_max_bytes) == ("/var/lib/x/hangs.jsonl", 1048576)
 
 
 def test_default_glob_only_without_explicit_sockets() -> None:
@@ -68,6 +69,13 @@ def test_default_glob_only_without_explicit_sockets() -> None:
         ("policy: {max_timeout_seconds: -1}", "policy.max_timeout_seconds"),
         ("policy: {require_nonzero_timeout: 'yes please'}", "policy.require_nonzero_timeout"),
         ("hang: {state_file: ''}", "hang.state_file"),
+        ("hang: {journal_file: ''}", "hang.journal_file"),
+        ("hang: {journal_file: [a]}", "hang.journal_file"),
+        ("hang: {journal_max_bytes: 1000}", "hang.journal_max_bytes"),
+        ("hang: {journal_max_bytes: 16MiB}", "hang.journal_max_bytes"),
+        ("hang: {journal_max_bytes: 1.5e7}", "hang.journal_max_bytes"),
+        ("hang: {journal_max_bytes: true}", "hang.journal_max_bytes"),
+        ("hang: {journal: /var/lib/x/hangs.jsonl}", "hang.journal"),
         ("web: {listen_address: [}", "line 1"),
         ("alerting: {runbook_base_url: ''}", "alerting.runbook_base_url"),
         ("alerting: {runbook_base_url: 42}", "alerting.runbook_base_url"),
@@ -187,3 +195,26 @@ def test_collectors_from_file_and_flags(tmp_path: Path, doc: str, argv: list[str
     p = tmp_path / "c.yml"
     p.write_text(doc)
     assert resolve(parse_args([f"--config.file={p}", *argv])).collectors.enabled == enabled
+
+
+def test_journal_defaults_off_with_a_16_mib_cap() -> None:
+    hc = parse(None, "x").hang
+    assert (hc.journal_file, hc.journal_max_bytes) == (None, 16 * 1024 * 1024)
+
+
+def test_cli_journal_in_a_missing_directory_one_line_exit_2(tmp_path: Path) -> None:
+    """A journal that cannot be created is refused at start, naming the flag or the file and key."""
+    target = tmp_path / "nope" / "hangs.jsonl"
+    r = run_cli(f"--hang.journal-file={target}", "--web.listen-address=127.0.0.1:0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (
+        r.stderr.strip() == f"qemu-iohang-exporter: --hang.journal-file: {target}: No such file or directory"
+    )
+    p = tmp_path / "c.yml"
+    p.write_text(f"hang: {{journal_file: {target}}}\nweb: {{listen_address: '127.0.0.1:0'}}\n")
+    r = run_cli(f"--config.file={p}")
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip()
+        == f"qemu-iohang-exporter: {p}: hang.journal_file: {target}: No such file or directory"
+    )

@@ -302,7 +302,7 @@ def test_acceptance_restarted_exporter_keeps_open_hang_start() -> None:
     # Storage returns: attempts stop, the hang ends recovered with its original start.
     tr2.advance(T0 + 40.0)
     h = only(tr2)
-    assert h == CompletedHang(T0, h.end, R)
+    assert h == CompletedHang(T0, h.end, R, io_error_events=9)
     assert h.end == pytest.approx(T0 + 29.3)
 
 
@@ -926,3 +926,50 @@ def test_restore_rejects_malformed(mutate: object) -> None:
 def test_restore_rejects_non_mapping() -> None:
     with pytest.raises(ValueError):
         DiskHangTracker.restore([], now=T0)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- io_error_events
+
+
+def test_io_error_events_count_a_timed_out_hangs_attempts_and_its_report() -> None:
+    """The journal's ``io_error_events``: every failed attempt of the hang (all in-flight
+    requests) and the report that timed it out; the reports after it belong to no hang."""
+    tr = DiskHangTracker(1.0, 3.0)
+    for k in range(3):
+        for j in range(4):
+            tr.on_io_error(T0 + k + j * 1e-3, "retry")
+    tr.on_io_error(T0 + 3.0, "report")
+    for k in range(10):
+        tr.on_io_error(T0 + 3.1 + k * 0.05, "report")  # failing: the guest sees each error
+    h = only(tr)
+    assert (h.outcome, h.io_error_events) == (T, 3 * 4 + 1)
+
+
+def test_io_error_events_of_consecutive_hangs_are_their_own() -> None:
+    tr = DiskHangTracker(1.0, 0.0, margin_s=1.0)
+    for k in range(5):
+        tr.on_io_error(T0 + k, "retry")
+    tr.advance(T0 + 20)
+    tr.on_io_error(T0 + 30, "retry")
+    tr.on_io_error(T0 + 30, "ignore")  # the guest saw success: not an error of the hang
+    tr.advance(T0 + 40)
+    assert [(h.outcome, h.io_error_events) for h in tr.drain_completed()] == [(R, 5), (R, 1)]
+
+
+def test_io_error_events_survive_a_restore_mid_hang() -> None:
+    tr = DiskHangTracker(1.0, 0.0, margin_s=1.0)
+    for k in range(4):
+        tr.on_io_error(T0 + k, "retry")
+    tr2 = DiskHangTracker.restore(json.loads(json.dumps(tr.snapshot())), now=T0 + 4)
+    tr2.on_io_error(T0 + 4, "retry")
+    tr2.advance(T0 + 20)
+    assert only(tr2).io_error_events == 5
+
+
+def test_a_hang_found_stopped_has_no_events_of_its_own() -> None:
+    tr = DiskHangTracker(1.0, 0.0)
+    tr.on_found_stopped(T0)
+    tr.on_io_error(T0 + 1, "stop")  # after cont, the request fails again
+    tr.on_vm_gone(T0 + 2)
+    h = only(tr)
+    assert (h.outcome, h.io_error_events) == (V, 1)

@@ -52,11 +52,13 @@ def test_invariants(pol: tuple[float, float, float], ops: list[tuple[str, float,
     prev_secs = 0.0
     completed = []
     blind = False
+    errors_fed = 0
     for kind, dt, arg in ops:
         t += dt
         high = max(high, t)
         if kind in ("retry", "report", "stop", "ignore"):
             tr.on_io_error(t, kind)
+            errors_fed += kind != "ignore"
         elif kind == "STOP":
             tr.on_stop(t)
         elif kind == "RESUME":
@@ -119,6 +121,10 @@ def test_invariants(pol: tuple[float, float, float], ops: list[tuple[str, float,
     tr.advance(high + 1e6)  # everything not paused/blind ends eventually
     completed += tr.drain_completed()
     assert sum(tr.hangs_total.values()) == len(completed)
+    # The journal's io_error_events: each hang's own events, none counted twice or invented
+    # (a restored tracker keeps the count of its open hang).
+    assert all(h.io_error_events >= 1 for h in completed)
+    assert sum(h.io_error_events for h in completed) <= errors_fed
     prev_end = -1.0
     total = 0.0
     for h in completed:

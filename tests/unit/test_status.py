@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from exporter.config import PolicyConfig
@@ -187,3 +188,45 @@ def test_problems_are_grouped_by_storage_backend() -> None:
     page = render(st)
     assert page.index('id="backends"') < page.index('id="hanging"')
     assert 'data-backend="nbd://san-a:10809"' in page and "nfs://filer/b" not in page.split('id="hanging"')[0]
+
+
+def test_incidents_of_the_last_day_are_folded_and_escaped(tmp_path: Path) -> None:
+    """With the hang journal, the page lists the storage incidents of the last 24 h in a
+    ``<details>``, the guests that saw IO errors folded again; names and backends escaped."""
+    from exporter.hang.journal import HangJournal
+
+    evil_backend = "nbd://<i>evil</i>:10809"
+    a = vm(EVIL, disk("virtio-disk0"))
+    b = vm("calm", disk("virtio-disk0", timeout_ms=60_000))
+    for v in (a, b):
+        v.set_disks({d: replace(x, backend=evil_backend) for d, x in v.disks.items()})
+    clock = [T0]
+    journal = HangJournal(str(tmp_path / "hangs.jsonl"), 1 << 20, lambda: clock[0])
+    hangs = HangTracking(margin_s=1.0)
+    hangs.on_completed = journal.completed
+    for v in (a, b):
+        hangs.on_disks(v, T0)
+        journal.on_disks(v, T0)
+    for i in range(10):
+        for v in (a, b):
+            hangs.on_event(v, BlockIOError(T0 + i, "virtio-disk0", "write", "retry"))
+    hangs.on_event(a, BlockIOError(T0 + 10, "virtio-disk0", "write", "report"))
+    clock[0] = T0 + 20
+    hangs.tick(clock[0])  # a timed out at 10 s, b recovered
+    incidents = journal.incidents_last_day()
+    st = build_status([a, b], hangs, PolicyConfig(), clock[0], [], incidents=incidents)
+    assert [(i["backend"], i["disks"], i["recovered"], i["timed_out"]) for i in st["incidents"]] == [
+        (evil_backend, 2, 1, 1)
+    ]
+    assert st["incidents"][0]["guests_saw_errors"][0]["at"] == T0 + 10
+    page = render(st)
+    section = page[page.index('<section id="incidents">') : page.index('<section id="recent">')]
+    assert "(1)</span>" in section and '<details id="incidents-24h">' in section
+    assert "1 incident: 2 disks hung, 1 guest saw IO errors" in section
+    assert html.escape(evil_backend) in section and evil_backend not in section
+    assert html.escape(EVIL) in section and EVIL not in page
+    assert re.search(
+        r'<details id="incident-\d+-[0-9a-f]{8}"><summary class="bad">1 guest</summary>', section
+    )
+    # Without the journal, no such section.
+    assert '<section id="incidents">' not in render(build_status([a, b], hangs, PolicyConfig(), clock[0], []))
