@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fleet import FleetSpec, machine, running_fleet, wait_connected
+from bench.page_budget import classify
 from bench.prometheus import PROMETHEUS_2_ACCEPT
 from tests.support.config import exporter_config
 from tests.support.exporter import ExporterProcess
@@ -56,7 +57,7 @@ from tests.support.fleet import (
 )
 from tests.support.procs import http_get
 from tests.support.prometheus import Prometheus
-from tests.support.scrape import parse_series, series_count
+from tests.support.scrape import series_count
 from tests.support.waits import wait_until
 
 #: Series Prometheus adds per target and scrape (up, scrape_duration_seconds,
@@ -82,17 +83,7 @@ def page_report(exp: ExporterProcess, vms: int, disks: int) -> dict[str, Any]:
     )
     assert gzip.decompress(packed).count(b"\n") > 0, "no gzip answer"
     text = plain.decode()
-    per_disk = per_vm = host = 0
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        labels = dict(parse_series(line.rpartition(" ")[0])[1])
-        if "device" in labels:
-            per_disk += 1
-        elif "vm" in labels:
-            per_vm += 1
-        else:
-            host += 1
+    per_disk, per_vm, host = classify(text)
     samples = series_count(text)
     assert samples == per_disk + per_vm + host
     n_disks = vms * disks
@@ -209,6 +200,7 @@ def central_report(args: argparse.Namespace, exp: ExporterProcess, workdir: Path
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     spec = FleetSpec(args.vms, args.disks, interval_ms=1000, fleets=args.fleets)
     cfg = exporter_config(globs=[workdir / "f*" / "*.qmp"], intervals={}, log_level="info")
+    cfg["collectors"] = {}  # the exporter's own defaults: --exporter-args decides (--collector.NAME)
     exp = ExporterProcess(workdir, cfg, extra_args=shlex.split(args.exporter_args))
     with running_fleet(spec, workdir), exp:
         wait_connected(exp, args.vms, args.connect_timeout)
