@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bench.prometheus import PROMETHEUS_2_ACCEPT, PROMETHEUS_3_ACCEPT
 from tests.support.binaries import require_binary
 from tests.support.procs import REPO
@@ -125,11 +127,13 @@ ACCEPT_HEADERS = (
 )
 
 
-def test_cached_exposition_equals_prometheus_client() -> None:
+@pytest.mark.parametrize("page", ["full", "default"])
+def test_cached_exposition_equals_prometheus_client(page: str) -> None:
     """The scrape fast path (`generate_text`/`generate_openmetrics`: cached per-VM chunks,
     chosen by `exporter.web.negotiate`) renders byte for byte what prometheus_client's encoder
     for the same Accept header renders, in both formats, through state changes.  A
-    prometheus_client Counter and Info sit in the registry beside the exporter's collector: its
+    prometheus_client Counter and Info sit in the registry beside the exporter's collector (on
+    the full page and on the default one): its
     ``_created`` sample (a separate gauge family in text, inline in OpenMetrics) and ``_info``
     naming go through prometheus_client's own encoders."""
     import random
@@ -188,7 +192,15 @@ def test_cached_exposition_equals_prometheus_client() -> None:
             hangs.on_disks(vm, now)
     clock = [now]
     registry = Registry()
-    collector = ExporterCollector(lambda: vms, ("cluster",), hangs=hangs, clock=lambda: clock[0])
+    from exporter.collectors import COLLECTORS, DEFAULT_COLLECTORS
+
+    collector = ExporterCollector(
+        lambda: vms,
+        ("cluster",),
+        hangs=hangs,
+        clock=lambda: clock[0],
+        collectors=COLLECTORS if page == "full" else DEFAULT_COLLECTORS,
+    )
     registry.register(collector)
     Counter("other_requests", 'A "counter" of another library.', ["path"], registry=registry).labels(
         "/"
