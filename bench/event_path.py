@@ -7,7 +7,7 @@ Feeds QEMU 7.2-shaped ``BLOCK_IO_ERROR`` lines (4 disks, 20,000 events/s of QEMU
 with hang tracking as the only sink, and prints CPU µs/event (``time.process_time``), with
 ``orjson.loads`` alone for comparison.  ``--profile`` prints cProfile's top functions instead.
 The fleet benchmark (``bench.fleet``) measures the whole exporter; this isolates the part that
-is ours per event (docs/performance.md, round 3).
+is ours per event (docs/performance.md, "Event storms").
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ events at a time, as in the fleet benchmark's 200 ms storm.  This process runs t
 prints its own CPU (``getrusage``) per event counted over the window: the cost of reading
 (epoll, ``recv``, the reader's wake-up, splitting, ``orjson.loads``) without the exporter's
 model, hang tracking and scrapes.  Run it with the worktrees to compare on ``PYTHONPATH``
-(docs/performance.md, round 4).
+(docs/performance.md, "Event storms"; the reader before and after handling data in the
+transport's callback: docs/performance-history.md).
 """
 
 from __future__ import annotations

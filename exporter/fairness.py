@@ -6,11 +6,12 @@ share of the storm.  While a scrape is being served, readers with a backlog (the
 filled its chunk) therefore do not read at all: the events wait in the socket buffers (nothing is
 lost, they are only handled a moment later), the loop's turns are short, and the scrape goes
 through.  A reader that is not behind reads as usual: it has little to read, and a new hang's
-first event must not wait for a scrape (hang visible 39 -> 69 ms when every reader waited).  Measured at 1000 VMs x 4 disks (round 3,
-docs/performance.md), against readers that only took smaller (1 KiB) chunks during a scrape:
-offered 170-190k events/s (overloaded), in-storm scrape median 1.28 -> 1.09 s; at 60-70k/s, where
-the exporter keeps up, scrape medians of 175-350 ms either way (the spread between runs of the
-same code on this shared machine is larger than the difference).
+first event must not wait for a scrape (hang visible 39 -> 69 ms when every reader waited).
+Measured at 1000 VMs x 4 disks (docs/performance-history.md), against readers that only took
+smaller (1 KiB) chunks during a scrape: offered 170-190k events/s (overloaded), in-storm scrape
+median 1.28 -> 1.09 s; at 60-70k/s, where the exporter keeps up, scrape medians of 175-350 ms
+either way (the spread between runs of the same code on this shared machine is larger than the
+difference).
 
 Readers wait from the start of a scrape until its response is written, and for at most
 `SCRAPE_WINDOW_SECONDS`: a response whose connection dropped before it was written never

@@ -1,8 +1,8 @@
 """Keeps the cyclic garbage collector from stalling the event loop at fleet scale.
 
-Measured in docs/performance.md ("Cyclic GC at 1000 VMs"): at 1000 VMs a full collection walked
-~150,000 long-lived objects for 170-340 ms with the event loop stopped, every ~0.5 s while the
-fleet connected.
+Measured in docs/performance-history.md ("cyclic GC at 1000 VMs"): at 1000 VMs a full
+collection walked ~150,000 long-lived objects for 170-340 ms with the event loop stopped, every
+~0.5 s while the fleet connected.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ async def freeze_long_lived(
     leak to one fleet change.  When none did (start-up, VMs added) it walks only what is
     not frozen: the unfrozen walk at start-up took 143-320 ms at 1000 VMs x 4 disks and
     freed ~20 objects; it fell on the first scrape of an outage the exporter started into
-    (docs/performance.md, round 5).
+    (docs/performance-history.md).
     """
     gen0, gen1, gen2 = gc.get_threshold()
     shape, changing = fleet_shape(), 1

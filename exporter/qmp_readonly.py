@@ -15,15 +15,16 @@ tests/unit/test_qmp_contract.py): ``_establish_session`` (where it puts its own 
 `_Stream`, on the connection), the reader's bottom half ``_bh_recv_message``, the connection's
 ``_reader``/``_writer``, and ``_on_message`` for what it does not own.  Why: at 1000 VMs x 4
 disks in an event storm, the library's path cost the exporter ~22 us of CPU per event (a
-`Message`, two queues and a task switch per event: round 1), then 14.1 us with events parsed
-once but still read a line at a time (an await and a buffer search per line, a yield every 8
-lines; 13.3 us in the final A/B runs), 10.8 us reading a chunk per wake-up with orjson, 10.1 us
-with the rest of round 3.  The simplest loop that reads and decodes the same sockets' events
-costs 4.4-5.4 us/event on the same machine (bench/floor.py; docs/performance.md, round 3).
-Since round 4 the data is handled in the transport's callback, without waking the reader task
-(an epoll wake-up, a future and a task step per read, for the one or two events a VM sends per
-turn of the loop at 20,000 events/s): see "the reader" in `ReadOnlyQMPClient` and
-docs/performance.md, round 4.  Greeting, negotiation and disconnect stay the library's.
+`Message`, two queues and a task switch per event), then 14.1 us with events parsed once but
+still read a line at a time (an await and a buffer search per line, a yield every 8 lines;
+13.3 us in the final A/B runs), 10.8 us reading a chunk per wake-up with orjson, 10.1 us with
+less work per event.  The simplest loop that reads and decodes the same sockets' events costs
+4.4-5.4 us/event on the same machine (bench/floor.py).  The data is handled in the transport's
+callback, without waking the reader task: a wake-up was an epoll event, a future and a task step
+per read, for the one or two events a VM sends per turn of the loop at 20,000 events/s (the
+reader alone: 28.1 -> 8.9 us/event, bench/reader_cost.py).  See "the reader" in
+`ReadOnlyQMPClient`; every step measured: docs/performance-history.md.  Greeting, negotiation
+and disconnect stay the library's.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ READ_BUFFER_BYTES = 1024 * 1024
 #: 1000 VMs a turn is ~1000 x this many bytes (~18 events of ~230 B) x ~6 us, ~0.1 s, which a
 #: scrape needs a couple of before its handler runs (readers with a backlog then wait:
 #: `exporter.fairness`).  Line by line (qemu.qmp's readline, an await per line, a yield every 8
-#: lines) the exporter spent 14.1 us/event, 10.8 with chunks (docs/performance.md, round 3).
+#: lines) the exporter spent 14.1 us/event, 10.8 with chunks (docs/performance-history.md).
 READ_CHUNK = 4096
 
 #: json.dumps with non-default separators builds an encoder per call; every command is encoded.
@@ -295,7 +296,7 @@ class ReadOnlyQMPClient(QMPClient):
         that is only for readers that are behind).  Handled here, every VM's events would be
         handled in the turn's I/O callbacks, among them the scrape's: its response's writes
         waited behind the handling of everything that arrived while the page was rendered (at
-        60,000 events/s, in-storm scrapes took ~50 ms longer, docs/performance.md, round 4)."""
+        60,000 events/s, in-storm scrapes took ~50 ms longer, docs/performance-history.md)."""
         if not self._direct:
             self._backlog += _READ_VIEW[:nbytes]
             if len(self._backlog) > 2 * READ_BUFFER_BYTES and not self._paused:

@@ -69,7 +69,7 @@ class BlockIOError(NamedTuple):
 
     A NamedTuple, not a frozen dataclass like the others: one is built per event, tens of
     thousands a second in a storm, and a frozen dataclass's ``__init__`` (``object.__setattr__``
-    per field) took 0.62 us where this takes 0.24 (round 3, docs/performance.md)."""
+    per field) took 0.62 us where this takes 0.24 (docs/performance-history.md)."""
 
     time: float | None
     #: The disk's device id (the ``device`` label); None when it matched no known disk.

@@ -1,7 +1,7 @@
 """Sessions are set up a few at a time (`exporter.discovery.SETUP_CONCURRENCY`).
 
 When a whole fleet connects at once, each VM's setup holds ~28 commands with their replies and
-tasks; bounding how many VMs are set up together bounds that peak (docs/performance.md).
+tasks; bounding how many VMs are set up together bounds that peak (docs/performance-history.md).
 """
 
 from __future__ import annotations

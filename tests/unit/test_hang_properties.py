@@ -306,8 +306,9 @@ def test_being_behind_in_reading_is_not_silence(
 
 def test_lag_split_a_hang_when_ticks_used_the_wall_clock() -> None:
     """The case above with a reader 5 s behind and ticks at wall-clock time (no stream
-    position: libvirt, or this exporter before round 3): silence was inferred from the lag,
-    and one continuous hang became several.  Shows that the property test can fail."""
+    position: libvirt, or this exporter before it tracked how far each stream is read): silence
+    was inferred from the lag, and one continuous hang became several.  Shows that the property
+    test can fail."""
     vm = _retry_vm(0.1)
     hangs = HangTracking(margin_s=1.0)
     hangs.on_disks(vm, T0 - 100)

@@ -158,7 +158,8 @@ async def test_query_pending_when_qemu_hangs_up_fails_with_exec_interrupted(shor
 
 async def test_commands_leave_no_cyclic_garbage(short_tmp: Path) -> None:
     """Every command of every VM goes through one path in the watcher: a reference cycle there
-    is ~90,000 objects for the cyclic GC to find when 1000 VMs connect (docs/performance.md).
+    is ~90,000 objects for the cyclic GC to find when 1000 VMs connect
+    (docs/performance-history.md).
     Measured over 50 polls of a watch session (query-status and query-blockstats each)."""
     srv = FakeQMP(str(short_tmp / "gc.qmp"), "gc")
 
