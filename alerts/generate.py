@@ -7,7 +7,7 @@ Writes
 
 Tune the rules by editing the constants in the "TUNABLES" block below, or, for the hang
 thresholds and the runbook base that the exporter's push path uses too, in
-``exporter/alert_defs.py`` (or pass --selector / --runbook-base-url for a one-off build), then run
+``exporter/model/alerts.py`` (or pass --selector / --runbook-base-url for a one-off build), then run
 ``python3 alerts/generate.py`` and commit the output.  ``tests/artefacts`` fails when the committed files differ from this script's output.
 Needs only Python 3.11 and PyYAML.
 """
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from generated_files import write_or_check  # noqa: E402
 
 # Shared with the exporter's push path (standard library only).
-from exporter.alert_defs import (  # noqa: E402
+from exporter.model.alerts import (  # noqa: E402
     ALERT_APPROACHING_TIMEOUT,
     ALERT_HANG,
     ALERT_NEAR_TIMEOUT,
@@ -52,7 +52,7 @@ SELECTOR = 'job="qemu-iohang"'
 # QemuDiskIOHang's minimum age (HANG_MIN_SECONDS, HANG_MIN_RETRY_INTERVALS x retry_interval),
 # the 50 %/80 % shares of retry_timeout (HANG_TIMEOUT_WARNING_RATIO, HANG_TIMEOUT_CRITICAL_RATIO)
 # and the runbook base (RUNBOOK_BASE_URL, default docs/runbooks.md; --runbook-base-url) are in
-# exporter/alert_defs.py, imported above: the exporter's push path (exporter/alert_push.py) posts
+# exporter/model/alerts.py, imported above: the exporter's push path (exporter/alerting/push.py) posts
 # the same alerts with them, so tune them there and both paths follow.
 # A hang on a disk that never times out (retry_timeout=0, or no retry feature): seconds.
 HANG_NO_TIMEOUT_SECONDS = 300

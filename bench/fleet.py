@@ -625,7 +625,7 @@ def run_prometheus(args: argparse.Namespace, n: int, workdir: Path, res: Result)
     with running_fleet(spec, workdir) as _fleets, fleet_exporter(workdir) as exp:
         wait_connected(exp, n, args.connect_timeout)
         wait_blockstats(exp, n * args.disks)
-        time.sleep(1.0)  # the settle collection after connect (exporter/gc_tuning.py)
+        time.sleep(1.0)  # the settle collection after connect (exporter/runtime/gc_tuning.py)
         target = f"127.0.0.1:{exp.port}"
         timeout = args.prom_scrapes * args.prom_interval * 3 + 60
         with prometheus.scraping(workdir / "prometheus", target, args.prom_interval) as prom:

@@ -114,7 +114,7 @@ async def one_round(vms: list[VMState], d: Path) -> dict[str, float]:
     hangs.on_completed = journal.completed
     outage(hangs, vms, journal)
     gc.collect()
-    gc.freeze()  # as the exporter does with its long-lived objects (exporter.gc_tuning)
+    gc.freeze()  # as the exporter does with its long-lived objects (exporter.runtime.gc_tuning)
     beats: list[tuple[float, float]] = []
     stop = asyncio.Event()
     beat = asyncio.create_task(heartbeat(stop, beats))

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from bench.fleet import FleetSpec, fleet_exporter, running_fleet
 from bench.prometheus import PROMETHEUS_3_ACCEPT
-from exporter import collectors
-from exporter.collectors import COLLECTORS, DEFAULT_COLLECTORS
+from exporter.model import collectors
+from exporter.model.collectors import COLLECTORS, DEFAULT_COLLECTORS
 from tests.support.scrape import parse_series
 from tests.support.waits import wait_until
 

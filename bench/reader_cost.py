@@ -31,7 +31,7 @@ from typing import Any
 
 from qemu.qmp import Runstate
 
-from exporter.qmp_readonly import ReadOnlyQMPClient
+from exporter.qmp.readonly import ReadOnlyQMPClient
 
 GREETING = b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}\r\n'
 

@@ -4,7 +4,7 @@ A real QEMU (Debian ``qemu-system-x86``) boots the IO-loop guest from an nbdkit 
 every request (``werror=report,rerror=report``: one ``BLOCK_IO_ERROR`` per failed request), so
 it emits events continuously.  A raw QMP client negotiates capabilities and then reads nothing
 for ``--stall`` seconds: QEMU's RSS (``/proc/PID/status``) and the bytes waiting unread in the
-client's kernel socket buffer (``FIONREAD``, what `exporter.liveness` looks at) are sampled every
+client's kernel socket buffer (``FIONREAD``, what `exporter.runtime.liveness` looks at) are sampled every
 second.  Then the client reads everything QEMU queued (events counted, bytes per event), and
 finally disconnects; RSS is sampled after each step.  A reading client over the same period is
 the baseline.  Not run in CI; one JSON line per sample, a summary at the end.

@@ -58,7 +58,7 @@ Variable = Builder[dm.VariableModel]
 
 def needs(collector: str) -> str:
     """What a panel's description says when its series are behind an opt-in collector
-    (`exporter.collectors`): the default page leaves them out, and the panel is empty."""
+    (`exporter.model.collectors`): the default page leaves them out, and the panel is empty."""
     return f" Needs the exporter's --collector.{collector} (off by default; docs/metrics.md#collectors)."
 
 

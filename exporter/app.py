@@ -16,23 +16,23 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
-from exporter.alert_push import AlertPusher, open_hangs
+from exporter.alerting.push import AlertPusher, open_hangs
 from exporter.config import Config, validate_listen_address
-from exporter.discovery import Discovery, static_label_names
-from exporter.fairness import ScrapeFirst
-from exporter.gc_tuning import Departures, freeze_long_lived
 from exporter.hang.journal import HangJournal
 from exporter.hang.tracking import HangTracking
-from exporter.libvirt_watch import LibvirtSource
-from exporter.liveness import Liveness, LivenessCollector, qmp_sources, watchdog
+from exporter.libvirt.source import LibvirtSource
 from exporter.metrics import ConnectionCollector, DurationCollector, ExporterCollector, Registry
 from exporter.model.sink import SinkGroup
 from exporter.model.state import VMState, one_per_vm
-from exporter.sd_notify import Notifier
-from exporter.status import build_status
+from exporter.qmp.discovery import Discovery, static_label_names
+from exporter.runtime.fairness import ScrapeFirst
+from exporter.runtime.gc_tuning import Departures, freeze_long_lived
+from exporter.runtime.liveness import Liveness, LivenessCollector, qmp_sources, watchdog
+from exporter.runtime.sd_notify import Notifier
 from exporter.storage import BackendResolver
-from exporter.web import make_app
-from exporter.webconfig import WebConfig, auth_middleware
+from exporter.web.server import make_app
+from exporter.web.status import build_status
+from exporter.web.webconfig import WebConfig, auth_middleware
 
 log = logging.getLogger("exporter")
 
@@ -100,7 +100,7 @@ class Exporter:
         return one_per_vm(self.discovery.vms, [vm for s in self.libvirt for vm in s.vms])
 
     def status(self, details: bool = True) -> dict[str, Any]:
-        """What the status page and ``/api/v1/status`` show (`exporter.status`)."""
+        """What the status page and ``/api/v1/status`` show (`exporter.web.status`)."""
         conns = [s.state for s in self.libvirt]
         incidents = self.journal.incidents_last_day() if self.journal is not None else None
         return build_status(

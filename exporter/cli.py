@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from exporter import __version__
-from exporter.collectors import COLLECTORS, UnknownCollector
 from exporter.config import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -26,6 +25,7 @@ from exporter.config import (
     validate_listen_address,
     validate_telemetry_path,
 )
+from exporter.model.collectors import COLLECTORS, UnknownCollector
 
 LIBVIRT_MISSING = (
     "--libvirt.uri needs the libvirt Python binding, which is not installed: "
@@ -214,7 +214,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from exporter.webconfig import load_web_config
+    from exporter.web.webconfig import load_web_config
 
     try:
         config = resolve(args)
@@ -229,13 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: {LIBVIRT_MISSING}", file=sys.stderr)
             return 2
 
-    from exporter import logsetup
     from exporter.app import Exporter
-    from exporter.fd_limit import raise_soft_limit
     from exporter.hang.journal import JournalError
+    from exporter.runtime import logsetup
+    from exporter.runtime.fd_limit import raise_soft_limit
 
     logsetup.setup(config.log_level, config.log_format)
-    raise_soft_limit()  # every watched socket is a descriptor (exporter.fd_limit)
+    raise_soft_limit()  # every watched socket is a descriptor (exporter.runtime.fd_limit)
     try:
         exporter = Exporter(config, web_config=web_config)
     except JournalError as exc:  # e.g. its directory does not exist

@@ -18,12 +18,12 @@ from typing import Any
 
 import yaml
 
-from exporter import collectors
-from exporter.alert_defs import runbook_base_url_problem
-from exporter.alert_push import FRACTION_ALERTS, AlertingConfig
+from exporter.alerting.push import FRACTION_ALERTS, AlertingConfig
 from exporter.hang.journal import DEFAULT_MAX_BYTES, MIN_MAX_BYTES
-from exporter.liveness import HealthConfig
+from exporter.model import collectors
+from exporter.model.alerts import runbook_base_url_problem
 from exporter.model.backend import MAX_BACKEND, BackendRule
+from exporter.runtime.liveness import HealthConfig
 
 DEFAULT_PORT = 9738
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
@@ -69,7 +69,7 @@ class QMPConfig:
 
 @dataclass(frozen=True)
 class LibvirtConfig:
-    """Watch every running domain of these libvirt URIs (`exporter.libvirt_watch`)."""
+    """Watch every running domain of these libvirt URIs (`exporter.libvirt.source`)."""
 
     uris: tuple[str, ...] = ()
     # A libvirt call (they block) that takes longer is abandoned and the connection re-opened.
@@ -101,7 +101,7 @@ class MountsConfig:
 
 @dataclass(frozen=True)
 class CollectorsConfig:
-    """Which metric collectors are on (`exporter.collectors`): the defaults unless
+    """Which metric collectors are on (`exporter.model.collectors`): the defaults unless
     ``disable_defaults``, then each switch in order (the file's, then the flags')."""
 
     switches: tuple[tuple[str, bool], ...] = ()

@@ -21,7 +21,7 @@ sorted, values escaped alike; no ``_created`` sample, no timestamp, no exemplar)
 (`family_header`), host-wide families (formatted by prometheus_client at each scrape: a few
 series) and OpenMetrics' ``# EOF`` differ.  docs/metrics.md documents every family.
 
-A new per-VM metric: declare its `Family` with its collector (`exporter.collectors`), yield
+A new per-VM metric: declare its `Family` with its collector (`exporter.model.collectors`), yield
 its samples from that collector's reader in `_READERS` (which names the part of `VMState` it
 shows; the readers' order is the page's), and document it in docs/metrics.md; the golden files
 (tests/golden) show the change.
@@ -57,8 +57,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
-from exporter.collectors import COLLECTORS
 from exporter.hang.machine import HangOutcome
+from exporter.model.collectors import COLLECTORS
 from exporter.model.sink import EventSink
 from exporter.model.state import ConnectionState, Part, VMState
 
@@ -86,7 +86,7 @@ class Family:
     type: Literal["gauge", "counter", "histogram"]
     scope: Scope
     labels: tuple[str, ...] = ()
-    #: The collector (`exporter.collectors`) that shows it; "" for the exporter's own few
+    #: The collector (`exporter.model.collectors`) that shows it; "" for the exporter's own few
     #: families, always shown.
     collector: str = ""
     #: The name its samples carry (counters: ``_total``).
@@ -138,7 +138,7 @@ BUILD_INFO = _gauge(
 VMS = _gauge("qemu_exporter_vms", "QMP sockets currently watched.", HOST)
 COLLECTOR_DURATION = _gauge(
     "qemu_exporter_collector_duration_seconds",
-    "Time this scrape spent on each enabled collector (exporter.collectors).",
+    "Time this scrape spent on each enabled collector (exporter.model.collectors).",
     HOST,
     "collector",
 )
@@ -650,7 +650,7 @@ class Rendered(Protocol):
 
 @runtime_checkable
 class SelfTimed(Protocol):
-    """A collector serving several of `exporter.collectors`, which times each itself."""
+    """A collector serving several of `exporter.model.collectors`, which times each itself."""
 
     durations: dict[str, float]
 
@@ -658,7 +658,7 @@ class SelfTimed(Protocol):
 class Registry(CollectorRegistry):
     """A prometheus_client registry that remembers its collectors in order, so that
     `generate_text` and `generate_openmetrics` can ask those that render their own text, and
-    times each by the name of the collector (`exporter.collectors`) it serves
+    times each by the name of the collector (`exporter.model.collectors`) it serves
     (`DurationCollector` shows the times)."""
 
     def __init__(self) -> None:

@@ -4,7 +4,7 @@ A `VMWatcher` owns one socket for as long as discovery sees it: it connects, ide
 VM and reads its disks, watches (events, periodic polls), and backs off before the next
 attempt when a session fails.  Every QMP command has a timeout, and a session that stops answering is dropped
 and retried with capped exponential backoff and jitter, so one bad socket never stalls the
-others.  Only read-only commands can be sent (`exporter.qmp_readonly`).  What QEMU says is
+others.  Only read-only commands can be sent (`exporter.qmp.readonly`).  What QEMU says is
 turned into the model's typed events (`exporter.model.events`) here and nowhere else.
 """
 
@@ -26,14 +26,14 @@ from qemu.qmp.error import ProtocolError
 from qemu.qmp.protocol import StateError
 
 from exporter.config import Config
-from exporter.fairness import ScrapeFirst
-from exporter.fd_limit import FD_LIMIT
 from exporter.model.backend import source_from_query_block
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
 from exporter.model.policy import DiskPolicy, verify
 from exporter.model.sink import EventSink
 from exporter.model.state import BlockStats, Disk, Part, VMState
-from exporter.qmp_readonly import ReadOnlyQMPClient
+from exporter.qmp.readonly import ReadOnlyQMPClient
+from exporter.runtime.fairness import ScrapeFirst
+from exporter.runtime.fd_limit import FD_LIMIT
 from exporter.storage import BackendResolver
 
 log = logging.getLogger("exporter.qmp")
@@ -69,7 +69,7 @@ def connect_error_reason(exc: BaseException) -> str:
     if isinstance(inner, TimeoutError):
         return "timeout"
     if isinstance(inner, OSError) and inner.errno in (errno.EMFILE, errno.ENFILE):
-        return FD_LIMIT  # this process's, or the system's, open-file limit (exporter.fd_limit)
+        return FD_LIMIT  # this process's, or the system's, open-file limit (exporter.runtime.fd_limit)
     if isinstance(inner, EOFError | ConnectionResetError | BrokenPipeError):
         return "protocol"
     if isinstance(exc, ConnectError):  # greeting/negotiation errors wrap protocol problems
@@ -152,7 +152,7 @@ class VMWatcher:
         self.sink = sink or EventSink()
         self.clock = clock
         self._task: asyncio.Task[None] | None = None
-        #: The current session's client, None between sessions (read by `exporter.liveness`).
+        #: The current session's client, None between sessions (read by `exporter.runtime.liveness`).
         self.client: ReadOnlyQMPClient | None = None
         self._wake = asyncio.Event()  # cuts a backoff short (socket re-created)
         self._poll_now = asyncio.Event()  # asks the poller for an immediate refresh

@@ -1,6 +1,8 @@
-"""IO hang inference: the pure per-disk state machine (`machine`) and the component that feeds
-it from the model's events and keeps hangs across restarts (`tracking`)."""
+"""IO hang inference: the pure per-disk state machine (`machine`), the component that feeds it
+from the model's events and keeps hangs across restarts (`tracking`), the per-backend blast
+radius (`blast`), and after the outage the hang journal (`journal`) grouped into incidents
+(`incidents`).
 
-from exporter.hang.machine import CompletedHang, DiskHangTracker, HangOutcome
-
-__all__ = ["CompletedHang", "DiskHangTracker", "HangOutcome"]
+May import: ``exporter.model`` and ``exporter.config``.  Nothing here knows QMP, libvirt,
+Prometheus or HTTP: metrics and the status page read hang tracking, never the other way.
+"""

@@ -1,6 +1,10 @@
-"""The source-neutral model: what is known about each VM, its disks' policy, and the typed
-events every source (a QMP socket, libvirt) turns its input into.
+"""The source-neutral model, the ground floor: what is known about each VM (`state`), its
+disks' policy and its verdict (`policy`), storage backends (`backend`), the typed events every
+source turns its input into (`events`) and how sources report them (`sink`); and the fixed
+vocabularies the rest shares: the alerts' names, thresholds and texts (`alerts`) and the metric
+collectors an operator switches (`collectors`).
 
-Sources import from here; the model, hang tracking and metrics never see a raw QMP message, a
-socket path or a libvirt object.
+May import: nothing of the exporter outside ``exporter.model``.  Sources import from here; the
+model, hang tracking and metrics never see a raw QMP message, a socket path or a libvirt
+object.
 """

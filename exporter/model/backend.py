@@ -568,7 +568,7 @@ def source_from_libvirt(
     path: str | None,
     pool: str | None,
 ) -> Source:
-    """The source of a libvirt ``<disk>``'s ``<source>`` (see `exporter.libvirt_xml.DiskSource`):
+    """The source of a libvirt ``<disk>``'s ``<source>`` (see `exporter.libvirt.domxml.DiskSource`):
     the same backend QMP's file name gives for the same storage."""
     if protocol is not None:
         proto = protocol.lower()

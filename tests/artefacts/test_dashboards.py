@@ -180,7 +180,7 @@ def _opt_in_series() -> dict[str, str]:
     """Every series name (counters with ``_total``, histograms with their suffixes) of a family
     behind a collector that is off by default, with that collector."""
     import exporter.metrics as m
-    from exporter.collectors import DEFAULT_COLLECTORS
+    from exporter.model.collectors import DEFAULT_COLLECTORS
 
     families = [v for v in vars(m).values() if isinstance(v, m.Family)]
     families += [f for f, _attr in m.BLOCKSTATS]

@@ -1,4 +1,4 @@
-"""Sessions are set up a few at a time (`exporter.discovery.SETUP_CONCURRENCY`).
+"""Sessions are set up a few at a time (`exporter.qmp.discovery.SETUP_CONCURRENCY`).
 
 When a whole fleet connects at once, each VM's setup holds ~28 commands with their replies and
 tasks; bounding how many VMs are set up together bounds that peak (docs/performance-history.md).
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from exporter.config import Config, QMPConfig
-from exporter.discovery import Discovery
 from exporter.model.sink import EventSink
+from exporter.qmp.discovery import Discovery
 from tests.faults.servers import FakeConn, FakeQMP
 from tests.support.waits import wait_for
 
@@ -41,7 +41,7 @@ class SlowSetup(FakeQMP):
 async def test_at_most_setup_concurrency_sessions_are_set_up_at_once(
     short_tmp: Path, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr("exporter.discovery.SETUP_CONCURRENCY", 3)
+    monkeypatch.setattr("exporter.qmp.discovery.SETUP_CONCURRENCY", 3)
     n = 12
     servers = [SlowSetup(str(short_tmp / f"vm{i}.qmp"), f"vm{i}") for i in range(n)]
     SlowSetup.in_setup = SlowSetup.most_in_setup = 0

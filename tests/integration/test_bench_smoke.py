@@ -130,7 +130,7 @@ ACCEPT_HEADERS = (
 @pytest.mark.parametrize("page", ["full", "default"])
 def test_cached_exposition_equals_prometheus_client(page: str) -> None:
     """The scrape fast path (`generate_text`/`generate_openmetrics`: cached per-VM chunks,
-    chosen by `exporter.web.negotiate`) renders byte for byte what prometheus_client's encoder
+    chosen by `exporter.web.server.negotiate`) renders byte for byte what prometheus_client's encoder
     for the same Accept header renders, in both formats, through state changes.  A
     prometheus_client Counter and Info sit in the registry beside the exporter's collector (on
     the full page and on the default one): its
@@ -147,7 +147,7 @@ def test_cached_exposition_equals_prometheus_client(page: str) -> None:
     from exporter.model.events import BlockIOError
     from exporter.model.policy import DiskPolicy, verify
     from exporter.model.state import BlockStats, Disk, Part, VMState
-    from exporter.web import negotiate
+    from exporter.web.server import negotiate
 
     rnd = random.Random(7)
     policy_cfg = PolicyConfig(max_timeout_seconds=60, require_nonzero_timeout=True)
@@ -192,7 +192,7 @@ def test_cached_exposition_equals_prometheus_client(page: str) -> None:
             hangs.on_disks(vm, now)
     clock = [now]
     registry = Registry()
-    from exporter.collectors import COLLECTORS, DEFAULT_COLLECTORS
+    from exporter.model.collectors import COLLECTORS, DEFAULT_COLLECTORS
 
     collector = ExporterCollector(
         lambda: vms,

@@ -24,7 +24,7 @@ XML = REPO / "tests" / "fixtures" / "libvirt-xml"
 
 def check(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "exporter.check", *args],
+        [sys.executable, "-m", "exporter.tools.check", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""The open-file limit (`exporter.fd_limit`): every watched QMP socket is a descriptor.
+"""The open-file limit (`exporter.runtime.fd_limit`): every watched QMP socket is a descriptor.
 
 The exporter runs under ``prlimit``.  With a soft limit below the hard one it raises its own
 and watches every socket; with no room to raise (soft = hard), it holds no more sessions than
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from exporter.fd_limit import FD_RESERVE
+from exporter.runtime.fd_limit import FD_RESERVE
 from qmpsim import DiskSpec, SimVM
 from tests.integration.test_exporter_sim import running
 from tests.support.binaries import require_binary

@@ -105,8 +105,8 @@ def test_the_default_page_is_the_default_collectors() -> None:
     default one (the exporter's own few families always), and the durations name each enabled
     collector."""
     import exporter.metrics as m
-    from exporter.collectors import COLLECTORS, DEFAULT_COLLECTORS
     from exporter.metrics import Family
+    from exporter.model.collectors import COLLECTORS, DEFAULT_COLLECTORS
 
     collector_of = {v.name: v.collector for v in vars(m).values() if isinstance(v, Family)}
     collector_of |= {f.name: f.collector for f, _attr in m.BLOCKSTATS}

@@ -116,7 +116,11 @@ async def get(exp: ExporterProcess, path: str, **params: str) -> tuple[int, Any]
 
 def report(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "exporter.report", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "exporter.tools.report", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

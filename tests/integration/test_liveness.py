@@ -25,9 +25,9 @@ import aiohttp
 import pytest
 
 from exporter.config import Config, QMPConfig
-from exporter.liveness import HealthConfig, Liveness, fionread, qmp_sources
 from exporter.model.state import VMState
 from exporter.qmp_watch import VMWatcher
+from exporter.runtime.liveness import HealthConfig, Liveness, fionread, qmp_sources
 from tests.faults.servers import EOL, FakeConn, FakeQMP, io_error_event
 from tests.support.exporter import ExporterProcess
 from tests.support.waits import wait_for

@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.registry import CollectorRegistry
 
-from exporter.web import make_app
-from exporter.webconfig import WebConfig, auth_middleware, load_web_config
+from exporter.web.server import make_app
+from exporter.web.webconfig import WebConfig, auth_middleware, load_web_config
 from tests.support.binaries import require_binary
 from tests.support.exporter import ExporterProcess
 from tests.support.procs import REPO

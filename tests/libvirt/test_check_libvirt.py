@@ -21,7 +21,7 @@ pytestmark = pytest.mark.libvirt
 
 def check(*args: str) -> tuple[int, list[dict[str, Any]]]:
     r = subprocess.run(
-        [sys.executable, "-m", "exporter.check", "--output=json", *args],
+        [sys.executable, "-m", "exporter.tools.check", "--output=json", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

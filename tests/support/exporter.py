@@ -14,12 +14,12 @@ from typing import Any
 import aiohttp
 import yaml
 
-from exporter.collectors import COLLECTORS
+from exporter.model.collectors import COLLECTORS
 from tests.support.procs import REPO, Process, child_env
 from tests.support.scrape import Metrics
 from tests.support.waits import wait_for
 
-#: The ``collectors`` config section that turns every collector on (`exporter.collectors`).
+#: The ``collectors`` config section that turns every collector on (`exporter.model.collectors`).
 FULL_PAGE: dict[str, bool] = dict.fromkeys(COLLECTORS, True)
 
 

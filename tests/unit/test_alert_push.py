@@ -1,4 +1,4 @@
-"""exporter.alert_push: the pure alert computation, and the pusher against a real Alertmanager."""
+"""exporter.alerting.push: the pure alert computation, and the pusher against a real Alertmanager."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
-from exporter import alert_defs
-from exporter.alert_defs import humanize_duration, humanize_percentage, render_template
-from exporter.alert_push import (
+from exporter.alerting.push import (
     ALERT_HANG,
     FRACTION_ALERTS,
     AlertingConfig,
@@ -27,6 +25,8 @@ from exporter.alert_push import (
     open_hangs,
 )
 from exporter.hang.machine import DiskHangTracker
+from exporter.model import alerts as alert_defs
+from exporter.model.alerts import humanize_duration, humanize_percentage, render_template
 from exporter.model.policy import DiskPolicy, PolicyVerdict
 from exporter.model.state import Disk, VMState
 from tests.artefacts.artefacts import ROOT, RULES_FILE, alert_rules, load_module
@@ -286,8 +286,8 @@ def test_runbook_base_url_is_the_generators(tmp_path: Path) -> None:
 
 def test_no_invented_runbook_address() -> None:
     assert AlertingConfig().runbook_base_url == "docs/runbooks.md"
-    text = (ROOT / "exporter" / "alert_push.py").read_text() + (
-        ROOT / "exporter" / "alert_defs.py"
+    text = (ROOT / "exporter" / "alerting" / "push.py").read_text() + (
+        ROOT / "exporter" / "model" / "alerts.py"
     ).read_text()
     assert "github.com" not in text
 

@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from exporter.config import Config, parse
-from exporter.libvirt_watch import model_disks
-from exporter.libvirt_xml import parse_domain
+from exporter.libvirt.domxml import parse_domain
+from exporter.libvirt.source import model_disks
 from exporter.model.backend import (
     MAX_BACKEND,
     UNKNOWN,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.collectors import DEFAULT_COLLECTORS
 from exporter.config import DEFAULT_SOCKET_GLOB, ConfigError, load_file, parse
+from exporter.model.collectors import DEFAULT_COLLECTORS
 from tests.support.procs import REPO
 
 GOOD = """

@@ -17,7 +17,7 @@ from exporter.metrics import (
     generate_openmetrics,
     generate_text,
 )
-from exporter.web import negotiate
+from exporter.web.server import negotiate
 
 DOCS = ("Plain.", 'Quoted "x", back\\slash and\nnewline.', "")
 TYPES = ("counter", "gauge", "histogram", "summary", "info", "stateset", "gaugehistogram", "unknown")

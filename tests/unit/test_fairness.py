@@ -8,8 +8,8 @@ import time
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.registry import CollectorRegistry
 
-from exporter.fairness import SCRAPE_WINDOW_SECONDS, ScrapeFirst
-from exporter.web import make_app
+from exporter.runtime.fairness import SCRAPE_WINDOW_SECONDS, ScrapeFirst
+from exporter.web.server import make_app
 
 
 def test_active_from_start_to_done() -> None:

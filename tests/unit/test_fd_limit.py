@@ -1,4 +1,4 @@
-"""`exporter.fd_limit`: the session budget, and running out of descriptors as a reason of its own."""
+"""`exporter.runtime.fd_limit`: the session budget, and running out of descriptors as a reason of its own."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import resource
 
 from qemu.qmp import ConnectError
 
-from exporter.fd_limit import FD_LIMIT, FD_RESERVE, session_budget
 from exporter.qmp_watch import connect_error_reason
+from exporter.runtime.fd_limit import FD_LIMIT, FD_RESERVE, session_budget
 
 
 def test_the_budget_keeps_the_reserve() -> None:

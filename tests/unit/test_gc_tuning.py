@@ -7,7 +7,7 @@ import contextlib
 import gc
 import weakref
 
-from exporter.gc_tuning import GC_DEFERRED_GEN2_THRESHOLD, freeze_long_lived
+from exporter.runtime.gc_tuning import GC_DEFERRED_GEN2_THRESHOLD, freeze_long_lived
 from tests.support.waits import wait_for
 
 

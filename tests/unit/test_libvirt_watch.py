@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporter.config import Config, PolicyConfig
-from exporter.libvirt_watch import blockstats_by_target, model_disks, qemu_version, run_state
-from exporter.libvirt_xml import parse_definition, parse_domain
+from exporter.libvirt.domxml import parse_definition, parse_domain
+from exporter.libvirt.source import blockstats_by_target, model_disks, qemu_version, run_state
 from exporter.model.policy import Rule
 from exporter.model.state import VMState
 
@@ -135,7 +135,7 @@ async def test_inbox_hands_a_burst_over_in_order_a_batch_per_turn() -> None:
     import itertools
     import time
 
-    from exporter.libvirt_watch import EventInbox
+    from exporter.libvirt.source import EventInbox
 
     got: list[int] = []
     inbox = EventInbox(asyncio.get_running_loop(), lambda item: got.append(item[0]), time.time)
@@ -158,7 +158,7 @@ async def test_events_waiting_in_the_inbox_hold_the_stream_position_back() -> No
     import asyncio
     import threading
 
-    from exporter.libvirt_watch import EventInbox
+    from exporter.libvirt.source import EventInbox
 
     loop = asyncio.get_running_loop()
     clock = [100.0]

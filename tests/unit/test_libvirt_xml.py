@@ -1,4 +1,4 @@
-"""Live domain XML → disks and error policy (exporter/libvirt_xml.py), from fixture XML.
+"""Live domain XML → disks and error policy (exporter/libvirt/domxml.py), from fixture XML.
 
 The fixtures: the openEuler documentation's examples (``tests/fixtures/libvirt-xml/``), the
 ``virsh dumpxml`` of real domains under Debian's libvirt 9.0 (``tests/fixtures/libvirt-9.0/``,
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from exporter.config import PolicyConfig
-from exporter.libvirt_xml import (
+from exporter.libvirt.domxml import (
     MAX_TEXT,
     Disk,
     DiskSource,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from exporter.config import ConfigError, load_file, parse
-from exporter.liveness import (
+from exporter.runtime.liveness import (
     HealthConfig,
     Heartbeat,
     Liveness,
@@ -29,7 +29,7 @@ from exporter.liveness import (
     StallDetector,
     fionread,
 )
-from exporter.sd_notify import Notifier, watchdog_interval
+from exporter.runtime.sd_notify import Notifier, watchdog_interval
 from tests.support.procs import REPO
 
 # --- heartbeat --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The contract between `exporter.qmp_readonly` and qemu.qmp's internals.
+"""The contract between `exporter.qmp.readonly` and qemu.qmp's internals.
 
 `ReadOnlyQMPClient` is the one module that uses qemu.qmp's private parts (why, with the
 numbers, in its docstrings): when the library establishes a session (``_establish_session``,
@@ -29,8 +29,8 @@ import pytest
 from qemu.qmp import QMPClient, Runstate
 from qemu.qmp.protocol import AsyncProtocol
 
-from exporter.fairness import ScrapeFirst
-from exporter.qmp_readonly import READ_CHUNK, ReadOnlyQMPClient, _Stream
+from exporter.qmp.readonly import READ_CHUNK, ReadOnlyQMPClient, _Stream
+from exporter.runtime.fairness import ScrapeFirst
 from tests.faults.servers import EOL, FakeConn, FakeQMP, io_error_event
 
 
@@ -198,7 +198,7 @@ class _Burst(FakeQMP):
 
 async def test_a_backlog_waits_while_a_scrape_is_served(short_tmp: Path) -> None:
     """More than a chunk arrived at once: the reader handles it a chunk per turn of the loop,
-    and not at all while a scrape is served (`exporter.fairness`); then all of it, in order."""
+    and not at all while a scrape is served (`exporter.runtime.fairness`); then all of it, in order."""
     sock = str(short_tmp / "burst.qmp")
     events: list[int] = []
     scrape = ScrapeFirst()
@@ -241,7 +241,7 @@ class _Inner(asyncio.Protocol):
 def test_the_stream_feeds_the_stream_reader_until_attached() -> None:
     """`_Stream` alone: before `attach` asyncio's protocol gets everything; the end of the
     stream before `attach` is reported by it; after `detach` nothing is handed on."""
-    from exporter import qmp_readonly
+    from exporter.qmp import readonly as qmp_readonly
 
     inner = _Inner()
     stream = _Stream(inner)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecInterruptedError, ExecuteError, Runstate
 
-from exporter.qmp_readonly import ALLOWED_COMMANDS, ForbiddenCommand, ReadOnlyQMPClient, check_allowed
+from exporter.qmp.readonly import ALLOWED_COMMANDS, ForbiddenCommand, ReadOnlyQMPClient, check_allowed
 from tests.faults.servers import FakeConn, FakeQMP, watching
 from tests.support.procs import REPO
 from tests.support.qemu import run_qemu

@@ -1,4 +1,4 @@
-"""The status snapshot (`exporter.status`) and its page (`exporter.status_page`), from the real
+"""The status snapshot (`exporter.web.status`) and its page (`exporter.web.status_page`), from the real
 model objects fed with typed events: no sockets, no clock of their own."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from exporter.hang.tracking import RECENT_PER_DISK, RECENT_WINDOW_S, HangTrackin
 from exporter.model.events import BlockIOError
 from exporter.model.policy import DiskPolicy, Rule, verify
 from exporter.model.state import Disk, VMState
-from exporter.status import RULE_FIXES, build_status, rule_fix
-from exporter.status_page import render, seconds_text
+from exporter.web.status import RULE_FIXES, build_status, rule_fix
+from exporter.web.status_page import render, seconds_text
 
 EVIL = "<script>alert('x')</script>&\"vm\""
 T0 = 1_700_000_000.0

@@ -6,7 +6,7 @@ import gzip
 
 import pytest
 
-from exporter import web
+from exporter.web import server as web
 
 
 @pytest.mark.parametrize("size", [0, 1000, web._GZIP_INLINE_BYTES + 1, 8_000_000])

@@ -14,9 +14,9 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from exporter import webconfig
 from exporter.config import ConfigError
-from exporter.webconfig import (
+from exporter.web import webconfig
+from exporter.web.webconfig import (
     WebConfig,
     auth_middleware,
     load_web_config,

@@ -7,7 +7,7 @@ instead, without changing or tainting any domain (domain.md §4.1):
   (``qemuMonitorEventRegister``: needs a read-write connection; it does not taint).  libvirt's
   own IO-error event is useless here: it maps ``retry`` to ``none`` and is never delivered for
   network disks.
-* Disks and their policy from the live domain XML (`exporter.libvirt_xml`), never from
+* Disks and their policy from the live domain XML (`exporter.libvirt.domxml`), never from
   monitor commands: ``qemu-monitor-command`` taints the domain ``custom-monitor``.
 * Run state and block statistics of every domain from one ``getAllDomainStats`` per poll.
 * Domains started, stopped or migrated from lifecycle events, with a periodic full listing as a
@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from exporter.config import Config
-from exporter.discovery import static_labels_for
-from exporter.libvirt_xml import Domain, parse_domain
+from exporter.libvirt.domxml import Domain, parse_domain
 from exporter.model.backend import source_from_libvirt
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
 from exporter.model.policy import verify
 from exporter.model.sink import EventSink
 from exporter.model.state import BlockStats, ConnectionState, Disk, Part, VMState
+from exporter.qmp.discovery import static_labels_for
 from exporter.storage import BackendResolver
 
 log = logging.getLogger("exporter.libvirt")

@@ -23,14 +23,14 @@ import stat
 from collections.abc import Callable
 
 from exporter.config import Config
-from exporter.fairness import ScrapeFirst
-from exporter.fd_limit import FD_LIMIT, session_budget
 from exporter.model.sink import EventSink
 from exporter.model.state import VMState
 from exporter.qmp_watch import VMWatcher
+from exporter.runtime.fairness import ScrapeFirst
+from exporter.runtime.fd_limit import FD_LIMIT, session_budget
 from exporter.storage import BackendResolver
 
-log = logging.getLogger("exporter.discovery")
+log = logging.getLogger("exporter.qmp.discovery")
 
 
 def socket_identity(path: str) -> tuple[int, int, int] | None:
@@ -100,7 +100,7 @@ class Discovery:
     ) -> None:
         self.config = config
         self.scrape_first = scrape_first
-        #: QMP sessions the open-file limit leaves room for (`exporter.fd_limit`).
+        #: QMP sessions the open-file limit leaves room for (`exporter.runtime.fd_limit`).
         self.max_sessions = session_budget() if max_sessions is None else max_sessions
         #: Sockets found but not watched for want of descriptors, in the order found.
         self._over_limit: dict[str, None] = {}
@@ -190,7 +190,7 @@ class Discovery:
 
     def _start_within_fd_limit(self) -> None:
         """Start the watchers of new sockets while the open-file limit leaves room; the others
-        wait, shown down with reason ``fd_limit``, until sockets go away (`exporter.fd_limit`:
+        wait, shown down with reason ``fd_limit``, until sockets go away (`exporter.runtime.fd_limit`:
         descriptors beyond the limit would leave none to accept a scrape)."""
         room = self.max_sessions - (len(self.watchers) - len(self._over_limit))
         waiting = 0

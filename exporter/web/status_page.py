@@ -1,4 +1,4 @@
-"""The status page at ``/``: the snapshot of `exporter.status` as one server-rendered HTML page.
+"""The status page at ``/``: the snapshot of `exporter.web.status` as one server-rendered HTML page.
 
 No front-end framework and no build step: the exporter is a single Python process on a
 hypervisor, and the page must work in any browser behind the same TLS/basic auth as
@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from exporter.status import REASON_TEXT
+from exporter.web.status import REASON_TEXT
 
 #: Seconds between refreshes of an open page.
 REFRESH_SECONDS = 5
@@ -289,7 +289,7 @@ def _section(id_: str, title: str, count: int, body: str) -> str:
 
 
 def render(status: Mapping[str, Any], telemetry_path: str = "/metrics") -> str:
-    """The whole page for one snapshot of `exporter.status.build_status`."""
+    """The whole page for one snapshot of `exporter.web.status.build_status`."""
     s = status["summary"]
     chips = [
         f'<span class="{"bad" if s["disks_hanging"] else "ok"}">{s["disks_hanging"]} hanging</span>',

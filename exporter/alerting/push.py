@@ -11,14 +11,14 @@ already seen the error.  So the exporter, which learns of the hang from QEMU's f
 
 * ``QemuDiskIOHang`` (severity ``warning``) when the hang has lasted as long as the rule
   requires: ``max(HANG_MIN_SECONDS, HANG_MIN_RETRY_INTERVALS x retry_interval)`` (30 s, 3 x;
-  ``exporter/alert_defs.py``, which the rule generator reads too), so a blip never pages;
+  ``exporter/model/alerts.py``, which the rule generator reads too), so a blip never pages;
 * ``QemuIOHangApproachingTimeout`` (``warning``) when the hang has used ``fractions.warning``
   (default: the rule's 0.5) of its ``retry_timeout``, and ``QemuIOHangNearTimeout``
   (``critical``) at ``fractions.critical`` (0.8) — at once, only for disks with a non-zero
   timeout, like the rules;
 * each resolved (``endsAt`` = now) when the hang ends (any outcome).
 
-Their annotations are the rules' (``exporter/alert_defs.py``): the same summary and runbook link
+Their annotations are the rules' (``exporter/model/alerts.py``): the same summary and runbook link
 (``alerting.runbook_base_url``, default the rules' ``docs/runbooks.md``), and the rule's
 description template rendered with the alert's labels and ``$value`` at the crossing (the
 threshold: the hang's age, or the share of the timeout), as Prometheus renders it when the rule
@@ -79,7 +79,8 @@ import aiohttp
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from exporter.alert_defs import (
+from exporter.metrics import ALERT_PUSH_DROPPED, ALERT_PUSHES
+from exporter.model.alerts import (
     ALERT_APPROACHING_TIMEOUT,
     ALERT_HANG,
     ALERT_NEAR_TIMEOUT,
@@ -92,7 +93,6 @@ from exporter.alert_defs import (
     runbook_url,
     timeout_fraction_annotations,
 )
-from exporter.metrics import ALERT_PUSH_DROPPED, ALERT_PUSHES
 
 __all__ = [
     "ALERT_HANG",
@@ -109,7 +109,7 @@ __all__ = [
 if TYPE_CHECKING:
     from exporter.model.state import Disk
 
-log = logging.getLogger("exporter.alert_push")
+log = logging.getLogger("exporter.alerting.push")
 
 #: severity (the key of ``alerting.fractions``) -> alert name of the rule with that threshold.
 FRACTION_ALERTS: Final[Mapping[str, str]] = {

@@ -1,4 +1,4 @@
-"""The fleet's status as plain data: what the status page (`exporter.status_page`) shows and
+"""The fleet's status as plain data: what the status page (`exporter.web.status_page`) shows and
 ``/api/v1/status`` returns, and what ``qemu-iohang-check --exporter.url`` reads.
 
 Built from the same in-memory model a scrape reads (`VMState`, hang tracking), so the page can

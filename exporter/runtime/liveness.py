@@ -41,12 +41,12 @@ from prometheus_client.core import Metric
 from qemu.qmp import Runstate
 
 from exporter.metrics import LOOP_LAG
-from exporter.sd_notify import Notifier
+from exporter.runtime.sd_notify import Notifier
 
 if TYPE_CHECKING:
     from exporter.qmp_watch import VMWatcher
 
-log = logging.getLogger("exporter.liveness")
+log = logging.getLogger("exporter.runtime.liveness")
 
 #: How often the heartbeat wakes: the resolution of the lag measurement, at ~4 wake-ups a second.
 HEARTBEAT_INTERVAL = 0.25

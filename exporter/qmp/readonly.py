@@ -44,7 +44,7 @@ from qemu.qmp.message import Message
 from qemu.qmp.models import ErrorResponse
 from qemu.qmp.qmp_client import BadReplyError
 
-from exporter.fairness import ScrapeFirst
+from exporter.runtime.fairness import ScrapeFirst
 
 #: Commands the exporter needs, all free of side effects.  Nothing else is ever sent.
 ALLOWED_COMMANDS: frozenset[str] = frozenset(
@@ -92,7 +92,7 @@ READ_BUFFER_BYTES = 1024 * 1024
 #: up with, a reader finds only what arrived during one turn (less than this); with a backlog at
 #: 1000 VMs a turn is ~1000 x this many bytes (~18 events of ~230 B) x ~6 us, ~0.1 s, which a
 #: scrape needs a couple of before its handler runs (readers with a backlog then wait:
-#: `exporter.fairness`).  Line by line (qemu.qmp's readline, an await per line, a yield every 8
+#: `exporter.runtime.fairness`).  Line by line (qemu.qmp's readline, an await per line, a yield every 8
 #: lines) the exporter spent 14.1 us/event, 10.8 with chunks (docs/performance-history.md).
 READ_CHUNK = 4096
 
@@ -198,7 +198,7 @@ class ReadOnlyQMPClient(QMPClient):
         return fut
 
     def fileno(self) -> int | None:
-        """The connection's socket fd, None when not connected: `exporter.liveness` asks the
+        """The connection's socket fd, None when not connected: `exporter.runtime.liveness` asks the
         kernel how many bytes wait unread on it (with `lines_received` as the reader's
         progress) to notice a reader that has stopped while QEMU queues events for it."""
         writer = self._writer
@@ -387,7 +387,7 @@ class ReadOnlyQMPClient(QMPClient):
                 break
             if behind or len(backlog) > READ_CHUNK:
                 # Behind: handling it all without a yield would hold the loop for this
-                # connection's whole backlog (exporter.fairness).  While a scrape is served, it
+                # connection's whole backlog (exporter.runtime.fairness).  While a scrape is served, it
                 # waits for it to be written (what arrives meanwhile waits in `_backlog`, then
                 # in the socket).
                 if scrape is not None and scrape.active():
@@ -589,7 +589,7 @@ _FIONREAD_BUF = array.array("i", [0])
 
 
 def _unread(fd: int) -> int:
-    """`exporter.liveness.fionread` without an allocation: `ReadOnlyQMPClient.read_through`
+    """`exporter.runtime.liveness.fionread` without an allocation: `ReadOnlyQMPClient.read_through`
     asks it for every VM at every tick and scrape (2.5 % of the exporter's CPU in a storm)."""
     try:
         fcntl.ioctl(fd, termios.FIONREAD, _FIONREAD_BUF)

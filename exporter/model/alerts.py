@@ -1,7 +1,7 @@
 """What the Prometheus rules and the exporter's push path must agree on, defined once.
 
 ``alerts/generate.py`` builds the rules from these values and texts, and
-``exporter/alert_push.py`` pushes the same alerts with them, so the two paths cannot drift: the
+``exporter/alerting/push.py`` pushes the same alerts with them, so the two paths cannot drift: the
 same thresholds, names, severities, summaries, descriptions and runbook links.  Standard library
 only: the generator runs with a plain ``python3`` (plus PyYAML).
 

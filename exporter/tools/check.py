@@ -7,7 +7,7 @@ IO-hang configuration as the source), and for automation.  Sources, any number o
 * ``--qmp.socket`` / ``--qmp.glob``: running QEMUs, read once with exactly the exporter's
   read-only QMP code (`VMWatcher.read_once`);
 * ``--libvirt.uri``: every running domain's live XML, parsed as the exporter's libvirt source
-  does (`exporter.libvirt_xml`); a read-only connection, nothing changed or tainted;
+  does (`exporter.libvirt.domxml`); a read-only connection, nothing changed or tainted;
 * ``--xml FILE``: domain XML files, running or not (a migration destination's definition, with
   or without its ``<uuid>``), or files of bare ``<disk>`` elements as openEuler's documentation
   gives them (a VM named after the file);
@@ -37,16 +37,16 @@ from pathlib import Path
 from typing import Any
 
 from exporter import __version__
-from exporter.api_client import api_url, get_json, safe_url
 from exporter.cli import LIBVIRT_MISSING, OneLineParser
 from exporter.config import Config, ConfigError, PolicyConfig, load_file, validate_libvirt_uri
-from exporter.discovery import unmatched_reason
-from exporter.libvirt_watch import model_disks, quiet_libvirt_errors
-from exporter.libvirt_xml import Domain, parse_definition, parse_domain
+from exporter.libvirt.domxml import Domain, parse_definition, parse_domain
+from exporter.libvirt.source import model_disks, quiet_libvirt_errors
 from exporter.model.policy import DiskPolicy, verify
 from exporter.model.state import Disk, VMState
+from exporter.qmp.discovery import unmatched_reason
 from exporter.qmp_watch import VMWatcher
-from exporter.status import REASON_TEXT, rule_fix
+from exporter.tools.api_client import api_url, get_json, safe_url
+from exporter.web.status import REASON_TEXT, rule_fix
 
 PROG = "qemu-iohang-check"
 

@@ -27,11 +27,11 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import __version__
-from exporter.fairness import ScrapeFirst
 from exporter.hang.journal import HangJournal
-from exporter.journal_api import journal_routes
 from exporter.metrics import generate_openmetrics, generate_text
-from exporter.status_page import status_routes
+from exporter.runtime.fairness import ScrapeFirst
+from exporter.web.journal_api import journal_routes
+from exporter.web.status_page import status_routes
 
 #: gzip level of /metrics (see `_gzip`).
 GZIP_LEVEL = 1
@@ -40,7 +40,7 @@ _GZIP_INLINE_BYTES = 64 * 1024
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 TELEMETRY_PATH_KEY = web.AppKey("telemetry_path", str)
 SCRAPE_FIRST_KEY = web.AppKey("scrape_first", ScrapeFirst)
-#: What is wrong with the exporter (one line), None when healthy (`exporter.liveness`).
+#: What is wrong with the exporter (one line), None when healthy (`exporter.runtime.liveness`).
 HEALTH_KEY: web.AppKey[Callable[[], str | None]] = web.AppKey("health")
 
 _LANDING = """<!DOCTYPE html>
@@ -56,7 +56,7 @@ _LANDING = """<!DOCTYPE html>
 async def metrics(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY_KEY]
     scrape_first = request.app[SCRAPE_FIRST_KEY]
-    scrape_first.scrape_started()  # QMP readers let the response through (exporter.fairness)
+    scrape_first.scrape_started()  # QMP readers let the response through (exporter.runtime.fairness)
     try:
         encoder, content_type = negotiate(request.headers.get("Accept", ""))
         body = encoder(registry)
@@ -158,9 +158,9 @@ def make_app(
     journal: HangJournal | None = None,
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
-    """The HTTP app.  With ``status`` (a snapshot of `exporter.status`), ``/`` is the status
+    """The HTTP app.  With ``status`` (a snapshot of `exporter.web.status`), ``/`` is the status
     page and ``/api/v1/status`` its JSON; without, ``/`` is a plain landing page.  With it too,
-    ``/api/v1/hangs`` and ``/api/v1/incidents`` read ``journal`` (`exporter.journal_api`)."""
+    ``/api/v1/hangs`` and ``/api/v1/incidents`` read ``journal`` (`exporter.web.journal_api`)."""
     # Scrapes and probes send tiny requests: refuse bodies instead of buffering them.
     app = web.Application(client_max_size=4096, middlewares=middlewares)
     app[REGISTRY_KEY] = registry

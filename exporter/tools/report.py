@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exporter import __version__
-from exporter.api_client import api_url, get_json
 from exporter.cli import OneLineParser
 from exporter.hang.incidents import (
     SCHEMA,
@@ -43,6 +42,7 @@ from exporter.hang.incidents import (
     select,
 )
 from exporter.hang.journal import JournalFiles
+from exporter.tools.api_client import api_url, get_json
 
 PROG = "qemu-iohang-report"
 
