@@ -19,9 +19,9 @@ import time
 
 import orjson
 
-from exporter.config import Config, PolicyConfig
+from exporter.config import Config
 from exporter.hang.tracking import HangTracking
-from exporter.model.policy import DiskPolicy, verify
+from exporter.model.policy import DiskPolicy, PolicyConfig, verify
 from exporter.model.sink import SinkGroup
 from exporter.model.state import Disk, VMState
 from exporter.qmp_watch import VMWatcher

@@ -31,11 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from exporter.config import PolicyConfig
 from exporter.hang.journal import HangJournal, JournalFiles
 from exporter.hang.tracking import HangTracking
 from exporter.model.events import BlockIOError
-from exporter.model.policy import DiskPolicy, verify
+from exporter.model.policy import DiskPolicy, PolicyConfig, verify
 from exporter.model.state import Disk, VMState
 
 T0 = 1_717_243_200.0

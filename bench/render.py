@@ -18,11 +18,10 @@ import statistics
 import time
 from collections.abc import Callable
 
-from exporter.config import PolicyConfig
 from exporter.hang.tracking import HangTracking
 from exporter.metrics import ExporterCollector, Registry, generate_openmetrics, generate_text
 from exporter.model.events import BlockIOError
-from exporter.model.policy import DiskPolicy, verify
+from exporter.model.policy import DiskPolicy, PolicyConfig, verify
 from exporter.model.state import BlockStats, Disk, Part, VMState
 
 NOW = 1_700_000_000.0

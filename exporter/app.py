@@ -21,7 +21,13 @@ from exporter.config import Config, validate_listen_address
 from exporter.hang.journal import HangJournal
 from exporter.hang.tracking import HangTracking
 from exporter.libvirt.source import LibvirtSource
-from exporter.metrics import ConnectionCollector, DurationCollector, ExporterCollector, Registry
+from exporter.metrics import (
+    ConnectionCollector,
+    DurationCollector,
+    ExporterCollector,
+    JournalCollector,
+    Registry,
+)
 from exporter.model.sink import SinkGroup
 from exporter.model.state import VMState, one_per_vm
 from exporter.qmp.discovery import Discovery, static_label_names
@@ -75,7 +81,7 @@ class Exporter:
             self.registry.register(pusher)
             self.hangs.on_change = lambda trackers: pusher.update(open_hangs(trackers, self.vms()))
         if self.journal is not None:
-            self.registry.register(self.journal)
+            self.registry.register(JournalCollector(self.journal))
         self.liveness = Liveness(config.health, lambda: qmp_sources(self.discovery.watchers.values()))
         self.registry.register(LivenessCollector(self.liveness))
         # The exporter's own process (CPU, memory, fds, start time) and garbage collector, as

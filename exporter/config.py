@@ -12,25 +12,32 @@ import fnmatch
 import math
 import re
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from exporter.alerting.push import FRACTION_ALERTS, AlertingConfig
-from exporter.hang.journal import DEFAULT_MAX_BYTES, MIN_MAX_BYTES
 from exporter.model import collectors
-from exporter.model.alerts import runbook_base_url_problem
+from exporter.model.alerts import (
+    DEFAULT_FRACTIONS,
+    FRACTION_ALERTS,
+    RUNBOOK_BASE_URL,
+    runbook_base_url_problem,
+)
 from exporter.model.backend import MAX_BACKEND, BackendRule
-from exporter.runtime.liveness import HealthConfig
+from exporter.model.policy import POLICY_OPERATIONS, PolicyConfig
 
 DEFAULT_PORT = 9738
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
 DEFAULT_SOCKET_GLOB = "/run/qemu-iohang-exporter/*.qmp"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("logfmt", "json")
-POLICY_OPERATIONS = ("werror", "rerror")
+#: Default cap of one hang journal file (``hang.journal_max_bytes``): ~290 bytes a record.
+DEFAULT_JOURNAL_MAX_BYTES = 16 * 1024 * 1024
+#: Smallest cap accepted: a few hundred records.
+MIN_JOURNAL_MAX_BYTES = 64 * 1024
 
 
 class ConfigError(Exception):
@@ -41,15 +48,6 @@ class ConfigError(Exception):
         self.source = source
         self.key = key
         self.problem = problem
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    """What a compliant disk looks like (see `exporter.model.policy`)."""
-
-    required: tuple[str, ...] = POLICY_OPERATIONS
-    max_timeout_seconds: float | None = None
-    require_nonzero_timeout: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,7 +84,7 @@ class HangConfig:
     # Every completed hang as a JSON line (`exporter.hang.journal`); None: no journal.
     journal_file: str | None = None
     # Size of the journal file before it is rotated to journal_file + ".1".
-    journal_max_bytes: int = DEFAULT_MAX_BYTES
+    journal_max_bytes: int = DEFAULT_JOURNAL_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -110,6 +108,56 @@ class CollectorsConfig:
     @property
     def enabled(self) -> frozenset[str]:
         return collectors.resolve(dict(self.switches), self.disable_defaults)
+
+
+@dataclass(frozen=True)
+class AlertingConfig:
+    """``alerting:`` of the config file.  Disabled (nothing runs) without Alertmanager URLs."""
+
+    #: Alertmanager base URLs (``http://am:9093``, optionally with a path prefix and user:password).
+    alertmanager_urls: tuple[str, ...] = ()
+    #: The ``instance`` / ``job`` labels Prometheus puts on this exporter's series.
+    instance: str = ""
+    job: str = "qemu-iohang"
+    #: Prometheus' ``global.external_labels`` (added to every alert Prometheus sends).
+    external_labels: Mapping[str, str] = field(default_factory=dict)
+    #: severity -> share of retry_timeout; keys from FRACTION_ALERTS (omit one to not push it).
+    fractions: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
+    #: Push QemuDiskIOHang (once a hang has lasted the rule's minimum).
+    hang_alert: bool = True
+    resend_interval_seconds: float = 30.0
+    timeout_seconds: float = 2.0
+    backoff_initial_seconds: float = 0.25
+    backoff_max_seconds: float = 10.0
+    max_pending: int = 10000
+    #: ``generatorURL`` of the pushed alerts; default ``http://<instance>/metrics``.
+    generator_url: str = ""
+    #: Each alert's ``runbook_url`` is ``<base>#<alert name lower-cased>``, like the rules'
+    #: (alerts/generate.py --runbook-base-url); default the rules' default.
+    runbook_base_url: str = RUNBOOK_BASE_URL
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.alertmanager_urls)
+
+    def effective_generator_url(self) -> str:
+        if self.generator_url:
+            return self.generator_url
+        return f"http://{self.instance}/metrics" if self.instance else ""
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Thresholds of /healthz and of the systemd watchdog (``health:`` in the config file).
+
+    Defaults: in an event storm at 1000 VMs a scrape, which takes several turns of the loop,
+    has a p99 of up to ~1.6 s (docs/performance.md), so 5 s is well beyond a busy loop; the 10 s window is shorter than
+    the 20 s that the three failed probes (10 s apart) span, after which the shipped DaemonSet
+    restarts the pod: one passing spike makes the pod unready for a moment, no restart."""
+
+    max_loop_lag_seconds: float = 5.0
+    loop_lag_window_seconds: float = 10.0
+    reader_stall_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -310,8 +358,10 @@ def _parse_hang(r: _Reader, value: Any) -> HangConfig:
         n = hang["journal_max_bytes"]
         if isinstance(n, bool) or not isinstance(n, int):
             raise r.fail("hang.journal_max_bytes", f"expected a whole number of bytes, got {_kind(n)}")
-        if n < MIN_MAX_BYTES:
-            raise r.fail("hang.journal_max_bytes", f"must be at least {MIN_MAX_BYTES} (64 KiB), got {n}")
+        if n < MIN_JOURNAL_MAX_BYTES:
+            raise r.fail(
+                "hang.journal_max_bytes", f"must be at least {MIN_JOURNAL_MAX_BYTES} (64 KiB), got {n}"
+            )
         hc = dataclasses.replace(hc, journal_max_bytes=n)
     return hc
 

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.exposition import generate_latest
@@ -58,6 +59,7 @@ from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
 from exporter.hang.machine import HangOutcome
+from exporter.hang.tracking import HANG_BUCKETS
 from exporter.model.collectors import COLLECTORS
 from exporter.model.sink import EventSink
 from exporter.model.state import ConnectionState, Part, VMState
@@ -65,6 +67,7 @@ from exporter.model.state import ConnectionState, Part, VMState
 if TYPE_CHECKING:
     from exporter.hang.blast import BackendCounts
     from exporter.hang.machine import DiskHangTracker
+    from exporter.hang.tracking import Histogram
 
 # --- declarations -------------------------------------------------------------------------
 
@@ -587,6 +590,8 @@ class ConnectionCollector:
 class HangSource(Protocol):
     """What the hang tracking (`exporter.hang.tracking.HangTracking`) gives a scrape."""
 
+    histogram: Histogram
+
     def version(self, key: str) -> int | None:
         """Changes whenever the trackers of the VM with this key were fed anything."""
         ...
@@ -595,13 +600,46 @@ class HangSource(Protocol):
         """``vm``'s (device, tracker) pairs by device, advanced as far as its stream is read."""
         ...
 
-    def histogram_metric(self) -> Metric:
-        """`HANG_COMPLETED`, with what completed since the exporter started."""
+    def backend_counts(self, vms: Sequence[VMState]) -> dict[str, BackendCounts]:
+        """The per-backend counts of the disks of ``vms``."""
         ...
 
-    def backend_metrics(self, vms: Sequence[VMState]) -> list[Metric]:
-        """The per-backend families (`backend_metrics`) of the disks of ``vms``."""
-        ...
+
+def histogram_metric(h: Histogram) -> Metric:
+    """`HANG_COMPLETED` from the completed hangs' durations."""
+    family = HistogramMetricFamily(
+        HANG_COMPLETED.name, HANG_COMPLETED.help, labels=list(HANG_COMPLETED.labels)
+    )
+    for o in HangOutcome:
+        buckets = [(str(float(le)), float(n)) for le, n in zip(HANG_BUCKETS, h.buckets[o], strict=True)]
+        buckets.append(("+Inf", float(h.count[o])))
+        family.add_metric([o.value], buckets, h.sum[o])
+    return family
+
+
+class JournalCounts(Protocol):
+    """What the hang journal (`exporter.hang.journal.HangJournal`) counts."""
+
+    written: int
+    dropped: int
+    write_errors: int
+    corrupt: int
+
+
+class JournalCollector:
+    """The hang journal's counters (shown while the journal is on)."""
+
+    def __init__(self, journal: JournalCounts) -> None:
+        self._journal = journal
+
+    def collect(self) -> list[Metric]:
+        j = self._journal
+        return [
+            JOURNAL_RECORDS.metric((), [((), j.written)]),
+            JOURNAL_DROPPED.metric((), [((), j.dropped)]),
+            JOURNAL_WRITE_ERRORS.metric((), [((), j.write_errors)]),
+            JOURNAL_CORRUPT.metric((), [((), j.corrupt)]),
+        ]
 
 
 # --- the exposition formats ----------------------------------------------------------------
@@ -1047,13 +1085,13 @@ class ExporterCollector(EventSink):
         a VM's hang lines (its disks, its trackers, its hanging or failing disks) and on which
         VMs are shown: recounted only then, not over all 4000 disks of an idle host at every
         scrape (~2.5 ms at 1000 VMs)."""
-        out = [hangs.histogram_metric()] if self._histogram else []
+        out = [histogram_metric(hangs.histogram)] if self._histogram else []
         if not self._backend:
             return out
         start = perf_counter()
         keys = [vm.key for vm in shown]
         if recount or self._backends is None or keys != self._backend_keys:
-            self._backends = hangs.backend_metrics(shown)
+            self._backends = backend_metrics(hangs.backend_counts(shown))
             self._backend_keys = keys
         self.durations["backend"] += perf_counter() - start
         return [*out, *self._backends]

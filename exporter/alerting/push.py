@@ -72,21 +72,18 @@ import random
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import aiohttp
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from exporter.config import AlertingConfig
 from exporter.metrics import ALERT_PUSH_DROPPED, ALERT_PUSHES
 from exporter.model.alerts import (
-    ALERT_APPROACHING_TIMEOUT,
     ALERT_HANG,
-    ALERT_NEAR_TIMEOUT,
-    HANG_TIMEOUT_CRITICAL_RATIO,
-    HANG_TIMEOUT_WARNING_RATIO,
-    RUNBOOK_BASE_URL,
+    FRACTION_ALERTS,
     hang_alert_threshold,
     hang_annotations,
     render_template,
@@ -96,10 +93,8 @@ from exporter.model.alerts import (
 
 __all__ = [
     "ALERT_HANG",
-    "FRACTION_ALERTS",
     "Alert",
     "AlertPusher",
-    "AlertingConfig",
     "OpenHang",
     "desired_alerts",
     "next_crossing",
@@ -111,16 +106,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("exporter.alerting.push")
 
-#: severity (the key of ``alerting.fractions``) -> alert name of the rule with that threshold.
-FRACTION_ALERTS: Final[Mapping[str, str]] = {
-    "warning": ALERT_APPROACHING_TIMEOUT,
-    "critical": ALERT_NEAR_TIMEOUT,
-}
-#: The rules' thresholds.
-DEFAULT_FRACTIONS: Final[Mapping[str, float]] = {
-    "warning": HANG_TIMEOUT_WARNING_RATIO,
-    "critical": HANG_TIMEOUT_CRITICAL_RATIO,
-}
 API_PATH: Final[str] = "/api/v2/alerts"
 #: Labels the exporter sets itself; static/external labels may not override them.
 RESERVED_LABELS: Final[frozenset[str]] = frozenset(
@@ -129,42 +114,6 @@ RESERVED_LABELS: Final[frozenset[str]] = frozenset(
 #: A crossing is treated as reached this much early (timer wake-up granularity, clock skew
 #: between asyncio's monotonic clock and the wall clock of QEMU's timestamps).
 _CROSSING_SLACK_S: Final[float] = 0.002
-
-
-@dataclass(frozen=True)
-class AlertingConfig:
-    """``alerting:`` of the config file.  Disabled (nothing runs) without Alertmanager URLs."""
-
-    #: Alertmanager base URLs (``http://am:9093``, optionally with a path prefix and user:password).
-    alertmanager_urls: tuple[str, ...] = ()
-    #: The ``instance`` / ``job`` labels Prometheus puts on this exporter's series.
-    instance: str = ""
-    job: str = "qemu-iohang"
-    #: Prometheus' ``global.external_labels`` (added to every alert Prometheus sends).
-    external_labels: Mapping[str, str] = field(default_factory=dict)
-    #: severity -> share of retry_timeout; keys from FRACTION_ALERTS (omit one to not push it).
-    fractions: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
-    #: Push QemuDiskIOHang (once a hang has lasted the rule's minimum).
-    hang_alert: bool = True
-    resend_interval_seconds: float = 30.0
-    timeout_seconds: float = 2.0
-    backoff_initial_seconds: float = 0.25
-    backoff_max_seconds: float = 10.0
-    max_pending: int = 10000
-    #: ``generatorURL`` of the pushed alerts; default ``http://<instance>/metrics``.
-    generator_url: str = ""
-    #: Each alert's ``runbook_url`` is ``<base>#<alert name lower-cased>``, like the rules'
-    #: (alerts/generate.py --runbook-base-url); default the rules' default.
-    runbook_base_url: str = RUNBOOK_BASE_URL
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.alertmanager_urls)
-
-    def effective_generator_url(self) -> str:
-        if self.generator_url:
-            return self.generator_url
-        return f"http://{self.instance}/metrics" if self.instance else ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,31 +41,21 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
-from prometheus_client.core import Metric
 
+from exporter.config import DEFAULT_JOURNAL_MAX_BYTES
 from exporter.hang.incidents import DEFAULT_WINDOW_S, HangRecord, Window, incidents_json, select
 from exporter.hang.machine import CompletedHang
-from exporter.metrics import (
-    JOURNAL_CORRUPT,
-    JOURNAL_DROPPED,
-    JOURNAL_RECORDS,
-    JOURNAL_WRITE_ERRORS,
-)
 from exporter.model.backend import UNKNOWN
 from exporter.model.sink import EventSink
 from exporter.model.state import VMState
 
 log = logging.getLogger("exporter.hang.journal")
 
-#: Default cap of one journal file (``hang.journal_max_bytes``): ~290 bytes a record.
-DEFAULT_MAX_BYTES: Final[int] = 16 * 1024 * 1024
-#: Smallest cap accepted: a few hundred records.
-MIN_MAX_BYTES: Final[int] = 64 * 1024
 #: Records waiting for the disk (a failing write keeps them) before the oldest are dropped.
 MAX_PENDING: Final[int] = 100_000
 #: Seconds between attempts after a failed write.
@@ -91,7 +81,7 @@ class JournalFiles:
     by `HangJournal` (and directly by ``qemu-iohang-report --journal.file``).  A lock keeps a
     reader from seeing half a batch or a rotation in progress."""
 
-    def __init__(self, path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, path: str, max_bytes: int = DEFAULT_JOURNAL_MAX_BYTES) -> None:
         self.path = path
         self.rotated = path + ".1"
         self.max_bytes = max_bytes
@@ -401,11 +391,3 @@ class HangJournal(EventSink):
         result = incidents_json(select(self._recent, window))
         self._incidents = (self.version, now, result)
         return result
-
-    # -- metrics ------------------------------------------------------------------------
-
-    def collect(self) -> Iterator[Metric]:
-        yield JOURNAL_RECORDS.metric((), [((), self.written)])
-        yield JOURNAL_DROPPED.metric((), [((), self.dropped)])
-        yield JOURNAL_WRITE_ERRORS.metric((), [((), self.write_errors)])
-        yield JOURNAL_CORRUPT.metric((), [((), self.corrupt)])

@@ -25,11 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.core import HistogramMetricFamily, Metric
-
-from exporter.hang.blast import backend_counts
+from exporter.hang.blast import BackendCounts, backend_counts
 from exporter.hang.machine import CompletedHang, DiskHangTracker, HangOutcome
-from exporter.metrics import HANG_COMPLETED, backend_metrics
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent
 from exporter.model.sink import EventSink
 from exporter.model.state import Disk, VMState
@@ -60,7 +57,10 @@ def disk_policy_seconds(disk: Disk) -> tuple[float, float]:
     return interval, timeout
 
 
-class _Histogram:
+class Histogram:
+    """The completed hangs' durations per outcome, in `HANG_BUCKETS` (cumulative), their count
+    and their sum: what `exporter.metrics` shows as a Prometheus histogram."""
+
     def __init__(self) -> None:
         self.buckets: dict[HangOutcome, list[int]] = {o: [0] * len(HANG_BUCKETS) for o in HangOutcome}
         self.count: dict[HangOutcome, int] = dict.fromkeys(HangOutcome, 0)
@@ -76,20 +76,6 @@ class _Histogram:
             if d <= le:
                 b[i] += 1
 
-    def family(self) -> HistogramMetricFamily:
-        h = HistogramMetricFamily(
-            HANG_COMPLETED.name, HANG_COMPLETED.help, labels=list(HANG_COMPLETED.labels)
-        )
-        for o in HangOutcome:
-            buckets = [(_le(le), float(n)) for le, n in zip(HANG_BUCKETS, self.buckets[o], strict=True)]
-            buckets.append(("+Inf", float(self.count[o])))
-            h.add_metric([o.value], buckets, self.sum[o])
-        return h
-
-
-def _le(v: float) -> str:
-    return str(float(v))
-
 
 class HangTracking(EventSink):
     def __init__(self, margin_s: float, state_file: str | None = None) -> None:
@@ -99,7 +85,7 @@ class HangTracking(EventSink):
         self.trackers: dict[str, dict[str, DiskHangTracker]] = {}
         #: The VM of each key in ``trackers``: how far its stream is read (`VMState.read_through`).
         self._vms: dict[str, VMState] = {}
-        self.histogram = _Histogram()
+        self.histogram = Histogram()
         doc = self._load()
         #: (VMState.key, device) -> its latest completed hangs, oldest first (status page).
         self.recent: dict[tuple[str, str], deque[RecentHang]] = restore_recent(doc.get("recent"))
@@ -389,11 +375,9 @@ class HangTracking(EventSink):
         self._advance(vm.key, used, now)
         return used
 
-    def histogram_metric(self) -> Metric:
-        return self.histogram.family()
-
-    def backend_metrics(self, vms: Sequence[VMState]) -> list[Metric]:
-        return backend_metrics(backend_counts(vms, self.trackers))
+    def backend_counts(self, vms: Sequence[VMState]) -> dict[str, BackendCounts]:
+        """The per-backend counts (`exporter.hang.blast`) of the disks of ``vms``."""
+        return backend_counts(vms, self.trackers)
 
 
 _versions = itertools.count(1)

@@ -192,3 +192,15 @@ def render_template(text: str, labels: Mapping[str, str], value: float) -> str:
         raise ValueError(f"template action not supported by the push path: {{{{ {expr} }}}}")
 
     return _ACTION.sub(action, text)
+
+
+#: severity (the key of ``alerting.fractions``) -> alert name of the rule with that threshold.
+FRACTION_ALERTS: Final[Mapping[str, str]] = {
+    "warning": ALERT_APPROACHING_TIMEOUT,
+    "critical": ALERT_NEAR_TIMEOUT,
+}
+#: The rules' thresholds.
+DEFAULT_FRACTIONS: Final[Mapping[str, float]] = {
+    "warning": HANG_TIMEOUT_WARNING_RATIO,
+    "critical": HANG_TIMEOUT_CRITICAL_RATIO,
+}

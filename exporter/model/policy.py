@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the config imports half the exporter; the model imports none of it
-    from exporter.config import PolicyConfig
+#: The error policies that can be required to be ``retry``: writes and reads.
+POLICY_OPERATIONS = ("werror", "rerror")
 
 
 class Rule(StrEnum):
@@ -57,6 +56,15 @@ class PolicyVerdict:
     @property
     def ok(self) -> bool:
         return not self.violations
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """What a compliant disk looks like: ``policy:`` of the config file."""
+
+    required: tuple[str, ...] = POLICY_OPERATIONS
+    max_timeout_seconds: float | None = None
+    require_nonzero_timeout: bool = False
 
 
 def verify(policy: DiskPolicy, required: PolicyConfig) -> PolicyVerdict:

@@ -34,12 +34,12 @@ import logging
 import termios
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client.core import Metric
 from qemu.qmp import Runstate
 
+from exporter.config import HealthConfig
 from exporter.metrics import LOOP_LAG
 from exporter.runtime.sd_notify import Notifier
 
@@ -52,20 +52,6 @@ log = logging.getLogger("exporter.runtime.liveness")
 HEARTBEAT_INTERVAL = 0.25
 #: How often readers are checked for a stall (every n-th heartbeat).
 _STALL_CHECK_EVERY = 4
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    """Thresholds of /healthz and of the systemd watchdog (``health:`` in the config file).
-
-    Defaults: in an event storm at 1000 VMs a scrape, which takes several turns of the loop,
-    has a p99 of up to ~1.6 s (docs/performance.md), so 5 s is well beyond a busy loop; the 10 s window is shorter than
-    the 20 s that the three failed probes (10 s apart) span, after which the shipped DaemonSet
-    restarts the pod: one passing spike makes the pod unready for a moment, no restart."""
-
-    max_loop_lag_seconds: float = 5.0
-    loop_lag_window_seconds: float = 10.0
-    reader_stall_seconds: float = 10.0
 
 
 class Heartbeat:

@@ -38,10 +38,10 @@ from typing import Any
 
 from exporter import __version__
 from exporter.cli import LIBVIRT_MISSING, OneLineParser
-from exporter.config import Config, ConfigError, PolicyConfig, load_file, validate_libvirt_uri
+from exporter.config import Config, ConfigError, load_file, validate_libvirt_uri
 from exporter.libvirt.domxml import Domain, parse_definition, parse_domain
 from exporter.libvirt.source import model_disks, quiet_libvirt_errors
-from exporter.model.policy import DiskPolicy, verify
+from exporter.model.policy import DiskPolicy, PolicyConfig, verify
 from exporter.model.state import Disk, VMState
 from exporter.qmp.discovery import unmatched_reason
 from exporter.qmp_watch import VMWatcher

@@ -17,10 +17,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from exporter import __version__
-from exporter.config import PolicyConfig
 from exporter.hang.blast import backend_counts
 from exporter.hang.tracking import RECENT_WINDOW_S, HangTracking
-from exporter.model.policy import DiskPolicy, Rule
+from exporter.model.policy import DiskPolicy, PolicyConfig, Rule
 from exporter.model.state import ConnectionState, Disk, VMState
 
 SCHEMA = 1

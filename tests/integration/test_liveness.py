@@ -24,10 +24,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from exporter.config import Config, QMPConfig
+from exporter.config import Config, HealthConfig, QMPConfig
 from exporter.model.state import VMState
 from exporter.qmp_watch import VMWatcher
-from exporter.runtime.liveness import HealthConfig, Liveness, fionread, qmp_sources
+from exporter.runtime.liveness import Liveness, fionread, qmp_sources
 from tests.faults.servers import EOL, FakeConn, FakeQMP, io_error_event
 from tests.support.exporter import ExporterProcess
 from tests.support.waits import wait_for

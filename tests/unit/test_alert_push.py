@@ -15,8 +15,6 @@ import yaml
 
 from exporter.alerting.push import (
     ALERT_HANG,
-    FRACTION_ALERTS,
-    AlertingConfig,
     AlertPusher,
     OpenHang,
     _rfc3339,
@@ -24,9 +22,10 @@ from exporter.alerting.push import (
     next_crossing,
     open_hangs,
 )
+from exporter.config import AlertingConfig
 from exporter.hang.machine import DiskHangTracker
 from exporter.model import alerts as alert_defs
-from exporter.model.alerts import humanize_duration, humanize_percentage, render_template
+from exporter.model.alerts import FRACTION_ALERTS, humanize_duration, humanize_percentage, render_template
 from exporter.model.policy import DiskPolicy, PolicyVerdict
 from exporter.model.state import Disk, VMState
 from tests.artefacts.artefacts import ROOT, RULES_FILE, alert_rules, load_module

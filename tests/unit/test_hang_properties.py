@@ -10,11 +10,10 @@ from collections.abc import Callable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.config import PolicyConfig
 from exporter.hang.machine import DiskHangTracker, HangOutcome
 from exporter.hang.tracking import HangTracking
 from exporter.model.events import BlockIOError
-from exporter.model.policy import DiskPolicy, verify
+from exporter.model.policy import DiskPolicy, PolicyConfig, verify
 from exporter.model.state import BlockStats, Disk, VMState
 
 T0 = 1_700_000_000.0

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.config import Config, PolicyConfig
+from exporter.config import Config
 from exporter.libvirt.domxml import parse_definition, parse_domain
 from exporter.libvirt.source import blockstats_by_target, model_disks, qemu_version, run_state
-from exporter.model.policy import Rule
+from exporter.model.policy import PolicyConfig, Rule
 from exporter.model.state import VMState
 
 OPENEULER_DISK = """

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import PolicyConfig
 from exporter.libvirt.domxml import (
     MAX_TEXT,
     Disk,
@@ -22,7 +21,7 @@ from exporter.libvirt.domxml import (
     parse_definition,
     parse_domain,
 )
-from exporter.model.policy import DiskPolicy, Rule, verify
+from exporter.model.policy import DiskPolicy, PolicyConfig, Rule, verify
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 XML = FIXTURES / "libvirt-xml"

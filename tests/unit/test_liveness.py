@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import ConfigError, load_file, parse
+from exporter.config import ConfigError, HealthConfig, load_file, parse
 from exporter.runtime.liveness import (
-    HealthConfig,
     Heartbeat,
     Liveness,
     LivenessCollector,

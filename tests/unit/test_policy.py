@@ -6,8 +6,7 @@ import itertools
 
 import pytest
 
-from exporter.config import PolicyConfig
-from exporter.model.policy import DiskPolicy, Rule, verify
+from exporter.model.policy import DiskPolicy, PolicyConfig, Rule, verify
 
 ACTIONS = ("retry", "stop", "report", "ignore", "enospc", "auto")
 

@@ -26,11 +26,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.config import PolicyConfig
 from exporter.hang.tracking import HangTracking
 from exporter.metrics import ExporterCollector
 from exporter.model.events import IO_ACTIONS, IO_OPERATIONS, KNOWN_EVENTS, VMEvent
-from exporter.model.policy import DiskPolicy, verify
+from exporter.model.policy import DiskPolicy, PolicyConfig, verify
 from exporter.model.sink import EventSink
 from exporter.model.state import BlockStats, Disk, VMState
 from exporter.qmp_watch import HeldIOError, VMWatcher, decode_message, device_from_qdev, parse_blockstats

@@ -9,10 +9,9 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from exporter.config import PolicyConfig
 from exporter.hang.tracking import RECENT_PER_DISK, RECENT_WINDOW_S, HangTracking
 from exporter.model.events import BlockIOError
-from exporter.model.policy import DiskPolicy, Rule, verify
+from exporter.model.policy import DiskPolicy, PolicyConfig, Rule, verify
 from exporter.model.state import Disk, VMState
 from exporter.web.status import RULE_FIXES, build_status, rule_fix
 from exporter.web.status_page import render, seconds_text
