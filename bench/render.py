@@ -18,8 +18,9 @@ import statistics
 import time
 from collections.abc import Callable
 
+from exporter.exposition.cache import ExporterCollector
+from exporter.exposition.formats import Registry, generate_openmetrics, generate_text
 from exporter.hang.tracking import HangTracking
-from exporter.metrics import ExporterCollector, Registry, generate_openmetrics, generate_text
 from exporter.model.events import BlockIOError
 from exporter.model.policy import DiskPolicy, PolicyConfig, verify
 from exporter.model.state import BlockStats, Disk, Part, VMState

@@ -18,16 +18,12 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import __version__
 from exporter.alerting.push import AlertPusher, open_hangs
 from exporter.config import Config, validate_listen_address
+from exporter.exposition.cache import ExporterCollector
+from exporter.exposition.formats import DurationCollector, Registry
+from exporter.exposition.host import ConnectionCollector, JournalCollector
 from exporter.hang.journal import HangJournal
 from exporter.hang.tracking import HangTracking
 from exporter.libvirt.source import LibvirtSource
-from exporter.metrics import (
-    ConnectionCollector,
-    DurationCollector,
-    ExporterCollector,
-    JournalCollector,
-    Registry,
-)
 from exporter.model.sink import SinkGroup
 from exporter.model.state import VMState, one_per_vm
 from exporter.qmp.discovery import Discovery, static_label_names

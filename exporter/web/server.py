@@ -27,8 +27,8 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import __version__
+from exporter.exposition.formats import generate_openmetrics, generate_text
 from exporter.hang.journal import HangJournal
-from exporter.metrics import generate_openmetrics, generate_text
 from exporter.runtime.fairness import ScrapeFirst
 from exporter.web.journal_api import journal_routes
 from exporter.web.status_page import status_routes

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
+from exporter.exposition.cache import ExporterCollector
+from exporter.exposition.formats import Registry, generate_text
 from exporter.hang.tracking import HangTracking
-from exporter.metrics import ExporterCollector, Registry, generate_text
 from exporter.model.events import BlockIOError
 from exporter.model.policy import DiskPolicy, PolicyVerdict
 from exporter.model.state import Disk, VMState

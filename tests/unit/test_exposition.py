@@ -8,7 +8,7 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
 
 from bench.prometheus import PROMETHEUS_2_ACCEPT, PROMETHEUS_3_ACCEPT
-from exporter.metrics import (
+from exporter.exposition.formats import (
     OPENMETRICS,
     TEXT,
     Format,

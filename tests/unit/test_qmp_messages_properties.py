@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from exporter.exposition.cache import ExporterCollector
 from exporter.hang.tracking import HangTracking
-from exporter.metrics import ExporterCollector
 from exporter.model.events import IO_ACTIONS, IO_OPERATIONS, KNOWN_EVENTS, VMEvent
 from exporter.model.policy import DiskPolicy, PolicyConfig, verify
 from exporter.model.sink import EventSink
