@@ -26,7 +26,7 @@ from qemu.qmp.error import ProtocolError
 from qemu.qmp.protocol import StateError
 
 from exporter.config import Config
-from exporter.model.backend import source_from_query_block
+from exporter.model.disk_source import source_from_query_block
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
 from exporter.model.policy import DiskPolicy, verify
 from exporter.model.sink import EventSink

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 
 from exporter.config import Config
-from exporter.model.backend import Mount, Source, derive_backend, parse_mountinfo
+from exporter.model.backend import Source, derive_backend
+from exporter.model.mounts import Mount, parse_mountinfo
 
 log = logging.getLogger("exporter.storage")
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from exporter.config import Config
 from exporter.libvirt.domxml import Domain, parse_domain
-from exporter.model.backend import source_from_libvirt
+from exporter.model.disk_source import source_from_libvirt
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
 from exporter.model.policy import verify
 from exporter.model.sink import EventSink

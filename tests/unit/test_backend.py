@@ -1,5 +1,6 @@
-"""The storage backend derivation (`exporter.model.backend`): QEMU file names, libvirt sources,
-the mount table and operator rules, each with the examples docs/metrics.md shows.
+"""The storage backend derivation (`exporter.model.backend` and the modules beside it:
+`disk_source`, `mounts`, `addresses`): QEMU file names, libvirt sources, the mount table and
+operator rules, each with the examples docs/metrics.md shows.
 
 The point of every case: disks on one storage system get one backend, disks on two get two,
 and neither an image name nor a credential ever reaches the label."""
@@ -16,17 +17,9 @@ from hypothesis import strategies as st
 from exporter.config import Config, parse
 from exporter.libvirt.domxml import parse_domain
 from exporter.libvirt.source import model_disks
-from exporter.model.backend import (
-    MAX_BACKEND,
-    UNKNOWN,
-    BackendRule,
-    Mount,
-    derive_backend,
-    parse_mountinfo,
-    source_from_filename,
-    source_from_libvirt,
-    source_from_query_block,
-)
+from exporter.model.backend import MAX_BACKEND, UNKNOWN, BackendRule, derive_backend
+from exporter.model.disk_source import source_from_filename, source_from_libvirt, source_from_query_block
+from exporter.model.mounts import Mount, parse_mountinfo
 from exporter.storage import BackendResolver, MountTable
 
 MOUNTINFO = (
