@@ -32,7 +32,7 @@ import secrets
 import ssl
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -195,6 +195,23 @@ def _parse_tls(r: _Reader, value: Any, base_dir: Path) -> TLSServerConfig | None
     if not t:
         return None
     _refuse_unsupported(r, t, "tls_server_config")
+    pem = _parse_tls_pem(r, t, base_dir)
+    auth = _parse_client_auth(r, t, has_ca=pem.client_ca_file is not None or pem.client_ca is not None)
+    min_version, max_version = _parse_tls_versions(r, t)
+    prefer = True
+    if "prefer_server_cipher_suites" in t:
+        prefer = r.boolean(t["prefer_server_cipher_suites"], "tls_server_config.prefer_server_cipher_suites")
+    return replace(
+        pem,
+        client_auth_type=auth,
+        min_version=min_version,
+        max_version=max_version,
+        prefer_server_cipher_suites=prefer,
+    )
+
+
+def _parse_tls_pem(r: _Reader, t: Mapping[str, Any], base_dir: Path) -> TLSServerConfig:
+    """The certificate, key and client CAs: each a file or inline PEM, not both."""
 
     def path(name: str) -> str | None:
         if t.get(name) is None:
@@ -225,7 +242,12 @@ def _parse_tls(r: _Reader, value: Any, base_dir: Path) -> TLSServerConfig | None
         raise r.fail("tls_server_config.cert_file", "required when tls_server_config is set (or cert)")
     if cfg.key_file is None and cfg.key is None:
         raise r.fail("tls_server_config.key_file", "required when tls_server_config is set (or key)")
+    return cfg
 
+
+def _parse_client_auth(r: _Reader, t: Mapping[str, Any], has_ca: bool) -> str:
+    """``client_auth_type``: one Python's ``ssl`` can honour, and client CAs exactly when it
+    verifies client certificates."""
     auth = "NoClientCert"
     if t.get("client_auth_type") is not None:
         auth = r.string(t["client_auth_type"], "tls_server_config.client_auth_type")
@@ -239,7 +261,6 @@ def _parse_tls(r: _Reader, value: Any, base_dir: Path) -> TLSServerConfig | None
             raise r.fail(
                 "tls_server_config.client_auth_type", f"{auth!r} is not one of {list(CLIENT_AUTH_TYPES)}"
             )
-    has_ca = cfg.client_ca_file is not None or cfg.client_ca is not None
     if has_ca and auth == "NoClientCert":
         raise r.fail(
             "tls_server_config.client_auth_type",
@@ -247,7 +268,11 @@ def _parse_tls(r: _Reader, value: Any, base_dir: Path) -> TLSServerConfig | None
         )
     if not has_ca and auth != "NoClientCert":
         raise r.fail("tls_server_config.client_ca_file", f"required when client_auth_type is {auth}")
+    return auth
 
+
+def _parse_tls_versions(r: _Reader, t: Mapping[str, Any]) -> tuple[str, str]:
+    """``min_version`` and ``max_version`` (default TLS 1.2 to 1.3), in order."""
     versions = {}
     for name, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
         versions[name] = default
@@ -255,22 +280,7 @@ def _parse_tls(r: _Reader, value: Any, base_dir: Path) -> TLSServerConfig | None
             versions[name] = r.string(t[name], f"tls_server_config.{name}", tuple(TLS_VERSIONS))
     if TLS_VERSIONS[versions["min_version"]] > TLS_VERSIONS[versions["max_version"]]:
         raise r.fail("tls_server_config.min_version", "must not be above max_version")
-
-    prefer = True
-    if "prefer_server_cipher_suites" in t:
-        prefer = r.boolean(t["prefer_server_cipher_suites"], "tls_server_config.prefer_server_cipher_suites")
-    return TLSServerConfig(
-        cert_file=cfg.cert_file,
-        key_file=cfg.key_file,
-        cert=cfg.cert,
-        key=cfg.key,
-        client_ca_file=cfg.client_ca_file,
-        client_ca=cfg.client_ca,
-        client_auth_type=auth,
-        min_version=versions["min_version"],
-        max_version=versions["max_version"],
-        prefer_server_cipher_suites=prefer,
-    )
+    return versions["min_version"], versions["max_version"]
 
 
 def _parse_headers(r: _Reader, value: Any) -> tuple[tuple[str, str], ...]:
