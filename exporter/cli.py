@@ -114,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, key, meaning in _HEALTH_FLAGS:
         p.add_argument(f"--health.{flag}", dest=key, metavar="SECONDS", help=meaning)
+    _add_collector_flags(p)
+    p.add_argument("--log.level", dest="log_level", choices=LOG_LEVELS, help="log level (default info)")
+    p.add_argument("--log.format", dest="log_format", choices=LOG_FORMATS, help="log format (default logfmt)")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def _add_collector_flags(p: argparse.ArgumentParser) -> None:
+    """``--collector.NAME`` and ``--no-collector.NAME`` for each collector (node_exporter style;
+    the ``no-`` form is left out of --help), and ``--collector.disable-defaults``."""
     for name, info in COLLECTORS.items():
         state = "default on" if info.default else "default off"
         p.add_argument(
@@ -136,10 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start from no collector: only those enabled with --collector.NAME (or in the config file)",
     )
-    p.add_argument("--log.level", dest="log_level", choices=LOG_LEVELS, help="log level (default info)")
-    p.add_argument("--log.format", dest="log_format", choices=LOG_FORMATS, help="log format (default logfmt)")
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    return p
 
 
 def resolve(args: argparse.Namespace) -> Config:
