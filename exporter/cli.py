@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exporter = Exporter(config, web_config=web_config)
     except JournalError as exc:  # e.g. its directory does not exist
         where = (
-            "--hang.journal-file" if args.journal_file is not None else f"{config.source}: hang.journal_file"
+            "--hang.journal-file" if args.journal_file is not None else f"{config.origin}: hang.journal_file"
         )
         print(f"{PROG}: {where}: {exc}", file=sys.stderr)
         return 2

@@ -41,11 +41,11 @@ MIN_JOURNAL_MAX_BYTES = 64 * 1024
 
 
 class ConfigError(Exception):
-    """A configuration problem, already phrased for the operator (`source: key: problem`)."""
+    """A configuration problem, already phrased for the operator (`origin: key: problem`)."""
 
-    def __init__(self, source: str, key: str, problem: str) -> None:
-        super().__init__(f"{source}: {key}: {problem}")
-        self.source = source
+    def __init__(self, origin: str, key: str, problem: str) -> None:
+        super().__init__(f"{origin}: {key}: {problem}")
+        self.origin = origin
         self.key = key
         self.problem = problem
 
@@ -176,7 +176,7 @@ class Config:
     backends: tuple[BackendRule, ...] = ()
     mounts: MountsConfig = field(default_factory=MountsConfig)
     collectors: CollectorsConfig = field(default_factory=CollectorsConfig)
-    source: str = "defaults"
+    origin: str = "defaults"
 
     def socket_patterns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Explicit sockets and globs; the default glob applies only when neither is set."""
@@ -191,11 +191,11 @@ class Config:
 class _Reader:
     """Reads typed values out of a YAML mapping, raising ConfigError with the dotted key."""
 
-    def __init__(self, source: str) -> None:
-        self.source = source
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
 
     def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(self.source, key, problem)
+        return ConfigError(self.origin, key, problem)
 
     def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
         if value is None:
@@ -251,18 +251,18 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def validate_listen_address(source: str, key: str, value: str) -> tuple[str, int]:
+def validate_listen_address(origin: str, key: str, value: str) -> tuple[str, int]:
     """Split ``host:port`` (``:port`` = all interfaces, ``[::1]:port`` for IPv6)."""
     host, sep, port_s = value.rpartition(":")
     if not sep or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise ConfigError(source, key, f"{value!r} is not host:port (e.g. ':{DEFAULT_PORT}')")
+        raise ConfigError(origin, key, f"{value!r} is not host:port (e.g. ':{DEFAULT_PORT}')")
     host = host.strip("[]")
     return host, int(port_s)
 
 
-def validate_telemetry_path(source: str, key: str, value: str) -> str:
+def validate_telemetry_path(origin: str, key: str, value: str) -> str:
     if not value.startswith("/") or value == "/":
-        raise ConfigError(source, key, f"{value!r} must be an absolute path other than '/'")
+        raise ConfigError(origin, key, f"{value!r} must be an absolute path other than '/'")
     return value
 
 
@@ -287,11 +287,11 @@ def read_yaml(path: str) -> Any:
 
 def load_file(path: str) -> Config:
     """Parse and validate a YAML config file."""
-    return parse(read_yaml(path), source=path)
+    return parse(read_yaml(path), origin=path)
 
 
-def parse(doc: Any, source: str) -> Config:
-    r = _Reader(source)
+def parse(doc: Any, origin: str) -> Config:
+    r = _Reader(origin)
     top = r.mapping(
         doc,
         "",
@@ -309,17 +309,17 @@ def parse(doc: Any, source: str) -> Config:
             "collectors",
         },
     )
-    cfg = Config(source=source)
+    cfg = Config(origin=origin)
 
     web = r.mapping(top.get("web"), "web", {"listen_address", "telemetry_path"})
     if "listen_address" in web:
         addr = r.string(web["listen_address"], "web.listen_address")
-        validate_listen_address(source, "web.listen_address", addr)
+        validate_listen_address(origin, "web.listen_address", addr)
         cfg = dataclasses.replace(cfg, listen_address=addr)
     if "telemetry_path" in web:
         tp = r.string(web["telemetry_path"], "web.telemetry_path")
         cfg = dataclasses.replace(
-            cfg, telemetry_path=validate_telemetry_path(source, "web.telemetry_path", tp)
+            cfg, telemetry_path=validate_telemetry_path(origin, "web.telemetry_path", tp)
         )
 
     log = r.mapping(top.get("log"), "log", {"level", "format"})
@@ -479,7 +479,7 @@ def _parse_alerting(r: _Reader, value: Any) -> AlertingConfig:
         raw = a["external_labels"]
         labels = r.mapping(raw, "alerting.external_labels", set(raw) if isinstance(raw, dict) else set())
         for k, v in labels.items():
-            check_label_name(r.source, f"alerting.external_labels.{k}", k)
+            check_label_name(r.origin, f"alerting.external_labels.{k}", k)
             labels[k] = r.string(v, f"alerting.external_labels.{k}")
         ac = dataclasses.replace(ac, external_labels=dict(labels))
     if "fractions" in a:
@@ -529,7 +529,7 @@ def _parse_qmp(r: _Reader, value: Any) -> QMPConfig:
         m = r.mapping(lbls, key, set(lbls or {}))
         labels[pattern] = {}
         for name, v in m.items():
-            check_label_name(r.source, f"{key}.{name}", name)
+            check_label_name(r.origin, f"{key}.{name}", name)
             labels[pattern][name] = r.string(str(v) if isinstance(v, int | float) else v, f"{key}.{name}")
     kwargs: dict[str, Any] = {
         "sockets": r.strings(q.get("sockets"), "qmp.sockets"),
@@ -545,11 +545,11 @@ def _parse_qmp(r: _Reader, value: Any) -> QMPConfig:
     return qc
 
 
-def validate_libvirt_uri(source: str, key: str, uri: str) -> str:
+def validate_libvirt_uri(origin: str, key: str, uri: str) -> str:
     """A libvirt connection URI of the QEMU driver (``qemu:///system``, ``qemu+ssh://h/system``)."""
     scheme = urllib.parse.urlsplit(uri).scheme
     if scheme.split("+")[0] != "qemu":
-        raise ConfigError(source, key, f"{uri!r} is not a libvirt QEMU URI (e.g. 'qemu:///system')")
+        raise ConfigError(origin, key, f"{uri!r} is not a libvirt QEMU URI (e.g. 'qemu:///system')")
     return uri
 
 
@@ -561,7 +561,7 @@ def _parse_libvirt(r: _Reader, value: Any) -> LibvirtConfig:
         uris = (r.string(raw, "libvirt.uri"),) if isinstance(raw, str) else r.strings(raw, "libvirt.uri")
         for i, uri in enumerate(uris):
             validate_libvirt_uri(
-                r.source, "libvirt.uri" if isinstance(raw, str) else f"libvirt.uri[{i}]", uri
+                r.origin, "libvirt.uri" if isinstance(raw, str) else f"libvirt.uri[{i}]", uri
             )
         lc = dataclasses.replace(lc, uris=tuple(dict.fromkeys(uris)))
     if "call_timeout_seconds" in lv:
@@ -619,9 +619,9 @@ RESERVED_LABELS = frozenset(
 )
 
 
-def check_label_name(source: str, key: str, name: str) -> None:
+def check_label_name(origin: str, key: str, name: str) -> None:
     valid = name and (name[0].isalpha() or name[0] == "_") and all(c.isalnum() or c == "_" for c in name)
     if not valid or not name.isascii() or name.startswith("__"):
-        raise ConfigError(source, key, f"{name!r} is not a valid Prometheus label name")
+        raise ConfigError(origin, key, f"{name!r} is not a valid Prometheus label name")
     if name in RESERVED_LABELS:
-        raise ConfigError(source, key, f"{name!r} is a label the exporter sets itself")
+        raise ConfigError(origin, key, f"{name!r} is a label the exporter sets itself")

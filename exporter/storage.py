@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from exporter.config import Config
-from exporter.model.backend import Source, derive_backend
+from exporter.model.backend import DiskSource, derive_backend
 from exporter.model.mounts import Mount, parse_mountinfo
 
 log = logging.getLogger("exporter.storage")
@@ -58,6 +58,6 @@ class BackendResolver:
         self.rules = config.backends
         self.table = mounts or MountTable(config.mounts.file, config.mounts.refresh_interval_seconds)
 
-    def backend(self, source: Source) -> str:
+    def backend(self, source: DiskSource) -> str:
         mounts = self.table.mounts() if source.backend is None else ()
         return derive_backend(source, mounts, self.rules)

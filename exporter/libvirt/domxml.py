@@ -86,7 +86,7 @@ def _clip(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class DiskSource:
+class DomainDiskSource:
     """Where a disk's data lives, as far as a label should tell (never credentials or secrets).
 
     ``kind`` is the ``<disk type=...>``: ``network``, ``file``, ``block``, ``volume``, ``dir``,
@@ -123,7 +123,7 @@ class DiskSource:
 
 
 @dataclass(frozen=True)
-class Disk:
+class DomainDisk:
     """One guest disk of a running domain, with the error policy QEMU was given."""
 
     alias: str  # QEMU device id (virtio-disk0, scsi0-0-0-0, ua-...): the `device` label
@@ -134,7 +134,7 @@ class Disk:
     # Indexes of the whole chain (top image first, then <backingStore> layers): an error on a
     # backing node still belongs to this disk.
     indexes: tuple[int, ...]
-    source: DiskSource
+    source: DomainDiskSource
     werror: str  # QEMU spelling
     rerror: str
     retry_interval_ms: int | None  # None when unknown (not retry and not given in the XML)
@@ -167,7 +167,7 @@ class Disk:
 
 @dataclass(frozen=True)
 class SkippedDisk:
-    """A ``<disk>`` that was not turned into a `Disk`, and why (for one log line)."""
+    """A ``<disk>`` that was not turned into a `DomainDisk`, and why (for one log line)."""
 
     target: str | None
     alias: str | None
@@ -179,21 +179,21 @@ class Domain:
     name: str
     uuid: str
     id: int | None  # libvirt's domain id; None in inactive XML
-    disks: tuple[Disk, ...]
+    disks: tuple[DomainDisk, ...]
     skipped: tuple[SkippedDisk, ...] = ()
-    _by_index: dict[int, Disk] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _by_index: dict[int, DomainDisk] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for disk in self.disks:
             for i in disk.indexes:
                 self._by_index.setdefault(i, disk)
 
-    def disk_for_node(self, node_name: str) -> Disk | None:
+    def disk_for_node(self, node_name: str) -> DomainDisk | None:
         """The disk a QEMU node name (``libvirt-N-format``, ``libvirt-N-storage``...) belongs to."""
         index = node_index(node_name)
         return None if index is None else self._by_index.get(index)
 
-    def disk_for_event(self, device: str, node_name: str | None) -> Disk | None:
+    def disk_for_event(self, device: str, node_name: str | None) -> DomainDisk | None:
         """The disk a ``BLOCK_IO_ERROR`` names: by node name (``-blockdev``: ``device`` is
         ``""``), else by ``device`` (``-drive``: ``drive-<alias>``, or a qdev id)."""
         if node_name:
@@ -206,7 +206,7 @@ class Domain:
                     return disk
         return None
 
-    def disk_by_alias(self, alias: str) -> Disk | None:
+    def disk_by_alias(self, alias: str) -> DomainDisk | None:
         return next((d for d in self.disks if d.alias == alias), None)
 
 
@@ -312,8 +312,8 @@ def _disks(
     overrides: dict[str, _Override],
     override_problems: dict[str, str],
     inactive: bool,
-) -> tuple[tuple[Disk, ...], tuple[SkippedDisk, ...]]:
-    disks: list[Disk] = []
+) -> tuple[tuple[DomainDisk, ...], tuple[SkippedDisk, ...]]:
+    disks: list[DomainDisk] = []
     skipped: list[SkippedDisk] = []
     for elem in elems:
         target_el = elem.find("target")
@@ -392,7 +392,9 @@ def _frontend_overrides(root: ET.Element) -> tuple[dict[str, _Override], dict[st
     return found, problems
 
 
-def _disk(elem: ET.Element, alias: str, target: str, bus: str, device: str, override: _Override) -> Disk:
+def _disk(
+    elem: ET.Element, alias: str, target: str, bus: str, device: str, override: _Override
+) -> DomainDisk:
     kind = "scsi-block" if device == "lun" else _BUS_KIND.get(bus, bus or "unknown")
     source_el = elem.find("source")
     index = _int_attr(source_el, "index") if source_el is not None else None
@@ -454,7 +456,7 @@ def _disk(elem: ET.Element, alias: str, target: str, bus: str, device: str, over
         interval = DEFAULT_RETRY_INTERVAL_MS if interval is None else interval
         timeout = DEFAULT_RETRY_TIMEOUT_MS if timeout is None else timeout
     origin = origin_w if origin_w == origin_r else f"{origin_w}+{origin_r}"
-    return Disk(
+    return DomainDisk(
         alias=alias,
         target=target,
         bus=bus,
@@ -482,10 +484,10 @@ def _policy_attr(driver: ET.Element, attr: str) -> str | None:
     return qemu
 
 
-def _source(disk: ET.Element, source: ET.Element | None) -> DiskSource:
+def _source(disk: ET.Element, source: ET.Element | None) -> DomainDiskSource:
     kind = _clip(disk.get("type", "unknown"))
     if source is None:
-        return DiskSource(kind=kind)
+        return DomainDiskSource(kind=kind)
     protocol = source.get("protocol")
     if protocol is not None:
         hosts: list[str] = []
@@ -499,7 +501,7 @@ def _source(disk: ET.Element, source: ET.Element | None) -> DiskSource:
                 name = f"[{name}]"
             port = host.get("port")
             hosts.append(_clip(f"{name}:{port}" if port else name))
-        return DiskSource(
+        return DomainDiskSource(
             kind=kind,
             protocol=_clip(protocol),
             hosts=tuple(hosts),
@@ -507,7 +509,7 @@ def _source(disk: ET.Element, source: ET.Element | None) -> DiskSource:
             name=_optional_clip(source.get("name")),
         )
     if source.get("pool") is not None or source.get("volume") is not None:
-        return DiskSource(
+        return DomainDiskSource(
             kind=kind,
             pool=_optional_clip(source.get("pool")),
             volume=_optional_clip(source.get("volume")),
@@ -516,8 +518,8 @@ def _source(disk: ET.Element, source: ET.Element | None) -> DiskSource:
     # pairs type='block' with <source file=...>).
     for attr in ("file", "dev", "dir", "path"):
         if source.get(attr):
-            return DiskSource(kind=kind, path=_optional_clip(source.get(attr)))
-    return DiskSource(kind=kind)
+            return DomainDiskSource(kind=kind, path=_optional_clip(source.get(attr)))
+    return DomainDiskSource(kind=kind)
 
 
 def _optional_clip(value: str | None) -> str | None:

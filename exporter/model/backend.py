@@ -7,8 +7,8 @@ never the image or file name, so the label has as many values as a host has stor
 not as many as it has disks.  docs/metrics.md ("Storage backends") lists every rule with
 examples.
 
-Here: the label (`derive_backend`), what it is derived from (a `Source`) and the operator's
-rules (`BackendRule`).  A disk's `Source` comes from QEMU's file name or libvirt's XML
+Here: the label (`derive_backend`), what it is derived from (a `DiskSource`) and the operator's
+rules (`BackendRule`).  A disk's `DiskSource` comes from QEMU's file name or libvirt's XML
 (`exporter.model.disk_source`); a local path's backend from the mount table or the block
 device (`exporter.model.mounts`); servers are spelled alike by `exporter.model.addresses`.
 Everything is pure: the mount table and the rules are passed in as data; reading
@@ -32,7 +32,7 @@ UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
-class Source:
+class DiskSource:
     """What a disk reads and writes, without credentials.
 
     ``text`` is the canonical, source-independent description that operator rules match
@@ -71,7 +71,9 @@ def clip(text: str, limit: int = MAX_BACKEND) -> str:
 # --- the backend ------------------------------------------------------------------------
 
 
-def derive_backend(source: Source, mounts: Sequence[Mount] = (), rules: Sequence[BackendRule] = ()) -> str:
+def derive_backend(
+    source: DiskSource, mounts: Sequence[Mount] = (), rules: Sequence[BackendRule] = ()
+) -> str:
     """The backend label of a disk whose data lives at ``source``.
 
     The first rule whose pattern matches the source text, or else the backend derived without
@@ -88,7 +90,7 @@ def derive_backend(source: Source, mounts: Sequence[Mount] = (), rules: Sequence
     return clip(default)
 
 
-def _default_backend(source: Source, mounts: Sequence[Mount]) -> str:
+def _default_backend(source: DiskSource, mounts: Sequence[Mount]) -> str:
     if source.backend is not None:
         return source.backend
     path = source.path

@@ -1,8 +1,8 @@
-"""A disk's `Source` from what QEMU or libvirt says about it.
+"""A disk's `DiskSource` from what QEMU or libvirt says about it.
 
 QMP names a disk's storage by a QEMU block file name (``nbd://h:10809/e``, ``rbd:pool/img:...``,
 ``json:{...}`` open options, a path); libvirt by a ``<disk>``'s ``<source>``.  Both lead here
-to one `Source` per storage system, spelled alike (`exporter.model.addresses`), so a disk has
+to one `DiskSource` per storage system, spelled alike (`exporter.model.addresses`), so a disk has
 the same backend whichever source watches it.  Credentials in QEMU file names (an RBD
 ``key=``, a URL's user and password, a ``json:`` ``password-secret``) never reach a result.
 """
@@ -25,7 +25,7 @@ from exporter.model.addresses import (
     spell_host,
     split_port,
 )
-from exporter.model.backend import MAX_SOURCE, UNKNOWN, Source, clip
+from exporter.model.backend import MAX_SOURCE, UNKNOWN, DiskSource, clip
 
 #: QEMU block drivers that are formats or filters: the data lives in their ``file`` child.
 _LAYER_DRIVERS = frozenset(
@@ -61,7 +61,7 @@ def _clip_source(text: str) -> str:
 # --- sources from QMP -------------------------------------------------------------------
 
 
-def source_from_query_block(inserted: Mapping[str, Any]) -> Source:
+def source_from_query_block(inserted: Mapping[str, Any]) -> DiskSource:
     """The source of a ``query-block`` entry's ``inserted``: its ``file`` (QEMU's filename of
     the top node: ``nbd://h:10809/e``, ``/path``, ``json:{...}``...), else ``image.filename``."""
     name = inserted.get("file")
@@ -69,11 +69,11 @@ def source_from_query_block(inserted: Mapping[str, Any]) -> Source:
         image = inserted.get("image")
         name = image.get("filename") if isinstance(image, Mapping) else None
     if not isinstance(name, str) or not name:
-        return Source(text="")
+        return DiskSource(text="")
     return source_from_filename(name)
 
 
-def source_from_filename(name: str) -> Source:
+def source_from_filename(name: str) -> DiskSource:
     """The source of a QEMU block filename (``bdrv_refresh_filename``'s spellings, and the legacy
     ``-drive file=`` pseudo-protocols ``nbd:``, ``rbd:``)."""
     name = name.strip()
@@ -81,11 +81,13 @@ def source_from_filename(name: str) -> Source:
         try:
             doc = json.loads(name[5:])
         except ValueError:
-            return Source(text="json:", backend=UNKNOWN)
-        return source_from_options(doc) if isinstance(doc, dict) else Source(text="json:", backend=UNKNOWN)
+            return DiskSource(text="json:", backend=UNKNOWN)
+        return (
+            source_from_options(doc) if isinstance(doc, dict) else DiskSource(text="json:", backend=UNKNOWN)
+        )
     if name.startswith("/"):
         path = posixpath.normpath(name)
-        return Source(text=path, path=path)
+        return DiskSource(text=path, path=path)
     if name.startswith("rbd:"):
         return _rbd_legacy(name[4:])
     if name.startswith("nbd:") and not name.startswith("nbd://"):
@@ -93,18 +95,18 @@ def source_from_filename(name: str) -> Source:
     if "://" in name:
         return _from_url(name)
     # A relative path (QEMU keeps -drive file=disk.img as given): its directory is unknown.
-    return Source(text=_clip_source(name), path=name)
+    return DiskSource(text=_clip_source(name), path=name)
 
 
-def _from_url(url: str) -> Source:
+def _from_url(url: str) -> DiskSource:
     if url.startswith("nvme://"):  # a PCI address, not host:port
         ctrl, _, ns = url[7:].partition("/")
-        return Source(text=_clip_source(f"nvme://{ctrl}/{ns}"), backend=clip(f"nvme://{ctrl}"))
+        return DiskSource(text=_clip_source(f"nvme://{ctrl}/{ns}"), backend=clip(f"nvme://{ctrl}"))
     try:
         u = urllib.parse.urlsplit(url)
         port = u.port
     except ValueError:
-        return Source(text=_clip_source(url.split("://", 1)[0] + "://"), backend=UNKNOWN)
+        return DiskSource(text=_clip_source(url.split("://", 1)[0] + "://"), backend=UNKNOWN)
     scheme = u.scheme.lower()
     proto, _, transport = scheme.partition("+")
     host = spell_host(u.hostname or "")
@@ -129,13 +131,13 @@ def _from_url(url: str) -> Source:
         return _grouped("gluster", server, vol, image)
     if proto == "nfs":
         # QEMU's libnfs URL does not tell the export from the path below it: the server is all.
-        return Source(text=_clip_source(f"nfs://{host}{path}"), backend=f"nfs://{host}")
+        return DiskSource(text=_clip_source(f"nfs://{host}{path}"), backend=f"nfs://{host}")
     # ssh, http(s), ftp(s), sheepdog, vxhs...: the server is what fails.
     server = join_port(host, port, proto)
-    return Source(text=_clip_source(f"{proto}://{server}{path}"), backend=f"{proto}://{server}")
+    return DiskSource(text=_clip_source(f"{proto}://{server}{path}"), backend=f"{proto}://{server}")
 
 
-def _nbd(*, host: str = "", port: int | None = None, unix: str = "", export: str = "") -> Source:
+def _nbd(*, host: str = "", port: int | None = None, unix: str = "", export: str = "") -> DiskSource:
     """NBD: the server (TCP address or unix socket).  An NBD export is one block device, that is
     one disk, so it is not part of the backend."""
     if unix:
@@ -147,22 +149,22 @@ def _nbd(*, host: str = "", port: int | None = None, unix: str = "", export: str
     text = backend
     if export:
         text += f"?export={export}" if unix else f"/{export}"
-    return Source(text=_clip_source(text), backend=backend)
+    return DiskSource(text=_clip_source(text), backend=backend)
 
 
-def _iscsi(portal: str, iqn: str, lun: str) -> Source:
+def _iscsi(portal: str, iqn: str, lun: str) -> DiskSource:
     """iSCSI: the portal and the target; the LUN is the disk."""
     backend = f"iscsi://{portal}/{iqn}" if iqn else f"iscsi://{portal}"
-    return Source(text=_clip_source(backend + (f"/{lun}" if lun else "")), backend=backend)
+    return DiskSource(text=_clip_source(backend + (f"/{lun}" if lun else "")), backend=backend)
 
 
-def _grouped(proto: str, servers: str, group: str, image: str) -> Source:
+def _grouped(proto: str, servers: str, group: str, image: str) -> DiskSource:
     """Servers plus a pool or volume: RBD and GlusterFS; the image is the disk."""
     backend = f"{proto}://{servers}/{group}" if group else f"{proto}://{servers}"
-    return Source(text=_clip_source(backend + (f"/{image}" if image else "")), backend=backend)
+    return DiskSource(text=_clip_source(backend + (f"/{image}" if image else "")), backend=backend)
 
 
-def _rbd(pool: str, image: str, mons: Iterable[str], conf: str | None) -> Source:
+def _rbd(pool: str, image: str, mons: Iterable[str], conf: str | None) -> DiskSource:
     """RBD: the cluster (its monitors, else the ceph.conf naming them) and the pool."""
     mon_list = [m for m in mons if m]
     servers = f"conf={posixpath.normpath(conf)}" if conf else "ceph"
@@ -171,7 +173,7 @@ def _rbd(pool: str, image: str, mons: Iterable[str], conf: str | None) -> Source
     return _grouped("rbd", servers, pool, image)
 
 
-def _rbd_legacy(spec: str) -> Source:
+def _rbd_legacy(spec: str) -> DiskSource:
     """``rbd:pool[/ns]/image[@snap][:opt=value...]`` with ``\\:`` escapes (QEMU's rbd_parse_filename)."""
     fields = _split_escaped(spec, ":")
     names = fields[0]
@@ -210,7 +212,7 @@ def _split_escaped(text: str, sep: str) -> list[str]:
     return out
 
 
-def _nbd_legacy(spec: str) -> Source:
+def _nbd_legacy(spec: str) -> DiskSource:
     """``nbd:unix:/sock[:exportname=e]`` or ``nbd:host:port[:exportname=e]``."""
     bits = spec.split(":exportname=", 1)
     export = bits[1] if len(bits) > 1 else ""
@@ -221,7 +223,7 @@ def _nbd_legacy(spec: str) -> Source:
     return _nbd(host=spell_host(host), port=port, export=export)
 
 
-def source_from_options(opts: Mapping[str, Any]) -> Source:
+def source_from_options(opts: Mapping[str, Any]) -> DiskSource:
     """The source of a ``json:{...}`` filename: QEMU's open options, nested or flattened
     (``"server.host"``), with format and filter layers followed down their ``file`` child."""
     node: Mapping[str, Any] = _crumple(opts)
@@ -234,18 +236,18 @@ def source_from_options(opts: Mapping[str, Any]) -> Source:
                 continue
             if isinstance(child, str):
                 return source_from_filename(child)
-            return Source(text=f"json:{driver}", backend=UNKNOWN)
+            return DiskSource(text=f"json:{driver}", backend=UNKNOWN)
         return _from_driver(driver, node)
-    return Source(text="json:", backend=UNKNOWN)
+    return DiskSource(text="json:", backend=UNKNOWN)
 
 
-def _from_driver(driver: str, o: Mapping[str, Any]) -> Source:
+def _from_driver(driver: str, o: Mapping[str, Any]) -> DiskSource:
     if driver in ("file", "host_device", "host_cdrom"):
         filename = o.get("filename")
         return (
             source_from_filename(filename)
             if isinstance(filename, str)
-            else Source(text=driver, backend=UNKNOWN)
+            else DiskSource(text=driver, backend=UNKNOWN)
         )
     if driver == "nbd":
         server = _mapping(o.get("server"))
@@ -294,19 +296,21 @@ def _from_driver(driver: str, o: Mapping[str, Any]) -> Source:
     if driver == "nfs":
         server = _mapping(o.get("server"))
         host = spell_host(str(server.get("host", "")))
-        return Source(text=_clip_source(f"nfs://{host}{o.get('path', '')}"), backend=f"nfs://{host}")
+        return DiskSource(text=_clip_source(f"nfs://{host}{o.get('path', '')}"), backend=f"nfs://{host}")
     if driver == "ssh":
         server = _mapping(o.get("server"))
         srv = join_port(spell_host(str(server.get("host", ""))), parse_port(server.get("port")), "ssh")
-        return Source(text=_clip_source(f"ssh://{srv}{o.get('path', '')}"), backend=f"ssh://{srv}")
+        return DiskSource(text=_clip_source(f"ssh://{srv}{o.get('path', '')}"), backend=f"ssh://{srv}")
     if driver in ("http", "https", "ftp", "ftps"):
         url = o.get("url")
-        return _from_url(url) if isinstance(url, str) else Source(text=driver, backend=driver)
+        return _from_url(url) if isinstance(url, str) else DiskSource(text=driver, backend=driver)
     if driver == "nvme":
         dev = str(o.get("device", ""))
-        return Source(text=_clip_source(f"nvme://{dev}/{o.get('namespace', '')}"), backend=f"nvme://{dev}")
+        return DiskSource(
+            text=_clip_source(f"nvme://{dev}/{o.get('namespace', '')}"), backend=f"nvme://{dev}"
+        )
     # quorum, blkverify, null-co, vvfat...: no single storage to name; the driver says what it is.
-    return Source(text=f"json:{driver}", backend=driver or UNKNOWN)
+    return DiskSource(text=f"json:{driver}", backend=driver or UNKNOWN)
 
 
 def _crumple(opts: Mapping[str, Any]) -> dict[str, Any]:
@@ -351,7 +355,7 @@ def source_from_libvirt(
     name: str | None,
     path: str | None,
     pool: str | None,
-) -> Source:
+) -> DiskSource:
     """The source of a libvirt ``<disk>``'s ``<source>`` (see `exporter.libvirt.domxml.DiskSource`):
     the same backend QMP's file name gives for the same storage."""
     if protocol is not None:
@@ -378,14 +382,14 @@ def source_from_libvirt(
             return _grouped("gluster", host_list(hs, "gluster"), vol, image)
         server = join_port(*host_and_port(servers[0]), proto) if servers else ""
         if proto == "nfs":
-            return Source(text=_clip_source(f"nfs://{server}/{name}"), backend=f"nfs://{server}")
-        return Source(text=_clip_source(f"{proto}://{server}/{name}"), backend=f"{proto}://{server}")
+            return DiskSource(text=_clip_source(f"nfs://{server}/{name}"), backend=f"nfs://{server}")
+        return DiskSource(text=_clip_source(f"{proto}://{server}/{name}"), backend=f"{proto}://{server}")
     if pool is not None:
         # A libvirt storage pool is one storage system (one NFS export, iSCSI target, VG...).
-        return Source(text=f"pool:{pool}", backend=clip(f"pool:{pool}"))
+        return DiskSource(text=f"pool:{pool}", backend=clip(f"pool:{pool}"))
     if path:
         if kind == "vhostuser":
-            return Source(text=_clip_source(path), backend=clip(f"vhostuser:{path}"))
+            return DiskSource(text=_clip_source(path), backend=clip(f"vhostuser:{path}"))
         norm = posixpath.normpath(path) if path.startswith("/") else path
-        return Source(text=_clip_source(norm), path=norm)
-    return Source(text=kind, backend=kind if kind in ("nvme",) else UNKNOWN)
+        return DiskSource(text=_clip_source(norm), path=norm)
+    return DiskSource(text=kind, backend=kind if kind in ("nvme",) else UNKNOWN)

@@ -125,7 +125,7 @@ class TLSServerConfig:
 class WebConfig:
     """A validated ``--web.config.file``.  The default value means plain HTTP, no auth."""
 
-    source: str = "(none)"
+    origin: str = "(none)"
     tls: TLSServerConfig | None = None
     headers: tuple[tuple[str, str], ...] = ()
     http2: bool = True
@@ -146,7 +146,7 @@ class WebConfig:
         if self.tls is None:
             return None
         if self._ssl is None:  # built by hand rather than by load_web_config
-            return build_ssl_context(self.source, self.tls)
+            return build_ssl_context(self.origin, self.tls)
         return self._ssl
 
 
@@ -156,12 +156,12 @@ class WebConfig:
 def load_web_config(path: str) -> WebConfig:
     """Read, validate and prepare a web config file; every problem is a `ConfigError`."""
     doc = read_yaml(path)
-    return parse_web_config(doc, source=path, base_dir=Path(path).parent)
+    return parse_web_config(doc, origin=path, base_dir=Path(path).parent)
 
 
-def parse_web_config(doc: Any, source: str, base_dir: Path | None = None) -> WebConfig:
+def parse_web_config(doc: Any, origin: str, base_dir: Path | None = None) -> WebConfig:
     """Validate an already parsed document (relative file names are joined to ``base_dir``)."""
-    r = _Reader(source)
+    r = _Reader(origin)
     top = r.mapping(doc, "", _TOP_KEYS)
     _refuse_unsupported(r, top, "")
 
@@ -172,9 +172,9 @@ def parse_web_config(doc: Any, source: str, base_dir: Path | None = None) -> Web
         http2 = r.boolean(http["http2"], "http_server_config.http2")
     headers = _parse_headers(r, http.get("headers"))
     users = _parse_users(r, top.get("basic_auth_users"))
-    ctx = build_ssl_context(source, tls) if tls is not None else None
+    ctx = build_ssl_context(origin, tls) if tls is not None else None
     return WebConfig(
-        source=source,
+        origin=origin,
         tls=tls,
         headers=headers,
         http2=http2,
@@ -342,30 +342,30 @@ def _os_problem(exc: OSError | UnicodeDecodeError) -> str:
     return exc.strerror or str(exc)
 
 
-def _read_pem(source: str, key: str, path: str) -> str:
+def _read_pem(origin: str, key: str, path: str) -> str:
     try:
         return Path(path).read_text(encoding="ascii")
     except OSError as exc:
-        raise ConfigError(source, key, f"{path}: {_os_problem(exc)}") from None
+        raise ConfigError(origin, key, f"{path}: {_os_problem(exc)}") from None
     except UnicodeDecodeError:
-        raise ConfigError(source, key, f"{path}: not a PEM file") from None
+        raise ConfigError(origin, key, f"{path}: not a PEM file") from None
 
 
-def build_ssl_context(source: str, t: TLSServerConfig) -> ssl.SSLContext:
+def build_ssl_context(origin: str, t: TLSServerConfig) -> ssl.SSLContext:
     """A server context from ``t``; unreadable or mismatched files raise `ConfigError`."""
     cert_key = "tls_server_config." + ("cert_file" if t.cert_file else "cert")
     key_key = "tls_server_config." + ("key_file" if t.key_file else "key")
     ca_key = "tls_server_config." + ("client_ca_file" if t.client_ca_file else "client_ca")
 
-    cert_pem = _read_pem(source, cert_key, t.cert_file) if t.cert_file else (t.cert or "")
-    key_pem = _read_pem(source, key_key, t.key_file) if t.key_file else (t.key or "")
+    cert_pem = _read_pem(origin, cert_key, t.cert_file) if t.cert_file else (t.cert or "")
+    key_pem = _read_pem(origin, key_key, t.key_file) if t.key_file else (t.key or "")
     # Check the certificate on its own first, so a bad key is not blamed on the certificate.
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=cert_pem)
     except (ssl.SSLError, ValueError):
-        raise ConfigError(source, cert_key, "no valid PEM certificate") from None
+        raise ConfigError(origin, cert_key, "no valid PEM certificate") from None
     if "PRIVATE KEY-----" not in key_pem:
-        raise ConfigError(source, key_key, "no PEM private key")
+        raise ConfigError(origin, key_key, "no PEM private key")
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = TLS_VERSIONS[t.min_version]
@@ -381,21 +381,21 @@ def build_ssl_context(source: str, t: TLSServerConfig) -> ssl.SSLContext:
         try:
             ctx.load_cert_chain(cert_path, key_path, password=_refuse_password)
         except _EncryptedKey:
-            raise ConfigError(source, key_key, "encrypted private keys are not supported") from None
+            raise ConfigError(origin, key_key, "encrypted private keys are not supported") from None
         except ssl.SSLError as exc:
             if "KEY_VALUES_MISMATCH" in str(exc.reason):
-                raise ConfigError(source, key_key, f"does not match the certificate in {cert_key}") from None
-            raise ConfigError(source, key_key, f"no valid PEM private key ({exc.reason})") from None
+                raise ConfigError(origin, key_key, f"does not match the certificate in {cert_key}") from None
+            raise ConfigError(origin, key_key, f"no valid PEM private key ({exc.reason})") from None
         except OSError as exc:  # the file vanished between the two reads
-            raise ConfigError(source, key_key, _os_problem(exc)) from None
+            raise ConfigError(origin, key_key, _os_problem(exc)) from None
 
     ctx.verify_mode = CLIENT_AUTH_TYPES[t.client_auth_type]
     if t.client_ca_file or t.client_ca:
-        ca_pem = _read_pem(source, ca_key, t.client_ca_file) if t.client_ca_file else (t.client_ca or "")
+        ca_pem = _read_pem(origin, ca_key, t.client_ca_file) if t.client_ca_file else (t.client_ca or "")
         try:
             ctx.load_verify_locations(cadata=ca_pem)
         except (ssl.SSLError, ValueError):
-            raise ConfigError(source, ca_key, "no valid PEM certificate") from None
+            raise ConfigError(origin, ca_key, "no valid PEM certificate") from None
     return ctx
 
 

@@ -95,7 +95,7 @@ def test_bad_config_names_file_and_key(tmp_path: Path, doc: str, key: str) -> No
     p.write_text(doc)
     with pytest.raises(ConfigError) as exc:
         load_file(str(p))
-    assert exc.value.source == str(p)
+    assert exc.value.origin == str(p)
     assert exc.value.key == key
     assert str(exc.value).startswith(f"{p}: {key}: ")
 

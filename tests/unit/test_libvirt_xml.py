@@ -14,9 +14,9 @@ import pytest
 
 from exporter.libvirt.domxml import (
     MAX_TEXT,
-    Disk,
-    DiskSource,
     Domain,
+    DomainDisk,
+    DomainDiskSource,
     node_index,
     parse_definition,
     parse_domain,
@@ -32,7 +32,7 @@ def load(path: Path) -> Domain:
     return parse_domain(path.read_text())
 
 
-def only(domain: Domain, alias: str) -> Disk:
+def only(domain: Domain, alias: str) -> DomainDisk:
     disk = domain.disk_by_alias(alias)
     assert disk is not None, f"{alias} not in {[d.alias for d in domain.disks]}"
     return disk
@@ -54,7 +54,7 @@ def disk_xml(driver: str = "", alias: str = "virtio-disk0", bus: str = "virtio",
     )
 
 
-def one_disk(driver: str = "", **kw: str) -> Disk:
+def one_disk(driver: str = "", **kw: str) -> DomainDisk:
     dom = parse_domain(domain_xml(disk_xml(driver, **kw)))
     assert len(dom.disks) == 1, dom.skipped
     return dom.disks[0]
@@ -76,7 +76,7 @@ def test_openeuler_virtio_blk_example() -> None:
     )
     assert vdb.policy_origin == "driver"
     # type='block' with <source file=...>, as the documentation writes it.
-    assert vdb.source == DiskSource(kind="block", path="/path/to/your/storage")
+    assert vdb.source == DomainDiskSource(kind="block", path="/path/to/your/storage")
     assert vdb.source.describe() == "block:/path/to/your/storage"
     assert vdb.policy() == DiskPolicy("retry", "retry", 2000, 10000, retry_feature=True)
     assert verify(vdb.policy(), PolicyConfig()).ok

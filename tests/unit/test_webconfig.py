@@ -58,7 +58,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _parse(doc: str, base: Path) -> WebConfig:
-    return parse_web_config(yaml.safe_load(doc), source="web.yml", base_dir=base)
+    return parse_web_config(yaml.safe_load(doc), origin="web.yml", base_dir=base)
 
 
 TLS = "tls_server_config: {cert_file: server.crt, key_file: server.key"
@@ -145,7 +145,7 @@ TLS = "tls_server_config: {cert_file: server.crt, key_file: server.key"
 def test_bad_input_names_the_key(pki: Path, doc: str, key: str) -> None:
     with pytest.raises(ConfigError) as ei:
         _parse(doc, pki)
-    assert (ei.value.source, ei.value.key) == ("web.yml", key), str(ei.value)
+    assert (ei.value.origin, ei.value.key) == ("web.yml", key), str(ei.value)
 
 
 @pytest.mark.parametrize("secret", ["s3cret-plaintext", "123456", ALICE_HASH[:-1]])
@@ -159,7 +159,7 @@ def test_inline_key_is_not_echoed(pki: Path) -> None:
     key = (pki / "server.key").read_text()
     doc = {"tls_server_config": {"cert_file": "other.crt", "key": key}}
     with pytest.raises(ConfigError) as ei:
-        parse_web_config(doc, source="web.yml", base_dir=pki)
+        parse_web_config(doc, origin="web.yml", base_dir=pki)
     assert ei.value.key == "tls_server_config.key"
     assert "PRIVATE" not in str(ei.value)
 
@@ -182,7 +182,7 @@ def test_empty_file_means_plain_http_without_auth(tmp_path: Path) -> None:
     assert cfg.ssl_context() is None
     assert not cfg.tls_enabled and not cfg.basic_auth_enabled
     assert auth_middleware(cfg) is None
-    assert load_web_config(str(p)) == parse_web_config({"tls_server_config": {}}, source=str(p))
+    assert load_web_config(str(p)) == parse_web_config({"tls_server_config": {}}, origin=str(p))
 
 
 def test_good_config_relative_to_file_dir(pki: Path, tmp_path: Path) -> None:
@@ -220,7 +220,7 @@ def test_inline_cert_and_key(pki: Path) -> None:
             "client_ca": (pki / "other.crt").read_text(),
         }
     }
-    cfg = parse_web_config(doc, source="web.yml")
+    cfg = parse_web_config(doc, origin="web.yml")
     ctx = cfg.ssl_context()
     assert ctx is not None and ctx.verify_mode == ssl.CERT_OPTIONAL
     assert "BEGIN" not in repr(cfg)
@@ -271,7 +271,7 @@ async def client() -> AsyncIterator[TestClient[web.Request, web.Application]]:
         "basic_auth_users": {"alice": ALICE_HASH, "bob": BOB_HASH_2Y},
         "http_server_config": {"headers": {"X-Content-Type-Options": "nosniff"}},
     }
-    c = await _client(parse_web_config(doc, source="web.yml"))
+    c = await _client(parse_web_config(doc, origin="web.yml"))
     try:
         yield c
     finally:
@@ -340,7 +340,7 @@ async def test_successes_are_cached_failures_are_not(
 
 async def test_headers_only_config_needs_no_credentials() -> None:
     doc = {"http_server_config": {"headers": {"Strict-Transport-Security": "max-age=60"}}}
-    c = await _client(parse_web_config(doc, source="web.yml"))
+    c = await _client(parse_web_config(doc, origin="web.yml"))
     try:
         resp = await c.get("/metrics")
         assert resp.status == 200
