@@ -70,10 +70,17 @@ class LibvirtConfig:
     """Watch every running domain of these libvirt URIs (`exporter.libvirt.source`)."""
 
     uris: tuple[str, ...] = ()
+    # Static labels per URI, added to every series of that URI's domains.
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)
     # A libvirt call (they block) that takes longer is abandoned and the connection re-opened.
     call_timeout_seconds: float = 10.0
     # Full re-listing of running domains, a safety net behind the lifecycle events.
     relist_interval_seconds: float = 30.0
+    # Block statistics of every domain (one getAllDomainStats call).
+    poll_interval_seconds: float = 5.0
+    # Reconnect backoff: doubles up to the max, with jitter.
+    backoff_initial_seconds: float = 0.25
+    backoff_max_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -330,7 +337,7 @@ def parse(doc: Any, origin: str) -> Config:
         cfg = dataclasses.replace(cfg, log_format=fmt)
 
     cfg = dataclasses.replace(cfg, qmp=_parse_qmp(r, top.get("qmp")))
-    cfg = dataclasses.replace(cfg, libvirt=_parse_libvirt(r, top.get("libvirt")))
+    cfg = dataclasses.replace(cfg, libvirt=_parse_libvirt(r, top.get("libvirt"), top.get("qmp"), cfg.qmp))
     cfg = dataclasses.replace(cfg, policy=_parse_policy(r, top.get("policy")))
 
     hc = _parse_hang(r, top.get("hang"))
@@ -521,16 +528,22 @@ _QMP_SECONDS = (
 )
 
 
-def _parse_qmp(r: _Reader, value: Any) -> QMPConfig:
-    q = r.mapping(value, "qmp", {"sockets", "globs", "labels", *_QMP_SECONDS})
+def _parse_labels(r: _Reader, value: Any, section: str) -> dict[str, dict[str, str]]:
+    """``{pattern: {label: value}}``: static labels per socket path or glob, or per libvirt URI."""
     labels: dict[str, dict[str, str]] = {}
-    for pattern, lbls in r.mapping(q.get("labels"), "qmp.labels", set(q.get("labels") or {})).items():
-        key = f"qmp.labels.{pattern}"
+    for pattern, lbls in r.mapping(value, section, set(value or {})).items():
+        key = f"{section}.{pattern}"
         m = r.mapping(lbls, key, set(lbls or {}))
         labels[pattern] = {}
         for name, v in m.items():
             check_label_name(r.origin, f"{key}.{name}", name)
             labels[pattern][name] = r.string(str(v) if isinstance(v, int | float) else v, f"{key}.{name}")
+    return labels
+
+
+def _parse_qmp(r: _Reader, value: Any) -> QMPConfig:
+    q = r.mapping(value, "qmp", {"sockets", "globs", "labels", *_QMP_SECONDS})
+    labels = _parse_labels(r, q.get("labels"), "qmp.labels")
     kwargs: dict[str, Any] = {
         "sockets": r.strings(q.get("sockets"), "qmp.sockets"),
         "globs": r.strings(q.get("globs"), "qmp.globs"),
@@ -553,8 +566,17 @@ def validate_libvirt_uri(origin: str, key: str, uri: str) -> str:
     return uri
 
 
-def _parse_libvirt(r: _Reader, value: Any) -> LibvirtConfig:
-    lv = r.mapping(value, "libvirt", {"uri", "call_timeout_seconds", "relist_interval_seconds"})
+#: Settings the ``qmp:`` section gave the libvirt source too, before it had its own: a file that
+#: sets only the ``qmp:`` one keeps its meaning (it is the libvirt default there).
+_LIBVIRT_FROM_QMP = ("poll_interval_seconds", "backoff_initial_seconds", "backoff_max_seconds")
+
+
+def _parse_libvirt(r: _Reader, value: Any, qmp_section: Any, qmp: QMPConfig) -> LibvirtConfig:
+    lv = r.mapping(
+        value,
+        "libvirt",
+        {"uri", "labels", "call_timeout_seconds", "relist_interval_seconds", *_LIBVIRT_FROM_QMP},
+    )
     lc = LibvirtConfig()
     if "uri" in lv:
         raw = lv["uri"]
@@ -564,12 +586,20 @@ def _parse_libvirt(r: _Reader, value: Any) -> LibvirtConfig:
                 r.origin, "libvirt.uri" if isinstance(raw, str) else f"libvirt.uri[{i}]", uri
             )
         lc = dataclasses.replace(lc, uris=tuple(dict.fromkeys(uris)))
-    if "call_timeout_seconds" in lv:
-        timeout = r.seconds(lv["call_timeout_seconds"], "libvirt.call_timeout_seconds")
-        lc = dataclasses.replace(lc, call_timeout_seconds=timeout)
-    if "relist_interval_seconds" in lv:
-        relist = r.seconds(lv["relist_interval_seconds"], "libvirt.relist_interval_seconds")
-        lc = dataclasses.replace(lc, relist_interval_seconds=relist)
+    for pattern in qmp.labels:
+        if any(pattern == uri or fnmatch.fnmatchcase(uri, pattern) for uri in lc.uris):
+            raise r.fail(
+                f"qmp.labels.{pattern}",
+                f"labels of libvirt domains moved: rename to libvirt.labels.{pattern}",
+            )
+    lc = dataclasses.replace(lc, labels=_parse_labels(r, lv.get("labels"), "libvirt.labels"))
+    seconds = {name: getattr(qmp, name) for name in _LIBVIRT_FROM_QMP if name in (qmp_section or {})}
+    for name in ("call_timeout_seconds", "relist_interval_seconds", *_LIBVIRT_FROM_QMP):
+        if name in lv:
+            seconds[name] = r.seconds(lv[name], f"libvirt.{name}")
+    lc = dataclasses.replace(lc, **seconds)
+    if lc.backoff_max_seconds < lc.backoff_initial_seconds:
+        raise r.fail("libvirt.backoff_max_seconds", "must be >= libvirt.backoff_initial_seconds")
     return lc
 
 

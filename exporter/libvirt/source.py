@@ -40,7 +40,6 @@ from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode,
 from exporter.model.policy import verify
 from exporter.model.sink import EventSink
 from exporter.model.state import BlockStats, ConnectionState, Disk, Part, VMState
-from exporter.qmp.discovery import static_labels_for
 from exporter.storage import BackendResolver
 
 log = logging.getLogger("exporter.libvirt")
@@ -289,8 +288,8 @@ class LibvirtSource:
             _in_thread(_close_quietly, conn)  # may block on a stuck libvirtd: never waited for
 
     async def _run(self) -> None:
-        qc = self.config.qmp
-        backoff = qc.backoff_initial_seconds
+        lc = self.config.libvirt
+        backoff = lc.backoff_initial_seconds
         while not self._stopping:
             try:
                 established = await self._session()
@@ -305,9 +304,9 @@ class LibvirtSource:
             finally:
                 self._end_session()
             if established:
-                backoff = qc.backoff_initial_seconds
+                backoff = lc.backoff_initial_seconds
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
-            backoff = min(backoff * 2, qc.backoff_max_seconds)
+            backoff = min(backoff * 2, lc.backoff_max_seconds)
 
     # -- one connection ----------------------------------------------------------------
 
@@ -518,7 +517,7 @@ class LibvirtSource:
             key=f"libvirt:{uuid}",
             socket=self.uri,
             source="libvirt",
-            static_labels=static_labels_for(self.uri, self.config),
+            static_labels=dict(self.config.libvirt.labels.get(self.uri, {})),
         )
         vm.uuid = uuid
         vm.stream = self._inbox  # hang tracking advances it only as far as its events are handled
@@ -548,7 +547,7 @@ class LibvirtSource:
                 self._apply_stats(d, stats, now)
 
     async def _poll_loop(self, conn: Any) -> None:
-        interval = self.config.qmp.poll_interval_seconds
+        interval = self.config.libvirt.poll_interval_seconds
         delay = interval * random.uniform(0.5, 1.0)
         while True:
             self._poll_now.clear()

@@ -74,7 +74,8 @@ def static_labels_for(path: str, config: Config) -> dict[str, str]:
 
 def static_label_names(config: Config) -> tuple[str, ...]:
     """Names of the static labels ``config`` gives some sockets (every VM gets them all)."""
-    return tuple(sorted({k for lbls in config.qmp.labels.values() for k in lbls}))
+    every = [*config.qmp.labels.values(), *config.libvirt.labels.values()]
+    return tuple(sorted({k for lbls in every for k in lbls}))
 
 
 #: Sessions being set up (identity, disks, policies: ~28 commands) at the same time.  When a

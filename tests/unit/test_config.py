@@ -85,6 +85,9 @@ def test_default_glob_only_without_explicit_sockets() -> None:
         ("alerting: {runbook_base_url: '//wiki/runbooks.md'}", "alerting.runbook_base_url"),
         ("alerting: {runbook_base_url: 'docs/run books.md'}", "alerting.runbook_base_url"),
         ("collectors: {blockstat: true}", "collectors.blockstat"),
+        ("libvirt: {uri: 'qemu:///system'}\nqmp: {labels: {'qemu:///*': {dc: a}}}", "qmp.labels.qemu:///*"),
+        ("libvirt: {labels: {'qemu:///system': {vm: x}}}", "libvirt.labels.qemu:///system.vm"),
+        ("libvirt: {backoff_initial_seconds: 5, backoff_max_seconds: 1}", "libvirt.backoff_max_seconds"),
         ("collectors: {blockstats: yes please}", "collectors.blockstats"),
         ("collectors: {disable_defaults: 1}", "collectors.disable_defaults"),
         ("collectors: [blockstats]", "collectors"),
@@ -217,4 +220,37 @@ def test_cli_journal_in_a_missing_directory_one_line_exit_2(tmp_path: Path) -> N
     assert (
         r.stderr.strip()
         == f"qemu-iohang-exporter: {p}: hang.journal_file: {target}: No such file or directory"
+    )
+
+
+def test_libvirt_settings_of_their_own(tmp_path: Path) -> None:
+    """libvirt's poll interval, backoff and labels live in ``libvirt:``; a file that set them
+    under ``qmp:`` for both keeps its meaning, and labels keyed by a libvirt URI under ``qmp:``
+    fail with one line saying what to rename (issue 24)."""
+    both = parse(
+        {"qmp": {"poll_interval_seconds": 2, "backoff_max_seconds": 3}, "libvirt": {"uri": "qemu:///system"}},
+        "x",
+    )
+    assert (both.libvirt.poll_interval_seconds, both.libvirt.backoff_max_seconds) == (2.0, 3.0)
+    own = parse(
+        {
+            "qmp": {"poll_interval_seconds": 2},
+            "libvirt": {
+                "uri": "qemu:///system",
+                "poll_interval_seconds": 7,
+                "labels": {"qemu:///system": {"dc": "a"}},
+            },
+        },
+        "x",
+    )
+    assert (own.qmp.poll_interval_seconds, own.libvirt.poll_interval_seconds) == (2.0, 7.0)
+    assert own.libvirt.labels == {"qemu:///system": {"dc": "a"}}
+    assert parse({}, "x").libvirt.poll_interval_seconds == 5.0
+    with pytest.raises(ConfigError) as exc:
+        parse(
+            {"libvirt": {"uri": "qemu:///system"}, "qmp": {"labels": {"qemu:///system": {"dc": "a"}}}},
+            "c.yml",
+        )
+    assert str(exc.value) == (
+        "c.yml: qmp.labels.qemu:///system: labels of libvirt domains moved: rename to libvirt.labels.qemu:///system"
     )
