@@ -29,11 +29,8 @@ and disconnect stay the library's.
 
 from __future__ import annotations
 
-import array
 import asyncio
-import fcntl
 import json
-import termios
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -45,6 +42,7 @@ from qemu.qmp.models import ErrorResponse
 from qemu.qmp.qmp_client import BadReplyError
 
 from exporter.runtime.fairness import ScrapeFirst
+from exporter.runtime.fionread import fionread
 
 #: Commands the exporter needs, all free of side effects.  Nothing else is ever sent.
 ALLOWED_COMMANDS: frozenset[str] = frozenset(
@@ -248,7 +246,7 @@ class ReadOnlyQMPClient(QMPClient):
         if self._waiting and not self._partial:
             if self._fd is None:
                 self._fd = self.fileno()  # once per connection: read at every tick and scrape
-            if self._fd is None or _unread(self._fd) == 0:
+            if self._fd is None or fionread(self._fd) == 0:
                 return now
         return min(now, self._through)
 
@@ -582,17 +580,3 @@ class _Stream(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._inner.resume_writing()
-
-
-#: `_unread`'s ioctl buffer: one for all (the event loop's thread only).
-_FIONREAD_BUF = array.array("i", [0])
-
-
-def _unread(fd: int) -> int:
-    """`exporter.runtime.liveness.fionread` without an allocation: `ReadOnlyQMPClient.read_through`
-    asks it for every VM at every tick and scrape (2.5 % of the exporter's CPU in a storm)."""
-    try:
-        fcntl.ioctl(fd, termios.FIONREAD, _FIONREAD_BUF)
-    except OSError:
-        return 0
-    return _FIONREAD_BUF[0]

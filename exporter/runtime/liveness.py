@@ -26,12 +26,9 @@ QEMU it watches during exactly the outage it exists for.  So it must be noticed 
 
 from __future__ import annotations
 
-import array
 import asyncio
 import collections
-import fcntl
 import logging
-import termios
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
@@ -41,6 +38,7 @@ from qemu.qmp import Runstate
 
 from exporter.config import HealthConfig
 from exporter.metrics import LOOP_LAG
+from exporter.runtime.fionread import fionread
 from exporter.runtime.sd_notify import Notifier
 
 if TYPE_CHECKING:
@@ -115,16 +113,6 @@ class Stall(NamedTuple):
     name: str
     pending_bytes: int
     seconds: float
-
-
-def fionread(fd: int) -> int:
-    """Bytes waiting unread in the kernel buffer of socket ``fd``; 0 if it is gone."""
-    buf = array.array("i", [0])
-    try:
-        fcntl.ioctl(fd, termios.FIONREAD, buf)
-    except OSError:
-        return 0
-    return buf[0]
 
 
 class _Seen:
