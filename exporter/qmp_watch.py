@@ -19,7 +19,7 @@ import random
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, Runstate
 from qemu.qmp.error import ProtocolError
@@ -30,7 +30,7 @@ from exporter.model.disk_source import source_from_query_block
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
 from exporter.model.policy import DiskPolicy, verify
 from exporter.model.sink import EventSink
-from exporter.model.state import BlockStats, Disk, Part, VMState
+from exporter.model.state import BlockStats, Disk, Part, VMState, is_uint64, uint64
 from exporter.qmp.readonly import ReadOnlyQMPClient
 from exporter.runtime.fairness import ScrapeFirst
 from exporter.runtime.fd_limit import FD_LIMIT
@@ -103,15 +103,9 @@ def _field(obj: object, key: str) -> object:
     return obj.get(key) if isinstance(obj, dict) else None
 
 
-def _is_uint(v: object) -> TypeGuard[int]:
-    """A JSON integer QEMU could send (uint64): JSON allows 10**400, a float cannot hold it."""
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64
-
-
 def parse_blockstats(stats: Mapping[str, Any]) -> BlockStats:
     def i(key: str) -> int:
-        v = stats.get(key, 0)
-        return v if _is_uint(v) else 0
+        return uint64(stats, key)
 
     idle = stats.get("idle_time_ns")
     return BlockStats(
@@ -126,7 +120,7 @@ def parse_blockstats(stats: Mapping[str, Any]) -> BlockStats:
         read_time_s=i("rd_total_time_ns") / 1e9,
         write_time_s=i("wr_total_time_ns") / 1e9,
         flush_time_s=i("flush_total_time_ns") / 1e9,
-        idle_s=idle / 1e9 if _is_uint(idle) else None,
+        idle_s=idle / 1e9 if is_uint64(idle) else None,
     )
 
 
@@ -400,7 +394,7 @@ class VMWatcher:
         vm.uuid = uuid if isinstance(uuid, str) else ""
         q = _field(await self._cmd(client, "query-version"), "qemu")
         parts = [_field(q, k) for k in ("major", "minor", "micro")]
-        vm.qemu_version = ".".join(str(p) if _is_uint(p) else "0" for p in parts)
+        vm.qemu_version = ".".join(str(p) if is_uint64(p) else "0" for p in parts)
         await self._read_status(client)
         vm.retry_feature = await self._detect_retry_feature(client)
 
@@ -492,8 +486,8 @@ class VMWatcher:
         interval = timeout = None
         if self.vm.retry_feature:
             i, t = values[2], values[3]
-            interval = i if _is_uint(i) else None
-            timeout = t if _is_uint(t) else None
+            interval = i if is_uint64(i) else None
+            timeout = t if is_uint64(t) else None
         policy = DiskPolicy(
             werror=werror if isinstance(werror, str) else "unknown",
             rerror=rerror if isinstance(rerror, str) else "unknown",

@@ -39,7 +39,7 @@ from exporter.model.disk_source import source_from_libvirt
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
 from exporter.model.policy import verify
 from exporter.model.sink import EventSink
-from exporter.model.state import BlockStats, ConnectionState, Disk, Part, VMState
+from exporter.model.state import BlockStats, ConnectionState, Disk, Part, VMState, uint64
 from exporter.storage import BackendResolver
 
 log = logging.getLogger("exporter.libvirt")
@@ -83,8 +83,7 @@ def blockstats_by_target(stats: Mapping[str, Any]) -> dict[str, BlockStats]:
     (``vda``).  libvirt has no failed-operation counters; those stay 0."""
 
     def i(key: str) -> int:
-        v = stats.get(key, 0)
-        return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64 else 0
+        return uint64(stats, key)
 
     out: dict[str, BlockStats] = {}
     for n in range(min(i("block.count"), 4096)):

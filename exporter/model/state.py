@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from exporter.model.backend import UNKNOWN
 from exporter.model.events import BlockIOError, RunStateChange, VMEvent, status_after
@@ -96,9 +96,21 @@ class Disk:
     backend: str = UNKNOWN
 
 
+def is_uint64(v: object) -> TypeGuard[int]:
+    """A counter as QEMU or libvirt may send it: an unsigned 64-bit integer (JSON allows
+    10**400, which no float holds; a bool is not one)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64
+
+
+def uint64(values: Mapping[str, Any], key: str) -> int:
+    """``values[key]`` when it is such a counter, else 0 (a missing or malformed sample)."""
+    v = values.get(key, 0)
+    return v if is_uint64(v) else 0
+
+
 @dataclass
 class BlockStats:
-    """One query-blockstats sample of a disk, in base units."""
+    """One query-blockstats sample of a disk, in base units (from QMP or libvirt: `uint64`)."""
 
     read_bytes: int = 0
     written_bytes: int = 0
