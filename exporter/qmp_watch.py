@@ -32,6 +32,7 @@ from exporter.model.policy import DiskPolicy, verify
 from exporter.model.sink import EventSink
 from exporter.model.state import BlockStats, Disk, Part, VMState, is_uint64, uint64
 from exporter.qmp.readonly import ReadOnlyQMPClient
+from exporter.runtime.backoff import Backoff
 from exporter.runtime.fairness import ScrapeFirst
 from exporter.runtime.fd_limit import FD_LIMIT
 from exporter.storage import BackendResolver
@@ -187,7 +188,7 @@ class VMWatcher:
 
     async def _run(self) -> None:
         qc = self.config.qmp
-        backoff = qc.backoff_initial_seconds
+        backoff = Backoff(qc.backoff_initial_seconds, qc.backoff_max_seconds)
         while not self._stopping:
             try:
                 established = await self._session()
@@ -196,8 +197,8 @@ class VMWatcher:
                 self.vm.internal_errors += 1
                 established = False
             if established:
-                backoff = qc.backoff_initial_seconds
-            delay = random.uniform(backoff / 2, backoff)
+                backoff.reset()
+            delay = backoff.next_delay()
             self._wake.clear()
             if self._stopping:
                 break
@@ -206,7 +207,6 @@ class VMWatcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
-            backoff = min(backoff * 2, qc.backoff_max_seconds)
 
     # -- one session -------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode,
 from exporter.model.policy import verify
 from exporter.model.sink import EventSink
 from exporter.model.state import BlockStats, ConnectionState, Disk, Part, VMState, uint64
+from exporter.runtime.backoff import Backoff
 from exporter.storage import BackendResolver
 
 log = logging.getLogger("exporter.libvirt")
@@ -288,7 +289,7 @@ class LibvirtSource:
 
     async def _run(self) -> None:
         lc = self.config.libvirt
-        backoff = lc.backoff_initial_seconds
+        backoff = Backoff(lc.backoff_initial_seconds, lc.backoff_max_seconds)
         while not self._stopping:
             try:
                 established = await self._session()
@@ -303,9 +304,8 @@ class LibvirtSource:
             finally:
                 self._end_session()
             if established:
-                backoff = lc.backoff_initial_seconds
-            await asyncio.sleep(random.uniform(backoff / 2, backoff))
-            backoff = min(backoff * 2, lc.backoff_max_seconds)
+                backoff.reset()
+            await asyncio.sleep(backoff.next_delay())
 
     # -- one connection ----------------------------------------------------------------
 
