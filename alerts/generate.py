@@ -8,7 +8,7 @@ Writes
 Tune the rules by editing the constants in the "TUNABLES" block below, or, for the hang
 thresholds and the runbook base that the exporter's push path uses too, in
 ``exporter/model/alerts.py`` (or pass --selector / --runbook-base-url for a one-off build), then run
-``python3 alerts/generate.py`` and commit the output.  ``tests/artefacts`` fails when the committed files differ from this script's output.
+``python3 alerts/generate.py`` and commit the output.  ``tests/prometheus`` fails when the committed files differ from this script's output.
 Needs only Python 3.11 and PyYAML.
 """
 

@@ -35,8 +35,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).parent.parent.absolute()))
 
-from tests.e2e.lab import nbd_disk_args
 from tests.guest.bootsector import guest_status, write_disk_image
+from tests.qemu.lab import nbd_disk_args
 from tests.support.exporter import ExporterProcess
 from tests.support.procs import rss_kib
 from tests.support.qemu import FailingStorage, run_failing_storage, run_vm

@@ -8,8 +8,8 @@ Built with Grafana's typed library ``grafana-foundation-sdk`` (the exact version
 pyproject.toml, extra ``test``; ``scripts/setup.sh`` installs it in .venv).  The file reads top
 down: a few panel helpers, then each dashboard as rows of panels, placed left to right on
 Grafana's 24-column grid by the library.  Queries use only the metrics of docs/metrics.md;
-``tests/artefacts`` checks that, that every query parses, and that the committed JSON is this
-script's output; ``tests/pipeline`` runs every query against a real Prometheus.
+``tests/prometheus`` checks that, that every query parses, and that the committed JSON is this
+script's output; ``tests/prometheus`` runs every query against a real Prometheus.
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ def dashboard(
 ) -> d.Dashboard:
     """A dashboard of rows (title -> panels), linked to the other qemu-iohang dashboards.  The
     library places each row's panels left to right, starting a new line when one is full: the
-    widths of a line must add up to 24 (tests/artefacts checks that no panel overflows)."""
+    widths of a line must add up to 24 (tests/prometheus checks that no panel overflows)."""
     dash = (
         d.Dashboard(title)
         .uid(uid)

@@ -4,7 +4,7 @@ that asks collectors for their own text.
 prometheus_client formats every sample of every scrape (~3 us each: 110,000 series at 1000
 VMs x 4 disks took ~0.5 s in the text format, 1.2-2.1 s in OpenMetrics); the cached text of
 `exporter.exposition.cache` takes 4-5 ms in-process.  Both are byte-equal
-(tests/integration/test_bench_smoke.py, for 17 Accept headers) because the sample lines are
+(tests/sim/test_bench_smoke.py, for 17 Accept headers) because the sample lines are
 the same in both formats for every family rendered per VM (checked against prometheus_client
 0.26's two encoders: both write ``name{labels} floatToGoString(value)``, labels sorted, values
 escaped alike; no ``_created`` sample, no timestamp, no exemplar).  Only headers

@@ -84,7 +84,7 @@ def negotiate(accept: str) -> tuple[Encoder, str]:
     read); ``escaping=`` is taken from that entry; otherwise the 0.0.4 text format.  Both
     Prometheus 2.x and 3.x list OpenMetrics 1.0.0 first (their headers: `bench.prometheus`).
     Its encoders are swapped for `generate_text`/`generate_openmetrics` with the same
-    arguments, which write the same bytes (tests/integration/test_bench_smoke.py): an
+    arguments, which write the same bytes (tests/sim/test_bench_smoke.py): an
     OpenMetrics scrape at 1000 VMs x 4 disks took 1.2-2.1 s (p50) with prometheus_client's
     encoder, 23-50 ms this way, like the text format (docs/performance.md).
 

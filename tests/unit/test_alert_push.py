@@ -28,7 +28,7 @@ from exporter.model import alerts as alert_defs
 from exporter.model.alerts import FRACTION_ALERTS, humanize_duration, humanize_percentage, render_template
 from exporter.model.policy import DiskPolicy, PolicyVerdict
 from exporter.model.state import Disk, VMState
-from tests.artefacts.artefacts import ROOT, RULES_FILE, alert_rules, load_module
+from tests.prometheus.artefacts import ROOT, RULES_FILE, alert_rules, load_module
 from tests.support.binaries import require_binary
 from tests.support.procs import free_port
 from tests.support.prometheus import Alertmanager, alertmanager_config

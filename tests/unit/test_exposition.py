@@ -47,7 +47,7 @@ def test_family_header_is_what_the_encoder_writes(fmt: Format, typ: str, doc: st
 )
 def test_prometheus_gets_the_cached_path(accept: str, ours: object) -> None:
     """What Prometheus 2.x and 3.x ask for is served by the cached encoders, with
-    prometheus_client's Content-Type (byte equality: tests/integration/test_bench_smoke.py)."""
+    prometheus_client's Content-Type (byte equality: tests/sim/test_bench_smoke.py)."""
     encoder, content_type = negotiate(accept)
     assert getattr(encoder, "func", encoder) is ours
     assert content_type == choose_encoder(accept)[1]

@@ -2,7 +2,7 @@
 sockets), the health verdicts, the systemd notify protocol, and the ``health:`` settings.
 
 The subprocess tests (systemd notify socket, SIGSTOP, /healthz) are in
-tests/integration/test_liveness.py.
+tests/sim/test_liveness.py.
 """
 
 from __future__ import annotations

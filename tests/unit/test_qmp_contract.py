@@ -31,7 +31,7 @@ from qemu.qmp.protocol import AsyncProtocol
 
 from exporter.qmp.readonly import READ_CHUNK, ReadOnlyQMPClient, _Stream
 from exporter.runtime.fairness import ScrapeFirst
-from tests.faults.servers import EOL, FakeConn, FakeQMP, io_error_event
+from tests.sim.servers import EOL, FakeConn, FakeQMP, io_error_event
 
 
 def test_the_internals_used_are_there() -> None:

@@ -9,7 +9,7 @@ of them without an internal error, both in one long session and right after conn
 
 Integers include values far beyond 64 bits (valid JSON that no float can hold) and event names
 may be any JSON value: both once raised (OverflowError, TypeError) and are regression-tested in
-tests/faults/test_regressions.py too.
+tests/sim/test_regressions.py too.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from exporter.model.policy import DiskPolicy, PolicyConfig, verify
 from exporter.model.sink import EventSink
 from exporter.model.state import BlockStats, Disk, VMState
 from exporter.qmp_watch import HeldIOError, VMWatcher, decode_message, device_from_qdev, parse_blockstats
-from tests.faults.servers import DISK_NODE, DISK_QDEV, Sends, watching
+from tests.sim.servers import DISK_NODE, DISK_QDEV, Sends, watching
 from tests.support.waits import wait_for
 
 INT64 = st.one_of(st.integers(min_value=-(2**63), max_value=2**64 - 1), st.integers(min_value=10**300))

@@ -13,7 +13,7 @@ import pytest
 from qemu.qmp import ExecInterruptedError, ExecuteError, Runstate
 
 from exporter.qmp.readonly import ALLOWED_COMMANDS, ForbiddenCommand, ReadOnlyQMPClient, check_allowed
-from tests.faults.servers import FakeConn, FakeQMP, watching
+from tests.sim.servers import FakeConn, FakeQMP, watching
 from tests.support.procs import REPO
 from tests.support.qemu import run_qemu
 from tests.support.waits import wait_for
