@@ -27,6 +27,7 @@ from exporter.libvirt.source import LibvirtSource
 from exporter.model.sink import SinkGroup
 from exporter.model.state import VMState, one_per_vm
 from exporter.qmp.discovery import Discovery, static_label_names
+from exporter.runtime.blind import BlindSpots
 from exporter.runtime.fairness import ScrapeFirst
 from exporter.runtime.gc_tuning import Departures, freeze_long_lived
 from exporter.runtime.liveness import Liveness, LivenessCollector, qmp_sources, watchdog
@@ -62,13 +63,20 @@ class Exporter:
             collectors=enabled,
         )
         self._departures = Departures()
+        #: When the exporter could not see events (exporter.runtime.blind): counted, shown, and
+        #: told to hang tracking so that a stall is never taken for silence.
+        self.blind = BlindSpots(config.health.max_loop_lag_seconds)
         # The journal after the hang tracking: a VM's hangs are drained before it forgets the VM.
-        sink = SinkGroup(self.hangs, collector, self._departures, *filter(None, [self.journal]))
+        sink = SinkGroup(self.hangs, collector, self._departures, self.blind, *filter(None, [self.journal]))
         backends = BackendResolver(config)
         self.discovery = Discovery(config, sink, clock, self.scrape_first, backends)
-        self.libvirt = [LibvirtSource(uri, config, sink, clock, backends) for uri in config.libvirt.uris]
+        self.libvirt = [
+            LibvirtSource(uri, config, sink, clock, backends, on_blind=self.blind.connection)
+            for uri in config.libvirt.uris
+        ]
         self.registry = Registry()
         self.registry.register(collector)
+        self.registry.register(self.blind)
         if self.libvirt and "libvirt" in enabled:
             self.registry.register(ConnectionCollector(lambda: [s.state for s in self.libvirt]), "libvirt")
         self.alert_pusher: AlertPusher | None = None
@@ -78,7 +86,11 @@ class Exporter:
             self.hangs.on_change = lambda trackers: pusher.update(open_hangs(trackers, self.vms()))
         if self.journal is not None:
             self.registry.register(JournalCollector(self.journal))
-        self.liveness = Liveness(config.health, lambda: qmp_sources(self.discovery.watchers.values()))
+        self.liveness = Liveness(
+            config.health, lambda: qmp_sources(self.discovery.watchers.values()), wall=clock
+        )
+        self.liveness.on_gap = self.blind.loop_gap
+        self.hangs.loop_blind = self.liveness.loop_blind
         self.registry.register(LivenessCollector(self.liveness))
         # The exporter's own process (CPU, memory, fds, start time) and garbage collector, as
         # every prometheus_client exporter shows them: what the exporter costs its host in a
@@ -113,6 +125,7 @@ class Exporter:
             conns,
             details=details,
             incidents=incidents,
+            blind=self.blind,
         )
 
     def _fleet_shape(self) -> tuple[int, int]:

@@ -196,6 +196,18 @@ INTERNAL_ERRORS = _counter(
     VM,
     collector="session",
 )
+VM_BLIND_INTERVALS = _counter(
+    "qemu_exporter_vm_blind_intervals",
+    "Intervals in which the VM's events could not be seen (its session was down while it ran).",
+    VM,
+    collector="session",
+)
+VM_BLIND_SECONDS = _counter(
+    "qemu_exporter_vm_blind_seconds",
+    "Seconds in which the VM's events could not be seen.",
+    VM,
+    collector="session",
+)
 
 
 def _stat(kind: Literal["gauge", "counter"], name: str, help: str) -> Family:
@@ -387,6 +399,19 @@ JOURNAL_CORRUPT = _counter(
     "or not a record).",
     HOST,
 )
+BLIND_INTERVALS = _counter(
+    "qemu_exporter_blind_intervals",
+    "Intervals in which the exporter could not see events, by source (event_loop: it did not "
+    "run; qmp: a VM's session was down; libvirt: a connection was down).",
+    HOST,
+    "source",
+)
+BLIND_SECONDS = _counter(
+    "qemu_exporter_blind_seconds",
+    "Seconds in which the exporter could not see events, by source.",
+    HOST,
+    "source",
+)
 LOOP_LAG = _gauge(
     "qemu_exporter_event_loop_lag_seconds",
     "Largest delay of the exporter's event-loop heartbeat within the recent window "
@@ -449,6 +474,8 @@ def _session(vm: VMState) -> Iterator[Sample]:
         yield QMP_EVENTS, (event,), n
     yield UNMATCHED, (), vm.unmatched_io_errors
     yield INTERNAL_ERRORS, (), vm.internal_errors
+    yield VM_BLIND_INTERVALS, (), vm.blind_intervals
+    yield VM_BLIND_SECONDS, (), vm.blind_seconds
 
 
 def _stats(vm: VMState) -> Iterator[Sample]:
@@ -536,6 +563,8 @@ READERS: tuple[Reader, ...] = (
             QMP_EVENTS,
             UNMATCHED,
             INTERNAL_ERRORS,
+            VM_BLIND_INTERVALS,
+            VM_BLIND_SECONDS,
         ),
     ),
 )

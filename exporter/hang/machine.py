@@ -358,6 +358,54 @@ class DiskHangTracker:
         self._gap_ref = None
         self._tick(t)
 
+    def on_blind(self, start: float, end: float) -> None:
+        """The exporter could see nothing from ``start`` to ``end``: its event loop did not run
+        (a stopped, frozen or swapped-out process: the heartbeat shows the gap), so events of
+        that interval were read late or, where the source dropped the connection meanwhile,
+        never.  Silence up to ``start`` is silence; silence within the interval proves nothing.
+
+        So a hang open before it stays open: it ends only if no error comes within the expected
+        spacing counted from ``end`` (then ``recovered`` at its usual estimate, which lies
+        before the interval).  Errors fed afterwards, whether their timestamps lie within the
+        interval (a backlog delivered late) or after it, continue the same hang.  Intervals may
+        be reported again, overlapping or extended: only the latest end counts."""
+        s, e = _finite("start", start), _finite("end", end)
+        if e < s:
+            raise ValueError(f"blind interval ends before it starts: {start!r} > {end!r}")
+        self._tick(s)
+        self._anchor = max(self._anchor, e)
+        self._gap_ref = None  # a gap spanning the interval is not an attempt spacing
+
+    def on_io_errors(self, first: float, last: float, count: int, max_gap: float, action: str) -> None:
+        """A run of ``count`` ``BLOCK_IO_ERROR``s of this disk with one ``action``, handed over
+        as one (the libvirt source coalesces them while it is behind: `exporter.libvirt.source`):
+        the first at ``first``, the last at ``last``, consecutive ones never more than
+        ``max_gap`` apart.  Equivalent to feeding each of them with `on_io_error` as long as
+        ``max_gap`` does not exceed the margin (the coalescer ensures it): no gap within the run
+        can then be silence (the expected spacing is at least the margin), and the run's largest
+        gap is what the state keeps of its interior (the observed spacing); its events count in
+        the hang's (`CompletedHang.io_error_events`).  ``stop`` is never coalesced (each pauses
+        the VM).  The run comes from one ordered stream: only out-of-order input makes an error
+        stale (`on_io_error`), and a run whose first error is stale starts its hang at its
+        last."""
+        f, la, g = _finite("first", first), _finite("last", last), _non_negative("max_gap", max_gap)
+        self.on_io_error(f, action)
+        inner_events = count - (2 if la > f else 1)
+        if inner_events > 0 and action in ("retry", "stop") and self._start is not None:
+            self._events += inner_events
+        if la <= f:
+            return
+        # Stand in for the interior: an attempt max_gap before the last (one existed at least
+        # that late), so that the last is measured against it, as one by one.
+        inner = max(f, la - g)
+        if action in ("retry", "stop") and self._start is not None and inner >= self._start:
+            self._last_err = max(self._last_err, inner)
+            self._known = max(self._known, inner)
+            self._gap_ref = inner
+        elif action == "report" and self._failing:
+            self._last_report = max(self._last_report, inner)
+        self.on_io_error(la, action)
+
     def on_blockstats(self, ts: float, ok_ops: int) -> None:
         """A ``query-blockstats`` sample taken at ``ts``: ``ok_ops`` is the sum of successful
         ``rd_operations + wr_operations + flush_operations`` (QEMU counts failures separately).

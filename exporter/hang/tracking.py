@@ -27,7 +27,7 @@ from typing import Any
 
 from exporter.hang.blast import BackendCounts, backend_counts
 from exporter.hang.machine import CompletedHang, DiskHangTracker, HangOutcome
-from exporter.model.events import BlockIOError, RunStateChange, VMEvent
+from exporter.model.events import BlockIOError, BlockIOErrorRun, RunStateChange, VMEvent
 from exporter.model.sink import EventSink
 from exporter.model.state import Disk, VMState
 
@@ -46,6 +46,9 @@ CHANGE_COALESCE_S = 0.1
 #: after its latest one ended: enough to tell "flapping" from "one outage", bounded in memory.
 RECENT_PER_DISK = 10
 RECENT_WINDOW_S = 3600.0
+
+#: A blind interval still going on is told again once it grew by this much (`apply_blind`).
+BLIND_STEP_S = 0.25
 
 
 def disk_policy_seconds(disk: Disk) -> tuple[float, float]:
@@ -102,6 +105,10 @@ class HangTracking(EventSink):
         #: Per VM key, a version changed by every EventSink call (`version`): the scrape's
         #: text cache re-renders a VM's hang lines only when it moved.
         self._versions: dict[str, int] = {}
+        #: The latest interval in which the exporter's event loop did not run (wall clock), or
+        #: None (`exporter.runtime.liveness.Liveness.loop_blind`); `apply_blind` reads it.
+        self.loop_blind: Callable[[], tuple[float, float] | None] | None = None
+        self._blind_until = -math.inf
 
     # -- persistence -------------------------------------------------------------------
 
@@ -225,11 +232,14 @@ class HangTracking(EventSink):
         ts = event.time
         if ts is None:
             return
-        if isinstance(event, BlockIOError):
+        if type(event) is BlockIOError or type(event) is BlockIOErrorRun:  # (type(): the fastest test)
             tracker = devs.get(event.device) if event.device is not None else None
             if tracker is not None:
                 was_hanging = tracker.hanging
-                tracker.on_io_error(ts, event.action)
+                if type(event) is BlockIOErrorRun:  # several, coalesced (libvirt, while behind)
+                    tracker.on_io_errors(event.first, ts, event.events, event.max_gap, event.action)
+                else:
+                    tracker.on_io_error(ts, event.action)
                 if not was_hanging and tracker.hanging:
                     self._hang_started()
         elif isinstance(event, RunStateChange):
@@ -346,8 +356,23 @@ class HangTracking(EventSink):
                 t.advance(through)
             self._drain(t, key, dev)
 
+    def apply_blind(self) -> None:
+        """Tell every tracker of the latest interval in which the event loop did not run
+        (`loop_blind`), once: before any silence is inferred (`tick`, `shown`, the status),
+        since after a stop any of them may run before the heartbeat that measures it.  A gap
+        still going on grows while it is read: it is told again only once it grew by a
+        heartbeat, so that a scrape right after a stop does not walk every tracker per VM."""
+        gap = self.loop_blind() if self.loop_blind is not None else None
+        if gap is None or gap[1] < self._blind_until + BLIND_STEP_S:
+            return
+        self._blind_until = gap[1]
+        for devs in self.trackers.values():
+            for t in devs.values():
+                t.on_blind(*gap)
+
     def tick(self, now: float) -> None:
         """Let silence end hangs (`_advance`), forget old recent hangs, persist, tell."""
+        self.apply_blind()
         for key, devs in self.trackers.items():
             self._advance(key, devs.items(), now)
         self._forget_old(now)
@@ -372,6 +397,7 @@ class HangTracking(EventSink):
         """``vm``'s trackers by device, advanced (`_advance`)."""
         devs = self.trackers.get(vm.key, {})
         used = [(dev, devs[dev]) for dev in sorted(vm.disks) if dev in devs]
+        self.apply_blind()
         self._advance(vm.key, used, now)
         return used
 

@@ -28,15 +28,15 @@ import json
 import logging
 import random
 import threading
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from exporter.config import Config
 from exporter.libvirt.domxml import Domain, parse_domain
+from exporter.libvirt.inbox import ErrorRun, EventInbox
 from exporter.model.disk_source import source_from_libvirt
-from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
+from exporter.model.events import BlockIOError, BlockIOErrorRun, RunStateChange, VMEvent, decode, event_time
 from exporter.model.policy import verify
 from exporter.model.sink import EventSink
 from exporter.model.state import BlockStats, ConnectionState, Disk, Part, VMState, uint64
@@ -50,6 +50,8 @@ T = TypeVar("T")
 _HELD_PER_DOMAIN = 1024
 #: Domains known at most (placeholders for events of domains not listed yet included).
 _MAX_DOMAINS = 100_000
+#: Distinct event texts kept parsed (`LibvirtSource._data`): a few per failing disk.
+_PARSED_MAX = 4096
 
 # libvirt constants, spelled out so this module imports without the binding (tests, mypy).
 _LIFECYCLE_STARTED = 2
@@ -178,63 +180,18 @@ def _ensure_event_loop() -> None:
         _loop_started = True
 
 
-class EventInbox:
-    """Hands items from libvirt's event thread to the asyncio loop, in batches: one wake-up of
-    the loop per batch, not per event (an IO-error storm is thousands of events a second).
-    At most `BATCH` items are handled per turn of the loop, so that a storm never holds a
-    scrape back for longer than one batch.
-
-    It is also the libvirt VMs' stream position (`VMState.stream`): items waiting here are
-    events not handled yet, so hang tracking must not take the time they cover for silence
-    (docs/hangs.md, "lag is not silence").  What libvirtd has not yet handed to its event
-    thread is not seen: the same blind spot as a QMP socket's unread bytes in the current turn."""
-
-    BATCH = 256
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        handle: Callable[[tuple[Any, ...]], None],
-        clock: Callable[[], float],
-    ) -> None:
-        self._loop, self._handle, self._clock = loop, handle, clock
-        #: (arrival time, item), oldest first.
-        self._items: deque[tuple[float, tuple[Any, ...]]] = deque()
-        self._lock = threading.Lock()
-        self._scheduled = False
-
-    def put(self, item: tuple[Any, ...]) -> None:
-        with self._lock:
-            self._items.append((self._clock(), item))
-            if self._scheduled:
-                return
-            self._scheduled = True
-        with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
-            self._loop.call_soon_threadsafe(self._drain)
-
-    def read_through(self, now: float) -> float:
-        """``now`` when nothing waits, else the arrival of the oldest item waiting."""
-        with self._lock:
-            return min(now, self._items[0][0]) if self._items else now
-
-    def _drain(self) -> None:
-        with self._lock:
-            n = min(len(self._items), self.BATCH)
-            items = [self._items.popleft()[1] for _ in range(n)]
-            more = bool(self._items)
-            self._scheduled = more  # still scheduled: the rest is handled on the next turn
-        for item in items:
-            self._handle(item)
-        if more:
-            self._loop.call_soon(self._drain)
+#: A coalesced run as `_Domain` holds it: (count, first timestamp, largest gap); None: one event.
+Span = tuple[int, float, float] | None
+#: A QEMU event as `_Domain` holds it: (name, data, QEMU time, span).
+_Held = tuple[str, Any, float | None, Span]
 
 
 @dataclass
 class _Domain:
     vm: VMState
     ready: bool = False  # disks read: events are applied, not held
-    held: list[tuple[str, Any, float | None]] = field(default_factory=list)
-    unmatched: list[tuple[str, Any, float | None]] = field(default_factory=list)
+    held: list[_Held] = field(default_factory=list)
+    unmatched: list[_Held] = field(default_factory=list)
     targets: dict[str, str] = field(default_factory=dict)  # vda -> alias
 
 
@@ -248,6 +205,8 @@ class LibvirtSource:
         sink: EventSink,
         clock: Callable[[], float],
         backends: BackendResolver | None = None,
+        *,
+        on_blind: Callable[[str, float, float], None] | None = None,
     ) -> None:
         self.uri = uri
         self.config = config
@@ -266,6 +225,11 @@ class LibvirtSource:
         self._stopping = False
         self._last_error: str | None = None
         self._inbox: EventInbox | None = None
+        #: Told (uri, down since, back at) of every time the connection was down once it came
+        #: back: events of that time are lost (`exporter.runtime.blind`).
+        self._on_blind = on_blind
+        self._down_since: float | None = None  # None: up, or never connected
+        self._parsed: dict[str, Any] = {}  # `_data`
 
     @property
     def vms(self) -> list[VMState]:
@@ -275,7 +239,9 @@ class LibvirtSource:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self._inbox = EventInbox(asyncio.get_running_loop(), self._on_item, self.clock)
+        self._inbox = EventInbox(
+            asyncio.get_running_loop(), self._on_item, self.clock, self.config.hang.recovery_margin_seconds
+        )
         self._task = asyncio.create_task(self._run(), name=f"libvirt:{self.uri}")
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -350,20 +316,23 @@ class LibvirtSource:
         inbox = self._inbox
         assert inbox is not None
 
-        # Callbacks run in libvirt's event thread: they only copy what they need and post it.
+        # Callbacks run in libvirt's event thread: they only copy what they need and post it
+        # (the less they do, the faster libvirtd is drained: EventInbox).
         def on_close(_conn: Any, reason: int, _opaque: Any) -> None:
             inbox.put(("close", session, reason))
 
         def on_lifecycle(_conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
-            inbox.put(("lifecycle", session, dom.UUIDString(), event, detail))
+            uuid = dom.UUIDString()
+            inbox.put(("lifecycle", session, uuid, event, detail), uuid)
 
         def on_device_added(_conn: Any, dom: Any, _alias: str, _opaque: Any) -> None:
-            inbox.put(("device-added", session, dom.UUIDString()))
+            uuid = dom.UUIDString()
+            inbox.put(("device-added", session, uuid), uuid)
 
         def on_monitor(
             _conn: Any, dom: Any, event: str, seconds: int, micros: int, details: Any, _opaque: Any
         ) -> None:
-            inbox.put(("qemu", session, dom.UUIDString(), event, seconds, micros, details))
+            inbox.put_event(session, dom.UUIDString(), event, seconds, micros, details)
 
         def register() -> int:
             conn.registerCloseCallback(on_close, None)
@@ -376,6 +345,9 @@ class LibvirtSource:
 
         version = qemu_version(await self._call("register", register))
         self.state.up = True
+        if self._down_since is not None and self._on_blind is not None:
+            self._on_blind(self.uri, self._down_since, self.clock())
+        self._down_since = None
         if self._last_error != "connected":
             log.info("libvirt connected", extra={"uri": self.uri})
         self._last_error = "connected"
@@ -402,8 +374,10 @@ class LibvirtSource:
         """The connection is gone: every domain's events stop flowing (hangs kept: the VMs may
         well run on); the next connection re-lists them."""
         self._session_id += 1  # late callbacks of the old connection are ignored
-        self.state.up = False
         now = self.clock()
+        if self.state.up:  # blind from now until the next connection is established
+            self._down_since = now
+        self.state.up = False
         for uuid, d in self.domains.items():
             if d.ready:
                 self.sink.on_session_end(d.vm, now, False)
@@ -506,8 +480,8 @@ class LibvirtSource:
             for item in held:
                 self._apply_event(d, *item)
         pending, d.unmatched = d.unmatched, []
-        for name, data, time in pending:
-            typed = decode(name, data, time, vm.match_disk)
+        for name, data, time, span in pending:
+            typed = _typed(name, data, time, span, vm)
             vm.apply(typed)
             self.sink.on_event(vm, typed)
 
@@ -588,13 +562,19 @@ class LibvirtSource:
 
     # -- events (on the asyncio loop, in libvirt's order) ------------------------------
 
-    def _on_item(self, item: tuple[Any, ...]) -> None:
+    def _on_item(self, item: tuple[Any, ...] | ErrorRun) -> None:
+        if type(item) is ErrorRun:
+            if item.session == self._session_id:
+                span = (item.count, item.first, item.max_gap)
+                self._on_qemu_event(item.uuid, "BLOCK_IO_ERROR", self._data(item.details), item.last, span)
+            return
+        assert type(item) is tuple
         kind, session = item[0], item[1]
         if session != self._session_id:
             return  # a callback of a connection already given up
         if kind == "qemu":
             _k, _s, uuid, name, seconds, micros, details = item
-            self._on_qemu_event(uuid, name, _details(details), event_time(seconds, micros))
+            self._on_qemu_event(uuid, name, self._data(details), event_time(seconds, micros))
         elif kind == "lifecycle":
             _k, _s, uuid, event, _detail = item
             if event in (_LIFECYCLE_STARTED, _LIFECYCLE_RESUMED) and uuid not in self.domains:
@@ -609,7 +589,19 @@ class LibvirtSource:
         elif kind == "close":
             self._closed.set()
 
-    def _on_qemu_event(self, uuid: str, name: str, data: Any, time: float | None) -> None:
+    def _data(self, details: Any) -> Any:
+        """The event's data, parsed once per distinct text: a failing disk repeats the same
+        text for every attempt (read-only downstream).  Bounded: cleared when full."""
+        data = self._parsed.get(details) if type(details) is str else None
+        if data is None:
+            data = _details(details)
+            if type(details) is str and data is not None:
+                if len(self._parsed) >= _PARSED_MAX:
+                    self._parsed.clear()
+                self._parsed[details] = data
+        return data
+
+    def _on_qemu_event(self, uuid: str, name: str, data: Any, time: float | None, span: Span = None) -> None:
         d = self.domains.get(uuid)
         if d is None:
             if len(self.domains) >= _MAX_DOMAINS:
@@ -618,22 +610,27 @@ class LibvirtSource:
             d = self.domains[uuid] = _Domain(self._new_vm(uuid))
             self._request_refresh(uuid)
         if not d.ready and len(d.held) < _HELD_PER_DOMAIN:
-            d.held.append((name, data, time))
+            d.held.append((name, data, time, span))
             return
         # (Beyond the bound an event is applied now: counted, as unmatched if it names a disk.)
-        self._apply_event(d, name, data, time)
+        self._apply_event(d, name, data, time, span)
 
-    def _apply_event(self, d: _Domain, name: str, data: Any, time: float | None) -> None:
+    def _apply_event(self, d: _Domain, name: str, data: Any, time: float | None, span: Span = None) -> None:
         vm = d.vm
-        typed: VMEvent = decode(name, data, time, vm.match_disk)
+        typed = _typed(name, data, time, span, vm)
+        if type(typed) is BlockIOError and typed.device is not None:
+            # The storm's case, with the fewest steps (`received` and `apply` in one go).
+            vm.received_io_error(typed)
+            self.sink.on_event(vm, typed)
+            return
         vm.received(typed)
         if (
-            isinstance(typed, BlockIOError)
+            isinstance(typed, BlockIOError | BlockIOErrorRun)
             and typed.device is None
             and d.ready
             and len(d.unmatched) < _HELD_PER_DOMAIN
         ):
-            d.unmatched.append((name, data, time))  # a disk hot-plugged since the XML read
+            d.unmatched.append((name, data, time, span))  # a disk hot-plugged since the XML read
             self._request_refresh(vm.uuid)
             return
         vm.apply(typed)
@@ -642,6 +639,15 @@ class LibvirtSource:
             self._poll_now.set()
         elif typed.name == "DEVICE_DELETED":
             self._request_refresh(vm.uuid)
+
+
+def _typed(name: str, data: Any, time: float | None, span: Span, vm: VMState) -> VMEvent:
+    """The model's event for what libvirt forwarded: one event, or a coalesced run."""
+    typed = decode(name, data, time, vm.match_disk)
+    if span is None or type(typed) is not BlockIOError or time is None:
+        return typed
+    count, first, max_gap = span
+    return BlockIOErrorRun(time, typed.device, typed.operation, typed.action, count, first, max_gap)
 
 
 #: What every poll reads of every domain.

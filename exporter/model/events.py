@@ -79,6 +79,24 @@ class BlockIOError(NamedTuple):
     name: str = "BLOCK_IO_ERROR"
 
 
+class BlockIOErrorRun(NamedTuple):
+    """``events`` `BlockIOError`s of one disk with the same operation and action, handed over as
+    one: the libvirt source coalesces them while the exporter is behind in reading
+    (`exporter.libvirt.inbox.EventInbox`), so that an outage longer than what the exporter can
+    read costs it memory per disk, not per event.  Counts, the first and the last timestamp are
+    exact; of the times in between only the largest gap between consecutive ones is kept (what
+    hang tracking needs: `exporter.hang.machine.DiskHangTracker.on_io_errors`)."""
+
+    time: float  # the last one's
+    device: str | None
+    operation: str
+    action: str
+    events: int  # how many: ``count`` is a tuple's method
+    first: float
+    max_gap: float
+    name: str = "BLOCK_IO_ERROR"
+
+
 @dataclass(frozen=True, slots=True)
 class RunStateChange:
     """STOP, RESUME, SHUTDOWN, RESET, SUSPEND or WAKEUP."""
@@ -95,7 +113,7 @@ class OtherEvent:
     name: str
 
 
-VMEvent = BlockIOError | RunStateChange | OtherEvent
+VMEvent = BlockIOError | BlockIOErrorRun | RunStateChange | OtherEvent
 
 
 def decode(
@@ -103,7 +121,7 @@ def decode(
     data: object,
     time: float | None,
     match_disk: Callable[[Mapping[str, object]], str | None],
-) -> VMEvent:
+) -> BlockIOError | RunStateChange | OtherEvent:
     """One QEMU event as a typed event.  ``match_disk`` finds the disk a BLOCK_IO_ERROR's data
     names (`VMState.match_disk`); a malformed event becomes an `OtherEvent` named "other"."""
     if name == "BLOCK_IO_ERROR":

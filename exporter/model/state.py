@@ -15,7 +15,7 @@ from enum import IntEnum
 from typing import Any, Protocol, TypeGuard
 
 from exporter.model.backend import UNKNOWN
-from exporter.model.events import BlockIOError, RunStateChange, VMEvent, status_after
+from exporter.model.events import BlockIOError, BlockIOErrorRun, RunStateChange, VMEvent, status_after
 from exporter.model.policy import DiskPolicy, PolicyVerdict
 
 #: Versions of VMState parts (see `VMState.changed`): one counter for all, so that a version
@@ -59,6 +59,8 @@ _PART_OF = {
             "events",
             "unmatched_io_errors",
             "internal_errors",
+            "blind_intervals",
+            "blind_seconds",
         ),
         Part.COUNTERS,
     ),
@@ -175,6 +177,10 @@ class VMState:
     events: Counter[str] = field(default_factory=Counter)
     unmatched_io_errors: int = 0
     internal_errors: int = 0  # bugs caught by the watcher (each also logged with a traceback)
+    #: Intervals in which this VM's events could not be seen (its session was down while the VM
+    #: may have run: `exporter.runtime.blind`), and their total length in seconds.
+    blind_intervals: int = 0
+    blind_seconds: float = 0.0
     #: Reason of the latest failed connect ("" after a session started): why a VM is down.
     last_connect_error: str = ""
 
@@ -259,7 +265,7 @@ class VMState:
 
     def received(self, event: VMEvent) -> None:
         """Count ``event`` by name, as it arrives (`apply` may come later)."""
-        self.events[event.name] += 1
+        self.events[event.name] += event.events if type(event) is BlockIOErrorRun else 1
         self.changed(Part.COUNTERS)
 
     def received_io_error(self, event: BlockIOError) -> None:
@@ -275,11 +281,12 @@ class VMState:
     def apply(self, event: VMEvent) -> None:
         """Apply what ``event`` says: IO errors by disk, the run state.  A `BlockIOError` that
         names no known disk counts as unmatched (sources first try a fresh disk list)."""
-        if isinstance(event, BlockIOError):
+        if isinstance(event, BlockIOError | BlockIOErrorRun):
+            n = event.events if type(event) is BlockIOErrorRun else 1
             if event.device is None:
-                self.unmatched_io_errors += 1
+                self.unmatched_io_errors += n
             else:
-                self.io_errors[(event.device, event.operation, event.action)] += 1
+                self.io_errors[(event.device, event.operation, event.action)] += n
                 if event.action == "stop":
                     self.status = "io-error"  # QEMU enters io-error before it sends STOP
         elif isinstance(event, RunStateChange):

@@ -21,6 +21,11 @@ QEMU it watches during exactly the outage it exists for.  So it must be noticed 
   loop sends nothing, so systemd restarts it after ``WatchdogSec``; a loop that is late at every
   heartbeat sends nothing either; a single spike that has passed does not withhold pings, or a
   transient stall longer than ``WatchdogSec/2 - window`` would become a restart.
+* **Blind intervals** (`Liveness.loop_blind`, `Liveness.on_gap`): a heartbeat at least
+  `GAP_SECONDS` late means the loop did not run for that long.  Hang tracking must not take that
+  time for silence (`exporter.hang.tracking.HangTracking.apply_blind`), and must know of it
+  *before* it next advances: after a stop, a tick or a scrape may well run before the heartbeat
+  does, so the gap still going on (the pending heartbeat's lateness) counts too.
 * `LivenessCollector`: `exporter.metrics.LOOP_LAG`.
 """
 
@@ -50,6 +55,11 @@ log = logging.getLogger("exporter.runtime.liveness")
 HEARTBEAT_INTERVAL = 0.25
 #: How often readers are checked for a stall (every n-th heartbeat).
 _STALL_CHECK_EVERY = 4
+#: A heartbeat this late (two missed beats): the loop did not run, hang tracking is told
+#: (`Liveness.loop_blind`).  Far below any recovery margin worth configuring, far above the
+#: milliseconds a healthy loop lags.  libvirt's stream position counts on it being at most its
+#: quiet time (`exporter.libvirt.inbox.EventInbox.QUIET_S`).
+GAP_SECONDS = 0.5
 
 
 class Heartbeat:
@@ -180,13 +190,34 @@ class Liveness:
         config: HealthConfig,
         sources: Callable[[], Iterable[Source]],
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.heartbeat = Heartbeat(config.loop_lag_window_seconds)
         self.stalls = StallDetector(config.reader_stall_seconds)
         self._sources = sources
         self._clock = clock  # the loop's clock (asyncio uses time.monotonic)
+        self._wall = wall  # the clock of QEMU's event timestamps, for blind intervals
         self.stalled: list[Stall] = []
+        #: Told of every heartbeat at least `GAP_SECONDS` late: (start, end), wall clock.
+        self.on_gap: Callable[[float, float], None] | None = None
+        self._last_gap: tuple[float, float] | None = None
+
+    def loop_blind(self) -> tuple[float, float] | None:
+        """The latest interval (wall clock) in which the loop did not run: the one still going
+        on when the pending heartbeat is `GAP_SECONDS` late, else the latest completed one.
+        Its start is the last heartbeat before it: the loop is only known to have run then."""
+        pending = self.heartbeat.pending(self._clock())
+        if pending >= GAP_SECONDS:
+            end = self._wall()
+            return end - pending - self.heartbeat.interval, end
+        return self._last_gap
+
+    def _gap(self, lag: float) -> None:
+        end = self._wall()
+        self._last_gap = (end - lag - self.heartbeat.interval, end)
+        if self.on_gap is not None:
+            self.on_gap(end - lag, end)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -194,6 +225,8 @@ class Liveness:
         lagging = False
         while True:
             lag = await self.heartbeat.beat(loop)
+            if lag >= GAP_SECONDS:
+                self._gap(lag)
             if (lag > self.config.max_loop_lag_seconds) != lagging:  # logged per change, not per beat
                 lagging = not lagging
                 if lagging:

@@ -21,6 +21,7 @@ from exporter.hang.blast import backend_counts
 from exporter.hang.tracking import RECENT_WINDOW_S, HangTracking
 from exporter.model.policy import DiskPolicy, PolicyConfig, Rule
 from exporter.model.state import ConnectionState, Disk, VMState
+from exporter.runtime.blind import BlindSpots
 
 SCHEMA = 1
 
@@ -108,6 +109,7 @@ def build_status(
     *,
     details: bool = True,
     incidents: list[dict[str, Any]] | None = None,
+    blind: BlindSpots | None = None,
 ) -> dict[str, Any]:
     """The snapshot of every watched VM at ``now`` (same clock as QEMU's event timestamps).
 
@@ -116,6 +118,7 @@ def build_status(
     work at 1000 VMs.  ``incidents``: the storage incidents of the last 24 h from the hang
     journal (`exporter.hang.incidents`), shown only when the journal is on."""
     conns = {c.uri: c for c in connections}
+    hangs.apply_blind()  # before any silence is inferred below
     hanging: list[dict[str, Any]] = []
     failing: list[dict[str, Any]] = []
     paused: list[dict[str, Any]] = []
@@ -233,6 +236,8 @@ def build_status(
                     "status": vm.status,
                     "qemu_version": vm.qemu_version,
                     "retry_feature": vm.retry_feature,
+                    "blind_intervals": vm.blind_intervals,
+                    "blind_seconds": vm.blind_seconds,
                     "disks": disks_out,
                 }
             )
@@ -257,6 +262,7 @@ def build_status(
         ),
         key=lambda h: -float(h["end"]),
     )
+    blind_part = (blind or BlindSpots(0.0)).status()
     return {
         "schema": SCHEMA,
         "exporter_version": __version__,
@@ -278,6 +284,8 @@ def build_status(
             "disks_hanging": len(hanging),
             "disks_failing": len(failing),
             "recent_hangs": len(recent),
+            "blind_intervals": blind_part["intervals"],
+            "blind_seconds": blind_part["seconds"],
         },
         # Backends with hanging or failing disks, worst first: one failing storage system shows
         # as one row, however many VMs it takes down.
@@ -312,5 +320,8 @@ def build_status(
         },
         "recent_hangs": recent,
         **({"incidents": incidents} if incidents is not None else {}),
+        # When the exporter could not see events (it did not run, a session or connection was
+        # down): event counts are lower bounds across these (exporter.runtime.blind).
+        "blind": blind_part,
         **({"vms": fleet} if details else {}),
     }

@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from exporter.metrics import IO_ERROR_EVENTS
 from exporter.web.status import REASON_TEXT
 
 #: Seconds between refreshes of an open page.
@@ -280,6 +281,41 @@ def _incidents(items: list[dict[str, Any]]) -> str:
     )
 
 
+#: What each blind interval's source means, for people (`exporter.runtime.blind`).
+_BLIND_TEXT = {
+    "event_loop": "the exporter did not run (event loop stopped or blocked)",
+    "qmp": "the VM's QMP session was down",
+    "libvirt": "the libvirt connection was down",
+}
+
+
+def _blind(items: list[dict[str, Any]]) -> str:
+    rows = [
+        f'<tr data-source="{_esc(b["source"])}"><td>{_esc(_BLIND_TEXT.get(b["source"], b["source"]))}</td>'
+        f'<td><code>{_esc(b["name"]) or "—"}</code></td><td class="n">{_time(b["start"])}</td>'
+        f'<td class="n">{seconds_text(b["seconds"])}</td></tr>'
+        for b in items
+    ]
+    return (
+        '<p class="mut">Events of these intervals were read late or missed: '
+        f"<code>{IO_ERROR_EVENTS.sample_name}</code> is a lower bound across them, and a hang "
+        "open before one and seen again after it is counted once.</p>"
+        + _table(["what", "VM / connection", "from", "length"], rows)
+    )
+
+
+def _blind_parts(blind: Mapping[str, Any] | None) -> tuple[str, str]:
+    """The summary chip and the section of the blind intervals ("" each without any)."""
+    if not blind or not blind["intervals"]:
+        return "", ""
+    chip = (
+        f'<span class="warn">{_plural(blind["intervals"], "blind interval")}, '
+        f"{seconds_text(blind['seconds'])}</span>"
+    )
+    title = "Blind intervals: events may have been missed"
+    return chip, _section("blind", title, blind["intervals"], _blind(blind["recent"]))
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -299,6 +335,9 @@ def render(status: Mapping[str, Any], telemetry_path: str = "/metrics") -> str:
         f'<span class="{"warn" if s["vms_down"] else "ok"}">{s["vms_down"]} down</span>',
         f"<span>{s['vms_up']}/{s['vms']} VMs up, {s['disks']} disks</span>",
     ]
+    blind_chip, blind_section = _blind_parts(status.get("blind"))
+    if blind_chip:
+        chips.insert(5, blind_chip)
     # Problems first, worst kind first: a failing storage backend explains the rest.
     problems: tuple[tuple[str, str, Callable[[list[dict[str, Any]]], str]], ...] = (
         ("backends", "Storage backends with hanging or failing disks", _backends),
@@ -324,6 +363,8 @@ def render(status: Mapping[str, Any], telemetry_path: str = "/metrics") -> str:
         )
     if not parts:
         parts.append('<p id="all-good" class="good">No problems: every disk complies and nothing hangs.</p>')
+    if blind_section:
+        parts.append(blind_section)
     parts.append(_section("fleet", "Compliant fleet", s["vms_compliant"], _compliant(status["compliant"], s)))
     incidents = status.get("incidents")
     if incidents is not None:

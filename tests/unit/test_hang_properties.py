@@ -19,7 +19,7 @@ from exporter.model.state import BlockStats, Disk, VMState
 T0 = 1_700_000_000.0
 
 KINDS = ("retry", "report", "stop", "ignore", "STOP", "RESUME", "gone", "stats", "advance",
-         "disconnect", "reconnect", "policy", "restore")  # fmt: skip
+         "disconnect", "reconnect", "policy", "restore", "blind", "run")  # fmt: skip
 
 op = st.tuples(
     st.sampled_from(KINDS),
@@ -74,6 +74,11 @@ def test_invariants(pol: tuple[float, float, float], ops: list[tuple[str, float,
         elif kind == "reconnect":
             tr.on_reconnect(t)
             blind = False
+        elif kind == "blind":
+            tr.on_blind(t - arg, t)  # the event loop did not run for the last `arg` seconds
+        elif kind == "run":
+            errors_fed += arg + 1
+            tr.on_io_errors(t - arg * 0.1, t, arg + 1, min(arg * 0.1, margin), ("retry", "report")[arg % 2])
         elif kind == "policy":
             tr.set_policy([0.5, 1.0, 3.0][arg % 3], [0.0, 2.0, 5.0][arg % 3])
         elif kind == "restore":

@@ -3,7 +3,9 @@ model's disks built from a domain's live XML (real libvirt 9.0 fixture)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from exporter.config import Config
 from exporter.libvirt.domxml import parse_definition, parse_domain
@@ -128,6 +130,19 @@ def test_one_per_vm_prefers_a_live_qmp_session_and_never_repeats_a_name() -> Non
     assert len({v.vm for v in got}) == len(got)
 
 
+async def _turns_until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Let the loop turn, one turn at a time, until ``check`` holds (the first hand-over comes
+    `EventInbox.HANDOVER_S` after the first item, then a batch per turn)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError("the inbox handed nothing over in time")
+        await asyncio.sleep(0)
+
+
 async def test_inbox_hands_a_burst_over_in_order_a_batch_per_turn() -> None:
     """A burst queued at once (libvirt's thread is faster than the loop in a storm) reaches the
     loop in order, a batch per turn, so other tasks (a scrape) run in between."""
@@ -135,7 +150,7 @@ async def test_inbox_hands_a_burst_over_in_order_a_batch_per_turn() -> None:
     import itertools
     import time
 
-    from exporter.libvirt.source import EventInbox
+    from exporter.libvirt.inbox import EventInbox
 
     got: list[int] = []
     inbox = EventInbox(asyncio.get_running_loop(), lambda item: got.append(item[0]), time.time)
@@ -158,7 +173,7 @@ async def test_events_waiting_in_the_inbox_hold_the_stream_position_back() -> No
     import asyncio
     import threading
 
-    from exporter.libvirt.source import EventInbox
+    from exporter.libvirt.inbox import EventInbox
 
     loop = asyncio.get_running_loop()
     clock = [100.0]
@@ -176,10 +191,122 @@ async def test_events_waiting_in_the_inbox_hold_the_stream_position_back() -> No
     t.join()
     assert handled == []
     assert inbox.read_through(105.0) == 101.0  # the oldest waiting event arrived then
-    await asyncio.sleep(0)  # one turn: one batch handled
+    await _turns_until(lambda: bool(handled))  # the hand-over: one batch handled
     assert len(handled) == EventInbox.BATCH
     assert inbox.read_through(105.0) == 101.0 + EventInbox.BATCH / 1000  # the next one waiting
     await asyncio.sleep(0)
     assert len(handled) == EventInbox.BATCH + 10
     assert inbox.read_through(105.0) == 105.0
     assert [item[1] for item in handled] == list(range(EventInbox.BATCH + 10))  # in order
+
+
+def _error(op: str = "write", action: str = "retry", node: str = "libvirt-1-format") -> str:
+    """A BLOCK_IO_ERROR's data as libvirt forwards it (compact JSON text: the fixture's)."""
+    return (
+        f'{{"device":"","node-name":"{node}","reason":"Input/output error",'
+        f'"operation":"{op}","action":"{action}"}}'
+    )
+
+
+def _parts(ts: float) -> tuple[int, int]:
+    micros = round(ts * 1e6)
+    return micros // 1_000_000, micros % 1_000_000
+
+
+async def _drained(inbox: Any) -> None:
+    """Let the loop turn until the inbox is empty (a batch per turn)."""
+    await _turns_until(lambda: not inbox.waiting)
+
+
+async def test_a_backlog_costs_one_entry_per_disk_with_exact_counts_and_times() -> None:
+    """While the loop is behind, an outage's errors join one waiting run per disk instead of
+    queueing one item each (issue 26): 40,000 events of 4 disks wait as a few hundred entries,
+    and what is handed over says exactly how many, first, last and the largest gap."""
+    import asyncio
+
+    from exporter.libvirt.inbox import ErrorRun, EventInbox
+
+    got: list[tuple[object, ...] | ErrorRun] = []
+    inbox = EventInbox(asyncio.get_running_loop(), got.append, lambda: 1000.0, merge_gap=1.0)
+    disks = [("dom-a", _error(node="libvirt-1-format")), ("dom-a", _error("read", node="libvirt-1-format")),
+             ("dom-b", _error(node="libvirt-2-format")), ("dom-b", _error(action="report"))]  # fmt: skip
+    sent: dict[tuple[str, str], list[float]] = {d: [] for d in disks}
+    for i in range(10_000):  # all queued before the loop runs once: the loop is behind
+        for k, (uuid, details) in enumerate(disks):
+            ts = 900.0 + i * 0.001 + k * 1e-5 + (0.5 if i > 5000 else 0.0)  # one longer gap
+            sent[(uuid, details)].append(ts)
+            inbox.put_event(1, uuid, "BLOCK_IO_ERROR", *_parts(ts), details)
+    assert inbox.waiting <= EventInbox.COALESCE_AFTER + len(disks)
+    assert inbox.coalesced == 40_000 - inbox.waiting
+    await _drained(inbox)
+    runs: dict[tuple[str, str], list[tuple[int, float, float, float]]] = {d: [] for d in disks}
+    for item in got:
+        if isinstance(item, ErrorRun):
+            runs[(item.uuid, item.details)].append((item.count, item.first, item.last, item.max_gap))
+        else:
+            _k, _s, uuid, _name, sec, us, details = item
+            runs[(uuid, details)].append((1, sec + us / 1e6, sec + us / 1e6, 0.0))
+    for disk, times in sent.items():
+        assert sum(n for n, *_ in runs[disk]) == len(times)
+        assert [r[1] for r in runs[disk]] == sorted(r[1] for r in runs[disk])  # in order
+        assert abs(runs[disk][0][1] - times[0]) < 1e-6 and abs(runs[disk][-1][2] - times[-1]) < 1e-6
+        assert abs(max(r[3] for r in runs[disk]) - 0.501) < 1e-6
+
+
+async def test_a_domains_other_events_are_never_overtaken_by_its_errors() -> None:
+    """STOP (or any other event of the domain) closes its runs: errors after it are handed over
+    after it.  A stop error is never joined (each pauses the VM), nor are errors further apart
+    than the margin (a gap that long may be silence)."""
+    import asyncio
+
+    from exporter.libvirt.inbox import ErrorRun, EventInbox
+
+    got: list[tuple[object, ...] | ErrorRun] = []
+    inbox = EventInbox(asyncio.get_running_loop(), got.append, lambda: 1000.0, merge_gap=1.0)
+    for i in range(EventInbox.COALESCE_AFTER):  # another domain's events: the loop is behind
+        inbox.put_event(1, "dom-x", "RTC_CHANGE", *_parts(900.0 + i * 1e-4), None)
+    order = [("retry", 901.0), ("retry", 901.1), ("STOP", 901.2), ("retry", 901.3), ("retry", 901.4),
+             ("retry", 903.0), ("stop", 903.1), ("stop", 903.2)]  # fmt: skip
+    for what, ts in order:
+        if what == "STOP":
+            inbox.put_event(1, "dom-a", "STOP", *_parts(ts), None)
+        else:
+            inbox.put_event(1, "dom-a", "BLOCK_IO_ERROR", *_parts(ts), _error(action=what))
+    await _drained(inbox)
+    mine = [item for item in got if isinstance(item, ErrorRun) or item[2] == "dom-a"]
+    seen = [
+        ("run", item.count, item.first)
+        if isinstance(item, ErrorRun)
+        else (item[3], 1, item[4] + item[5] / 1e6)
+        for item in mine
+    ]
+    assert [(w, n) for w, n, _ in seen] == [
+        ("run", 2), ("STOP", 1), ("run", 2), ("run", 1), ("BLOCK_IO_ERROR", 1), ("BLOCK_IO_ERROR", 1)
+    ]  # fmt: skip
+    assert [round(t, 3) for _w, _n, t in seen] == [901.0, 901.2, 901.3, 903.0, 903.1, 903.2]
+
+
+async def test_the_stream_position_follows_qemu_time_until_the_stream_is_quiet() -> None:
+    """Waiting events hold the position at the oldest one's QEMU time; with nothing waiting the
+    stream is read up to the newest QEMU time while events keep coming (libvirtd may hold more:
+    a backlog caught up after a stop carries old timestamps), and up to now once quiet."""
+    import asyncio
+
+    from exporter.libvirt.inbox import EventInbox
+
+    clock = [1000.0]
+    inbox = EventInbox(asyncio.get_running_loop(), lambda item: None, lambda: clock[0], merge_gap=1.0)
+    assert inbox.read_through(1000.0) == 1000.0  # nothing ever came: quiet
+    inbox.put(("lifecycle", 1, "dom-a", 2, 0), "dom-a")
+    assert inbox.read_through(1000.0) == 1000.0  # no QEMU time yet: its arrival
+    for ts in (960.0, 960.5):  # a backlog: 40 s old events arriving now
+        inbox.put_event(1, "dom-a", "BLOCK_IO_ERROR", *_parts(ts), _error())
+    assert inbox.read_through(1000.0) == 1000.0  # the lifecycle item waits first
+    await _drained(inbox)
+    assert inbox.read_through(1000.2) == 960.5  # events keep coming: read up to the newest
+    clock[0] = 1000.3
+    inbox.put_event(1, "dom-a", "BLOCK_IO_ERROR", *_parts(961.0), _error())
+    assert inbox.read_through(1000.3) == 961.0  # waiting: the oldest waiting one
+    await _drained(inbox)
+    assert inbox.read_through(1000.7) == 961.0
+    assert inbox.read_through(1000.3 + EventInbox.QUIET_S) == 1000.3 + EventInbox.QUIET_S  # quiet

@@ -237,6 +237,34 @@ def test_collector_family() -> None:
     assert [s.value for s in fam.samples] == [0.5]
 
 
+async def test_a_stopped_loop_is_a_blind_interval_before_and_after_its_heartbeat() -> None:
+    """The loop blocked 1 s (what SIGSTOP does, shorter): `loop_blind` reports the gap while
+    the heartbeat is still overdue (a tick or a scrape may run first after a stop), then the
+    completed gap, in wall-clock time; `on_gap` is told once, with the lag's length."""
+    gaps: list[tuple[float, float]] = []
+    loop = asyncio.get_running_loop()
+    wall_offset = 1_700_000_000.0 - loop.time()
+    lv = Liveness(HealthConfig(5.0, 10.0, 10.0), list, loop.time, lambda: loop.time() + wall_offset)
+    lv.on_gap = lambda s, e: gaps.append((s, e))
+    assert lv.loop_blind() is None
+    task = asyncio.create_task(lv.run())
+    await asyncio.sleep(0.05)  # the heartbeat sleeps
+    t0 = loop.time()
+    while loop.time() - t0 < 1.0:
+        pass
+    ongoing = lv.loop_blind()  # the heartbeat was due 0.25 s after it slept: 0.8 s late
+    assert ongoing is not None and ongoing[1] - ongoing[0] >= 1.0
+    assert abs(ongoing[1] - (loop.time() + wall_offset)) < 0.05 and gaps == []
+    await asyncio.sleep(0.05)  # the heartbeat runs: the gap is complete
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    ((start, end),) = gaps
+    assert 0.75 <= end - start < 1.0
+    done = lv.loop_blind()
+    assert done is not None and done[0] <= start and done[1] == end  # from the beat before
+
+
 # --- systemd notify ---------------------------------------------------------------------------
 
 
