@@ -125,9 +125,12 @@ class Libvirtd:
     is ever killed or stopped.
     """
 
-    def __init__(self, workdir: Path, private: bool = True) -> None:
+    def __init__(self, workdir: Path, private: bool = True, keepalive: tuple[int, int] | None = None) -> None:
         self.workdir = workdir
         self.private = private
+        #: libvirtd.conf's (keepalive_interval, keepalive_count) for a private daemon: it gives
+        #: up a client that answers no keepalive for about interval x (count + 1) seconds.
+        self.keepalive = keepalive
         self.root = workdir / "root"
         self.uri = f"qemu+unix:///system?socket={self.root / 'run' / 'libvirt-sock'}" if private else URI
         self.pid_file = workdir / "libvirtd.pid"
@@ -251,6 +254,10 @@ class Libvirtd:
         for pattern in ("qemu/*.xml", "qemu/autostart/*"):
             for path in (self.root / "etc").glob(pattern):
                 path.unlink()
+        if self.keepalive is not None:
+            interval, count = self.keepalive
+            with (self.root / "etc" / "libvirtd.conf").open("a") as f:
+                f.write(f"\n# the lab's\nkeepalive_interval = {interval}\nkeepalive_count = {count}\n")
         for sub in ("qemu",):
             (self.root / "log" / sub).mkdir(exist_ok=True)
 
@@ -363,12 +370,22 @@ def second_monitor_xml(socket: Path) -> str:
     )
 
 
+def retry_emulator(directory: Path) -> Path:
+    """``tests/libvirt/retry_qemu.py`` where QEMU's user can run it, for ``<emulator>``: Debian's
+    QEMU whose ``report`` errors libvirtd receives as openEuler's ``retry`` (see the script)."""
+    path = directory / "retry-qemu"
+    shutil.copyfile(Path(__file__).with_name("retry_qemu.py"), path)
+    path.chmod(0o755)
+    return path
+
+
 def domain_xml(
     name: str,
     storage_port: int,
     disk: DiskOptions,
     second_disk: Path | None = None,
     memory_mib: int = 32,
+    emulator: Path | None = None,
 ) -> str:
     """A ``<domain type='qemu'>`` (TCG) booting from the NBD export at 127.0.0.1:``storage_port``."""
     target = boot_target(disk)
@@ -406,6 +423,7 @@ def domain_xml(
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
+    {f"<emulator>{emulator}</emulator>" if emulator is not None else ""}
     <disk type='network' device='disk'>
       <driver name='qemu' type='raw'{policy}/>
       <source protocol='nbd'><host name='127.0.0.1' port='{storage_port}'/></source>
@@ -571,6 +589,7 @@ class LibvirtLab:
         wait_booted: bool = True,
         pause_us: int = 20_000,
         qmp_monitor: Path | None = None,
+        emulator: Path | None = None,
     ) -> LabDomain:
         """Define (and start) a domain booting the IO-loop guest from failing NBD storage.
 
@@ -578,7 +597,7 @@ class LibvirtLab:
         ``wait_booted`` this returns once the guest has completed writes on its boot disk.
         ``qmp_monitor`` gives QEMU a second QMP monitor at that path (``<qemu:commandline>``,
         docs/libvirt.md; the domain is tainted ``custom-argv``); its directory must let
-        libvirt-qemu create the socket.
+        libvirt-qemu create the socket.  ``emulator`` replaces QEMU (`retry_emulator`).
         """
         name = self.new_name(hint)
         storage = self.storage(name, pause_us)
@@ -588,7 +607,7 @@ class LibvirtLab:
             with data.open("wb") as f:
                 f.truncate(1 << 20)
             data.chmod(0o666)  # QEMU runs as libvirt-qemu (libvirt may also chown it)
-        xml = domain_xml(name, storage.port, disk, data)
+        xml = domain_xml(name, storage.port, disk, data, emulator=emulator)
         if qmp_monitor is not None:
             xml = xml.replace("</domain>", second_monitor_xml(qmp_monitor) + "</domain>")
         xml_path = self.workdir / f"{name}.xml"
@@ -649,7 +668,9 @@ def private_lab_wanted() -> bool:
 
 
 @contextlib.contextmanager
-def running_libvirtd(workdir: Path, private: bool | None = None) -> Iterator[Libvirtd]:
+def running_libvirtd(
+    workdir: Path, private: bool | None = None, keepalive: tuple[int, int] | None = None
+) -> Iterator[Libvirtd]:
     """A libvirtd for the whole session (see `Libvirtd` for the two modes), stopped at the end
     when started here.
 
@@ -660,7 +681,9 @@ def running_libvirtd(workdir: Path, private: bool | None = None) -> Iterator[Lib
         require_binary(name)
     for name in ("virsh", "nbdkit", "qemu-system-x86_64", "unshare", "nsenter"):
         require_binary(name)
-    daemon = Libvirtd(workdir, private=private_lab_wanted() if private is None else private)
+    daemon = Libvirtd(
+        workdir, private=private_lab_wanted() if private is None else private, keepalive=keepalive
+    )
     try:
         daemon.ensure_running()
         yield daemon

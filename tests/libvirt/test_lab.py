@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tests.libvirt.lab import DiskOptions, Libvirtd, LibvirtLab, pid_alive
 from tests.support.binaries import require_binary
+from tests.support.waits import wait_until
 
 
 def test_stop_policy_pauses_on_io_error_and_resumes(libvirt_lab: LibvirtLab) -> None:
@@ -97,3 +98,23 @@ def test_lab_starts_where_no_libvirtd_ever_ran() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, f"lab failed on a fresh /run ({proc.returncode}):\n{proc.stderr[-3000:]}"
     assert proc.stdout.split() == ["responsive"]
+
+
+def test_the_retry_emulator_makes_libvirtd_hear_openeulers_retry_events(libvirt_lab: LibvirtLab) -> None:
+    """`retry_emulator`: Debian's QEMU with a report-policy disk, whose errors libvirtd receives
+    as openEuler QEMU's ``retry`` (domain.md §4.1): one per failed request, the domain running
+    on, libvirtd warning about the action it does not know, as with the real thing."""
+    from tests.libvirt.lab import retry_emulator
+    from tests.libvirt.test_libvirt_source import io_error_witness
+
+    emulator = retry_emulator(libvirt_lab.libvirtd.workdir)
+    dom = libvirt_lab.domain(DiskOptions(error_policy="report"), emulator=emulator, pause_us=0)
+    with io_error_witness(dom) as seen:
+        dom.fail_storage()
+        dom.wait_injected_errors(50)
+        wait_until(lambda: len(seen) >= 50, 10, "50 events through libvirtd")
+        assert dom.domstate()[0] == "running"
+    assert {(e["action"], e["node-name"]) for e in seen} == {("retry", "libvirt-1-format")}
+    assert "unknown disk io error action 'retry'" in libvirt_lab.libvirtd.log_tail(200_000)
+    dom.restore_storage()
+    dom.wait_io()
