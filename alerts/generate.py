@@ -64,6 +64,9 @@ POLICY_VIOLATION_FOR = "15m"
 VM_IO_ERROR_FOR = "1m"
 # QMP session down for this long.
 QMP_DOWN_FOR = "5m"
+# QemuIOHangExporterBlind: fires while the exporter was blind (did not run, or a session or
+# connection was down) at any time within this window: its event counts are lower bounds.
+BLIND_WINDOW = "15m"
 # Exporter scrape failing / no exporter target at all, for this long.
 EXPORTER_DOWN_FOR = "5m"
 EXPORTER_ABSENT_FOR = "15m"
@@ -403,6 +406,20 @@ def alerting_rules(sel: str, runbook_base: str) -> list[dict[str, Any]]:
             "Exporter cannot talk to a VM's QMP socket",
             "The QMP socket of VM {{ $labels.vm }} on {{ $labels.instance }} has not answered "
             f"for {QMP_DOWN_FOR}: its disks are not watched (no hang, policy or error data).",
+            runbook_base,
+        ),
+        _alert(
+            "QemuIOHangExporterBlind",
+            f"sum by (job, instance, source) (\n"
+            f"  increase(qemu_exporter_blind_seconds_total{{{sel}}}[{BLIND_WINDOW}])\n"
+            f") > 0\n",
+            "0m",
+            "warning",
+            "qemu-iohang-exporter could not see events for a while ({{ $labels.source }})",
+            f"The exporter on {{{{ $labels.instance }}}} was blind for {{{{ $value | humanizeDuration }}}} "
+            f"within {BLIND_WINDOW} (source {{{{ $labels.source }}}}: event_loop = it did not run, "
+            "qmp = a VM's QMP session was down, libvirt = its libvirt connection was down). IO error "
+            "counts of that time are lower bounds; hangs open across it were kept open.",
             runbook_base,
         ),
         _alert(

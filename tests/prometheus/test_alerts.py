@@ -35,6 +35,7 @@ EXPECTED_ALERTS = {
     "QemuQMPDown",
     "QemuIOHangExporterDown",
     "QemuIOHangExporterAbsent",
+    "QemuIOHangExporterBlind",
     "QemuStorageBackendOutage",
     "QemuStorageBackendOutageFleet",
     "QemuDiskOnFailingBackend",
