@@ -1,6 +1,6 @@
 """CPU per event of the exporter's event path alone, without sockets: decode, count, hang tracking.
 
-    python -m bench.event_path [--events 100000] [--profile]
+    python -m bench.event_path [--events 100000] [--profile] [--source qmp|libvirt]
 
 Feeds QEMU 7.2-shaped ``BLOCK_IO_ERROR`` lines (4 disks, 20,000 events/s of QEMU time) through
 ``orjson.loads`` and `VMWatcher`'s event entry point (what the reader calls for each event),
@@ -8,6 +8,12 @@ with hang tracking as the only sink, and prints CPU µs/event (``time.process_ti
 ``orjson.loads`` alone for comparison.  ``--profile`` prints cProfile's top functions instead.
 The fleet benchmark (``bench.fleet``) measures the whole exporter; this isolates the part that
 is ours per event (docs/performance.md, "Event storms").
+
+``--source libvirt``: the same events as libvirt forwards them (QEMU's data as JSON text, the
+callback's arguments), through the libvirt source's hand-over (`EventInbox.put_event`, what
+libvirt's event thread does) and its loop side (`LibvirtSource._on_item`) for a domain read from
+the real libvirt 9.0 fixture; the two halves timed apart (bench/libvirt_cost.py measures them
+with libvirtd, issue 26).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import cProfile
 import pstats
 import time
+import tracemalloc
 
 import orjson
 
@@ -59,11 +66,90 @@ def watcher() -> VMWatcher:
     return w
 
 
+def libvirt_path(n: int, profile: bool) -> None:
+    """``--source libvirt`` (module docstring)."""
+    import asyncio
+    import json
+    from pathlib import Path
+
+    from exporter.libvirt.inbox import EventInbox
+    from exporter.libvirt.source import LibvirtSource
+
+    xml = (Path(__file__).parent.parent / "tests/fixtures/libvirt-9.0/dumpxml-report.xml").read_text()
+    uuid = "11111111-2222-3333-4444-555555555555"
+    node = "libvirt-1-format"
+    details = [
+        json.dumps(
+            {
+                "device": "",
+                "node-name": node,
+                "reason": "Input/output error",
+                "operation": op,
+                "action": "retry",
+            },
+            separators=(",", ":"),
+        )
+        for op in ("write", "read")
+    ]
+    t0 = int(time.time())
+    args = [(t0 + k // 20_000, (k % 20_000) * 50, details[k % 2]) for k in range(n)]
+
+    async def run() -> None:
+        hangs = HangTracking(2.0)
+        source = LibvirtSource("qemu:///bench", Config(), SinkGroup(hangs), time.time)
+        handled: list[object] = []
+        inbox = EventInbox(asyncio.get_running_loop(), handled.append, time.time, 1.0)
+        inbox.COALESCE_AFTER = n + 1  # one item per event: the loop side's cost per event
+        source._apply_xml(uuid, xml, "7.2.0", None)  # the domain read, as on a connection
+        session = source._session_id
+        c0 = time.process_time()
+        for sec, us, det in args:  # libvirt's event thread: its callback, then the hand-over
+            inbox.put_event(session, uuid, "BLOCK_IO_ERROR", sec, us, det)
+        c1 = time.process_time()
+        items = [item for _pos, item in inbox._items]
+        on_item = source._on_item
+
+        def loop_side() -> None:
+            for item in items:
+                on_item(item)
+
+        if profile:
+            prof = cProfile.Profile()
+            prof.runcall(loop_side)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+            return
+        c2 = time.process_time()
+        loop_side()
+        c3 = time.process_time()
+        vm = source.domains[uuid].vm
+        assert sum(vm.io_errors.values()) == n, vm.io_errors
+        print(f"libvirt hand-over (the event thread's part): {1e6 * (c1 - c0) / n:.2f} us/event")
+        print(f"libvirt loop side (decode, count, hangs):    {1e6 * (c3 - c2) / n:.2f} us/event")
+        items.clear()
+        inbox._items.clear()
+        for coalesce_after in (n + 1, EventInbox.COALESCE_AFTER):  # one item each; coalesced
+            tracemalloc.start()
+            backlog = EventInbox(asyncio.get_running_loop(), handled.append, time.time, 1.0)
+            backlog.COALESCE_AFTER = coalesce_after
+            for sec, us, det in args:  # the loop never gets to it: all of it waits
+                backlog.put_event(session, uuid, "BLOCK_IO_ERROR", sec, us, det)
+            size, _peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            how = "one item per event" if coalesce_after > n else "coalesced per disk"
+            print(f"{n} events waiting, {how}: {backlog.waiting} entries, {size / 1024:.0f} KiB")
+
+    asyncio.run(run())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.event_path", description=__doc__.split("\n\n")[0])
     p.add_argument("--events", type=int, default=100_000)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--source", choices=("qmp", "libvirt"), default="qmp")
     args = p.parse_args()
+    if args.source == "libvirt":
+        libvirt_path(args.events, args.profile)
+        return
     w = watcher()
     data = lines(args.events, time.time())
     loads, handle = orjson.loads, w._on_qmp_event
