@@ -41,7 +41,7 @@ import bcrypt
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from exporter.config import ConfigError, _Reader, read_yaml
+from exporter.config import ConfigError, Reader, read_yaml
 
 REALM = "qemu-iohang-exporter"
 
@@ -161,7 +161,7 @@ def load_web_config(path: str) -> WebConfig:
 
 def parse_web_config(doc: Any, origin: str, base_dir: Path | None = None) -> WebConfig:
     """Validate an already parsed document (relative file names are joined to ``base_dir``)."""
-    r = _Reader(origin)
+    r = Reader(origin)
     top = r.mapping(doc, "", _TOP_KEYS)
     _refuse_unsupported(r, top, "")
 
@@ -183,14 +183,14 @@ def parse_web_config(doc: Any, origin: str, base_dir: Path | None = None) -> Web
     )
 
 
-def _refuse_unsupported(r: _Reader, section: Mapping[str, Any], prefix: str) -> None:
+def _refuse_unsupported(r: Reader, section: Mapping[str, Any], prefix: str) -> None:
     for k in section:
         key = f"{prefix}.{k}" if prefix else k
         if key in _UNSUPPORTED:
             raise r.fail(key, _UNSUPPORTED[key])
 
 
-def _parse_tls(r: _Reader, value: Any, base_dir: Path) -> TLSServerConfig | None:
+def _parse_tls(r: Reader, value: Any, base_dir: Path) -> TLSServerConfig | None:
     t = r.mapping(value, "tls_server_config", _TLS_KEYS)
     if not t:
         return None
@@ -210,7 +210,7 @@ def _parse_tls(r: _Reader, value: Any, base_dir: Path) -> TLSServerConfig | None
     )
 
 
-def _parse_tls_pem(r: _Reader, t: Mapping[str, Any], base_dir: Path) -> TLSServerConfig:
+def _parse_tls_pem(r: Reader, t: Mapping[str, Any], base_dir: Path) -> TLSServerConfig:
     """The certificate, key and client CAs: each a file or inline PEM, not both."""
 
     def path(name: str) -> str | None:
@@ -245,7 +245,7 @@ def _parse_tls_pem(r: _Reader, t: Mapping[str, Any], base_dir: Path) -> TLSServe
     return cfg
 
 
-def _parse_client_auth(r: _Reader, t: Mapping[str, Any], has_ca: bool) -> str:
+def _parse_client_auth(r: Reader, t: Mapping[str, Any], has_ca: bool) -> str:
     """``client_auth_type``: one Python's ``ssl`` can honour, and client CAs exactly when it
     verifies client certificates."""
     auth = "NoClientCert"
@@ -271,7 +271,7 @@ def _parse_client_auth(r: _Reader, t: Mapping[str, Any], has_ca: bool) -> str:
     return auth
 
 
-def _parse_tls_versions(r: _Reader, t: Mapping[str, Any]) -> tuple[str, str]:
+def _parse_tls_versions(r: Reader, t: Mapping[str, Any]) -> tuple[str, str]:
     """``min_version`` and ``max_version`` (default TLS 1.2 to 1.3), in order."""
     versions = {}
     for name, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
@@ -283,7 +283,7 @@ def _parse_tls_versions(r: _Reader, t: Mapping[str, Any]) -> tuple[str, str]:
     return versions["min_version"], versions["max_version"]
 
 
-def _parse_headers(r: _Reader, value: Any) -> tuple[tuple[str, str], ...]:
+def _parse_headers(r: Reader, value: Any) -> tuple[tuple[str, str], ...]:
     base = "http_server_config.headers"
     h = r.mapping(value, base, set(value) if isinstance(value, dict) else set())
     out: list[tuple[str, str]] = []
@@ -304,7 +304,7 @@ def _parse_headers(r: _Reader, value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _parse_users(r: _Reader, value: Any) -> dict[str, bytes]:
+def _parse_users(r: Reader, value: Any) -> dict[str, bytes]:
     m = r.mapping(value, "basic_auth_users", set(value) if isinstance(value, dict) else set())
     users: dict[str, bytes] = {}
     for user, hashed in m.items():

@@ -1,295 +1,40 @@
-"""Configuration: command-line flags merged over an optional YAML file.
-
-Every problem is reported as a `ConfigError` that names the file (or flag) and the key, so the
-CLI can print one line and exit 2 instead of a traceback.  Flags win over the file, like the
-Prometheus exporters do.
-"""
+"""The config file's sections, parsed and validated into `exporter.config.settings`; flags
+are merged over it by `exporter.cli`.  Flags win over the file, like the Prometheus exporters."""
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 import re
 import urllib.parse
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from exporter.model import collectors
-from exporter.model.alerts import (
-    DEFAULT_FRACTIONS,
-    FRACTION_ALERTS,
-    RUNBOOK_BASE_URL,
-    runbook_base_url_problem,
+from exporter.config.reader import (
+    Reader,
+    _kind,
+    check_label_name,
+    read_yaml,
+    validate_libvirt_uri,
+    validate_listen_address,
+    validate_telemetry_path,
 )
+from exporter.config.settings import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MIN_JOURNAL_MAX_BYTES,
+    AlertingConfig,
+    CollectorsConfig,
+    Config,
+    HangConfig,
+    HealthConfig,
+    LibvirtConfig,
+    MountsConfig,
+    QMPConfig,
+)
+from exporter.model import collectors
+from exporter.model.alerts import FRACTION_ALERTS, runbook_base_url_problem
 from exporter.model.backend import MAX_BACKEND, BackendRule
 from exporter.model.policy import POLICY_OPERATIONS, PolicyConfig
-
-DEFAULT_PORT = 9738
-DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
-DEFAULT_SOCKET_GLOB = "/run/qemu-iohang-exporter/*.qmp"
-LOG_LEVELS = ("debug", "info", "warn", "error")
-LOG_FORMATS = ("logfmt", "json")
-#: Default cap of one hang journal file (``hang.journal_max_bytes``): ~290 bytes a record.
-DEFAULT_JOURNAL_MAX_BYTES = 16 * 1024 * 1024
-#: Smallest cap accepted: a few hundred records.
-MIN_JOURNAL_MAX_BYTES = 64 * 1024
-
-
-class ConfigError(Exception):
-    """A configuration problem, already phrased for the operator (`origin: key: problem`)."""
-
-    def __init__(self, origin: str, key: str, problem: str) -> None:
-        super().__init__(f"{origin}: {key}: {problem}")
-        self.origin = origin
-        self.key = key
-        self.problem = problem
-
-
-@dataclass(frozen=True)
-class QMPConfig:
-    sockets: tuple[str, ...] = ()
-    globs: tuple[str, ...] = ()
-    # Static labels per socket path or glob pattern, added to every series of matching VMs.
-    labels: dict[str, dict[str, str]] = field(default_factory=dict)
-    discovery_interval_seconds: float = 1.0
-    command_timeout_seconds: float = 5.0
-    connect_timeout_seconds: float = 5.0
-    poll_interval_seconds: float = 5.0
-    refresh_interval_seconds: float = 60.0
-    backoff_initial_seconds: float = 0.25
-    backoff_max_seconds: float = 10.0
-
-
-@dataclass(frozen=True)
-class LibvirtConfig:
-    """Watch every running domain of these libvirt URIs (`exporter.libvirt.source`)."""
-
-    uris: tuple[str, ...] = ()
-    # Static labels per URI, added to every series of that URI's domains.
-    labels: dict[str, dict[str, str]] = field(default_factory=dict)
-    # A libvirt call (they block) that takes longer is abandoned and the connection re-opened.
-    call_timeout_seconds: float = 10.0
-    # Full re-listing of running domains, a safety net behind the lifecycle events.
-    relist_interval_seconds: float = 30.0
-    # Block statistics of every domain (one getAllDomainStats call).
-    poll_interval_seconds: float = 5.0
-    # Reconnect backoff: doubles up to the max, with jitter.
-    backoff_initial_seconds: float = 0.25
-    backoff_max_seconds: float = 10.0
-
-
-@dataclass(frozen=True)
-class HangConfig:
-    state_file: str | None = None
-    # Extra silence, beyond the expected spacing of retries, before a hang counts as recovered.
-    recovery_margin_seconds: float = 1.0
-    # Every completed hang as a JSON line (`exporter.hang.journal`); None: no journal.
-    journal_file: str | None = None
-    # Size of the journal file before it is rotated to journal_file + ".1".
-    journal_max_bytes: int = DEFAULT_JOURNAL_MAX_BYTES
-
-
-@dataclass(frozen=True)
-class MountsConfig:
-    """Where the mount table comes from, for the backend of disks that are local files
-    (`exporter.model.backend`): the exporter's own by default; ``/proc/1/mountinfo`` for an
-    exporter in a container of its own that shares the host's PID namespace."""
-
-    file: str = "/proc/self/mountinfo"
-    refresh_interval_seconds: float = 60.0
-
-
-@dataclass(frozen=True)
-class CollectorsConfig:
-    """Which metric collectors are on (`exporter.model.collectors`): the defaults unless
-    ``disable_defaults``, then each switch in order (the file's, then the flags')."""
-
-    switches: tuple[tuple[str, bool], ...] = ()
-    disable_defaults: bool = False
-
-    @property
-    def enabled(self) -> frozenset[str]:
-        return collectors.resolve(dict(self.switches), self.disable_defaults)
-
-
-@dataclass(frozen=True)
-class AlertingConfig:
-    """``alerting:`` of the config file.  Disabled (nothing runs) without Alertmanager URLs."""
-
-    #: Alertmanager base URLs (``http://am:9093``, optionally with a path prefix and user:password).
-    alertmanager_urls: tuple[str, ...] = ()
-    #: The ``instance`` / ``job`` labels Prometheus puts on this exporter's series.
-    instance: str = ""
-    job: str = "qemu-iohang"
-    #: Prometheus' ``global.external_labels`` (added to every alert Prometheus sends).
-    external_labels: Mapping[str, str] = field(default_factory=dict)
-    #: severity -> share of retry_timeout; keys from FRACTION_ALERTS (omit one to not push it).
-    fractions: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
-    #: Push QemuDiskIOHang (once a hang has lasted the rule's minimum).
-    hang_alert: bool = True
-    resend_interval_seconds: float = 30.0
-    timeout_seconds: float = 2.0
-    backoff_initial_seconds: float = 0.25
-    backoff_max_seconds: float = 10.0
-    max_pending: int = 10000
-    #: ``generatorURL`` of the pushed alerts; default ``http://<instance>/metrics``.
-    generator_url: str = ""
-    #: Each alert's ``runbook_url`` is ``<base>#<alert name lower-cased>``, like the rules'
-    #: (alerts/generate.py --runbook-base-url); default the rules' default.
-    runbook_base_url: str = RUNBOOK_BASE_URL
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.alertmanager_urls)
-
-    def effective_generator_url(self) -> str:
-        if self.generator_url:
-            return self.generator_url
-        return f"http://{self.instance}/metrics" if self.instance else ""
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    """Thresholds of /healthz and of the systemd watchdog (``health:`` in the config file).
-
-    Defaults: in an event storm at 1000 VMs a scrape, which takes several turns of the loop,
-    has a p99 of up to ~1.6 s (docs/performance.md), so 5 s is well beyond a busy loop; the 10 s window is shorter than
-    the 20 s that the three failed probes (10 s apart) span, after which the shipped DaemonSet
-    restarts the pod: one passing spike makes the pod unready for a moment, no restart."""
-
-    max_loop_lag_seconds: float = 5.0
-    loop_lag_window_seconds: float = 10.0
-    reader_stall_seconds: float = 10.0
-
-
-@dataclass(frozen=True)
-class Config:
-    listen_address: str = DEFAULT_LISTEN_ADDRESS
-    telemetry_path: str = "/metrics"
-    log_level: str = "info"
-    log_format: str = "logfmt"
-    qmp: QMPConfig = field(default_factory=QMPConfig)
-    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    hang: HangConfig = field(default_factory=HangConfig)
-    alerting: AlertingConfig = field(default_factory=AlertingConfig)
-    health: HealthConfig = field(default_factory=HealthConfig)
-    #: Operator rules naming disks' storage backends, tried in order before the derivation.
-    backends: tuple[BackendRule, ...] = ()
-    mounts: MountsConfig = field(default_factory=MountsConfig)
-    collectors: CollectorsConfig = field(default_factory=CollectorsConfig)
-    origin: str = "defaults"
-
-    def socket_patterns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """Explicit sockets and globs; the default glob applies only when neither is set."""
-        if not self.qmp.sockets and not self.qmp.globs:
-            return (), (DEFAULT_SOCKET_GLOB,)
-        return self.qmp.sockets, self.qmp.globs
-
-
-# --- validation helpers -------------------------------------------------------------------
-
-
-class _Reader:
-    """Reads typed values out of a YAML mapping, raising ConfigError with the dotted key."""
-
-    def __init__(self, origin: str) -> None:
-        self.origin = origin
-
-    def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(self.origin, key, problem)
-
-    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.fail(key or "(top level)", f"expected a mapping, got {_kind(value)}")
-        for k in value:
-            if not isinstance(k, str):
-                raise self.fail(_join(key, str(k)), "keys must be strings")
-            if k not in allowed:
-                raise self.fail(_join(key, k), f"unknown key (expected one of {sorted(allowed)})")
-        return value
-
-    def string(self, value: Any, key: str, choices: tuple[str, ...] | None = None) -> str:
-        if not isinstance(value, str) or not value:
-            raise self.fail(key, f"expected a non-empty string, got {_kind(value)}")
-        if choices is not None and value not in choices:
-            raise self.fail(key, f"{value!r} is not one of {list(choices)}")
-        return value
-
-    def strings(self, value: Any, key: str) -> tuple[str, ...]:
-        if value is None:
-            return ()
-        if not isinstance(value, list):
-            raise self.fail(key, f"expected a list of strings, got {_kind(value)}")
-        return tuple(self.string(v, f"{key}[{i}]") for i, v in enumerate(value))
-
-    def seconds(self, value: Any, key: str, *, minimum: float = 0.0, strict: bool = True) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            raise self.fail(key, f"expected a number of seconds, got {_kind(value)}")
-        if value < minimum or (strict and value == minimum):
-            op = ">" if strict else ">="
-            raise self.fail(key, f"must be {op} {minimum:g}, got {value:g}")
-        return float(value)
-
-    def boolean(self, value: Any, key: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(key, f"expected true or false, got {_kind(value)}")
-        return value
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, str):
-        return f"string {value!r}"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    return f"{type(value).__name__} {value!r}"
-
-
-def validate_listen_address(origin: str, key: str, value: str) -> tuple[str, int]:
-    """Split ``host:port`` (``:port`` = all interfaces, ``[::1]:port`` for IPv6)."""
-    host, sep, port_s = value.rpartition(":")
-    if not sep or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise ConfigError(origin, key, f"{value!r} is not host:port (e.g. ':{DEFAULT_PORT}')")
-    host = host.strip("[]")
-    return host, int(port_s)
-
-
-def validate_telemetry_path(origin: str, key: str, value: str) -> str:
-    if not value.startswith("/") or value == "/":
-        raise ConfigError(origin, key, f"{value!r} must be an absolute path other than '/'")
-    return value
-
-
-# --- loading ------------------------------------------------------------------------------
-
-
-def read_yaml(path: str) -> Any:
-    """Read a YAML document; a missing, unreadable or malformed file is a `ConfigError`."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(path, "(file)", "not a text file") from None
-    except OSError as exc:
-        raise ConfigError(path, "(file)", exc.strerror or str(exc)) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "(syntax)"
-        raise ConfigError(path, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
 
 
 def load_file(path: str) -> Config:
@@ -298,7 +43,7 @@ def load_file(path: str) -> Config:
 
 
 def parse(doc: Any, origin: str) -> Config:
-    r = _Reader(origin)
+    r = Reader(origin)
     top = r.mapping(
         doc,
         "",
@@ -349,7 +94,7 @@ def parse(doc: Any, origin: str) -> Config:
     return dataclasses.replace(cfg, hang=hc)
 
 
-def _parse_hang(r: _Reader, value: Any) -> HangConfig:
+def _parse_hang(r: Reader, value: Any) -> HangConfig:
     hang = r.mapping(
         value, "hang", {"state_file", "recovery_margin_seconds", "journal_file", "journal_max_bytes"}
     )
@@ -373,7 +118,7 @@ def _parse_hang(r: _Reader, value: Any) -> HangConfig:
     return hc
 
 
-def _parse_collectors(r: _Reader, value: Any) -> CollectorsConfig:
+def _parse_collectors(r: Reader, value: Any) -> CollectorsConfig:
     """``collectors: {disable_defaults: false, blockstats: true, process: false}``: the flags
     ``--collector.disable-defaults``, ``--collector.NAME`` and ``--no-collector.NAME``."""
     section = r.mapping(value, "collectors", {"disable_defaults", *collectors.COLLECTORS})
@@ -386,7 +131,7 @@ def _parse_collectors(r: _Reader, value: Any) -> CollectorsConfig:
     return CollectorsConfig(switches, disable)
 
 
-def _parse_backends(r: _Reader, value: Any) -> tuple[BackendRule, ...]:
+def _parse_backends(r: Reader, value: Any) -> tuple[BackendRule, ...]:
     """``backends: [{match: <glob>, name: <backend>}, {regex: <regex>, name: ...}]``: exactly one
     of ``match``/``regex`` per rule, matched against the whole source or derived backend."""
     if value is None:
@@ -435,7 +180,7 @@ def _check_template(pattern: re.Pattern[str], name: str) -> None:
     m.expand(name)
 
 
-def _parse_mounts(r: _Reader, value: Any) -> MountsConfig:
+def _parse_mounts(r: Reader, value: Any) -> MountsConfig:
     m = r.mapping(value, "mounts", {"file", "refresh_interval_seconds"})
     mc = MountsConfig()
     if "file" in m:
@@ -460,7 +205,7 @@ _ALERTING_KEYS = {
 }
 
 
-def _parse_alerting(r: _Reader, value: Any) -> AlertingConfig:
+def _parse_alerting(r: Reader, value: Any) -> AlertingConfig:
     a = r.mapping(value, "alerting", _ALERTING_KEYS)
     ac = AlertingConfig()
     if "alertmanager_urls" in a:
@@ -511,7 +256,7 @@ def _parse_alerting(r: _Reader, value: Any) -> AlertingConfig:
     return ac
 
 
-def _parse_health(r: _Reader, value: Any) -> HealthConfig:
+def _parse_health(r: Reader, value: Any) -> HealthConfig:
     keys = [f.name for f in dataclasses.fields(HealthConfig)]
     h = r.mapping(value, "health", set(keys))
     return HealthConfig(**{k: r.seconds(h[k], f"health.{k}") for k in keys if k in h})
@@ -528,7 +273,7 @@ _QMP_SECONDS = (
 )
 
 
-def _parse_labels(r: _Reader, value: Any, section: str) -> dict[str, dict[str, str]]:
+def _parse_labels(r: Reader, value: Any, section: str) -> dict[str, dict[str, str]]:
     """``{pattern: {label: value}}``: static labels per socket path or glob, or per libvirt URI."""
     labels: dict[str, dict[str, str]] = {}
     for pattern, lbls in r.mapping(value, section, set(value or {})).items():
@@ -541,7 +286,7 @@ def _parse_labels(r: _Reader, value: Any, section: str) -> dict[str, dict[str, s
     return labels
 
 
-def _parse_qmp(r: _Reader, value: Any) -> QMPConfig:
+def _parse_qmp(r: Reader, value: Any) -> QMPConfig:
     q = r.mapping(value, "qmp", {"sockets", "globs", "labels", *_QMP_SECONDS})
     labels = _parse_labels(r, q.get("labels"), "qmp.labels")
     kwargs: dict[str, Any] = {
@@ -558,20 +303,12 @@ def _parse_qmp(r: _Reader, value: Any) -> QMPConfig:
     return qc
 
 
-def validate_libvirt_uri(origin: str, key: str, uri: str) -> str:
-    """A libvirt connection URI of the QEMU driver (``qemu:///system``, ``qemu+ssh://h/system``)."""
-    scheme = urllib.parse.urlsplit(uri).scheme
-    if scheme.split("+")[0] != "qemu":
-        raise ConfigError(origin, key, f"{uri!r} is not a libvirt QEMU URI (e.g. 'qemu:///system')")
-    return uri
-
-
 #: Settings the ``qmp:`` section gave the libvirt source too, before it had its own: a file that
 #: sets only the ``qmp:`` one keeps its meaning (it is the libvirt default there).
 _LIBVIRT_FROM_QMP = ("poll_interval_seconds", "backoff_initial_seconds", "backoff_max_seconds")
 
 
-def _parse_libvirt(r: _Reader, value: Any, qmp_section: Any, qmp: QMPConfig) -> LibvirtConfig:
+def _parse_libvirt(r: Reader, value: Any, qmp_section: Any, qmp: QMPConfig) -> LibvirtConfig:
     lv = r.mapping(
         value,
         "libvirt",
@@ -603,7 +340,7 @@ def _parse_libvirt(r: _Reader, value: Any, qmp_section: Any, qmp: QMPConfig) -> 
     return lc
 
 
-def _parse_policy(r: _Reader, value: Any) -> PolicyConfig:
+def _parse_policy(r: Reader, value: Any) -> PolicyConfig:
     p = r.mapping(value, "policy", {"required", "max_timeout_seconds", "require_nonzero_timeout"})
     pc = PolicyConfig()
     if "required" in p:
@@ -619,39 +356,3 @@ def _parse_policy(r: _Reader, value: Any) -> PolicyConfig:
         nz = r.boolean(p["require_nonzero_timeout"], "policy.require_nonzero_timeout")
         pc = dataclasses.replace(pc, require_nonzero_timeout=nz)
     return pc
-
-
-RESERVED_LABELS = frozenset(
-    {
-        "vm",
-        "device",
-        "backend",
-        "drive",
-        "node_name",
-        "qdev_type",
-        "werror",
-        "rerror",
-        "rule",
-        "operation",
-        "action",
-        "outcome",
-        "status",
-        "uuid",
-        "qemu_version",
-        "socket",
-        "reason",
-        "command",
-        "event",
-        "le",
-        "instance",
-        "job",
-    }
-)
-
-
-def check_label_name(origin: str, key: str, name: str) -> None:
-    valid = name and (name[0].isalpha() or name[0] == "_") and all(c.isalnum() or c == "_" for c in name)
-    if not valid or not name.isascii() or name.startswith("__"):
-        raise ConfigError(origin, key, f"{name!r} is not a valid Prometheus label name")
-    if name in RESERVED_LABELS:
-        raise ConfigError(origin, key, f"{name!r} is a label the exporter sets itself")
