@@ -131,7 +131,7 @@ class HealthConfig:
     """Thresholds of /healthz and of the systemd watchdog (``health:`` in the config file).
 
     Defaults: in an event storm at 1000 VMs a scrape, which takes several turns of the loop,
-    has a p99 of up to ~1.6 s (docs/performance.md), so 5 s is well beyond a busy loop; the 10 s window is shorter than
+    has a p99 of up to ~1.6 s (docs/performance-history.md), so 5 s is well beyond a busy loop; the 10 s window is shorter than
     the 20 s that the three failed probes (10 s apart) span, after which the shipped DaemonSet
     restarts the pod: one passing spike makes the pod unready for a moment, no restart."""
 

@@ -159,7 +159,7 @@ def generate_openmetrics(registry: Collector, escaping: str = UNDERSCORES, versi
 
     Prometheus asks for OpenMetrics first (2.x and 3.x alike); prometheus_client's encoder took
     1.2-2.1 s per scrape (p50) at 1000 VMs x 4 disks, this path what the text path costs
-    (docs/performance.md).  ``version`` only decides whether prometheus_client writes native
+    (docs/performance-history.md).  ``version`` only decides whether prometheus_client writes native
     histogram samples (>= 2.0.0), which none of our families has; it is passed on to the
     encoder for the families it formats."""
     if not isinstance(registry, Registry) or escaping not in _CACHED_ESCAPINGS:

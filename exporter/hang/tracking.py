@@ -298,7 +298,7 @@ class HangTracking(EventSink):
         `CHANGE_COALESCE_S`, however many hangs start meanwhile.  `on_change` walks every tracker
         (the alert push's snapshot of open hangs): called per hang start it was quadratic when a
         host's storage failed, 4000 disks starting to hang held the loop for 17 s at 1000 VMs
-        (docs/performance.md, round 4)."""
+        (measured: docs/performance-history.md)."""
         if self.on_change is None or self._change_pending:
             return
         try:

@@ -86,7 +86,7 @@ def negotiate(accept: str) -> tuple[Encoder, str]:
     Its encoders are swapped for `generate_text`/`generate_openmetrics` with the same
     arguments, which write the same bytes (tests/sim/test_bench_smoke.py): an
     OpenMetrics scrape at 1000 VMs x 4 disks took 1.2-2.1 s (p50) with prometheus_client's
-    encoder, 23-50 ms this way, like the text format (docs/performance.md).
+    encoder, 23-50 ms this way, like the text format (docs/performance-history.md).
 
     One difference: a version that `parse_version` cannot compare (``version=1.0.0a``) makes
     `choose_encoder` raise, which prometheus_client's servers turn into an error 500; here that
