@@ -24,7 +24,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from exporter.hang.machine import HangOutcome
+from exporter.hang.outcome import HangOutcome
 from exporter.model.state import Part, VMState
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from exporter.hang.machine import HangOutcome
+from exporter.hang.outcome import HangOutcome
 from exporter.hang.tracking import HANG_BUCKETS
 from exporter.metrics import (
     BACKEND_AFFECTED_VMS,

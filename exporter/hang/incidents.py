@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from exporter.hang.machine import HangOutcome
+from exporter.hang.outcome import HangOutcome
 
 #: Hangs of one backend whose start is at most this long after the end of the incident's hangs
 #: so far belong to that incident (see the module docstring).

@@ -49,7 +49,7 @@ import orjson
 
 from exporter.config import DEFAULT_JOURNAL_MAX_BYTES
 from exporter.hang.incidents import DEFAULT_WINDOW_S, HangRecord, Window, incidents_json, select
-from exporter.hang.machine import CompletedHang
+from exporter.hang.outcome import CompletedHang
 from exporter.model.backend import UNKNOWN
 from exporter.model.sink import EventSink
 from exporter.model.state import VMState

@@ -108,16 +108,17 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
-from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Final
 
+from exporter.hang.numbers import finite as _finite
+from exporter.hang.numbers import non_negative as _non_negative
+from exporter.hang.outcome import CompletedHang, HangOutcome
+from exporter.hang.snapshot import SavedFailing, SavedHang, SavedTracker, parse
+
 __all__ = [
     "DEFAULT_MARGIN_S",
-    "CompletedHang",
     "DiskHangTracker",
-    "HangOutcome",
 ]
 
 #: Extra silence, beyond one expected attempt spacing, before a hang is declared over.  Two
@@ -128,50 +129,7 @@ DEFAULT_MARGIN_S: Final[float] = 2.0
 #: (bounds memory in an event storm with flapping storage; the counters stay exact).
 MAX_PENDING_COMPLETED: Final[int] = 4096
 
-SNAPSHOT_VERSION: Final[int] = 1
-
 _NEG_INF: Final[float] = -math.inf
-
-
-class HangOutcome(StrEnum):
-    """How a hang ended (the ``outcome`` label of the completed-hang counter)."""
-
-    #: Attempts stopped failing (inferred: QEMU emits nothing on recovery).
-    RECOVERED = "recovered"
-    #: A ``report`` event: ``retry_timeout`` passed and the guest has seen the error.
-    TIMED_OUT = "timed_out"
-    #: QEMU exited, shut down, was reset, or the QMP connection was lost for good.
-    VM_GONE = "vm_gone"
-
-
-@dataclass(frozen=True, slots=True)
-class CompletedHang:
-    """A finished hang, for the completed-duration histogram."""
-
-    start: float
-    end: float
-    outcome: HangOutcome
-    #: ``BLOCK_IO_ERROR`` events of the hang: its failed attempts and the report that timed it
-    #: out (the hang journal's ``io_error_events``).
-    io_error_events: int = 0
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-
-def _finite(name: str, value: float) -> float:
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return v
-
-
-def _non_negative(name: str, value: float) -> float:
-    v = _finite(name, value)
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return v
 
 
 class DiskHangTracker:
@@ -527,30 +485,25 @@ class DiskHangTracker:
     # ------------------------------------------------------------------ persistence
 
     def snapshot(self) -> dict[str, Any]:
-        """JSON-serialisable state, to survive an exporter restart (undrained completed hangs
-        are not included: the histogram they feed does not survive a restart either)."""
-        hanging = self._start is not None
-        return {
-            "version": SNAPSHOT_VERSION,
-            "retry_interval_s": self._interval,
-            "retry_timeout_s": self._timeout,
-            "margin_s": self._margin,
-            "hang_start": self._start,
-            "last_error": self._last_err if hanging else None,
-            "known_until": self._known if hanging else None,
-            "observed_spacing": self._spacing,
-            "paused": self._paused,
-            "stop_pause": self._stop_pause if hanging else False,
-            "resume_ts": self._resume_ts if hanging else None,
-            "hang_events": self._events if hanging else 0,
-            "failing": self._failing,
-            "failing_since": self._failing_since if self._failing else None,
-            "last_report": self._last_report if self._failing else None,
-            "hangs_total": {o.value: n for o, n in self._counts.items()},
-            "hang_seconds_completed": self._completed_s,
-            "last_end": None if self._last_end == _NEG_INF else self._last_end,
-            "clock": None if self._clock == _NEG_INF else self._clock,
-        }
+        """JSON-serialisable state, to survive an exporter restart (`exporter.hang.snapshot`)."""
+        hang = None
+        if self._start is not None:
+            hang = SavedHang(
+                self._start, self._last_err, self._known, self._stop_pause, self._resume_ts, self._events
+            )
+        return SavedTracker(
+            retry_interval_s=self._interval,
+            retry_timeout_s=self._timeout,
+            margin_s=self._margin,
+            observed_spacing=self._spacing,
+            paused=self._paused,
+            hangs_total=self._counts,
+            hang_seconds_completed=self._completed_s,
+            last_end=None if self._last_end == _NEG_INF else self._last_end,
+            clock=None if self._clock == _NEG_INF else self._clock,
+            hang=hang,
+            failing=SavedFailing(self._failing_since, self._last_report) if self._failing else None,
+        ).to_json()
 
     @classmethod
     def restore(
@@ -571,51 +524,28 @@ class DiskHangTracker:
         :meth:`on_resume`).  Policy arguments override the saved policy (pass the freshly read
         one).  Raises ValueError on malformed data.
         """
-        if not isinstance(data, Mapping) or data.get("version") != SNAPSHOT_VERSION:
-            raise ValueError("unsupported hang snapshot")
+        saved = parse(
+            data, retry_interval_s=retry_interval_s, retry_timeout_s=retry_timeout_s, margin_s=margin_s
+        )
         t = _finite("now", now)
-        try:
-            tr = cls(
-                _num(data, "retry_interval_s") if retry_interval_s is None else retry_interval_s,
-                _num(data, "retry_timeout_s") if retry_timeout_s is None else retry_timeout_s,
-                _num(data, "margin_s") if margin_s is None else margin_s,
-            )
-            counts = data["hangs_total"]
-            if not isinstance(counts, Mapping):
-                raise ValueError("hangs_total")
-            for o in HangOutcome:
-                n = counts.get(o.value, 0)
-                if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                    raise ValueError(f"hangs_total[{o.value}]")
-                tr._counts[o] = n
-            tr._completed_s = _non_negative("hang_seconds_completed", _num(data, "hang_seconds_completed"))
-            last_end = _opt_num(data, "last_end")
-            tr._last_end = _NEG_INF if last_end is None else last_end
-            clock = _opt_num(data, "clock")
-            tr._clock = t if clock is None else max(t, clock)
-            tr._spacing = _non_negative("observed_spacing", _num(data, "observed_spacing"))
-            tr._paused = bool(data.get("paused", False))
-            start = _opt_num(data, "hang_start")
-            if start is not None:
-                last_err = _opt_num(data, "last_error")
-                last_err = start if last_err is None else max(start, last_err)
-                known = _opt_num(data, "known_until")
-                tr._start = start
-                tr._last_err = last_err
-                tr._known = min(tr._clock, last_err if known is None else max(known, last_err))
-                tr._stop_pause = bool(data.get("stop_pause", False))
-                resume = _opt_num(data, "resume_ts")
-                tr._resume_ts = resume if resume is not None and resume >= last_err else None
-                events = data.get("hang_events", 0)
-                tr._events = events if type(events) is int and events > 0 else 0
-            if data.get("failing"):
-                tr._failing = True
-                since = _opt_num(data, "failing_since")
-                last_report = _opt_num(data, "last_report")
-                tr._last_report = t if last_report is None else last_report
-                tr._failing_since = tr._last_report if since is None else since
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"malformed hang snapshot: {e}") from e
+        tr = cls(saved.retry_interval_s, saved.retry_timeout_s, saved.margin_s)
+        tr._counts.update(saved.hangs_total)
+        tr._completed_s = saved.hang_seconds_completed
+        tr._last_end = _NEG_INF if saved.last_end is None else saved.last_end
+        tr._clock = t if saved.clock is None else max(t, saved.clock)
+        tr._spacing = saved.observed_spacing
+        tr._paused = saved.paused
+        if (hang := saved.hang) is not None:
+            tr._start = hang.start
+            tr._last_err = hang.last_error
+            tr._known = min(tr._clock, hang.known_until)
+            tr._stop_pause = hang.stop_pause
+            tr._resume_ts = hang.resume_ts
+            tr._events = hang.events
+        if (failing := saved.failing) is not None:
+            tr._failing = True
+            tr._last_report = t if failing.last_report is None else failing.last_report
+            tr._failing_since = tr._last_report if failing.since is None else failing.since
         tr._anchor = t
         tr._tick(t)
         return tr
@@ -720,14 +650,3 @@ class DiskHangTracker:
         self._resume_ts = None
         self._stop_pause = False
         self._gap_ref = None
-
-
-def _num(data: Mapping[str, Any], key: str) -> float:
-    v = data[key]
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ValueError(f"{key} must be a number")
-    return _finite(key, v)
-
-
-def _opt_num(data: Mapping[str, Any], key: str) -> float | None:
-    return None if data.get(key) is None else _num(data, key)

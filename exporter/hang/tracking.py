@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from exporter.hang.blast import BackendCounts, backend_counts
-from exporter.hang.machine import CompletedHang, DiskHangTracker, HangOutcome
+from exporter.hang.machine import DiskHangTracker
+from exporter.hang.outcome import CompletedHang, HangOutcome
 from exporter.model.events import BlockIOError, BlockIOErrorRun, RunStateChange, VMEvent
 from exporter.model.sink import EventSink
 from exporter.model.state import Disk, VMState

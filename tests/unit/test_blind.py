@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exporter.hang.machine import HangOutcome
+from exporter.hang.outcome import HangOutcome
 from exporter.hang.tracking import HangTracking
 from exporter.model.events import BlockIOError
 from exporter.model.policy import DiskPolicy, PolicyConfig, verify

@@ -16,7 +16,8 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.hang.machine import DiskHangTracker, HangOutcome
+from exporter.hang.machine import DiskHangTracker
+from exporter.hang.outcome import HangOutcome
 
 T0 = 1_700_000_000.0
 EXAMPLES = int(os.environ.get("HANG_EXAMPLES", "300"))

@@ -16,12 +16,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from exporter.hang.machine import (
-    DEFAULT_MARGIN_S,
-    CompletedHang,
-    DiskHangTracker,
-    HangOutcome,
-)
+from exporter.hang.machine import DEFAULT_MARGIN_S, DiskHangTracker
+from exporter.hang.outcome import CompletedHang, HangOutcome
 
 R, T, V = HangOutcome.RECOVERED, HangOutcome.TIMED_OUT, HangOutcome.VM_GONE
 T0 = 1_700_000_000.0  # a realistic Unix time: float precision matters at this magnitude

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.hang.machine import DiskHangTracker, HangOutcome
+from exporter.hang.machine import DiskHangTracker
+from exporter.hang.outcome import HangOutcome
 from exporter.hang.tracking import HangTracking
 from exporter.model.events import BlockIOError
 from exporter.model.policy import DiskPolicy, PolicyConfig, verify

@@ -14,7 +14,7 @@ import pytest
 from exporter.hang import journal as journal_mod
 from exporter.hang.incidents import HangRecord, Window
 from exporter.hang.journal import HangJournal, JournalError, JournalFiles
-from exporter.hang.machine import CompletedHang, HangOutcome
+from exporter.hang.outcome import CompletedHang, HangOutcome
 from exporter.hang.tracking import HangTracking
 from exporter.model.events import BlockIOError, RunStateChange
 from exporter.model.policy import DiskPolicy, PolicyVerdict
