@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from xml.parsers.expat import errors as expat_errors
 
 from exporter.model.policy import DiskPolicy
@@ -39,7 +39,8 @@ _Q = f"{{{QEMU_NS}}}"
 MAX_XML_BYTES = 16 << 20
 #: Length bound for strings that end up in label values (source descriptions, names).
 MAX_TEXT = 256
-#: Hosts of one network source kept in its description (Ceph monitors, Gluster servers).
+#: Hosts of one network source kept (Ceph monitors, Gluster servers); `DomainDiskSource.host_count`
+#: says how many there were.
 MAX_HOSTS = 4
 
 #: libvirt's ``error_policy`` / ``rerror_policy`` values → QEMU's ``werror`` / ``rerror`` spelling.
@@ -78,7 +79,6 @@ _BUS_KIND = {
     "xen": "xen-disk",
     "sd": "sd-card",
 }
-_NODE_RE = re.compile(r"^libvirt-(\d+)-")
 
 
 def _clip(text: str) -> str:
@@ -103,24 +103,6 @@ class DomainDiskSource:
     pool: str | None = None
     volume: str | None = None
 
-    def describe(self) -> str:
-        """One bounded line for `exporter.metrics.DEVICE_INFO`: ``nbd://127.0.0.1:10809/export``,
-        ``file:/var/lib/img.raw``, ``volume:pool/vol``..."""
-        if self.protocol is not None:
-            hosts = ",".join(self.hosts)
-            if self.host_count > len(self.hosts):
-                hosts += f",+{self.host_count - len(self.hosts)}"
-            text = f"{self.protocol}://{hosts}"
-            if self.name:
-                text += "/" + self.name.lstrip("/")
-        elif self.pool is not None or self.volume is not None:
-            text = f"volume:{self.pool or ''}/{self.volume or ''}"
-        elif self.path is not None:
-            text = f"{self.kind}:{self.path}"
-        else:
-            text = self.kind
-        return _clip(text)
-
 
 @dataclass(frozen=True)
 class DomainDisk:
@@ -142,13 +124,6 @@ class DomainDisk:
     # Where the werror/rerror values came from: "driver", "override", "default" (QEMU's own),
     # joined with "+" when the two differ, e.g. "driver+override".
     policy_origin: str
-
-    @property
-    def node_names(self) -> tuple[str, ...]:
-        """The QEMU node names libvirt gives this disk's top image (``-blockdev``)."""
-        if self.index is None:
-            return ()
-        return (f"libvirt-{self.index}-format", f"libvirt-{self.index}-storage")
 
     def policy(self) -> DiskPolicy:
         """The policy in `exporter.model.policy` terms, as QMP mode would have read it."""
@@ -181,39 +156,6 @@ class Domain:
     id: int | None  # libvirt's domain id; None in inactive XML
     disks: tuple[DomainDisk, ...]
     skipped: tuple[SkippedDisk, ...] = ()
-    _by_index: dict[int, DomainDisk] = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        for disk in self.disks:
-            for i in disk.indexes:
-                self._by_index.setdefault(i, disk)
-
-    def disk_for_node(self, node_name: str) -> DomainDisk | None:
-        """The disk a QEMU node name (``libvirt-N-format``, ``libvirt-N-storage``...) belongs to."""
-        index = node_index(node_name)
-        return None if index is None else self._by_index.get(index)
-
-    def disk_for_event(self, device: str, node_name: str | None) -> DomainDisk | None:
-        """The disk a ``BLOCK_IO_ERROR`` names: by node name (``-blockdev``: ``device`` is
-        ``""``), else by ``device`` (``-drive``: ``drive-<alias>``, or a qdev id)."""
-        if node_name:
-            disk = self.disk_for_node(node_name)
-            if disk is not None:
-                return disk
-        if device:
-            for disk in self.disks:
-                if device in (disk.alias, f"drive-{disk.alias}"):
-                    return disk
-        return None
-
-    def disk_by_alias(self, alias: str) -> DomainDisk | None:
-        return next((d for d in self.disks if d.alias == alias), None)
-
-
-def node_index(node_name: str) -> int | None:
-    """N of a libvirt node name ``libvirt-N-format`` / ``libvirt-N-storage`` (or ``-slice-sto``)."""
-    match = _NODE_RE.match(node_name)
-    return int(match.group(1)) if match else None
 
 
 class _BadDisk(Exception):

@@ -14,8 +14,10 @@ instead, without changing or tainting any domain (domain.md §4.1):
   safety net.
 
 libvirt-python calls block.  libvirt's event loop runs in one thread of its own (shared by all
-URIs) and hands callbacks to the asyncio loop in batches; every other call runs in this
-source's worker threads under a timeout.  A stuck libvirtd therefore never delays a scrape or
+URIs) and hands callbacks to the asyncio loop in batches (`exporter.libvirt.inbox`); every other
+call runs in this source's worker threads under a timeout (`exporter.libvirt.calls`).  What
+libvirt reports becomes the model's run states, disks and statistics in
+`exporter.libvirt.translate`.  A stuck libvirtd therefore never delays a scrape or
 another source: the call is abandoned, the connection re-opened with backoff, and hang state is
 kept (trackers are told the session dropped, not that the VM went away).
 """
@@ -24,22 +26,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from exporter.config import Config
-from exporter.libvirt.domxml import Domain, parse_domain
+from exporter.libvirt.calls import (
+    STATS,
+    CallFailed,
+    all_stats,
+    close_quietly,
+    connect_reason,
+    ensure_event_loop,
+    failed_targets,
+    in_thread,
+    is_libvirt_error,
+)
+from exporter.libvirt.domxml import parse_domain
 from exporter.libvirt.inbox import ErrorRun, EventInbox
-from exporter.model.disk_source import source_from_libvirt
-from exporter.model.events import BlockIOError, BlockIOErrorRun, RunStateChange, VMEvent, decode, event_time
-from exporter.model.policy import verify
+from exporter.libvirt.translate import (
+    Span,
+    blockstats_by_target,
+    event_data,
+    model_disks,
+    qemu_version,
+    run_state,
+    typed_event,
+)
+from exporter.model.events import BlockIOError, BlockIOErrorRun, RunStateChange, event_time
 from exporter.model.sink import EventSink
-from exporter.model.state import BlockStats, ConnectionState, Disk, Part, VMState, uint64
+from exporter.model.state import ConnectionState, Part, VMState
 from exporter.runtime.backoff import Backoff
 from exporter.storage import BackendResolver
 
@@ -60,128 +78,7 @@ _LIFECYCLE_RESUMED = 4
 _LIFECYCLE_STOPPED = 5
 _LIFECYCLE_SHUTDOWN = 6
 _LIFECYCLE_CRASHED = 8
-_STATE_RUNNING, _STATE_BLOCKED, _STATE_PAUSED = 1, 2, 3
-_STATE_SHUTDOWN, _STATE_SHUTOFF, _STATE_CRASHED, _STATE_PMSUSPENDED = 4, 5, 6, 7
-_PAUSED_IOERROR = 5
 
-
-def run_state(state: int, reason: int) -> str:
-    """libvirt's (state, reason) in QMP ``query-status`` words, so alerts and dashboards read
-    both sources alike."""
-    if state in (_STATE_RUNNING, _STATE_BLOCKED):
-        return "running"
-    if state == _STATE_PAUSED:
-        return "io-error" if reason == _PAUSED_IOERROR else "paused"
-    if state in (_STATE_SHUTDOWN, _STATE_SHUTOFF):
-        return "shutdown"
-    if state == _STATE_CRASHED:
-        return "guest-panicked"
-    if state == _STATE_PMSUSPENDED:
-        return "suspended"
-    return ""
-
-
-def blockstats_by_target(stats: Mapping[str, Any]) -> dict[str, BlockStats]:
-    """``getAllDomainStats`` block fields (``block.N.name``, ``block.N.rd.reqs``...) by target
-    (``vda``).  libvirt has no failed-operation counters; those stay 0."""
-
-    def i(key: str) -> int:
-        return uint64(stats, key)
-
-    out: dict[str, BlockStats] = {}
-    for n in range(min(i("block.count"), 4096)):
-        p = f"block.{n}."
-        name = stats.get(p + "name")
-        if not isinstance(name, str) or name in out:
-            continue  # backing-chain entries repeat the name; the first is the top image
-        out[name] = BlockStats(
-            read_bytes=i(p + "rd.bytes"),
-            written_bytes=i(p + "wr.bytes"),
-            read_ops=i(p + "rd.reqs"),
-            write_ops=i(p + "wr.reqs"),
-            flush_ops=i(p + "fl.reqs"),
-            read_time_s=i(p + "rd.times") / 1e9,
-            write_time_s=i(p + "wr.times") / 1e9,
-            flush_time_s=i(p + "fl.times") / 1e9,
-        )
-    return out
-
-
-def model_disks(domain: Domain, config: Config, backends: BackendResolver | None = None) -> dict[str, Disk]:
-    """The parsed domain's disks as the model's `Disk`: the alias is the QEMU device id (the
-    ``device`` label), the node names libvirt gives the chain identify it in events, the
-    ``<source>`` its storage backend."""
-    disks: dict[str, Disk] = {}
-    resolver = backends or BackendResolver(config)
-    for d in domain.disks:
-        s = d.source
-        source = source_from_libvirt(s.kind, s.protocol, s.hosts, s.name, s.path, s.pool)
-        policy = d.policy()
-        nodes = tuple(n for i in d.indexes for n in (f"libvirt-{i}-format", f"libvirt-{i}-storage"))
-        qom = f"/machine/peripheral/{d.alias}"
-        disks[d.alias] = Disk(
-            device=d.alias,
-            drive=f"drive-{d.alias}",  # libvirt without -blockdev names the drive so
-            node_name=nodes[0] if nodes else "",
-            qdev=f"{qom}/virtio-backend" if d.kind == "virtio-blk" else d.alias,
-            qom_path=qom,
-            qdev_type=d.kind,
-            policy=policy,
-            verdict=verify(policy, config.policy),
-            other_nodes=nodes[1:],
-            backend=resolver.backend(source),
-        )
-    return disks
-
-
-def qemu_version(v: int) -> str:
-    """``virConnectGetVersion``'s major * 1,000,000 + minor * 1,000 + micro."""
-    return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}" if v > 0 else ""
-
-
-class CallFailed(Exception):
-    """A libvirt call failed or timed out: the connection is re-opened."""
-
-
-# --- libvirt's event loop: one thread for the process -------------------------------------
-
-_loop_lock = threading.Lock()
-_loop_started = False
-
-
-def quiet_libvirt_errors() -> None:
-    """Stop libvirt-python printing ``libvirt: XML-RPC error : ...`` to stderr for every failed
-    call (each reconnect attempt while libvirtd is down): the error is still raised, and logged
-    once per state change in the configured log format."""
-    import libvirt
-
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-
-def _ensure_event_loop() -> None:
-    """libvirt needs an event loop registered before the first connection (for events,
-    keepalive and the close callback); it runs in a daemon thread, never on asyncio's."""
-    global _loop_started
-    import libvirt
-
-    with _loop_lock:
-        if _loop_started:
-            return
-        quiet_libvirt_errors()
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        # A timer keeps the loop turning, so callbacks registered later are picked up promptly.
-        libvirt.virEventAddTimeout(1000, lambda _timer, _opaque: None, None)
-        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
-        _loop_started = True
-
-
-#: A coalesced run as `_Domain` holds it: (count, first timestamp, largest gap); None: one event.
-Span = tuple[int, float, float] | None
 #: A QEMU event as `_Domain` holds it: (name, data, QEMU time, span).
 _Held = tuple[str, Any, float | None, Span]
 
@@ -251,7 +148,7 @@ class LibvirtSource:
             await asyncio.wait({self._task}, timeout=grace)
         conn, self._conn = self._conn, None
         if conn is not None:
-            _in_thread(_close_quietly, conn)  # may block on a stuck libvirtd: never waited for
+            in_thread(close_quietly, conn)  # may block on a stuck libvirtd: never waited for
 
     async def _run(self) -> None:
         lc = self.config.libvirt
@@ -282,12 +179,12 @@ class LibvirtSource:
         and must not hold up the process's exit (executors join their threads at exit)."""
         try:
             async with asyncio.timeout(self.config.libvirt.call_timeout_seconds):
-                return await _in_thread(fn, *args)
+                return await in_thread(fn, *args)
         except TimeoutError:
             self.state.call_errors[(what, "timeout")] += 1
             raise CallFailed(f"{what} timed out") from None
         except Exception as exc:
-            if _is_libvirt_error(exc):
+            if is_libvirt_error(exc):
                 self.state.call_errors[(what, "error")] += 1
                 raise CallFailed(f"{what}: {exc}") from None
             raise
@@ -296,14 +193,14 @@ class LibvirtSource:
         import libvirt
         import libvirt_qemu
 
-        _ensure_event_loop()
+        ensure_event_loop()
         self._session_id += 1
         session = self._session_id
         self._closed.clear()
         try:
             conn = await self._call("open", libvirt.open, self.uri)
         except CallFailed as exc:
-            reason = _connect_reason(str(exc))
+            reason = connect_reason(str(exc))
             self.state.connect_errors[reason] += 1
             if self._last_error != reason:
                 extra = {"uri": self.uri, "reason": reason, "err": str(exc)}
@@ -388,7 +285,7 @@ class LibvirtSource:
             d.unmatched.clear()
         conn, self._conn = self._conn, None
         if conn is not None:
-            _in_thread(_close_quietly, conn)
+            in_thread(close_quietly, conn)
 
     # -- reading libvirt ---------------------------------------------------------------
 
@@ -396,14 +293,14 @@ class LibvirtSource:
         """Every running domain, read afresh; domains no longer running are gone."""
         import libvirt
 
-        stats = dict(await self._call("stats", _all_stats, conn))
+        stats = dict(await self._call("stats", all_stats, conn))
 
         def listing() -> list[tuple[str, str, set[str]]]:
             out = []
             for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
                 with contextlib.suppress(libvirt.libvirtError):  # it stopped meanwhile
                     uuid = dom.UUIDString()
-                    out.append((uuid, dom.XMLDesc(0), _failed_targets(dom, stats.get(uuid))))
+                    out.append((uuid, dom.XMLDesc(0), failed_targets(dom, stats.get(uuid))))
             return out
 
         found = await self._call("list", listing)
@@ -422,9 +319,9 @@ class LibvirtSource:
                 if not dom.isActive():
                     return None
                 xml = str(dom.XMLDesc(0))
-                got = conn.domainListGetStats([dom], _STATS)
+                got = conn.domainListGetStats([dom], STATS)
                 stats = got[0][1] if got else {}
-                return xml, stats, _failed_targets(dom, stats)
+                return xml, stats, failed_targets(dom, stats)
             except libvirt.libvirtError:
                 return None  # gone again
 
@@ -481,7 +378,7 @@ class LibvirtSource:
                 self._apply_event(d, *item)
         pending, d.unmatched = d.unmatched, []
         for name, data, time, span in pending:
-            typed = _typed(name, data, time, span, vm)
+            typed = typed_event(name, data, time, span, vm)
             vm.apply(typed)
             self.sink.on_event(vm, typed)
 
@@ -513,7 +410,7 @@ class LibvirtSource:
 
     async def _poll(self, conn: Any) -> None:
         now = self.clock()
-        for uuid, stats in await self._call("stats", _all_stats, conn):
+        for uuid, stats in await self._call("stats", all_stats, conn):
             d = self.domains.get(uuid)
             if d is not None and d.ready:
                 self._set_status(d.vm, stats)
@@ -594,7 +491,7 @@ class LibvirtSource:
         text for every attempt (read-only downstream).  Bounded: cleared when full."""
         data = self._parsed.get(details) if type(details) is str else None
         if data is None:
-            data = _details(details)
+            data = event_data(details)
             if type(details) is str and data is not None:
                 if len(self._parsed) >= _PARSED_MAX:
                     self._parsed.clear()
@@ -617,7 +514,7 @@ class LibvirtSource:
 
     def _apply_event(self, d: _Domain, name: str, data: Any, time: float | None, span: Span = None) -> None:
         vm = d.vm
-        typed = _typed(name, data, time, span, vm)
+        typed = typed_event(name, data, time, span, vm)
         if type(typed) is BlockIOError and typed.device is not None:
             # The storm's case, with the fewest steps (`received` and `apply` in one go).
             vm.received_io_error(typed)
@@ -639,91 +536,3 @@ class LibvirtSource:
             self._poll_now.set()
         elif typed.name == "DEVICE_DELETED":
             self._request_refresh(vm.uuid)
-
-
-def _typed(name: str, data: Any, time: float | None, span: Span, vm: VMState) -> VMEvent:
-    """The model's event for what libvirt forwarded: one event, or a coalesced run."""
-    typed = decode(name, data, time, vm.match_disk)
-    if span is None or type(typed) is not BlockIOError or time is None:
-        return typed
-    count, first, max_gap = span
-    return BlockIOErrorRun(time, typed.device, typed.operation, typed.action, count, first, max_gap)
-
-
-#: What every poll reads of every domain.
-_STATS = 0x1 | 0x20  # VIR_DOMAIN_STATS_STATE | VIR_DOMAIN_STATS_BLOCK
-
-
-def _all_stats(conn: Any) -> list[tuple[str, dict[str, Any]]]:
-    """State and block statistics of every running domain: one RPC, whatever the fleet size."""
-    got = conn.getAllDomainStats(_STATS, 0x1)  # VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
-    return [(dom.UUIDString(), stats) for dom, stats in got]
-
-
-def _in_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-    """``fn(*args)`` in a new daemon thread; its result (or error) on the running loop."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if not fut.done():
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
-
-    def run() -> None:
-        try:
-            result: Any = fn(*args)
-            ok = True
-        except BaseException as exc:  # delivered to the awaiting task
-            result, ok = exc, False
-        with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
-            loop.call_soon_threadsafe(settle, ok, result)
-
-    threading.Thread(target=run, name="libvirt-call", daemon=True).start()
-    return fut
-
-
-def _failed_targets(dom: Any, stats: Mapping[str, Any] | None) -> set[str]:
-    """Targets (``vda``) with an IO error, asked only of a domain paused on one (one more
-    call; ``virDomainGetDiskErrors`` is read-only and taints nothing)."""
-    if not stats or stats.get("state.state") != _STATE_PAUSED or stats.get("state.reason") != _PAUSED_IOERROR:
-        return set()
-    return {str(target) for target, code in dom.diskErrors().items() if code}
-
-
-def _details(details: Any) -> Any:
-    """The event data libvirt forwards: QEMU's JSON text (or already a dict)."""
-    if isinstance(details, str):
-        try:
-            return json.loads(details)
-        except ValueError:
-            return None
-    return details
-
-
-def _is_libvirt_error(exc: BaseException) -> bool:
-    try:
-        import libvirt
-    except ImportError:
-        return False
-    return isinstance(exc, libvirt.libvirtError)
-
-
-def _connect_reason(message: str) -> str:
-    text = message.lower()
-    if "no such file" in text:
-        return "not_found"
-    if "connection refused" in text:
-        return "refused"
-    if "permission denied" in text or "authentication" in text:
-        return "permission"
-    if "timed out" in text:
-        return "timeout"
-    return "other"
-
-
-def _close_quietly(conn: Any) -> None:
-    with contextlib.suppress(Exception):
-        conn.close()

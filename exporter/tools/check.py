@@ -39,8 +39,9 @@ from typing import Any
 from exporter import __version__
 from exporter.cli import LIBVIRT_MISSING, OneLineParser
 from exporter.config import Config, ConfigError, load_file, validate_libvirt_uri
+from exporter.libvirt.calls import quiet_libvirt_errors
 from exporter.libvirt.domxml import Domain, parse_definition, parse_domain
-from exporter.libvirt.source import model_disks, quiet_libvirt_errors
+from exporter.libvirt.translate import model_disks
 from exporter.model.policy import DiskPolicy, PolicyConfig, verify
 from exporter.model.state import Disk, VMState
 from exporter.qmp.discovery import unmatched_reason

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from exporter.config import Config, parse
 from exporter.libvirt.domxml import parse_domain
-from exporter.libvirt.source import model_disks
+from exporter.libvirt.translate import model_disks
 from exporter.model.backend import MAX_BACKEND, UNKNOWN, BackendRule, derive_backend
 from exporter.model.disk_source import source_from_filename, source_from_libvirt, source_from_query_block
 from exporter.model.mounts import Mount, parse_mountinfo

@@ -9,7 +9,7 @@ from typing import Any
 
 from exporter.config import Config
 from exporter.libvirt.domxml import parse_definition, parse_domain
-from exporter.libvirt.source import blockstats_by_target, model_disks, qemu_version, run_state
+from exporter.libvirt.translate import blockstats_by_target, model_disks, qemu_version, run_state
 from exporter.model.policy import PolicyConfig, Rule
 from exporter.model.state import VMState
 

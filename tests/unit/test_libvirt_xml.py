@@ -12,16 +12,19 @@ from pathlib import Path
 
 import pytest
 
+from exporter.config import Config
 from exporter.libvirt.domxml import (
     MAX_TEXT,
     Domain,
     DomainDisk,
     DomainDiskSource,
-    node_index,
     parse_definition,
     parse_domain,
 )
+from exporter.libvirt.translate import model_disks
+from exporter.model.disk_source import source_from_libvirt
 from exporter.model.policy import DiskPolicy, PolicyConfig, Rule, verify
+from exporter.model.state import VMState
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 XML = FIXTURES / "libvirt-xml"
@@ -33,9 +36,23 @@ def load(path: Path) -> Domain:
 
 
 def only(domain: Domain, alias: str) -> DomainDisk:
-    disk = domain.disk_by_alias(alias)
+    disk = next((d for d in domain.disks if d.alias == alias), None)
     assert disk is not None, f"{alias} not in {[d.alias for d in domain.disks]}"
     return disk
+
+
+def source_text(disk: DomainDisk) -> str:
+    """The disk's source as the exporter shows it (what `model_disks` resolves backends from)."""
+    s = disk.source
+    return source_from_libvirt(s.kind, s.protocol, s.hosts, s.name, s.path, s.pool).text
+
+
+def matched(domain: Domain, **event: str) -> str | None:
+    """The disk alias a ``BLOCK_IO_ERROR``'s data names, as the libvirt source matches it: the
+    domain's disks in the model (`model_disks`), then `VMState.match_disk`."""
+    vm = VMState(key="libvirt:t")
+    vm.set_disks(model_disks(domain, Config()))
+    return vm.match_disk({k.replace("_", "-"): v for k, v in event.items()})
 
 
 def domain_xml(disks: str, extra: str = "", ns: bool = False) -> str:
@@ -77,7 +94,7 @@ def test_openeuler_virtio_blk_example() -> None:
     assert vdb.policy_origin == "driver"
     # type='block' with <source file=...>, as the documentation writes it.
     assert vdb.source == DomainDiskSource(kind="block", path="/path/to/your/storage")
-    assert vdb.source.describe() == "block:/path/to/your/storage"
+    assert source_text(vdb) == "/path/to/your/storage"
     assert vdb.policy() == DiskPolicy("retry", "retry", 2000, 10000, retry_feature=True)
     assert verify(vdb.policy(), PolicyConfig()).ok
 
@@ -111,9 +128,9 @@ def test_seed_bare_disks_named_after_the_caller() -> None:
     dom = parse_definition(SEED_DISKS, name="seed-disks")
     assert (dom.name, dom.uuid, dom.id, dom.skipped) == ("seed-disks", "", None, ())
     assert policies(dom) == [("vdb", *SEED_RETRY), ("sdb", *SEED_RETRY)]
-    assert [(d.kind, d.source.describe()) for d in dom.disks] == [
-        ("virtio-blk", "block:/path/to/your/storage"),
-        ("scsi-hd", "block:/path/to/your/storage"),
+    assert [(d.kind, source_text(d)) for d in dom.disks] == [
+        ("virtio-blk", "/path/to/your/storage"),
+        ("scsi-hd", "/path/to/your/storage"),
     ]
     assert all(verify(d.policy(), PolicyConfig()).ok for d in dom.disks)
 
@@ -134,7 +151,7 @@ def test_bare_disks_after_a_declaration_keep_its_encoding() -> None:
     text = f"<?xml version='1.0' encoding='ISO-8859-1'?>{SEED_VIRTIO_DISK}{SEED_VIRTIO_DISK}"
     text = text.replace("/path/to/your/storage", "/srv/caf\u00e9")
     dom = parse_definition(text.encode("latin-1"), name="f")
-    assert [d.source.describe() for d in dom.disks] == ["block:/srv/caf\u00e9"] * 2
+    assert [source_text(d) for d in dom.disks] == ["/srv/caf\u00e9"] * 2
 
 
 def test_seed_domain_without_uuid() -> None:
@@ -213,7 +230,7 @@ def test_override_wins_over_driver() -> None:
         30000,
     )
     assert vda.policy_origin == "override"
-    assert vda.source.describe() == "iscsi://192.0.2.10:3260/iqn.2024-01.org.example:store/1"
+    assert source_text(vda) == "iscsi://192.0.2.10:3260/iqn.2024-01.org.example:store/1"
 
 
 def test_override_of_werror_only_keeps_driver_rerror() -> None:
@@ -240,26 +257,31 @@ def test_backing_chain_nodes_map_to_the_disk() -> None:
     dom = load(XML / "override.xml")
     vdc = only(dom, "ua-disk2")
     assert (vdc.index, vdc.indexes) == (4, (4, 5))
-    assert vdc.node_names == ("libvirt-4-format", "libvirt-4-storage")
-    assert dom.disk_for_node("libvirt-5-format") is vdc
-    assert dom.disk_for_node("libvirt-4-storage") is vdc
-    assert dom.disk_for_node("libvirt-3-format") is only(dom, "ua-disk0")
-    assert dom.disk_for_node("libvirt-9-format") is None
-    assert dom.disk_for_node("#block131") is None
+    disk = model_disks(dom, Config())["ua-disk2"]
+    assert (disk.node_name, disk.other_nodes) == (
+        "libvirt-4-format",
+        ("libvirt-4-storage", "libvirt-5-format", "libvirt-5-storage"),
+    )
+    assert matched(dom, device="", node_name="libvirt-5-format") == "ua-disk2"
+    assert matched(dom, device="", node_name="libvirt-4-storage") == "ua-disk2"
+    assert matched(dom, device="", node_name="libvirt-3-format") == "ua-disk0"
+    assert matched(dom, device="", node_name="libvirt-9-format") is None
+    assert matched(dom, device="", node_name="#block131") is None
 
 
 def test_cdrom_skipped_silently() -> None:
     dom = load(XML / "override.xml")
     assert [d.alias for d in dom.disks] == ["ua-disk0", "ua-disk1", "ua-disk2"]
     assert dom.skipped == ()
-    assert dom.disk_for_node("libvirt-1-format") is None
+    assert matched(dom, device="", node_name="libvirt-1-format") is None
 
 
 def test_rbd_hosts_bounded_and_ipv6_bracketed() -> None:
-    src = only(load(XML / "override.xml"), "ua-disk1").source
-    assert src.hosts == ("mon1:6789", "mon2:6789", "[2001:db8::3]:6789", "mon4")
-    assert src.host_count == 5
-    assert src.describe() == "rbd://mon1:6789,mon2:6789,[2001:db8::3]:6789,mon4,+1/pool/image"
+    disk = only(load(XML / "override.xml"), "ua-disk1")
+    assert disk.source.hosts == ("mon1:6789", "mon2:6789", "[2001:db8::3]:6789", "mon4")
+    assert disk.source.host_count == 5
+    # As the exporter shows it: monitors sorted, Ceph's default port spelled out.
+    assert source_text(disk) == "rbd://[2001:db8::3]:6789,mon1:6789,mon2:6789,mon4:6789/pool/image"
 
 
 def test_unbound_qemu_prefix_is_a_value_error() -> None:
@@ -382,7 +404,9 @@ def test_long_source_clipped() -> None:
         f"<disk type='file' device='disk'><source file='{long_path}' index='1'/>"
         "<target dev='vda' bus='virtio'/><alias name='virtio-disk0'/></disk>"
     )
-    assert len(parse_domain(xml).disks[0].source.describe()) == MAX_TEXT
+    disk = parse_domain(xml).disks[0]
+    assert disk.source.path is not None and len(disk.source.path) == MAX_TEXT
+    assert source_text(disk) == disk.source.path
 
 
 @pytest.mark.parametrize(
@@ -395,7 +419,7 @@ def test_device_kind_from_bus(device: str, bus: str, kind: str) -> None:
         f"<target dev='sdz' bus='{bus}'/><alias name='d0'/></disk>"
     )
     d = parse_domain(xml).disks[0]
-    assert (d.kind, d.source.describe()) == (kind, "block:/dev/sdz")
+    assert (d.kind, source_text(d)) == (kind, "/dev/sdz")
 
 
 @pytest.mark.parametrize(("device", "bus"), [("cdrom", "sata"), ("floppy", "fdc"), ("disk", "usb")])
@@ -407,12 +431,13 @@ def test_removable_media_skipped(device: str, bus: str) -> None:
     assert (dom.disks, dom.skipped) == ((), ())
 
 
-def test_node_index() -> None:
-    assert node_index("libvirt-12-format") == 12
-    assert node_index("libvirt-3-storage") == 3
-    assert node_index("libvirt-3-slice-sto") == 3
-    assert node_index("nbd0") is None
-    assert node_index("libvirt-x-format") is None
+def test_node_names_of_source_indexes() -> None:
+    dom = parse_domain(domain_xml(disk_xml(alias="d12").replace("index='1'", "index='12'")))
+    assert matched(dom, device="", node_name="libvirt-12-format") == "d12"
+    assert matched(dom, device="", node_name="libvirt-12-storage") == "d12"
+    assert matched(dom, device="", node_name="libvirt-1-format") is None
+    assert matched(dom, device="", node_name="nbd0") is None
+    assert matched(dom, device="", node_name="libvirt-x-format") is None
 
 
 def test_event_device_fallback_for_drive_mode() -> None:
@@ -422,10 +447,12 @@ def test_event_device_fallback_for_drive_mode() -> None:
     )
     dom = parse_domain(domain_xml(no_index))
     d = dom.disks[0]
-    assert (d.index, d.node_names) == (None, ())
-    assert dom.disk_for_event("drive-virtio-disk0", "#block131") is d
-    assert dom.disk_for_event("virtio-disk0", None) is d
-    assert dom.disk_for_event("", "libvirt-1-format") is None
+    assert (d.index, model_disks(dom, Config())["virtio-disk0"].node_name) == (None, "")
+    assert matched(dom, device="drive-virtio-disk0", node_name="#block131") == "virtio-disk0"
+    assert (
+        matched(dom, device="", qom_path="/machine/peripheral/virtio-disk0/virtio-backend") == "virtio-disk0"
+    )
+    assert matched(dom, device="", node_name="libvirt-1-format") is None
 
 
 # --- captured from a real libvirtd (tests/libvirt/capture.py) --------------------------------
@@ -438,9 +465,9 @@ def test_captured_stop_policy_domain() -> None:
     assert (boot.target, boot.bus, boot.kind) == ("vda", "virtio", "virtio-blk")
     assert (boot.werror, boot.rerror, boot.policy_origin) == ("stop", "stop", "driver")
     assert boot.source.protocol == "nbd" and boot.source.hosts[0].startswith("127.0.0.1:")
-    assert boot.source.describe().startswith("nbd://127.0.0.1:")
+    assert source_text(boot).startswith("nbd://127.0.0.1:")
     assert boot.index is not None
-    assert dom.disk_for_event("", f"libvirt-{boot.index}-format") is boot
+    assert matched(dom, device="", node_name=f"libvirt-{boot.index}-format") == "ua-boot"
     # The local second disk: libvirt's own alias, no policy.
     data = only(dom, "virtio-disk1")
     assert (data.target, data.werror, data.rerror, data.policy_origin) == (
