@@ -46,61 +46,8 @@ FAILING     silence / ok-ops    IDLE (an IO succeeded, or the guest stopped fail
 FAILING     VM gone             IDLE
 ==========  ==================  =====================================================
 
-HANGING has a paused sub-state for the ``stop`` policy (and for a VM paused by the user during a
-retry hang): a ``BLOCK_IO_ERROR`` with ``action: "stop"`` starts (or continues) the hang and QEMU
-then pauses the VM (``STOP``, run state ``io-error``).  Nothing can be inferred from silence while
-the VM is paused.  After ``RESUME`` QEMU retries the request at once; if no further error comes
-within the expected spacing the hang ends ``recovered`` with end time = the RESUME timestamp.
-
-Expected spacing
-================
-``base spacing = max(retry_interval, observed spacing)`` where the observed spacing is the largest
-gap seen between consecutive error events of the current hang (real attempts are spaced by the
-interval *plus* the time the failing IO takes, which on a dead iSCSI/NBD link can be seconds;
-with many requests in flight events come in bursts, and the largest gap is the gap between
-bursts).  ``expected spacing = base spacing + margin``: a hang is declared over when no error has
-come for longer than that.  The margin absorbs event delivery lag and jitter; it delays
-detection, not the accuracy of the end time.
-
-End time of a recovered hang
-============================
-The last failed attempt was at ``last_error``; the next attempt came about one base spacing
-later and, since no error followed, it succeeded.  So the estimate is::
-
-    end = last_error + base_spacing
-
-bounded to ``[max(hang start, last moment the hang was known to persist), detection time]``
-(never before the start, never in the future).  When ``query-blockstats`` confirms recovery
-sooner (successful operations rose between two samples taken after the hang started, the later
-sample being after the last error), the end is additionally bounded above by that sample's time:
-the success happened no later than the sample.  After a ``RESUME`` with no further error the end
-is the RESUME time for a hang paused by the ``stop`` policy (the request is retried at ``cont``),
-and ``max(RESUME, last_error + base spacing)`` for a retry hang during which the VM was paused.
-The acceptance case "link down 7 s, interval 1 s" gives errors at 0..6 s and an estimated end of
-7 s; the true end (first successful attempt) is within one interval of that.
-
-Order of inputs
-===============
-Inputs must be fed in the order QEMU wrote them: events and ``query-blockstats`` replies share
-one ordered stream on a QMP socket.  Events carry QEMU's timestamps, replies do not: a sample
-is stamped by the exporter (when its command was sent), which need not be earlier than the
-timestamps of events QEMU wrote after the reply.  So a sample fed before an event is taken to
-precede that event whatever its
-stamp (its time is moved to just before the event's): otherwise a reply written just before the
-first error of an outage but read after it would count as a sample inside the hang, and the
-next sample, whose count still includes IO completed before the outage, as recovery.
-
-Counters and invariants
-=======================
-* every hang ends with exactly one :class:`HangOutcome`; ``hangs_total`` never decreases;
-* no hang ends before it starts or after the latest time fed to the tracker;
-* ``hang_seconds_total`` counts completed hangs plus the running hang *up to the last moment it
-  is known to have lasted* (last failed attempt, RESUME, or the latest time fed while the VM is
-  paused).  Counting up to ``now`` instead would make the counter go back when the hang is then
-  ended at its (earlier) estimated end, and Prometheus reads any decrease as a counter reset;
-* events older than the end of the previous hang are stale (QEMU delivers events in order; such
-  timestamps only come from a caller merging streams) and are ignored rather than opening a
-  phantom hang.
+The rules in full (the ``stop`` policy's paused sub-state, the expected spacing, a recovered
+hang's end time, the order of inputs, the invariants) are in docs/hangs.md, "The rules".
 """
 
 from __future__ import annotations
