@@ -5,7 +5,8 @@ VM and reads its disks, watches (events, periodic polls), and backs off before t
 attempt when a session fails.  Every QMP command has a timeout, and a session that stops answering is dropped
 and retried with capped exponential backoff and jitter, so one bad socket never stalls the
 others.  Only read-only commands can be sent (`exporter.qmp.readonly`).  What QEMU says is
-turned into the model's typed events (`exporter.model.events`) here and nowhere else.
+turned into the model (its typed events, `exporter.model.events`) by this module and the
+replies and messages it reads (`exporter.qmp.replies`, `exporter.qmp.messages`), nowhere else.
 """
 
 from __future__ import annotations
@@ -13,116 +14,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import logging
 import random
-import sys
-from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
-from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, Runstate
+from qemu.qmp import ExecInterruptedError, ExecuteError, Runstate
 from qemu.qmp.error import ProtocolError
 from qemu.qmp.protocol import StateError
 
 from exporter.config import Config
 from exporter.model.disk_source import source_from_query_block
-from exporter.model.events import BlockIOError, RunStateChange, VMEvent, decode, event_time
-from exporter.model.policy import DiskPolicy, verify
+from exporter.model.events import BlockIOError, RunStateChange, VMEvent
 from exporter.model.sink import EventSink
-from exporter.model.state import BlockStats, Disk, Part, VMState, is_uint64, uint64
+from exporter.model.state import Disk, Part, VMState, is_uint64
+from exporter.qmp import replies
+from exporter.qmp.failures import SessionLost, SilenceWatchdog, connect_error_reason, gather
+from exporter.qmp.messages import UNMATCHED_BUFFER, Held, HeldIOError, StatsReply, decode_message
 from exporter.qmp.readonly import ReadOnlyQMPClient
 from exporter.runtime.backoff import Backoff
 from exporter.runtime.fairness import ScrapeFirst
-from exporter.runtime.fd_limit import FD_LIMIT
 from exporter.storage import BackendResolver
 
 log = logging.getLogger("exporter.qmp")
-T = TypeVar("T")
-
-#: Disk types that never hold guest data worth protecting (removable media).
-_SKIPPED_TYPES = ("ide-cd", "scsi-cd", "floppy", "usb-storage")
-
-#: BLOCK_IO_ERRORs held per VM while its disk list is re-read; beyond this they count as unmatched.
-_UNMATCHED_BUFFER = 1024
-
-
-class SessionLost(Exception):
-    """The QMP session is unusable (timeout or disconnect); reconnect.
-
-    ``closed``: QEMU closed the connection (the session ended) rather than the exporter giving
-    up on it (timeout, protocol error)."""
-
-    def __init__(self, message: str, *, closed: bool = False) -> None:
-        super().__init__(message)
-        self.closed = closed
-
-
-def connect_error_reason(exc: BaseException) -> str:
-    """Map a failed connect to a bounded `reason` label."""
-    inner = exc.exc if isinstance(exc, ConnectError) else exc
-    if isinstance(inner, FileNotFoundError):
-        return "not_found"
-    if isinstance(inner, ConnectionRefusedError):
-        return "refused"
-    if isinstance(inner, PermissionError):
-        return "permission"
-    if isinstance(inner, TimeoutError):
-        return "timeout"
-    if isinstance(inner, OSError) and inner.errno in (errno.EMFILE, errno.ENFILE):
-        return FD_LIMIT  # this process's, or the system's, open-file limit (exporter.runtime.fd_limit)
-    if isinstance(inner, EOFError | ConnectionResetError | BrokenPipeError):
-        return "protocol"
-    if isinstance(exc, ConnectError):  # greeting/negotiation errors wrap protocol problems
-        return "protocol"
-    return "other"
-
-
-def device_from_qdev(qdev: str) -> tuple[str, str]:
-    """(device id, QOM path) from query-block's ``qdev``.
-
-    virtio-blk shows ``/machine/peripheral/<id>/virtio-backend``, scsi-hd the bare ``<id>``
-    (domain.md §2); devices added without an id live under ``/machine/peripheral-anon``.
-    """
-    path = qdev
-    if path.endswith("/virtio-backend"):
-        path = path[: -len("/virtio-backend")]
-    if not path.startswith("/"):
-        return path, f"/machine/peripheral/{path}"
-    if path.startswith("/machine/peripheral/"):
-        return path[len("/machine/peripheral/") :], path
-    return path.removeprefix("/machine/"), path
-
-
-def qdev_kind(qom_type: str) -> str:
-    if qom_type.startswith("virtio-blk"):
-        return "virtio-blk"
-    return qom_type
-
-
-def _field(obj: object, key: str) -> object:
-    return obj.get(key) if isinstance(obj, dict) else None
-
-
-def parse_blockstats(stats: Mapping[str, Any]) -> BlockStats:
-    def i(key: str) -> int:
-        return uint64(stats, key)
-
-    idle = stats.get("idle_time_ns")
-    return BlockStats(
-        read_bytes=i("rd_bytes"),
-        written_bytes=i("wr_bytes"),
-        read_ops=i("rd_operations"),
-        write_ops=i("wr_operations"),
-        flush_ops=i("flush_operations"),
-        failed_read_ops=i("failed_rd_operations"),
-        failed_write_ops=i("failed_wr_operations"),
-        failed_flush_ops=i("failed_flush_operations"),
-        read_time_s=i("rd_total_time_ns") / 1e9,
-        write_time_s=i("wr_total_time_ns") / 1e9,
-        flush_time_s=i("flush_total_time_ns") / 1e9,
-        idle_s=idle / 1e9 if is_uint64(idle) else None,
-    )
 
 
 class VMWatcher:
@@ -158,7 +72,7 @@ class VMWatcher:
         # Events and blockstats replies of the current session, in QEMU's order: held until
         # it is established (disks known), then applied as they arrive, from the client's
         # reader (`_on_qmp_event`, `_on_blockstats`).
-        self._held_events: list[dict[str, Any] | HeldIOError | _StatsReply] = []
+        self._held_events: list[Held] = []
         self._events_live = False
         self._event_failure: BaseException | None = None
         self._event_failed = asyncio.Event()
@@ -211,18 +125,48 @@ class VMWatcher:
     # -- one session -------------------------------------------------------------------
 
     async def _session(self) -> bool:
-        """Run one QMP session to its end.  True when it got as far as watching."""
-        vm, qc = self.vm, self.config.qmp
+        """Run one QMP session to its end: connect, identify the VM and read its disks, watch.
+        True when it got as far as watching."""
         self._held_events = []
         self._events_live = False
         self._event_failure = None
         self._event_failed.clear()
         client = ReadOnlyQMPClient(
-            vm.stem, on_event=self._on_qmp_event, scrape_first=self._scrape_first, clock=self.clock
+            self.vm.stem, on_event=self._on_qmp_event, scrape_first=self._scrape_first, clock=self.clock
         )
+        if not await self._connect(client):
+            return False
+        established = False
+        self.client = client
+        try:
+            # Fleet-wide: only so many sessions are set up at once (discovery.SETUP_CONCURRENCY).
+            async with self._setup_slots or contextlib.nullcontext():
+                await self._identify(client)
+                await self._refresh_disks(client)
+                await self._poll_stats(client)
+            established = True
+            self._go_live(client)
+            await self._watch(client)
+        except SessionLost as exc:
+            # A command cut short because QEMU closed the connection: the session ended (logged
+            # by `_end_session`), as when the disconnect is noticed first.
+            if not exc.closed:
+                if self._last_error_reason != "lost":
+                    log.warning(
+                        "QMP session lost",
+                        extra={"vm": self.vm.vm, "socket": self.vm.socket, "err": str(exc)},
+                    )
+                self._last_error_reason = "lost"
+        finally:
+            await self._end_session(client, established)
+        return established
+
+    async def _connect(self, client: ReadOnlyQMPClient) -> bool:
+        """Connect ``client``; a failure is counted, logged once per reason, and False."""
+        vm = self.vm
         vm.connect_attempts += 1
         try:
-            async with asyncio.timeout(qc.connect_timeout_seconds):
+            async with asyncio.timeout(self.config.qmp.connect_timeout_seconds):
                 await client.connect(vm.socket)
         except asyncio.CancelledError:
             await self._close(client)
@@ -246,69 +190,63 @@ class VMWatcher:
                 self._last_error_reason = reason
             await self._close(client)
             return False
+        return True
 
-        established = False
-        tasks: list[asyncio.Task[None]] = []
-        self.client = client
+    def _go_live(self, client: ReadOnlyQMPClient) -> None:
+        """The VM and its disks are read: apply what was held, and mark the VM up."""
+        vm = self.vm
+        self._release_events()  # before the session starts: the first sample is no poll
+        vm.stream = client  # hang tracking advances this VM only as far as it is read
+        vm.up = True
+        vm.last_connect_error = ""
+        self.sink.on_session_start(vm, self.clock())
+        if self._last_error_reason != "connected":
+            log.info(
+                "QMP session established",
+                extra={"vm": vm.vm, "socket": vm.socket, "disks": len(vm.disks)},
+            )
+        self._last_error_reason = "connected"
+
+    async def _watch(self, client: ReadOnlyQMPClient) -> None:
+        """Follow the session until it ends: events (applied by the client's reader), polls,
+        the disconnect.  SessionLost from the poller; a bug in event handling stays loud."""
+        tasks = [
+            asyncio.create_task(self._event_errors()),
+            asyncio.create_task(self._poll_loop(client)),
+            asyncio.create_task(self._until_disconnected(client)),
+        ]
         try:
-            # Fleet-wide: only so many sessions are set up at once (discovery.SETUP_CONCURRENCY).
-            async with self._setup_slots or contextlib.nullcontext():
-                await self._identify(client)
-                await self._refresh_disks(client)
-                await self._poll_stats(client)
-            established = True
-            self._release_events()  # before the session starts: the first sample is no poll
-            vm.stream = client  # hang tracking advances this VM only as far as it is read
-            vm.up = True
-            vm.last_connect_error = ""
-            self.sink.on_session_start(vm, self.clock())
-            if self._last_error_reason != "connected":
-                log.info(
-                    "QMP session established",
-                    extra={"vm": vm.vm, "socket": vm.socket, "disks": len(vm.disks)},
-                )
-            self._last_error_reason = "connected"
-            tasks = [
-                asyncio.create_task(self._event_errors()),
-                asyncio.create_task(self._poll_loop(client)),
-                asyncio.create_task(self._until_disconnected(client)),
-            ]
             done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
-                t.result()  # SessionLost from the poller; a bug in event handling stays loud
-        except SessionLost as exc:
-            # A command cut short because QEMU closed the connection: the session ended (logged
-            # below), as when the disconnect is noticed first.
-            if not exc.closed:
-                if self._last_error_reason != "lost":
-                    log.warning("QMP session lost", extra={"vm": vm.vm, "socket": vm.socket, "err": str(exc)})
-                self._last_error_reason = "lost"
+                t.result()
         finally:
             for t in tasks:
                 t.cancel()
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, SessionLost):
                     await t
-            # Events QEMU sent before the end still count: no event is lost.
-            self._events_live = False
-            held, self._held_events = self._held_events, []
-            for item in held:
-                self._apply_held(item)
-            self._replay_unmatched()
-            vm.stream = None
-            if established:
-                vm.disconnects += 1
-                if self._last_error_reason == "connected":
-                    # Sessions the exporter ends itself (shutdown, socket gone) are no warning.
-                    level = logging.DEBUG if self._stopping else logging.WARNING
-                    log.log(level, "QMP session ended", extra={"vm": vm.vm, "socket": vm.socket})
-                    self._last_error_reason = "ended"
-            gone = vm.status == "shutdown"
-            self.sink.on_session_end(vm, self.clock(), gone)
-            vm.end_session()
-            self.client = None
-            await self._close(client)
-        return established
+
+    async def _end_session(self, client: ReadOnlyQMPClient, established: bool) -> None:
+        """Apply what QEMU sent before the end (no event is lost), count and log the end."""
+        vm = self.vm
+        self._events_live = False
+        held, self._held_events = self._held_events, []
+        for item in held:
+            self._apply_held(item)
+        self._replay_unmatched()
+        vm.stream = None
+        if established:
+            vm.disconnects += 1
+            if self._last_error_reason == "connected":
+                # Sessions the exporter ends itself (shutdown, socket gone) are no warning.
+                level = logging.DEBUG if self._stopping else logging.WARNING
+                log.log(level, "QMP session ended", extra={"vm": vm.vm, "socket": vm.socket})
+                self._last_error_reason = "ended"
+        gone = vm.status == "shutdown"
+        self.sink.on_session_end(vm, self.clock(), gone)
+        vm.end_session()
+        self.client = None
+        await self._close(client)
 
     async def read_once(self) -> str | None:
         """Connect, identify the VM, read its disks and their policy, disconnect: one session
@@ -360,7 +298,7 @@ class VMWatcher:
         already sent and the exporter has not read yet."""
         try:
             reply = client.query(command, args, on_reply)
-            watchdog = _SilenceWatchdog(client, reply, self.config.qmp.command_timeout_seconds)
+            watchdog = SilenceWatchdog(client, reply, self.config.qmp.command_timeout_seconds)
             try:
                 return await reply
             finally:
@@ -388,12 +326,12 @@ class VMWatcher:
         vm = self.vm
         # Every value is type-checked: a label value that is not a string would break every
         # scrape of the host, not just this VM.
-        name = _field(await self._cmd(client, "query-name"), "name")
+        name = replies.field(await self._cmd(client, "query-name"), "name")
         vm.name = name if isinstance(name, str) and name else None
-        uuid = _field(await self._cmd(client, "query-uuid"), "UUID")
+        uuid = replies.field(await self._cmd(client, "query-uuid"), "UUID")
         vm.uuid = uuid if isinstance(uuid, str) else ""
-        q = _field(await self._cmd(client, "query-version"), "qemu")
-        parts = [_field(q, k) for k in ("major", "minor", "micro")]
+        q = replies.field(await self._cmd(client, "query-version"), "qemu")
+        parts = [replies.field(q, k) for k in ("major", "minor", "micro")]
         vm.qemu_version = ".".join(str(p) if is_uint64(p) else "0" for p in parts)
         await self._read_status(client)
         vm.retry_feature = await self._detect_retry_feature(client)
@@ -424,32 +362,27 @@ class VMWatcher:
             failed: set[str] = set()
             order: list[tuple[str, Disk | None]] = []
             reads: dict[int, Coroutine[Any, Any, Disk | None]] = {}
-            for entry in blocks if isinstance(blocks, list) else []:
-                if not isinstance(entry, dict):
-                    continue
-                qdev = entry.get("qdev")
-                inserted = entry.get("inserted")
-                if not isinstance(qdev, str) or not qdev or not isinstance(inserted, dict):
-                    continue
-                device, qom_path = device_from_qdev(qdev)
-                if entry.get("io-status") == "failed":
+            for entry in replies.block_entries(blocks):
+                device = entry.device
+                if entry.io_failed:
                     failed.add(device)
-                drive = entry.get("device") if isinstance(entry.get("device"), str) else ""
-                node = inserted.get("node-name") if isinstance(inserted.get("node-name"), str) else ""
                 # Derived at every refresh: the medium, the mount table or the rules may change.
-                backend = self.backends.backend(source_from_query_block(inserted))
+                backend = self.backends.backend(source_from_query_block(entry.inserted))
                 known = self.vm.disks.get(device)
-                if known and known.qdev == qdev and known.node_name == node and known.drive == drive:
+                if (
+                    known
+                    and known.qdev == entry.qdev
+                    and known.node_name == entry.node
+                    and known.drive == entry.drive
+                ):
                     if known.backend != backend:
                         known = dataclasses.replace(known, backend=backend)
                     order.append((device, known))
                     continue
-                reads[len(order)] = self._read_disk(
-                    client, device, qom_path, qdev, str(drive), str(node), backend
-                )
+                reads[len(order)] = self._read_disk(client, entry, backend)
                 order.append((device, None))
             # New disks are read concurrently: QEMU answers in turn, but the round trips overlap.
-            for i, disk in zip(reads, await _gather(reads.values()), strict=True):
+            for i, disk in zip(reads, await gather(reads.values()), strict=True):
                 order[i] = (order[i][0], disk)
             for device, maybe in order:
                 if maybe is not None:
@@ -460,52 +393,21 @@ class VMWatcher:
             self._replay_unmatched()
 
     async def _read_disk(
-        self,
-        client: ReadOnlyQMPClient,
-        device: str,
-        qom_path: str,
-        qdev: str,
-        drive: str,
-        node: str,
-        backend: str,
+        self, client: ReadOnlyQMPClient, entry: replies.BlockEntry, backend: str
     ) -> Disk | None:
         async def prop(name: str) -> object:
             try:
-                return await self._cmd(client, "qom-get", {"path": qom_path, "property": name})
+                return await self._cmd(client, "qom-get", {"path": entry.qom_path, "property": name})
             except ExecuteError:
                 return None
 
         qom_type = await prop("type")
-        if isinstance(qom_type, str) and qom_type.startswith(_SKIPPED_TYPES):
+        if replies.is_skipped(qom_type):
             return None
-        names = ["werror", "rerror"]
-        if self.vm.retry_feature:
-            names += ["retry_interval", "retry_timeout"]
-        values = await _gather(prop(n) for n in names)
-        werror, rerror = values[0], values[1]
-        interval = timeout = None
-        if self.vm.retry_feature:
-            i, t = values[2], values[3]
-            interval = i if is_uint64(i) else None
-            timeout = t if is_uint64(t) else None
-        policy = DiskPolicy(
-            werror=werror if isinstance(werror, str) else "unknown",
-            rerror=rerror if isinstance(rerror, str) else "unknown",
-            retry_interval_ms=interval,
-            retry_timeout_ms=timeout,
-            retry_feature=bool(self.vm.retry_feature),
-        )
-        return Disk(
-            device=device,
-            drive=drive,
-            node_name=node,
-            qdev=qdev,
-            qom_path=qom_path,
-            qdev_type=qdev_kind(qom_type) if isinstance(qom_type, str) else "unknown",
-            policy=policy,
-            verdict=verify(policy, self.config.policy),
-            backend=backend,
-        )
+        retry_feature = bool(self.vm.retry_feature)
+        names = replies.POLICY_PROPERTIES + (replies.RETRY_PROPERTIES if retry_feature else ())
+        props = dict(zip(names, await gather(prop(n) for n in names), strict=True))
+        return replies.disk(entry, backend, qom_type, props, retry_feature, self.config.policy)
 
     async def _poll_stats(self, client: ReadOnlyQMPClient) -> None:
         await self._cmd(client, "query-blockstats", on_reply=_StatsRequest(self, self.clock()))
@@ -521,27 +423,15 @@ class VMWatcher:
         reader is behind (seconds in a storm it cannot keep up with), and a sample stamped with
         it told hang tracking that the disk had been silent that long: one continuous hang
         counted as many (every disk of 4000 at 1000 VMs, 60,000 events/s offered)."""
-        sample = _StatsReply(stats, sent)
+        sample = StatsReply(stats, sent)
         if self._events_live:
             self._apply_stats(sample)
         else:
             self._held_events.append(sample)
 
-    def _apply_stats(self, sample: _StatsReply) -> None:
-        stats = sample.reply
-        for entry in stats if isinstance(stats, list) else []:
-            if not isinstance(entry, dict) or not isinstance(entry.get("stats"), dict):
-                continue
-            # Same keys as query-block: the lookups kept for BLOCK_IO_ERROR serve here too.
-            device = self.vm.match_disk(
-                {
-                    "node-name": entry.get("node-name"),
-                    "device": entry.get("device"),
-                    "qom-path": entry.get("qdev"),
-                }
-            )
-            if device is not None:
-                self.vm.blockstats[device] = parse_blockstats(entry["stats"])
+    def _apply_stats(self, sample: StatsReply) -> None:
+        for device, stats in replies.blockstats(sample.reply, self.vm.match_disk):
+            self.vm.blockstats[device] = stats
         self.vm.changed(Part.STATS)
         self.sink.on_blockstats(self.vm, sample.time)
 
@@ -588,8 +478,8 @@ class VMWatcher:
             self._apply_held(item)
         self._events_live = True
 
-    def _apply_held(self, item: dict[str, Any] | HeldIOError | _StatsReply) -> None:
-        if isinstance(item, _StatsReply):
+    def _apply_held(self, item: Held) -> None:
+        if isinstance(item, StatsReply):
             self._apply_stats(item)
         else:
             self._handle_event(item)
@@ -613,7 +503,7 @@ class VMWatcher:
         if (
             isinstance(typed, BlockIOError)
             and typed.device is None
-            and len(self._unmatched) < _UNMATCHED_BUFFER
+            and len(self._unmatched) < UNMATCHED_BUFFER
         ):
             # Most likely a disk hot-plugged since the last refresh (QEMU announces no plug):
             # hold the event, re-read the disk list, then attribute it.
@@ -643,7 +533,7 @@ class VMWatcher:
 
 class _StatsRequest:
     """The ``on_reply`` of one query-blockstats: hands the reply and the time the command was
-    sent to `VMWatcher._on_blockstats` (a plain object, like `_SilenceWatchdog`)."""
+    sent to `VMWatcher._on_blockstats` (a plain object, like `exporter.qmp.failures.SilenceWatchdog`)."""
 
     __slots__ = ("_sent", "_watcher")
 
@@ -652,108 +542,3 @@ class _StatsRequest:
 
     def __call__(self, stats: object) -> None:
         self._watcher._on_blockstats(stats, self._sent)
-
-
-@dataclass(slots=True)
-class HeldIOError:
-    """A BLOCK_IO_ERROR held while its session is being established (its disks are not known
-    yet): only what `decode_message` reads of it, names interned.  An exporter started into a
-    storm holds ~50 events per VM: as decoded messages (three dicts each, ~1.2 KB) that was
-    ~30 MB of its 165-175 MB high-water at 1000 VMs x 4 disks (docs/performance.md, round 5)."""
-
-    seconds: object
-    microseconds: object
-    node_name: object
-    device: object
-    qom_path: object
-    operation: object
-    action: object
-
-    @staticmethod
-    def hold(event: dict[str, Any]) -> HeldIOError | dict[str, Any]:
-        """``event`` as held: a `HeldIOError` when it is a well-formed BLOCK_IO_ERROR, else
-        itself (rare: other events, malformed ones)."""
-        ts, data = event.get("timestamp"), event.get("data")
-        if event.get("event") != "BLOCK_IO_ERROR" or type(ts) is not dict or type(data) is not dict:
-            return event
-        get = data.get
-        return HeldIOError(
-            ts.get("seconds"),
-            ts.get("microseconds"),
-            _intern(get("node-name")),
-            _intern(get("device")),
-            _intern(get("qom-path")),
-            get("operation"),
-            get("action"),
-        )
-
-    def typed(self, vm: VMState) -> VMEvent:
-        """What `decode_message` makes of the message it was."""
-        data = {
-            "node-name": self.node_name,
-            "device": self.device,
-            "qom-path": self.qom_path,
-            "operation": self.operation,
-            "action": self.action,
-        }
-        return decode("BLOCK_IO_ERROR", data, event_time(self.seconds, self.microseconds), vm.match_disk)
-
-
-def _intern(value: object) -> object:
-    return sys.intern(value) if type(value) is str else value
-
-
-@dataclass(frozen=True, slots=True)
-class _StatsReply:
-    """A query-blockstats reply and when its command was sent (QEMU stamps no reply)."""
-
-    reply: object
-    time: float
-
-
-class _SilenceWatchdog:
-    """Fails ``reply`` with TimeoutError once QEMU has sent no line at all for ``timeout``
-    seconds (see `VMWatcher._cmd`).  One timer per command; a plain object rather than a
-    closure, which would reference itself and leave cyclic garbage behind every command."""
-
-    __slots__ = ("_client", "_handle", "_reply", "_seen", "_timeout")
-
-    def __init__(self, client: ReadOnlyQMPClient, reply: asyncio.Future[object], timeout: float) -> None:
-        self._client, self._reply, self._timeout = client, reply, timeout
-        self._seen = client.lines_received
-        self._handle = asyncio.get_running_loop().call_later(timeout, self._check)
-
-    def _check(self) -> None:
-        if self._reply.done():
-            return
-        if self._client.lines_received == self._seen:
-            self._reply.set_exception(TimeoutError())
-        else:
-            self._seen = self._client.lines_received
-            self._handle = asyncio.get_running_loop().call_later(self._timeout, self._check)
-
-    def cancel(self) -> None:
-        self._handle.cancel()  # also drops the handle's reference to us
-
-
-async def _gather(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
-    """Run ``coros`` concurrently; results in order.  If one fails, the others are cancelled
-    and awaited before the error propagates (no task outlives its session)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-def decode_message(event: Mapping[str, Any] | HeldIOError, vm: VMState) -> VMEvent:
-    """A QMP event message (or one held while its session was established) as the model's
-    typed event."""
-    if isinstance(event, HeldIOError):
-        return event.typed(vm)
-    ts = event.get("timestamp")
-    time = event_time(ts.get("seconds"), ts.get("microseconds")) if isinstance(ts, dict) else None
-    return decode(event.get("event"), event.get("data"), time, vm.match_disk)

@@ -52,7 +52,7 @@ RULE_FIXES: dict[Rule, str] = {
 }
 
 
-#: Why a VM is down (`_down_reason`, `exporter.qmp_watch.connect_error_reason`), for people.
+#: Why a VM is down (`_down_reason`, `exporter.qmp.failures.connect_error_reason`), for people.
 REASON_TEXT = {
     "not_found": "socket file missing",
     "refused": "connection refused (QEMU gone?)",

@@ -179,7 +179,7 @@ async def test_non_string_event_name(short_tmp: Path) -> None:
 # 7. Integers beyond float range (valid JSON; a hostile or broken peer) raise OverflowError.
 def test_huge_ints_in_blockstats_and_timestamps() -> None:
     from exporter.model.events import event_time
-    from exporter.qmp_watch import parse_blockstats
+    from exporter.qmp.replies import parse_blockstats
 
     assert parse_blockstats({"rd_total_time_ns": 10**400, "idle_time_ns": 10**400}) is not None
     assert event_time(10**400, 0) is None

@@ -7,7 +7,7 @@ import resource
 
 from qemu.qmp import ConnectError
 
-from exporter.qmp_watch import connect_error_reason
+from exporter.qmp.failures import connect_error_reason
 from exporter.runtime.fd_limit import FD_LIMIT, FD_RESERVE, session_budget
 
 

@@ -32,7 +32,9 @@ from exporter.model.events import IO_ACTIONS, IO_OPERATIONS, KNOWN_EVENTS, VMEve
 from exporter.model.policy import DiskPolicy, PolicyConfig, verify
 from exporter.model.sink import EventSink
 from exporter.model.state import BlockStats, Disk, VMState
-from exporter.qmp_watch import HeldIOError, VMWatcher, decode_message, device_from_qdev, parse_blockstats
+from exporter.qmp.messages import HeldIOError, decode_message
+from exporter.qmp.replies import device_from_qdev, parse_blockstats
+from exporter.qmp_watch import VMWatcher
 from tests.sim.servers import DISK_NODE, DISK_QDEV, Sends, watching
 from tests.support.waits import wait_for
 
