@@ -152,3 +152,19 @@ def test_wings_you_can_see() -> None:
     for init in sorted(PACKAGE.glob("*/__init__.py")):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert "May import" in doc, init
+
+
+def test_nothing_too_long_to_read_at_once() -> None:
+    long_modules = {}
+    long_functions = {}
+    for name, path in MODULES.items():
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            long_modules[name] = len(text.splitlines())
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long_functions[f"{name}.{node.name}"] = lines
+    assert long_modules == {}
+    assert long_functions == {}
