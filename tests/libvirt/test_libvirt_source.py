@@ -384,12 +384,22 @@ async def test_a_vm_seen_through_libvirt_and_a_second_monitor_is_reported_once(
     config = exporter_config(short_tmp, libvirt_lab.libvirtd.uri)
     config["qmp"]["globs"] = [str(sockets / "*.qmp")]
     async with ExporterProcess(short_tmp, config) as exp:
-        m = await wait_metrics(exp, lambda m: watched(m, dom), "the domain watched")
+        qmp_socket = str(sockets / "both.qmp")
         await wait_metrics(
             exp, lambda m: m.sum("qemu_libvirt_up", uri=libvirt_lab.libvirtd.uri) == 1, "libvirt up"
         )
+        # libvirt may see the domain before its QMP session is up (then libvirt reports it, once);
+        # once the session is up, it reports the VM, and libvirt no longer does.
+        m = await wait_metrics(
+            exp,
+            lambda m: (
+                watched(m, dom)
+                and any(s.labels["socket"] == qmp_socket for s in m.find("qemu_vm_info", vm=dom.name))
+            ),
+            "the domain watched through its QMP session",
+        )
         (info,) = m.find("qemu_vm_info", vm=dom.name)
-        assert info.labels["socket"] == str(sockets / "both.qmp")  # its QMP session reports it
+        assert info.labels["socket"] == qmp_socket  # its QMP session reports it
         assert info.labels["uuid"] == dom.uuid()
         assert len(m.find("qemu_block_device_info", vm=dom.name, device="ua-boot")) == 1
         assert m.value("qemu_exporter_vms") == 1
