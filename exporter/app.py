@@ -30,7 +30,7 @@ from exporter.qmp.discovery import Discovery, static_label_names
 from exporter.runtime.blind import BlindSpots
 from exporter.runtime.fairness import ScrapeFirst
 from exporter.runtime.gc_tuning import Departures, freeze_long_lived
-from exporter.runtime.liveness import Liveness, LivenessCollector, qmp_sources, watchdog
+from exporter.runtime.liveness import Liveness, LivenessCollector, qmp_readers, watchdog
 from exporter.runtime.sd_notify import Notifier
 from exporter.storage import BackendResolver
 from exporter.web.server import make_app
@@ -87,7 +87,7 @@ class Exporter:
         if self.journal is not None:
             self.registry.register(JournalCollector(self.journal))
         self.liveness = Liveness(
-            config.health, lambda: qmp_sources(self.discovery.watchers.values()), wall=clock
+            config.health, lambda: qmp_readers(self.discovery.watchers.values()), wall=clock
         )
         self.liveness.on_gap = self.blind.loop_gap
         self.hangs.loop_blind = self.liveness.loop_blind

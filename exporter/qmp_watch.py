@@ -132,7 +132,7 @@ class VMWatcher:
         self._event_failure = None
         self._event_failed.clear()
         client = ReadOnlyQMPClient(
-            self.vm.stem, on_event=self._on_qmp_event, scrape_first=self._scrape_first, clock=self.clock
+            self.vm.vm, on_event=self._on_qmp_event, scrape_first=self._scrape_first, clock=self.clock
         )
         if not await self._connect(client):
             return False
@@ -256,7 +256,7 @@ class VMWatcher:
         Returns None when everything was read, else why not: a `connect_error_reason`, or
         ``lost`` when the session failed while reading."""
         vm = self.vm
-        client = ReadOnlyQMPClient(vm.stem)
+        client = ReadOnlyQMPClient(vm.vm)
         try:
             try:
                 async with asyncio.timeout(self.config.qmp.connect_timeout_seconds):

@@ -137,9 +137,11 @@ class BlockStats:
 class VMState:
     """Everything known about one VM, whichever source watches it.
 
-    ``key`` identifies the VM in the exporter's own bookkeeping (hang state file, caches): the
-    QMP socket path, or ``libvirt:<uuid>``.  ``socket`` is what the ``socket`` label of
-    `exporter.metrics.VM_INFO` shows (the QMP socket, or the libvirt URI).
+    Four names, one job each: ``key`` identifies the VM in the exporter's own bookkeeping (hang
+    state file, caches): the QMP socket path, or ``libvirt:<uuid>``; ``socket`` is what the
+    ``socket`` label of `exporter.metrics.VM_INFO` shows (the QMP socket, or the libvirt URI);
+    ``name`` is the VM's own name (QMP ``query-name``, the libvirt domain's), None until known;
+    ``vm`` is the ``vm`` label every series carries (``name``, else the socket file's stem).
 
     Session data (identity, disks, stats) is cleared when the session ends so that a VM whose
     QEMU is gone leaves no stale series; counters live as long as the socket is watched.
@@ -219,15 +221,13 @@ class VMState:
         return cls(key=path, socket=path, static_labels=static_labels or {})
 
     @property
-    def stem(self) -> str:
+    def vm(self) -> str:
+        """The `vm` label: the VM's own name when known, else its socket file's stem."""
+        if self.name:
+            return self.name
         base = os.path.basename(self.socket or self.key)
         root, _ext = os.path.splitext(base)
         return root or base
-
-    @property
-    def vm(self) -> str:
-        """The `vm` label: QMP query-name when set, else the socket file's stem."""
-        return self.name or self.stem
 
     def read_through(self, now: float) -> float:
         """The time up to which this VM's events are known to be handled: silence up to there

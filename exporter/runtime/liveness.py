@@ -108,7 +108,7 @@ class Heartbeat:
         return lag
 
 
-class Source(NamedTuple):
+class WatchedReader(NamedTuple):
     """One QMP session as the stall detector sees it.  ``session`` identifies the session
     (a new one starts over; two VMs may share a name); ``lines`` is how many lines its reader
     has consumed so far; ``name`` is only for the reason shown."""
@@ -138,7 +138,7 @@ class StallDetector:
     """Finds sessions with bytes waiting in the socket while their reader makes no progress.
 
     Pure apart from ``pending_bytes`` (`fionread` by default): call `check` periodically with
-    the current sources.  A source is stalled once, at every check for ``stall_seconds``, it
+    the current readers.  A reader is stalled once, at every check for ``stall_seconds``, it
     had bytes waiting and had read no new line.  Progress or an empty socket starts it over,
     so data that has only just arrived after a quiet hour is not mistaken for a stall.
     """
@@ -148,10 +148,10 @@ class StallDetector:
         self._pending_bytes = pending_bytes
         self._seen: dict[int, _Seen] = {}  # by id() of the session, which `_Seen` keeps alive
 
-    def check(self, now: float, sources: Iterable[Source]) -> list[Stall]:
+    def check(self, now: float, readers: Iterable[WatchedReader]) -> list[Stall]:
         stalls: list[Stall] = []
         seen: dict[int, _Seen] = {}
-        for src in sources:
+        for src in readers:
             key = id(src.session)
             prev = self._seen.get(key)
             if prev is None or prev.session is not src.session or prev.lines != src.lines:
@@ -170,7 +170,7 @@ class StallDetector:
         return stalls
 
 
-def qmp_sources(watchers: Iterable[VMWatcher]) -> Iterator[Source]:
+def qmp_readers(watchers: Iterable[VMWatcher]) -> Iterator[WatchedReader]:
     """The established QMP sessions of ``watchers`` (the explicit hook: `VMWatcher.client`,
     `ReadOnlyQMPClient.lines_received` and `ReadOnlyQMPClient.fileno`)."""
     for w in watchers:
@@ -179,7 +179,7 @@ def qmp_sources(watchers: Iterable[VMWatcher]) -> Iterator[Source]:
             continue
         fd = client.fileno()
         if fd is not None:
-            yield Source(w.vm.vm, client, client.lines_received, fd)
+            yield WatchedReader(w.vm.vm, client, client.lines_received, fd)
 
 
 class Liveness:
@@ -188,14 +188,14 @@ class Liveness:
     def __init__(
         self,
         config: HealthConfig,
-        sources: Callable[[], Iterable[Source]],
+        readers: Callable[[], Iterable[WatchedReader]],
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.heartbeat = Heartbeat(config.loop_lag_window_seconds)
         self.stalls = StallDetector(config.reader_stall_seconds)
-        self._sources = sources
+        self._readers = readers
         self._clock = clock  # the loop's clock (asyncio uses time.monotonic)
         self._wall = wall  # the clock of QEMU's event timestamps, for blind intervals
         self.stalled: list[Stall] = []
@@ -239,7 +239,7 @@ class Liveness:
 
     def _check_stalls(self, now: float) -> None:
         try:
-            stalled = self.stalls.check(now, self._sources())
+            stalled = self.stalls.check(now, self._readers())
         except Exception:  # a bug here must not stop the heartbeat (which would stop the pings)
             log.exception("stall check failed")
             return

@@ -27,7 +27,7 @@ import pytest
 from exporter.config import Config, HealthConfig, QMPConfig
 from exporter.model.state import VMState
 from exporter.qmp_watch import VMWatcher
-from exporter.runtime.liveness import Liveness, fionread, qmp_sources
+from exporter.runtime.liveness import Liveness, fionread, qmp_readers
 from tests.sim.servers import EOL, FakeConn, FakeQMP, io_error_event
 from tests.support.exporter import ExporterProcess
 from tests.support.waits import wait_for
@@ -222,7 +222,7 @@ async def test_stalled_reader_is_reported_through_the_qmp_hook(short_tmp: Path) 
     cfg = Config(qmp=QMPConfig(sockets=(path,), poll_interval_seconds=600, command_timeout_seconds=600))
     vm = VMState.qmp(path)
     w = VMWatcher(vm, cfg, clock=time.time)
-    live = Liveness(HealthConfig(5.0, 10.0, reader_stall_seconds=0.5), lambda: qmp_sources([w]))
+    live = Liveness(HealthConfig(5.0, 10.0, reader_stall_seconds=0.5), lambda: qmp_readers([w]))
     async with Flooder(path, "flood") as srv:
         w.start()
         run = asyncio.create_task(live.run())

@@ -23,9 +23,9 @@ from exporter.runtime.liveness import (
     Heartbeat,
     Liveness,
     LivenessCollector,
-    Source,
     Stall,
     StallDetector,
+    WatchedReader,
     fionread,
 )
 from exporter.runtime.sd_notify import Notifier, watchdog_interval
@@ -91,23 +91,23 @@ def test_stall_needs_waiting_bytes_and_no_progress_for_the_whole_threshold() -> 
     pending = _Pending()
     det = StallDetector(10.0, pending)
     s = object()
-    assert det.check(0.0, [Source("vm", s, 5, 7)]) == []
+    assert det.check(0.0, [WatchedReader("vm", s, 5, 7)]) == []
     pending.bytes[7] = 4096
-    assert det.check(1.0, [Source("vm", s, 5, 7)]) == []  # waiting starts now, not at t=0
-    assert det.check(10.9, [Source("vm", s, 5, 7)]) == []
-    assert det.check(11.0, [Source("vm", s, 5, 7)]) == [Stall("vm", 4096, 10.0)]
+    assert det.check(1.0, [WatchedReader("vm", s, 5, 7)]) == []  # waiting starts now, not at t=0
+    assert det.check(10.9, [WatchedReader("vm", s, 5, 7)]) == []
+    assert det.check(11.0, [WatchedReader("vm", s, 5, 7)]) == [Stall("vm", 4096, 10.0)]
     # One line read: progress, the clock starts over at the next check that sees bytes waiting.
-    assert det.check(12.0, [Source("vm", s, 6, 7)]) == []
-    assert det.check(13.0, [Source("vm", s, 6, 7)]) == []
-    assert det.check(22.9, [Source("vm", s, 6, 7)]) == []
-    assert det.check(23.0, [Source("vm", s, 6, 7)]) == [Stall("vm", 4096, 10.0)]
+    assert det.check(12.0, [WatchedReader("vm", s, 6, 7)]) == []
+    assert det.check(13.0, [WatchedReader("vm", s, 6, 7)]) == []
+    assert det.check(22.9, [WatchedReader("vm", s, 6, 7)]) == []
+    assert det.check(23.0, [WatchedReader("vm", s, 6, 7)]) == [Stall("vm", 4096, 10.0)]
 
 
 def test_quiet_reader_on_quiet_socket_is_not_stalled() -> None:
     det = StallDetector(1.0, _Pending())
     s = object()
     for t in range(100):
-        assert det.check(float(t), [Source("idle", s, 3, 9)]) == []
+        assert det.check(float(t), [WatchedReader("idle", s, 3, 9)]) == []
 
 
 def test_data_just_arrived_after_long_silence_is_not_a_stall() -> None:
@@ -115,11 +115,11 @@ def test_data_just_arrived_after_long_silence_is_not_a_stall() -> None:
     det = StallDetector(5.0, pending)
     s = object()
     for t in range(60):
-        det.check(float(t), [Source("vm", s, 3, 9)])
+        det.check(float(t), [WatchedReader("vm", s, 3, 9)])
     pending.bytes[9] = 100  # an event arrives after a silent minute
-    assert det.check(60.0, [Source("vm", s, 3, 9)]) == []
+    assert det.check(60.0, [WatchedReader("vm", s, 3, 9)]) == []
     pending.bytes[9] = 0  # and is read
-    assert det.check(61.0, [Source("vm", s, 4, 9)]) == []
+    assert det.check(61.0, [WatchedReader("vm", s, 4, 9)]) == []
 
 
 def test_new_session_or_drained_socket_starts_over() -> None:
@@ -127,17 +127,17 @@ def test_new_session_or_drained_socket_starts_over() -> None:
     pending.bytes[9] = 1
     det = StallDetector(2.0, pending)
     a, b = object(), object()
-    det.check(0.0, [Source("vm", a, 3, 9)])
-    det.check(1.0, [Source("vm", a, 3, 9)])
-    assert det.check(2.0, [Source("vm", b, 3, 9)]) == []  # reconnected, same line count
-    det.check(3.0, [Source("vm", b, 3, 9)])
+    det.check(0.0, [WatchedReader("vm", a, 3, 9)])
+    det.check(1.0, [WatchedReader("vm", a, 3, 9)])
+    assert det.check(2.0, [WatchedReader("vm", b, 3, 9)]) == []  # reconnected, same line count
+    det.check(3.0, [WatchedReader("vm", b, 3, 9)])
     pending.bytes[9] = 0
-    assert det.check(4.0, [Source("vm", b, 3, 9)]) == []
+    assert det.check(4.0, [WatchedReader("vm", b, 3, 9)]) == []
     pending.bytes[9] = 1
-    assert det.check(5.0, [Source("vm", b, 3, 9)]) == []
+    assert det.check(5.0, [WatchedReader("vm", b, 3, 9)]) == []
     # A session that is gone is forgotten.
     det.check(6.0, [])
-    assert det.check(100.0, [Source("vm", b, 3, 9)]) == []
+    assert det.check(100.0, [WatchedReader("vm", b, 3, 9)]) == []
 
 
 def test_two_sessions_with_the_same_vm_name_are_told_apart() -> None:
@@ -146,7 +146,7 @@ def test_two_sessions_with_the_same_vm_name_are_told_apart() -> None:
     det = StallDetector(2.0, pending)
     a, b = object(), object()
     for t in range(5):  # a progresses (its line count is t), b does not
-        stalls = det.check(float(t), [Source("dup", a, t, 1), Source("dup", b, 7, 2)])
+        stalls = det.check(float(t), [WatchedReader("dup", a, t, 1), WatchedReader("dup", b, 7, 2)])
     assert stalls == [Stall("dup", 10, 3.0)]
 
 
@@ -175,10 +175,10 @@ def test_detector_with_real_kernel_buffer(socket_pair: tuple[socket.socket, sock
     a, b = socket_pair
     det = StallDetector(2.0)
     s = object()
-    det.check(0.0, [Source("vm", s, 1, b.fileno())])
+    det.check(0.0, [WatchedReader("vm", s, 1, b.fileno())])
     a.sendall(b'{"event": "BLOCK_IO_ERROR"}\n' * 100)
-    det.check(1.0, [Source("vm", s, 1, b.fileno())])
-    assert det.check(3.0, [Source("vm", s, 1, b.fileno())]) == [Stall("vm", 2800, 2.0)]
+    det.check(1.0, [WatchedReader("vm", s, 1, b.fileno())])
+    assert det.check(3.0, [WatchedReader("vm", s, 1, b.fileno())]) == [Stall("vm", 2800, 2.0)]
 
 
 # --- health verdicts --------------------------------------------------------------------------
@@ -192,7 +192,7 @@ class _Clock:
         return self.now
 
 
-def _liveness(sources: list[Source] | None = None) -> tuple[Liveness, _Clock]:
+def _liveness(sources: list[WatchedReader] | None = None) -> tuple[Liveness, _Clock]:
     clock = _Clock()
     lv = Liveness(HealthConfig(5.0, 10.0, 10.0), lambda: sources or [], clock)
     return lv, clock
