@@ -141,12 +141,11 @@ def test_cached_exposition_equals_prometheus_client(page: str) -> None:
     from prometheus_client import Counter, Info
     from prometheus_client.exposition import choose_encoder
 
-    from exporter.config import PolicyConfig
     from exporter.exposition.cache import ExporterCollector
     from exporter.exposition.formats import Registry, generate_text
     from exporter.hang.tracking import HangTracking
     from exporter.model.events import BlockIOError
-    from exporter.model.policy import DiskPolicy, verify
+    from exporter.model.policy import DiskPolicy, PolicyConfig, verify
     from exporter.model.state import BlockStats, Disk, Part, VMState
     from exporter.web.server import negotiate
 
