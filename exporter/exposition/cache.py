@@ -219,13 +219,15 @@ class ExporterCollector(EventSink):
         self._after = tuple(f for r in readers if r in READERS[PAGE_SPLIT:] for f in r.families)
         self._hang_families = tuple(f for f in HANG_FAMILIES if f.collector in enabled)
         self._show_hangs = hangs is not None and bool(enabled & HANG_COLLECTORS)
-        self._histogram = "hang" in enabled
-        self._backend = "backend" in enabled
+        #: The collector the hang view's own work counts for (`durations`).
+        self._hang_timer = "hang" if "hang" in enabled else "hangtime"
+        self._histogram = hangs is not None and "hang" in enabled
+        self._backend = hangs is not None and "backend" in enabled
         #: The per-VM and per-host collectors this one serves (for `durations`).
         self.names = sorted(
             {r.collector for r in readers}
             | ({f.collector for f in self._hang_families} if self._show_hangs else set())
-            | ({"backend"} if self._backend and hangs is not None else set())
+            | ({"backend"} if self._backend else set())
         )
         self.durations: dict[str, float] = {}
         self._build = (__version__, platform.python_version(), _dist_version("qemu.qmp"))
@@ -259,21 +261,16 @@ class ExporterCollector(EventSink):
         if vm.up:
             self._cache[id(vm)] = self._entry(vm)
 
-    def _host_metrics(self, hangs: HangSource, shown: Sequence[VMState], recount: bool) -> list[Metric]:
-        """The histogram, and the per-backend counts.  Those depend on exactly what re-renders
-        a VM's hang lines (its disks, its trackers, its hanging or failing disks) and on which
-        VMs are shown: recounted only then, not over all 4000 disks of an idle host at every
-        scrape (~2.5 ms at 1000 VMs)."""
-        out = [histogram_metric(hangs.histogram)] if self._histogram else []
-        if not self._backend:
-            return out
-        start = perf_counter()
+    def _backend_metrics(self, hangs: HangSource, shown: Sequence[VMState], recount: bool) -> list[Metric]:
+        """The per-backend counts.  They depend on exactly what re-renders a VM's hang lines
+        (its disks, its trackers, its hanging or failing disks) and on which VMs are shown:
+        recounted only then, not over all 4000 disks of an idle host at every scrape (~2.5 ms
+        at 1000 VMs)."""
         keys = [vm.key for vm in shown]
         if recount or self._backends is None or keys != self._backend_keys:
             self._backends = backend_metrics(hangs.backend_counts(shown))
             self._backend_keys = keys
-        self.durations["backend"] += perf_counter() - start
-        return [*out, *self._backends]
+        return self._backends
 
     def _join(
         self, parts: list[str], h: dict[Family, str], families: Iterable[Family], texts: list[list[str]]
@@ -302,19 +299,26 @@ class ExporterCollector(EventSink):
         parts = [self._build_text[fmt], family_header(VMS.name, VMS.help, VMS.type, fmt), vms_line]
         texts = [e.text for e in entries]
         self._join(parts, h, self._before, texts)
+        shown = [e for e in entries if e.vm.up]
+        # Without the hang view nothing tells when the backend counts changed: counted each time.
+        recount = not self._show_hangs
         if self._show_hangs:
             assert self._hangs is not None
             start = perf_counter()
-            shown = [e for e in entries if e.vm.up]
-            rendered = [e.refresh_hangs(self._hangs, now) for e in shown]
-            durations["hang" if "hang" in durations else "hangtime"] += perf_counter() - start
+            recount = any([e.refresh_hangs(self._hangs, now) for e in shown])
+            durations[self._hang_timer] += perf_counter() - start
             self._join(parts, h, self._hang_families, [e.text for e in shown])
+        if self._histogram:
+            assert self._hangs is not None
             start = perf_counter()
-            host = self._host_metrics(self._hangs, [e.vm for e in shown], any(rendered))
-            text = format_families(host, fmt)
-            if self._histogram:
-                durations["hang"] += perf_counter() - start
-            parts.append(text)
+            parts.append(format_families([histogram_metric(self._hangs.histogram)], fmt))
+            durations["hang"] += perf_counter() - start
+        if self._backend:
+            assert self._hangs is not None
+            start = perf_counter()
+            backends = self._backend_metrics(self._hangs, [e.vm for e in shown], recount)
+            parts.append(format_families(backends, fmt))
+            durations["backend"] += perf_counter() - start
         self._join(parts, h, self._after, texts)
         return parts
 
@@ -340,7 +344,7 @@ class ExporterCollector(EventSink):
                     steady = (reader(dev, t) for _families, _key, reader in HANG_STEADY)
                     for family, values, value in chain(*steady, hang_timed(dev, t, now)):
                         samples[family].append(([*base, *values], value))
-            durations["hang" if "hang" in durations else "hangtime"] += perf_counter() - start
+            durations[self._hang_timer] += perf_counter() - start
 
         def metric(family: Family) -> Metric:
             return family.metric(family.label_names(self._base_names), samples[family])
@@ -349,9 +353,16 @@ class ExporterCollector(EventSink):
         yield VMS.metric((), [((), len(vms))])
         yield from map(metric, self._before)
         if self._show_hangs:
-            assert self._hangs is not None
             yield from map(metric, self._hang_families)
-            yield from self._host_metrics(self._hangs, shown, recount=True)
+        if self._histogram:
+            assert self._hangs is not None
+            yield histogram_metric(self._hangs.histogram)
+        if self._backend:
+            assert self._hangs is not None
+            start = perf_counter()
+            backends = self._backend_metrics(self._hangs, shown, recount=True)
+            durations["backend"] += perf_counter() - start
+            yield from backends
         yield from map(metric, self._after)
 
 

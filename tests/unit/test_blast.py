@@ -3,11 +3,15 @@ text through both ways a scrape is written."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import pytest
 from prometheus_client import generate_latest
 
 from exporter.exposition.cache import ExporterCollector
 from exporter.exposition.formats import Registry, generate_text
 from exporter.hang.tracking import HangTracking
+from exporter.model.collectors import COLLECTORS
 from exporter.model.events import BlockIOError
 from exporter.model.policy import DiskPolicy, PolicyVerdict
 from exporter.model.state import Disk, VMState
@@ -46,7 +50,8 @@ def samples(text: str, family: str) -> dict[str, float]:
     return out
 
 
-def test_one_failing_backend_counts_its_disks_and_vms_only() -> None:
+@pytest.mark.parametrize("collectors", [COLLECTORS, {"backend"}], ids=["every collector", "backend alone"])
+def test_one_failing_backend_counts_its_disks_and_vms_only(collectors: Iterable[str]) -> None:
     hangs = HangTracking(margin_s=1.0)
     vms = [
         vm("a", {"d0": "nbd://s1:10809", "d1": "nbd://s2:10809"}),
@@ -65,7 +70,9 @@ def test_one_failing_backend_counts_its_disks_and_vms_only() -> None:
     hangs.on_event(c, BlockIOError(now, "d0", "write", "report"))
 
     registry = Registry()
-    registry.register(ExporterCollector(lambda: vms, hangs=hangs, clock=lambda: now + 0.5))
+    registry.register(
+        ExporterCollector(lambda: vms, hangs=hangs, clock=lambda: now + 0.5, collectors=collectors)
+    )
     rendered = generate_text(registry).decode()
     collected = generate_latest(registry).decode()
     assert rendered == collected  # the two paths agree
