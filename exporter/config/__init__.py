@@ -35,6 +35,7 @@ from exporter.config.settings import (
     LibvirtConfig,
     MountsConfig,
     QMPConfig,
+    static_labels,
 )
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "load_file",
     "parse",
     "read_yaml",
+    "static_labels",
     "validate_libvirt_uri",
     "validate_listen_address",
     "validate_telemetry_path",

@@ -4,6 +4,7 @@ the YAML is read by `exporter.config.parse`."""
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,6 +22,17 @@ LOG_FORMATS = ("logfmt", "json")
 DEFAULT_JOURNAL_MAX_BYTES = 16 * 1024 * 1024
 #: Smallest cap accepted: a few hundred records.
 MIN_JOURNAL_MAX_BYTES = 64 * 1024
+
+
+def static_labels(table: Mapping[str, Mapping[str, str]], key: str) -> dict[str, str]:
+    """The static labels ``table`` (``qmp.labels`` by socket, ``libvirt.labels`` by URI) gives
+    ``key``: every matching glob pattern's, then the exact entry's, which wins."""
+    labels: dict[str, str] = {}
+    for pattern, lbls in table.items():
+        if pattern != key and fnmatch.fnmatchcase(key, pattern):
+            labels.update(lbls)
+    labels.update(table.get(key, {}))
+    return labels
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from exporter.config import Config
+from exporter.config import Config, static_labels
 from exporter.libvirt.calls import (
     STATS,
     CallFailed,
@@ -387,7 +387,7 @@ class LibvirtSource:
             key=f"libvirt:{uuid}",
             socket=self.uri,
             source="libvirt",
-            static_labels=dict(self.config.libvirt.labels.get(self.uri, {})),
+            static_labels=static_labels(self.config.libvirt.labels, self.uri),
         )
         vm.uuid = uuid
         vm.stream = self._inbox  # hang tracking advances it only as far as its events are handled

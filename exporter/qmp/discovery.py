@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import glob
 import logging
 import os
 import stat
 from collections.abc import Callable
 
-from exporter.config import Config
+from exporter.config import Config, static_labels
 from exporter.model.sink import EventSink
 from exporter.model.state import VMState
 from exporter.qmp_watch import VMWatcher
@@ -58,18 +57,6 @@ def unmatched_reason(pattern: str) -> str | None:
     if not os.access(directory, os.R_OK | os.X_OK):
         return f"{directory} is not readable by this user"
     return None
-
-
-def static_labels_for(path: str, config: Config) -> dict[str, str]:
-    """Labels configured for ``path``: exact path entries win over glob patterns."""
-    labels: dict[str, str] = {}
-    exact = config.qmp.labels.get(path)
-    for pattern, lbls in config.qmp.labels.items():
-        if pattern != path and fnmatch.fnmatchcase(path, pattern):
-            labels.update(lbls)
-    if exact:
-        labels.update(exact)
-    return labels
 
 
 def static_label_names(config: Config) -> tuple[str, ...]:
@@ -165,7 +152,7 @@ class Discovery:
         for path, ident in found.items():
             existing = self.watchers.get(path)
             if existing is None:
-                vm = VMState.qmp(path, static_labels_for(path, self.config))
+                vm = VMState.qmp(path, static_labels(self.config.qmp.labels, path))
                 watcher = VMWatcher(
                     vm,
                     self.config,

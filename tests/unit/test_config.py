@@ -254,3 +254,22 @@ def test_libvirt_settings_of_their_own(tmp_path: Path) -> None:
     assert str(exc.value) == (
         "c.yml: qmp.labels.qemu:///system: labels of libvirt domains moved: rename to libvirt.labels.qemu:///system"
     )
+
+
+def test_static_labels_match_globs_and_exact_entries_alike_for_sockets_and_uris() -> None:
+    """``qmp.labels`` by socket and ``libvirt.labels`` by URI match the same way (a glob
+    pattern, then the exact entry, which wins), so renaming a ``qmp.labels`` pattern of a
+    libvirt URI to ``libvirt.labels``, as the error says, keeps the labels."""
+    from exporter.config import static_labels
+
+    cfg = parse(
+        {
+            "qmp": {"labels": {"/run/vms/*.qmp": {"dc": "a", "rack": "1"}, "/run/vms/db.qmp": {"rack": "2"}}},
+            "libvirt": {"uri": "qemu:///system", "labels": {"qemu:///*": {"dc": "b"}}},
+        },
+        "x",
+    )
+    assert static_labels(cfg.qmp.labels, "/run/vms/db.qmp") == {"dc": "a", "rack": "2"}
+    assert static_labels(cfg.qmp.labels, "/run/vms/web.qmp") == {"dc": "a", "rack": "1"}
+    assert static_labels(cfg.qmp.labels, "/elsewhere/x.qmp") == {}
+    assert static_labels(cfg.libvirt.labels, "qemu:///system") == {"dc": "b"}
